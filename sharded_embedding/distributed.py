@@ -1,0 +1,132 @@
+"""Process-group plumbing: start-up under torchrun, default devices, agreement checks, exit.
+
+Collectives are where distributed code hangs, so every helper here is written so that all
+ranks of a group make the same calls in the same order, and errors are raised on every
+rank together rather than on the one rank that saw them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "init_distributed",
+    "default_device",
+    "agree_or_raise",
+    "group_ranks",
+    "subgroup",
+    "finish",
+    "all_gather_single",
+]
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated); the package supports both.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> None:
+    """Join the process group that torchrun describes in the environment, or make a
+    single-process group when not launched by torchrun. Does nothing if already joined.
+
+    The backend defaults to nccl when CUDA is available (each rank then uses
+    ``cuda:LOCAL_RANK``) and to gloo otherwise.
+    """
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def default_device(group) -> torch.device:
+    """``cuda:LOCAL_RANK`` when the group runs on nccl, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+def group_ranks(group) -> list[int]:
+    """Global ranks of ``group``'s members, in group-rank order."""
+    return dist.get_process_group_ranks(group)
+
+
+_SUBGROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup] = {}
+
+
+def subgroup(parent, ranks: tuple[int, ...]):
+    """The process group of ``ranks`` (group ranks of ``parent``), created once per process.
+
+    Collective over the WORLD group when the set is new: torch's ``new_group`` must be
+    called by every rank of the world, members or not, and in the same order; callers walk
+    `PagePlan.mirror_sets`, whose order is global. (``use_local_synchronization=True`` would
+    spare non-members, but in torch 2.13 it names groups by the count of groups each rank
+    already made, so members with different histories wait on each other forever.)
+    Returns ``None`` on ranks outside the set. A set equal to the parent is the parent.
+    """
+    members = group_ranks(parent)
+    if len(ranks) == len(members):
+        return parent
+    global_ranks = tuple(members[r] for r in ranks)
+    key = (id(dist.group.WORLD), global_ranks)  # a new world (re-init) gets new subgroups
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = dist.new_group(list(global_ranks))
+    return _SUBGROUPS[key] if dist.get_rank() in global_ranks else None
+
+
+def agree_or_raise(group, what: str, fingerprint: str, error: str | None, device: torch.device) -> None:
+    """Check that every rank of ``group`` reached the same ``fingerprint`` with no error.
+
+    One all-gather on the good path. If any rank failed or disagrees, every rank learns
+    why (one more all-gather, taken by all ranks together) and raises the same ValueError.
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        if error is not None:
+            raise ValueError(error)
+        return
+    digest = int(hashlib.blake2b(fingerprint.encode(), digest_size=7).hexdigest(), 16) if error is None else -1
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    every = torch.empty(world, dtype=torch.int64, device=device)
+    all_gather_single(every, mine, group=group)
+    digests = every.tolist()
+    if all(d == digests[0] and d != -1 for d in digests):
+        return
+    reports: list = [None] * world
+    dist.all_gather_object(reports, (error, fingerprint), group=group)
+    errors = [(r, e) for r, (e, _) in enumerate(reports) if e is not None]
+    if errors:
+        detail = "; ".join(f"rank {r}: {e}" for r, e in errors)
+        raise ValueError(f"{what}: {detail}")
+    by_rank = ", ".join(f"rank {r}: {f}" for r, (_, f) in enumerate(reports))
+    raise ValueError(
+        f"{what}: ranks were given different arguments (sizes, placement, dtype, seed or "
+        f"options differ): {by_rank}"
+    )
+
+
+def finish(exit_code: int = 0) -> None:
+    """End a torchrun worker cleanly: flush, leave the process group, and exit at once.
+
+    torch 2.13's CPU build can abort in static destructors at interpreter exit
+    ("terminate called without an active exception", SIGABRT) after all work is done,
+    which makes torchrun report a failure. Flushing our outputs and leaving through
+    ``os._exit`` skips that teardown; everything the program wrote is already on disk.
+    """
+    try:
+        _SUBGROUPS.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)

@@ -1,0 +1,217 @@
+"""`ShardedEmbedding`: an embedding table paged over the ranks of a process group.
+
+Each rank calls the module with its own batch of ids (data-parallel input, model-parallel
+table). The ids travel to the ranks holding their pages and the vectors come back with
+all-to-all exchanges (`routing`, `lookup`); gradients travel the reverse path, so after
+``loss.backward()`` each rank's storage holds the gradient of the sum of all ranks' losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import agree_or_raise, default_device
+from .initializers import fill_initial_rows
+from .lookup import Exchange, ShardedLookup
+from .mirrors import MirrorSync
+from .placement import PagePlan
+from .routing import route
+
+__all__ = ["ShardedEmbedding"]
+
+
+class ShardedEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose rows are cut into pages held by different ranks.
+
+    Args:
+        num_embeddings: rows of the table.
+        embedding_dim: columns of the table.
+        page_size: rows per page; the last page may be shorter.
+        placement: ``"round_robin"`` (page ``p`` on rank ``p % num_devices``) or a list with
+            one entry per page: a rank, or a tuple of ranks that mirror the page (the first
+            is its primary).
+        num_devices: round robin over ranks ``0..num_devices-1``; -1 means all ranks.
+        process_group: the ranks sharing the table (default: the world group). Ranks in
+            ``placement`` are ranks of this group.
+        device: where this rank's pages live (default: ``cuda:LOCAL_RANK`` under nccl, else cpu).
+        dtype: storage dtype.
+        seed: the initial table is N(0, 1) and a pure function of ``(seed, row, embedding_dim)``,
+            identical for every world size, placement and page size.
+        sparse: gradients of the local storage are sparse COO tensors (touched rows only).
+
+    Construction is collective over the group: ranks check that they were given the same
+    arguments and raise the same ValueError together otherwise. Each rank allocates only
+    its own pages.
+
+    Every rank must call ``forward`` the same number of times, in the same order, and
+    backpropagate through every output (an empty batch is fine): each call and its
+    backward are collectives.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        page_size: int,
+        placement: str | Sequence = "round_robin",
+        num_devices: int = -1,
+        process_group=None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        sparse: bool = True,
+    ):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "ShardedEmbedding needs torch.distributed: call torch.distributed.init_process_group "
+                "(or sharded_embedding.init_distributed()) first, e.g. under torchrun"
+            )
+        group = process_group if process_group is not None else dist.group.WORLD
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        device = torch.device(device) if device is not None else default_device(group)
+        error = plan = None
+        try:
+            if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+                raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+            plan = PagePlan.build(num_embeddings, page_size, world, placement, num_devices)
+            partial = [s for s in plan.mirror_sets() if len(s) < world]
+            if partial and world != dist.get_world_size():
+                raise ValueError(
+                    f"pages mirrored on {partial[0]}, a part of a process group that is not the world "
+                    "group: torch creates the replica subgroups collectively over the whole world, "
+                    "which ranks outside this group would never join. Use the world group, or mirror "
+                    "pages on all ranks of this group"
+                )
+        except ValueError as e:
+            error = str(e)
+        fingerprint = f"{plan.digest() if plan else ''}/{embedding_dim}/{dtype}/{seed}/{sparse}"
+        agree_or_raise(group, "ShardedEmbedding construction", fingerprint, error, device)
+
+        self.plan = plan
+        self.embedding_dim = embedding_dim
+        self.seed = seed
+        self.sparse = sparse
+        self.process_group = group
+        self.rank, self.world_size = rank, world
+        self._local_page_ids = plan.local_pages(rank).tolist()
+        self.weight = nn.Parameter(torch.empty(plan.local_rows(rank), embedding_dim, dtype=dtype, device=device))
+        self.reset_parameters()
+        self._routing_table = plan.routing_table(rank).to(device)
+        self._exchange = Exchange(group, world, MirrorSync(plan, rank, group, device), sparse)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_embeddings(self) -> int:
+        return self.plan.num_embeddings
+
+    @property
+    def page_size(self) -> int:
+        return self.plan.page_size
+
+    @property
+    def num_pages(self) -> int:
+        return self.plan.num_pages
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def page_owners(self, page: int) -> tuple[int, ...]:
+        """Ranks holding ``page``; the first is its primary."""
+        return self.plan.page_owners(page)
+
+    @property
+    def local_pages(self) -> dict[int, torch.Tensor]:
+        """Page id -> this rank's ``[rows_in_page, dim]`` view of that page."""
+        ps = self.page_size
+        return {
+            p: self.weight[s * ps : s * ps + self.plan.page_rows(p)]
+            for s, p in enumerate(self._local_page_ids)
+        }
+
+    def _local_ranges(self):
+        """(global start, global stop, local view) of each local page, ascending."""
+        for p, view in self.local_pages.items():
+            start = self.plan.page_start(p)
+            yield start, start + view.shape[0], view
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fill the local pages with the initial table (see ``seed``); no collective."""
+        fill_initial_rows(self.seed, self.embedding_dim, self._local_ranges())
+
+    # ------------------------------------------------------------------ lookup
+    def forward(self, indices) -> torch.Tensor:
+        """Look up ``indices`` (int64 or int32, any shape) -> ``indices.shape + (embedding_dim,)``.
+
+        Collective: the header and ids all-to-alls, then the vectors all-to-all; the backward
+        runs the gradients all-to-all (and the mirror all-reduces).
+        """
+        routing = route(
+            indices,
+            table=self._routing_table,
+            page_size=self.page_size,
+            num_embeddings=self.num_embeddings,
+            rank=self.rank,
+            world=self.world_size,
+            group=self.process_group,
+            device=self.device,
+        )
+        out = ShardedLookup.apply(self.weight, routing, self._exchange)
+        return out.view(*routing.shape, self.embedding_dim)
+
+    # ------------------------------------------------------------------ whole table (small tables)
+    @torch.no_grad()
+    def full_table(self) -> torch.Tensor:
+        """The whole table on every rank (collective: one all-gather). For small tables and tests."""
+        primary = self.plan.primary_pages(self.rank).tolist()
+        local = self.local_pages
+        mine = [local[p] for p in primary]
+        count = sum(v.shape[0] for v in mine)
+        counts = [
+            sum(self.plan.page_rows(int(p)) for p in self.plan.primary_pages(r)) for r in range(self.world_size)
+        ]
+        longest = max(counts)
+        buf = self.weight.new_empty(longest, self.embedding_dim)
+        if mine:
+            torch.cat(mine, out=buf[:count])
+        if self.world_size > 1:
+            every = [torch.empty_like(buf) for _ in range(self.world_size)]
+            dist.all_gather(every, buf, group=self.process_group)
+        else:
+            every = [buf]
+        table = self.weight.new_empty(self.num_embeddings, self.embedding_dim)
+        for r in range(self.world_size):
+            at = 0
+            for p in self.plan.primary_pages(r).tolist():
+                n = self.plan.page_rows(p)
+                start = self.plan.page_start(p)
+                table[start : start + n] = every[r][at : at + n]
+                at += n
+        return table
+
+    @torch.no_grad()
+    def load_full_table(self, table: torch.Tensor) -> None:
+        """Copy the rows this rank holds from ``table`` ([num_embeddings, embedding_dim], any
+        device). Call it on every rank with the same table; no communication is needed."""
+        expected = (self.num_embeddings, self.embedding_dim)
+        if tuple(table.shape) != expected:
+            raise ValueError(f"load_full_table: expected a table of shape {expected}, got {tuple(table.shape)}")
+        for start, stop, view in self._local_ranges():
+            view.copy_(table[start:stop])
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, page_size={self.page_size}, "
+            f"num_pages={self.num_pages}, local_pages={len(self._local_page_ids)}, "
+            f"rank={self.rank}/{self.world_size}, sparse={self.sparse}"
+        )

@@ -1,0 +1,176 @@
+"""Bad input on any rank: every rank raises the same clear error in the same call, nothing is
+updated, and the next call works. Never a hang (the harness would fail the test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sharded_embedding import ShardedEmbedding, initial_rows
+from tests.harness import run_ranks
+from tests.oracle import rank_world
+
+
+def _lookups_still_work(emb, table):
+    """A full training step after an error: forward, backward, SGD, all as expected."""
+    rank, world = rank_world()
+    ids = torch.tensor([0, emb.num_embeddings - 1, rank % emb.num_embeddings])
+    out = emb(ids)
+    assert torch.equal(out, table[ids])
+    out.sum().backward()
+    assert emb.weight.grad is not None
+    emb.weight.grad = None
+
+
+def _bad_dtype_on_one_rank(dtype):
+    rank, world = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=6, placement=[0, (1, 0), 1, 0])
+    before = emb.weight.detach().clone()
+    ids = torch.tensor([1, 2]).to(dtype) if rank == 1 else torch.tensor([3, 4])
+    with pytest.raises(TypeError, match=f"rank 1 passed indices of dtype {dtype}"):
+        emb(ids)
+    assert torch.equal(emb.weight, before) and emb.weight.grad is None
+    _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_non_integer_ids_raise_type_error_everywhere(dtype):
+    run_ranks(2, _bad_dtype_on_one_rank, dtype)
+
+
+def _not_a_tensor():
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=6)
+    with pytest.raises(TypeError, match="rank 0 passed something that is not a tensor"):
+        emb("ids" if rank == 0 else [1, 2])
+    assert torch.equal(emb([[1, 2]]), initial_rows(0, 3, 0, 20)[torch.tensor([[1, 2]])])  # nested lists are fine
+
+
+def test_non_tensor_input():
+    run_ranks(2, _not_a_tensor)
+
+
+def _out_of_range_on_one_rank(bad_rank, bad_value):
+    rank, world = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=6, placement=[(0, 1, 2), 1, 2, 0])
+    opt = torch.optim.SGD(emb.parameters(), lr=1.0)
+    before = emb.weight.detach().clone()
+    ids = torch.tensor([5, bad_value, 7]) if rank == bad_rank else torch.arange(10)
+    with pytest.raises(IndexError) as err:
+        emb(ids)
+    msg = str(err.value)
+    assert f"index {bad_value} on rank {bad_rank}" in msg and "valid: 0..19" in msg, msg
+    opt.step()  # nothing to apply: the failed call left no gradient
+    assert torch.equal(emb.weight, before) and emb.weight.grad is None
+    _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
+    return msg
+
+
+@pytest.mark.parametrize("bad_rank, bad_value", [(0, 20), (2, -1), (1, 10**12)])
+def test_out_of_range_raises_index_error_on_every_rank(bad_rank, bad_value):
+    messages = run_ranks(3, _out_of_range_on_one_rank, bad_rank, bad_value)
+    assert len(set(messages)) == 1  # every rank says the same thing
+
+
+def _out_of_range_mid_training():
+    """An error between good steps: the good steps' updates stand, the bad one adds nothing."""
+    rank, world = rank_world()
+    emb = ShardedEmbedding(12, 2, page_size=4, placement=[(0, 1), 0, 1])
+    opt = torch.optim.SGD(emb.parameters(), lr=0.5)
+    table = initial_rows(0, 2, 0, 12)
+    emb(torch.tensor([1, 5, 9])).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    table[[1, 5, 9]] -= 0.5 * world
+    assert torch.allclose(emb.full_table(), table)
+    with pytest.raises(IndexError):
+        emb(torch.tensor([12]) if rank == 1 else torch.tensor([2]))
+    opt.step()
+    assert torch.allclose(emb.full_table(), table)
+    both = [emb(torch.tensor([2])), emb(torch.tensor([], dtype=torch.int64))]
+    (both[0].sum() + both[1].sum()).backward()
+    opt.step()
+    table[2] -= 0.5 * world
+    assert torch.allclose(emb.full_table(), table)
+
+
+def test_error_between_training_steps():
+    run_ranks(2, _out_of_range_mid_training)
+
+
+def _bad_construction(case):
+    rank, world = rank_world()
+    kwargs = dict(page_size=10, placement="round_robin", num_devices=-1)
+    n, d = 30, 4
+    if case == "placement_length":
+        kwargs["placement"] = [0, 1]
+    elif case == "unknown_rank":
+        kwargs["placement"] = [0, 1, 3]
+    elif case == "repeated_rank":
+        kwargs["placement"] = [0, (1, 1), 0]
+    elif case == "num_devices":
+        kwargs["num_devices"] = 3
+    elif case == "one_rank_bad":
+        if rank == 1:
+            kwargs["placement"] = [0, 1, 9]
+    elif case == "placements_differ":
+        kwargs["placement"] = [0, 1, 0] if rank == 0 else [0, 1, 1]
+    elif case == "sizes_differ":
+        n = 30 + rank
+    elif case == "dims_differ":
+        d = 4 + rank
+    elif case == "bad_dim":
+        d = 0
+    elif case == "bad_dtype":
+        kwargs["dtype"] = torch.int64
+    with pytest.raises(ValueError) as err:
+        ShardedEmbedding(n, d, **kwargs)
+    # The world is intact: a good table can be built and used right after.
+    emb = ShardedEmbedding(8, 2, page_size=3)
+    emb(torch.tensor([7])).sum().backward()
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("placement_length", "placement has 2 entries but the table has 3 pages"),
+        ("unknown_rank", "page 2: rank 3 does not exist"),
+        ("repeated_rank", "page 1: rank 1 is repeated"),
+        ("num_devices", "num_devices=3 is out of range"),
+        ("one_rank_bad", "rank 1: page 2: rank 9 does not exist"),
+        ("placements_differ", "ranks were given different arguments"),
+        ("sizes_differ", "ranks were given different arguments"),
+        ("dims_differ", "ranks were given different arguments"),
+        ("bad_dim", "embedding_dim must be a positive int"),
+        ("bad_dtype", "dtype must be a floating point"),
+    ],
+)
+def test_bad_construction_raises_on_every_rank(case, message):
+    messages = run_ranks(2, _bad_construction, case)
+    for m in messages:
+        assert message in m, m
+
+
+def test_without_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedEmbedding(10, 2, page_size=5)
+
+
+def _mirrors_in_a_sub_group():
+    rank, world = rank_world()
+    sub = dist.new_group([0, 1, 2])
+    if rank < 3:
+        with pytest.raises(ValueError, match="not the world group"):
+            ShardedEmbedding(20, 2, page_size=5, placement=[(0, 1), 1, 2, 0], process_group=sub)
+        # Without mirrors (or mirrored on the whole sub-group) a sub-group works.
+        emb = ShardedEmbedding(20, 2, page_size=5, placement=[(0, 1, 2), 1, 2, 0], process_group=sub)
+        out = emb(torch.tensor([rank, 19 - rank]))
+        assert torch.equal(out, initial_rows(0, 2, 0, 20)[[rank, 19 - rank]])
+        out.sum().backward()
+
+
+def test_sub_group_tables():
+    run_ranks(4, _mirrors_in_a_sub_group)
