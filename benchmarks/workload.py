@@ -1,0 +1,87 @@
+"""The benchmark workload: per-rank id streams, loss weights, step timing, memory.
+
+Rank r's ids for step i depend only on (seed, r, i, distribution), so every system in a run
+serves exactly the same lookups; single-process baselines concatenate all ranks' ids.
+
+- uniform: ids uniform on [0, rows).
+- zipf: truncated Zipf, P(k) ~ 1 / (k + 1)^s on [0, rows), by rejection from numpy's zipf
+  (values >= rows are redrawn). Not permuted: row 0 is the hottest, as in a frequency-sorted
+  vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def make_ids(rows: int, batch: int, steps: int, rank: int, dist: str, zipf_s: float = 1.05, seed: int = 0):
+    rng = np.random.default_rng([seed, 7919, rank, 0 if dist == "uniform" else 1])
+    out = []
+    for _ in range(steps):
+        if dist == "uniform":
+            x = rng.integers(0, rows, batch, dtype=np.int64)
+        elif dist == "zipf":
+            parts, got = [], 0
+            while got < batch:
+                y = rng.zipf(zipf_s, batch) - 1
+                y = y[y < rows]
+                parts.append(y)
+                got += y.size
+            x = np.concatenate(parts)[:batch].astype(np.int64)
+        else:
+            raise ValueError(f"unknown distribution {dist!r}")
+        out.append(torch.from_numpy(x))
+    return out
+
+
+def make_loss_weight(batch: int, dim: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """``w`` of the loss ``(out * w).sum()``: the gradient each looked-up row receives."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    return torch.randn(batch, dim, generator=g)
+
+
+def time_steps(step, warmup: int, steps: int, sync=None) -> list[float]:
+    """Seconds per step for ``steps`` timed steps after ``warmup`` untimed ones. ``sync`` (a
+    barrier) brackets each step so a step's time is the slowest rank's."""
+    times = []
+    for i in range(warmup + steps):
+        if sync is not None:
+            sync()
+        t = time.perf_counter()
+        step(i)
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t)
+    return times[warmup:]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def summary(times: list[float], lookups_per_step: int, **extra) -> dict:
+    med = statistics.median(times)
+    qs = statistics.quantiles(times, n=10) if len(times) > 1 else [med] * 9
+    return dict(
+        median_step_ms=round(med * 1e3, 3),
+        p10_step_ms=round(qs[0] * 1e3, 3),
+        p90_step_ms=round(qs[-1] * 1e3, 3),
+        lookups_per_s=round(lookups_per_step / med, 1),
+        **extra,
+    )
+
+
+def emit(record: dict) -> None:
+    print("RESULT " + json.dumps(record), flush=True)
