@@ -12,6 +12,7 @@ same on every rank, which is what `PagePlan.digest` lets ranks check at construc
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import numbers
 from collections.abc import Sequence
@@ -183,7 +184,8 @@ class PagePlan:
         """A fingerprint of the plan, equal on ranks that were given the same arguments."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{self.num_embeddings}/{self.page_size}/{self.world_size}/".encode())
-        h.update(self.owners.numpy().tobytes())
+        owners = self.owners.contiguous()
+        h.update(ctypes.string_at(owners.data_ptr(), owners.numel() * owners.element_size()))
         return h.hexdigest()
 
     def describe(self) -> str:
