@@ -74,8 +74,9 @@ def _worker_ours(a):
         opt.zero_grad(set_to_none=True)
 
     times = time_steps(step, a.warmup, a.steps, sync=dist.barrier)
-    rss = [None] * world
-    dist.all_gather_object(rss, round(peak_rss_mib(), 1))
+    rss = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(rss, torch.tensor([peak_rss_mib()], dtype=torch.float64))
+    rss = [round(float(t), 1) for t in rss]
     if rank == 0:
         emit(summary(times, world * a.batch, system="ours_sgd", dist=a.dist, world=world,
                      init_s=round(init_s, 2), peak_rss_mib_per_rank=rss))

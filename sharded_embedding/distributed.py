@@ -7,6 +7,7 @@ rank together rather than on the one rank that saw them.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import sys
@@ -23,6 +24,7 @@ __all__ = [
     "subgroup",
     "finish",
     "all_gather_single",
+    "all_gather_strings",
 ]
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated); the package supports both.
@@ -101,17 +103,34 @@ def agree_or_raise(group, what: str, fingerprint: str, error: str | None, device
     digests = every.tolist()
     if all(d == digests[0] and d != -1 for d in digests):
         return
-    reports: list = [None] * world
-    dist.all_gather_object(reports, (error, fingerprint), group=group)
-    errors = [(r, e) for r, (e, _) in enumerate(reports) if e is not None]
+    reports = all_gather_strings(error if error is not None else "", group, device)
+    errors = [(r, e) for r, e in enumerate(reports) if e]
     if errors:
         detail = "; ".join(f"rank {r}: {e}" for r, e in errors)
         raise ValueError(f"{what}: {detail}")
-    by_rank = ", ".join(f"rank {r}: {f}" for r, (_, f) in enumerate(reports))
+    fingerprints = all_gather_strings(fingerprint, group, device)
+    by_rank = ", ".join(f"rank {r}: {f}" for r, f in enumerate(fingerprints))
     raise ValueError(
         f"{what}: ranks were given different arguments (sizes, placement, dtype, seed or "
         f"options differ): {by_rank}"
     )
+
+
+def all_gather_strings(text: str, group, device: torch.device) -> list[str]:
+    """Every rank's ``text`` (collective: two all-gathers). Plain UTF-8 bytes in tensors:
+    nothing is unpickled, and unlike ``all_gather_object`` it needs no numpy."""
+    world = dist.get_world_size(group)
+    data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    all_gather_single(sizes, size, group=group)
+    sizes = sizes.tolist()
+    padded = torch.zeros(max(max(sizes), 1), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data.to(device)
+    every = torch.empty(world * padded.numel(), dtype=torch.uint8, device=device)
+    all_gather_single(every, padded, group=group)
+    rows = every.cpu().view(world, -1)
+    return [ctypes.string_at(rows[r].data_ptr(), n).decode() for r, n in enumerate(sizes)]
 
 
 def finish(exit_code: int = 0) -> None:

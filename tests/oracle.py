@@ -84,16 +84,16 @@ def rank_world() -> tuple[int, int]:
 def assert_replicas_identical(emb) -> None:
     """Every mirrored page is bitwise identical on all the ranks holding it (collective)."""
     world = dist.get_world_size(emb.process_group)
-    mine = {p: v.detach().clone() for p, v in emb.local_pages.items() if len(emb.page_owners(p)) > 1}
-    every: list = [None] * world
-    dist.all_gather_object(every, mine, group=emb.process_group)
+    mine = torch.zeros(emb.num_pages, emb.page_size, emb.embedding_dim, dtype=emb.weight.dtype)
+    for p, view in emb.local_pages.items():
+        mine[p, : view.shape[0]] = view.detach()
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=emb.process_group)
     for p in range(emb.num_pages):
         owners = emb.page_owners(p)
-        if len(owners) < 2:
-            continue
-        first = every[owners[0]][p]
         for r in owners[1:]:
-            assert torch.equal(every[r][p], first), f"page {p}: replica on rank {r} differs from rank {owners[0]}"
+            assert torch.equal(every[r][p], every[owners[0]][p]), (
+                f"page {p}: replica on rank {r} differs from rank {owners[0]}")
 
 
 def local_rows_of(emb, table: torch.Tensor) -> torch.Tensor:
