@@ -17,20 +17,24 @@ from .embedding import ShardedEmbedding
 __all__ = ["exclude_from_ddp", "split_parameters"]
 
 
-def _table_parameter_names(module: nn.Module) -> list[str]:
+def _table_state_names(module: nn.Module) -> list[str]:
+    """Names of every parameter and buffer of the ShardedEmbeddings in ``module`` (the
+    storage, and a fused optimizer's state): per-rank tensors DDP must never touch."""
     names = []
     for prefix, sub in module.named_modules():
         if isinstance(sub, ShardedEmbedding):
-            names += [f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters(recurse=False)]
+            for n, _ in [*sub.named_parameters(), *sub.named_buffers()]:
+                names.append(f"{prefix}.{n}" if prefix else n)
     return names
 
 
 def exclude_from_ddp(module: nn.Module) -> list[str]:
-    """Mark the storage of every ShardedEmbedding inside ``module`` as ignored by DDP.
+    """Mark the storage (and fused optimizer state) of every ShardedEmbedding inside
+    ``module`` as ignored by DDP: neither all-reduced nor broadcast as buffers.
 
-    Call before ``DistributedDataParallel(module)``; returns the parameter names ignored.
+    Call before ``DistributedDataParallel(module)``; returns the names ignored.
     """
-    names = _table_parameter_names(module)
+    names = _table_state_names(module)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     return names
 

@@ -18,8 +18,11 @@ from .distributed import agree_or_raise, default_device
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
+from .optimizers import build_fused_optimizer
 from .placement import PagePlan
-from .routing import route
+from .routing import Router
+from .stats import ExchangeStats
+from .storage import allocate
 
 __all__ = ["ShardedEmbedding"]
 
@@ -42,6 +45,14 @@ class ShardedEmbedding(nn.Module):
         seed: the initial table is N(0, 1) and a pure function of ``(seed, row, embedding_dim)``,
             identical for every world size, placement and page size.
         sparse: gradients of the local storage are sparse COO tensors (touched rows only).
+        fused_optimizer: ``{"name": "sgd" | "adagrad" | "rowwise_adagrad" | "adam", "lr": ...,
+            ...}`` applies that optimizer inside the backward to the touched rows (see
+            `optimizers`); no gradient is kept, and the storage becomes a buffer, so
+            ``parameters()`` is empty and a dense optimizer cannot pick the table up by
+            mistake. ``emb.optimizer`` holds the hyperparameters (``emb.optimizer.lr = ...``
+            for a schedule) and the state.
+        comm_dtype: dtype of the vectors and gradients on the wire (e.g. ``torch.bfloat16``
+            halves the bytes exchanged); storage and updates keep ``dtype``.
 
     Construction is collective over the group: ranks check that they were given the same
     arguments and raise the same ValueError together otherwise. Each rank allocates only
@@ -65,6 +76,8 @@ class ShardedEmbedding(nn.Module):
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         sparse: bool = True,
+        fused_optimizer: dict | None = None,
+        comm_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -79,8 +92,13 @@ class ShardedEmbedding(nn.Module):
         try:
             if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
                 raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+            for name, value in (("dtype", dtype), ("comm_dtype", comm_dtype)):
+                if not (value is None and name == "comm_dtype") and not (
+                    isinstance(value, torch.dtype) and value.is_floating_point
+                ):
+                    raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
+            if fused_optimizer is not None:
+                build_fused_optimizer(fused_optimizer, torch.empty(0, 1))  # validates the spec
             plan = PagePlan.build(num_embeddings, page_size, world, placement, num_devices)
             partial = [s for s in plan.mirror_sets() if len(s) < world]
             if partial and world != dist.get_world_size():
@@ -92,7 +110,10 @@ class ShardedEmbedding(nn.Module):
                 )
         except ValueError as e:
             error = str(e)
-        fingerprint = f"{plan.digest() if plan else ''}/{embedding_dim}/{dtype}/{seed}/{sparse}"
+        fingerprint = (
+            f"{plan.digest() if plan else ''}/{embedding_dim}/{dtype}/{seed}/{sparse}/{comm_dtype}/"
+            f"{sorted(dict(fused_optimizer).items()) if fused_optimizer else None}"
+        )
         agree_or_raise(group, "ShardedEmbedding construction", fingerprint, error, device)
 
         self.plan = plan
@@ -102,10 +123,35 @@ class ShardedEmbedding(nn.Module):
         self.process_group = group
         self.rank, self.world_size = rank, world
         self._local_page_ids = plan.local_pages(rank).tolist()
-        self.weight = nn.Parameter(torch.empty(plan.local_rows(rank), embedding_dim, dtype=dtype, device=device))
+        storage = allocate((plan.local_rows(rank), embedding_dim), dtype, device)
+        if fused_optimizer is None:
+            self.weight = nn.Parameter(storage)
+            self.optimizer = None
+            self._trigger = None
+        else:
+            self.register_buffer("weight", storage)
+            self.optimizer = build_fused_optimizer(fused_optimizer, storage)
+            # Requires grad so the lookup's backward runs, where the optimizer does its work.
+            self._trigger = torch.empty(0, requires_grad=True)
         self.reset_parameters()
-        self._routing_table = plan.routing_table(rank).to(device)
-        self._exchange = Exchange(group, world, MirrorSync(plan, rank, group, device), sparse)
+        self._router = Router(
+            plan.routing_table(rank),
+            page_size=plan.page_size,
+            num_embeddings=plan.num_embeddings,
+            rank=rank,
+            world=world,
+            group=group,
+            device=device,
+        )
+        self._exchange = Exchange(
+            group=group,
+            world=world,
+            mirrors=MirrorSync(plan, rank, group, device),
+            sparse=sparse,
+            optimizer=self.optimizer,
+            comm_dtype=comm_dtype,
+            stats=ExchangeStats(world),
+        )
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -156,18 +202,19 @@ class ShardedEmbedding(nn.Module):
         Collective: the header and ids all-to-alls, then the vectors all-to-all; the backward
         runs the gradients all-to-all (and the mirror all-reduces).
         """
-        routing = route(
-            indices,
-            table=self._routing_table,
-            page_size=self.page_size,
-            num_embeddings=self.num_embeddings,
-            rank=self.rank,
-            world=self.world_size,
-            group=self.process_group,
-            device=self.device,
-        )
-        out = ShardedLookup.apply(self.weight, routing, self._exchange)
+        routing = self._router.route(indices)
+        trigger = self._trigger if torch.is_grad_enabled() else None
+        out = ShardedLookup.apply(self.weight, trigger, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)
+
+    def stats(self, reset: bool = False) -> dict:
+        """What this rank's lookups moved since construction (or the last reset): calls, ids,
+        unique ids, unique ids sent to each rank, rows served to each rank, bytes sent and
+        received (all-to-alls; mirror all-reduces are counted in rows). No communication."""
+        out = self._exchange.stats.as_dict()
+        if reset:
+            self._exchange.stats = ExchangeStats(self.world_size)
+        return out
 
     # ------------------------------------------------------------------ whole table (small tables)
     @torch.no_grad()
@@ -214,4 +261,5 @@ class ShardedEmbedding(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, page_size={self.page_size}, "
             f"num_pages={self.num_pages}, local_pages={len(self._local_page_ids)}, "
             f"rank={self.rank}/{self.world_size}, sparse={self.sparse}"
+            + (f", comm_dtype={self._exchange.comm_dtype}" if self._exchange.comm_dtype else "")
         )

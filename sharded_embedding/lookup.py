@@ -1,94 +1,159 @@
 """The lookup itself: vectors go from owners to requesters, gradients come back.
 
 Forward (after `routing.route` has told every rank what to serve):
-    owners:      served = weight[serve_rows]
+    owners:      served = weight[owner_rows[num_self:]]
     all ranks:   all_to_all_single(vectors)   served rows -> the ranks that asked for them
     requesters:  out = [answers from peers ; own rows][gather_index]
 
 Backward (the adjoint of the forward, so the gradient is that of the SUM of all ranks' losses):
     requesters:  per-unique-id gradient = index_add of grad_out over duplicate ids
     all ranks:   all_to_all_single(gradients)  back to the ranks that served each row
-    owners:      sum the rows asked by several ranks, then `MirrorSync` all-reduces the rows
-                 of mirrored pages inside their replica set
-    result:      a sparse COO gradient of the local storage (``sparse=True``) or a dense one.
+    owners:      `MirrorSync` all-reduces the rows of mirrored pages inside their replica set;
+                 then either a fused optimizer updates the rows in place (no gradient is kept)
+                 or the rows become a sparse COO (``sparse=True``) or dense gradient.
+
+Both directions use one buffer layout so nothing is concatenated: the backward work buffer
+is ``[grads of rows asked of peers | grads of own rows | grads from peers]``, and its last two
+parts line up with ``owner_rows`` (see `routing.Routing`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .mirrors import MirrorSync
+from .optimizers import FusedOptimizer
+from .rows import sum_duplicate_rows
 from .routing import Routing
+from .stats import ExchangeStats
 
 __all__ = ["Exchange", "ShardedLookup"]
 
 
+class Workspace:
+    """Scratch tensors reused across calls, grown as needed and never shrunk.
+
+    Large per-step temporaries (gathered vectors, gradient rows) otherwise come back as fresh
+    pages from the OS each step, and the page faults cost as much as the copies themselves.
+    A buffer is only ever used within one forward or one backward, which run one at a time.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != dim or buf.dtype != dtype or buf.device != device:
+            grow = buf.shape[0] if buf is not None and buf.shape[1] == dim and buf.dtype == dtype else 0
+            buf = torch.empty(max(rows, grow + grow // 2, 64), dim, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+
 @dataclass
 class Exchange:
-    """What the lookup needs to move rows over one process group."""
+    """What the lookup needs to move and apply rows over one process group."""
 
     group: object
     world: int
     mirrors: MirrorSync
     sparse: bool
+    optimizer: FusedOptimizer | None
+    comm_dtype: torch.dtype | None
+    stats: ExchangeStats
+    workspace: Workspace = field(default_factory=Workspace)
 
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
-        if self.world > 1:
-            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]):
+        """Start a ragged all_to_all_single of rows, in ``comm_dtype`` on the wire if one is
+        set; returns a function that waits for it (so local work can overlap the transfer)."""
+        if self.world == 1:
+            return lambda: None
+        if self.comm_dtype is None or self.comm_dtype == inp.dtype:
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+            return work.wait
+        ws = self.workspace
+        send = ws.get("wire_send", inp.shape[0], inp.shape[1], self.comm_dtype, inp.device)
+        recv = ws.get("wire_recv", out.shape[0], out.shape[1], self.comm_dtype, out.device)
+        send.copy_(inp)
+        work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group, async_op=True)
+
+        def finish():
+            work.wait()
+            out.copy_(recv)
+
+        return finish
+
+    def row_bytes(self, dim: int, dtype: torch.dtype) -> int:
+        return dim * (self.comm_dtype or dtype).itemsize
 
 
 class ShardedLookup(torch.autograd.Function):
-    """``out[i] = table[ids[i]]`` for this rank's ids, over the table's owners."""
+    """``out[i] = table[ids[i]]`` for this rank's ids, over the table's owners.
+
+    Inputs: the local storage, a ``trigger`` that requires grad when a fused optimizer owns
+    the storage (so the backward still runs), the routing and the exchange.
+    """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, routing: Routing, exchange: Exchange) -> torch.Tensor:
-        num_remote = routing.num_remote
-        served = weight.index_select(0, routing.serve_rows)
-        gathered = weight.new_empty(routing.num_unique, weight.shape[1])
-        exchange.all_to_all(gathered[:num_remote], served, routing.requested_counts, routing.served_counts)  # vectors
-        torch.index_select(weight, 0, routing.self_rows, out=gathered[num_remote:])
+    def forward(ctx, weight, trigger, routing: Routing, exchange: Exchange):
+        num_remote, num_self = routing.num_remote, routing.num_self
+        dim, ws = weight.shape[1], exchange.workspace
+        served = ws.get("served", routing.num_served, dim, weight.dtype, weight.device)
+        torch.index_select(weight, 0, routing.owner_rows[num_self:], out=served)
+        gathered = ws.get("gathered", routing.num_unique, dim, weight.dtype, weight.device)  # [remote | own]
+        wait = exchange.all_to_all(gathered[:num_remote], served, routing.requested_counts, routing.served_counts)  # vectors
+        torch.index_select(weight, 0, routing.owner_rows[:num_self], out=gathered[num_remote:])  # while they travel
+        wait()
         ctx.routing, ctx.exchange = routing, exchange
+        ctx.weight = weight if exchange.optimizer is not None else None
         ctx.storage_shape = weight.shape
+        exchange.stats.record_forward(routing.gather_index.numel(), routing, exchange.row_bytes(dim, weight.dtype))
         return gathered.index_select(0, routing.gather_index)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out):
         routing: Routing = ctx.routing
         exchange: Exchange = ctx.exchange
+        optimizer, mirrors = exchange.optimizer, exchange.mirrors
         dim = grad_out.shape[-1]
-        num_remote = routing.num_remote
-        # Sum the gradient of duplicate ids: one row per unique id, in gathered order.
-        per_unique = grad_out.new_zeros(routing.num_unique, dim)
-        per_unique.index_add_(0, routing.gather_index, grad_out.reshape(-1, dim))
-        from_peers = grad_out.new_empty(sum(routing.served_counts), dim)
-        exchange.all_to_all(from_peers, per_unique[:num_remote], routing.served_counts, routing.requested_counts)  # gradients
-        rows = torch.cat([routing.serve_rows, routing.self_rows])
-        values = torch.cat([from_peers, per_unique[num_remote:]])
-        rows, values = _sum_duplicate_rows(rows, values)
-        rows, values = exchange.mirrors.all_reduce(rows, values)
-        return _as_gradient(rows, values, ctx.storage_shape, exchange.sparse), None, None
-
-
-def _sum_duplicate_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows asked by several ranks arrive several times: sum them into sorted unique rows."""
-    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-    if unique.numel() == rows.numel():
-        order = torch.empty_like(inverse)
-        order[inverse] = torch.arange(inverse.numel(), device=inverse.device)
-        return unique, values[order]
-    summed = values.new_zeros(unique.numel(), values.shape[1])
-    summed.index_add_(0, inverse, values)
-    return unique, summed
+        num_remote, num_unique, num_served = routing.num_remote, routing.num_unique, routing.num_served
+        scale = optimizer.linear_scale if optimizer is not None else None
+        # [grads of rows asked of peers | grads of own rows | grads received from peers]
+        work = exchange.workspace.get("work", num_unique + num_served, dim, grad_out.dtype, grad_out.device)
+        if num_unique:  # one bag per unique id sums the gradients of its duplicates
+            bags = routing.bags
+            weights = None if scale is None else grad_out.new_full((bags.indices.numel(),), scale)
+            work[:num_unique] = F.embedding_bag(
+                bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum", per_sample_weights=weights
+            )
+        wait = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts, routing.requested_counts)  # gradients
+        exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
+        rows, values = routing.owner_rows, work[num_remote:]
+        if scale is not None and not mirrors.active:
+            # A linear update can land in parts: own rows while the peers' gradients travel.
+            optimizer.step += 1
+            optimizer.update(ctx.weight, rows[: routing.num_self], values[: routing.num_self])
+            wait()
+            optimizer.update(ctx.weight, rows[routing.num_self :], values[routing.num_self :])
+            return None, None, None, None
+        wait()
+        rows, values, mirror_rows = mirrors.all_reduce(rows, values)
+        exchange.stats.mirror_rows_reduced += mirror_rows
+        if optimizer is not None:
+            optimizer.apply(ctx.weight, rows, values)
+            return None, None, None, None
+        rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
+        return _as_gradient(rows, values, ctx.storage_shape, exchange.sparse), None, None, None
 
 
 def _as_gradient(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size, sparse: bool) -> torch.Tensor:
+    """Unique sorted rows -> the gradient of the local storage."""
     if sparse:
-        return torch.sparse_coo_tensor(
-            rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False
-        )
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False)
     grad = values.new_zeros(shape)
     grad.index_copy_(0, rows, values)
     return grad

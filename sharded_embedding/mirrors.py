@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import all_gather_single, subgroup
+from .rows import sum_duplicate_rows
 from .placement import PagePlan
 
 __all__ = ["MirrorSync"]
@@ -52,32 +53,35 @@ class MirrorSync:
     def active(self) -> bool:
         return bool(self._sets)
 
-    def all_reduce(self, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def all_reduce(self, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Sum the gradient rows of mirrored pages over their replicas.
 
-        ``rows`` are unique local rows with gradient ``values``. Returns (rows, values),
-        unique and sorted, now including every row any replica touched.
+        ``rows`` (local rows, repeats allowed) with gradient ``values``. Returns (rows,
+        values, mirrored rows reduced): rows of unmirrored pages pass through unchanged; the
+        rows of each mirror set come back unique, summed over every replica, and include
+        every row any replica touched, identically on all replicas.
         """
         if not self._sets:
-            return rows, values
+            return rows, values, 0
         ps = self.page_size
         slot = torch.div(rows, ps, rounding_mode="floor")
         set_of_row = self._slot_set[slot]
-        out_rows, out_values = [rows[set_of_row < 0]], [values[set_of_row < 0]]
+        plain = set_of_row < 0
+        out_rows, out_values, reduced = [rows[plain]], [values[plain]], 0
         for i, (_, pg) in enumerate(self._sets):
             mine = set_of_row == i
-            gids = self._local_pages[slot[mine]] * ps + rows[mine] % ps
+            mine_rows, mine_values = sum_duplicate_rows(rows[mine], values[mine])
+            gids = self._local_pages[torch.div(mine_rows, ps, rounding_mode="floor")] * ps + mine_rows % ps
             union = _all_gather_union(gids, pg)
             summed = values.new_zeros(union.numel(), values.shape[1])
             if union.numel():  # every member sees the same union: all skip together
-                summed[torch.searchsorted(union, gids)] = values[mine]
+                summed[torch.searchsorted(union, gids)] = mine_values
                 dist.all_reduce(summed, group=pg)  # SUM over the replicas
             page = torch.div(union, ps, rounding_mode="floor")
             out_rows.append(self._offset_of_page[page] + union - page * ps)
             out_values.append(summed)
-        rows = torch.cat(out_rows)
-        rows, order = torch.sort(rows)
-        return rows, torch.cat(out_values)[order]
+            reduced += union.numel()
+        return torch.cat(out_rows), torch.cat(out_values), reduced
 
 
 def _all_gather_union(ids: torch.Tensor, group) -> torch.Tensor:

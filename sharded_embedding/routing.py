@@ -1,16 +1,20 @@
 """Routing: turn one rank's ids into requests to the ranks that serve them.
 
-Every rank of the group runs `route` once per lookup call, in the same order:
+Every rank of the group runs `Router.route` once per lookup call, in the same order:
 
-1. validate and deduplicate the ids locally (sorted unique ids + inverse);
-2. ``all_to_all_single`` of a ``[world, 3]`` int64 *header*: how many unique rows this rank
-   asks of each peer, plus this rank's input-error code and value. Bad input on any rank
-   (float ids, an id out of range) therefore reaches every rank in this one exchange, and
-   all ranks raise the same error together before anything else is sent; the good path
-   pays no extra collective for it;
-3. ``all_to_all_single`` of the requested rows, already translated to the serving rank's
-   local row numbers (the requester knows the plan), with the ragged splits from step 2.
+1. validate the ids, translate them to (serving rank, local row on it) -- the requester
+   knows the plan -- and deduplicate them with one sort, which also orders them by peer;
+2. ``all_to_all_single`` of one int64 *request* per peer: a header (how many rows this rank
+   asks of that peer, this rank's input-error code and value, and the most it asks of any
+   peer) followed by up to ``capacity`` of the requested rows. Bad input on any rank (float
+   ids, an id out of range) reaches every rank in this exchange, and all ranks raise the same
+   error together before anything else moves; the good path pays no extra collective for it;
+3. only if some rank asked some peer for more than ``capacity`` rows (every rank can tell,
+   from the headers): ``all_to_all_single`` of the rows that did not fit, with ragged splits.
 
+``capacity`` is the same on every rank: each derives it from the largest request of the last
+call (all ranks see it in the headers), with headroom, so in steady state a lookup costs one
+small exchange before the vectors move instead of TorchRec's two (splits, then ids).
 Requests for pages this rank holds never leave it. The vectors travel in `lookup`.
 """
 
@@ -23,9 +27,10 @@ import torch.distributed as dist
 
 from .placement import RoutingTable
 
-__all__ = ["Routing", "route"]
+__all__ = ["Routing", "Router"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR = 0, 1, 2, 3
+_HEADER = 4  # request columns before the rows: count, error code, error value, largest count
 # Non-integer dtypes by code, so that every rank can name the dtype a peer passed.
 _BAD_DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool,
@@ -34,91 +39,161 @@ _BAD_DTYPES = (
 
 
 @dataclass
-class Routing:
-    """How the ids of one lookup call travel, built by `route` and used by `lookup`.
+class _Bags:
+    """Positions of the ids grouped by unique id (``indices``), each group starting at
+    ``offsets``: an embedding_bag over the output gradient sums each unique id's gradient."""
 
-    The answers to this rank's unique ids are gathered in one buffer: first the rows asked
-    of peers, in peer order (``requested_counts``), then the rows served locally
-    (``self_rows``). ``gather_index[i]`` is the buffer row holding the answer for id ``i``.
+    indices: torch.Tensor
+    offsets: torch.Tensor
+
+
+@dataclass
+class Routing:
+    """How the ids of one lookup call travel, built by `Router.route`, used by `lookup`.
+
+    As a requester, this rank gathers the answers to its unique ids in one buffer: first the
+    rows asked of peers, in peer order (``requested_counts``, ``num_remote`` in all), then the
+    rows it serves itself (``num_self``). ``gather_index[i]`` is the buffer row of id ``i``.
+
+    As an owner, ``owner_rows`` lists the local rows it reads: first its own ``num_self``
+    rows, then the rows peers asked for, in peer order (``served_counts``, ``num_served``).
+    So ``[requested | own | served]`` is one contiguous layout: the backward keeps its
+    gradients in it and the last two parts line up with ``owner_rows``.
     """
 
     shape: torch.Size
     gather_index: torch.Tensor
+    bags: _Bags
     requested_counts: list[int]
     served_counts: list[int]
-    serve_rows: torch.Tensor
-    self_rows: torch.Tensor
+    owner_rows: torch.Tensor
+    ints_sent: int  # int64 values this rank sent / received while routing (headers, rows)
+    ints_received: int
 
     @property
     def num_remote(self) -> int:
         return sum(self.requested_counts)
 
     @property
+    def num_served(self) -> int:
+        return sum(self.served_counts)
+
+    @property
+    def num_self(self) -> int:
+        return self.owner_rows.numel() - self.num_served
+
+    @property
     def num_unique(self) -> int:
-        return self.num_remote + self.self_rows.numel()
+        return self.num_remote + self.num_self
 
 
-def route(
-    indices,
-    *,
-    table: RoutingTable,
-    page_size: int,
-    num_embeddings: int,
-    rank: int,
-    world: int,
-    group,
-    device: torch.device,
-) -> Routing:
-    """Deduplicate ``indices``, tell every peer what this rank needs, and learn what it must serve.
+class Router:
+    """Routes one rank's lookups over ``group`` according to its `RoutingTable`."""
 
-    Collective over ``group``: two ``all_to_all_single`` calls (header, rows), or none when
-    the group has a single rank. Raises TypeError/IndexError on every rank if any rank's
-    input is bad.
-    """
-    flat, shape, code, value = _validate(indices, num_embeddings, device)
-    if code == _OK:
-        uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        page = torch.div(uniq, page_size, rounding_mode="floor")
-        dest = table.dest_rank[page]
-        rows = table.dest_offset[page] + (uniq - page * page_size)
-        # Peers in rank order, this rank's own rows last (they are served locally).
-        key = torch.where(dest == rank, world, dest)
-        key, order = torch.sort(key, stable=True)
-        counts = torch.bincount(key, minlength=world + 1)
-        rows = rows[order]
-        position = torch.empty_like(order)
-        position[order] = torch.arange(order.numel(), device=device)
-        gather_index = position[inverse]
-    else:
-        counts = torch.zeros(world + 1, dtype=torch.int64, device=device)
-        rows = gather_index = torch.zeros(0, dtype=torch.int64, device=device)
+    def __init__(self, table: RoutingTable, *, page_size: int, num_embeddings: int, rank: int, world: int,
+                 group, device: torch.device):
+        self.page_size, self.num_embeddings = page_size, num_embeddings
+        self.rank, self.world, self.group, self.device = rank, world, group, device
+        pages = torch.arange(table.dest_rank.numel(), dtype=torch.int64)
+        # Per page: the sort key of its requests (the serving rank; this rank itself sorts
+        # last, as its rows are served locally) and the shift from a global id to the
+        # serving rank's local row.
+        self._key = torch.where(table.dest_rank == rank, world, table.dest_rank).to(device)
+        self._shift = (table.dest_offset - pages * page_size).to(device)
+        self._stride = num_embeddings  # > any local row: (rank, row) packs into rank * stride + row
+        self._arange = torch.arange(0, device=device)
+        self._capacity = 0  # rows per peer carried in the request exchange; same on all ranks
 
-    header = torch.empty(world, 3, dtype=torch.int64, device=device)
-    header[:, 0] = counts[:world]
-    header[:, 1] = code
-    header[:, 2] = value
-    peers = torch.empty_like(header)
-    if world > 1:
-        dist.all_to_all_single(peers, header, group=group)  # header: counts + input errors
-    else:
-        peers.copy_(header)
-    host = torch.cat([counts[:world].unsqueeze(1), peers], dim=1).cpu()  # one device sync
-    _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), num_embeddings)
+    def _positions(self, n: int) -> torch.Tensor:
+        if self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
+        return self._arange[:n]
 
-    requested = host[:, 0].tolist()
-    served = host[:, 1].tolist()
-    num_remote = sum(requested)
-    serve_rows = torch.empty(sum(served), dtype=torch.int64, device=device)
-    if world > 1:
-        dist.all_to_all_single(serve_rows, rows[:num_remote], served, requested, group=group)  # rows
-    return Routing(
-        shape=shape,
-        gather_index=gather_index,
-        requested_counts=requested,
-        served_counts=served,
-        serve_rows=serve_rows,
-        self_rows=rows[num_remote:],
-    )
+    def route(self, indices) -> Routing:
+        """Deduplicate ``indices``, tell every peer what this rank needs, learn what to serve.
+
+        Collective over the group: one ``all_to_all_single`` (two when a request outgrew the
+        capacity), none in a group of one. Raises TypeError/IndexError on every rank if any
+        rank's input is bad.
+        """
+        world, device = self.world, self.device
+        flat, shape, code, value = _validate(indices, self.num_embeddings, device)
+        if code == _OK:
+            # One sort does it all: key = (serving rank, its local row), own rows last. Equal
+            # keys are duplicate ids; the sorted order is peer-major, which is the layout the
+            # exchanges need, and `perm` groups each unique id's positions for the backward.
+            page = torch.div(flat, self.page_size, rounding_mode="floor")
+            rows = flat + self._shift[page]  # the serving rank's local rows
+            if world > 1:
+                rows.add_(self._key[page], alpha=self._stride)
+            keys, perm = torch.sort(rows)
+            keys, dups = torch.unique_consecutive(keys, return_counts=True)
+            gather_index = torch.empty_like(perm)
+            gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
+            bags = _Bags(perm, torch.cumsum(dups, 0) - dups)
+            if world == 1:
+                return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
+            peer = torch.div(keys, self._stride, rounding_mode="floor")
+            rows = keys - peer * self._stride
+            counts = torch.bincount(peer, minlength=world + 1)
+        else:
+            if world == 1:
+                _raise_input_errors([code], [value], self.num_embeddings)
+            counts = torch.zeros(world + 1, dtype=torch.int64, device=device)
+            rows = gather_index = torch.zeros(0, dtype=torch.int64, device=device)
+            bags = None
+
+        cap, width = self._capacity, _HEADER + self._capacity
+        per_peer = counts[:world]
+        local_largest = int(per_peer.max())
+        request = torch.zeros(world, width, dtype=torch.int64, device=device)
+        request[:, 0] = per_peer
+        request[:, 1] = code
+        request[:, 2] = value
+        request[:, 3] = local_largest
+        starts = torch.cumsum(per_peer, 0) - per_peer
+        num_asked = rows.numel() - int(counts[world])
+        if cap and num_asked:
+            # The k-th peer-sorted row goes to (its peer, k - the peer's first k): one flat index.
+            peer = peer[:num_asked]
+            flat = self._positions(num_asked) + (self._positions(world) * width + _HEADER - starts)[peer]
+            asked = rows[:num_asked]
+            if local_largest > cap:
+                fits = flat - peer * width < width
+                flat, asked = flat[fits], asked[fits]
+            request.view(-1)[flat] = asked
+        received = torch.empty_like(request)
+        dist.all_to_all_single(received, request, group=self.group)  # requests: header + first rows
+        host = torch.cat([request[:, :1], received[:, :_HEADER]], dim=1).cpu()  # one device sync
+        _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), self.num_embeddings)
+
+        requested, served = host[:, 0].tolist(), host[:, 1].tolist()
+        largest = max(host[:, 4].tolist())
+        self._capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
+        num_remote, num_served = sum(requested), sum(served)
+        num_self = rows.numel() - num_remote
+        owner_rows = torch.empty(num_self + num_served, dtype=torch.int64, device=device)
+        owner_rows[:num_self] = rows[num_remote:]
+        got = torch.tensor(served, device=device)
+        in_place = torch.arange(cap, device=device) < got.unsqueeze(1)
+        wire = (world - 1) * (_HEADER + cap)  # int64s each way in the request exchange
+        if largest <= cap:
+            owner_rows[num_self:] = received[:, _HEADER:][in_place]
+            overflow_out = overflow_in = 0
+        else:  # some request outgrew the capacity: the rest follows, then rows go in peer order
+            extra_in = [max(c - cap, 0) for c in served]
+            extra_out = [max(c - cap, 0) for c in requested]
+            past = self._positions(num_remote) - starts.repeat_interleave(per_peer) >= cap
+            extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
+            dist.all_to_all_single(extra, rows[:num_remote][past], extra_in, extra_out, group=self.group)  # overflow
+            at, parts = 0, []
+            for r in range(world):  # O(world), only when the capacity grows
+                parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]
+                at += extra_in[r]
+            owner_rows[num_self:] = torch.cat(parts)
+            overflow_out, overflow_in = sum(extra_out), sum(extra_in)
+        return Routing(shape, gather_index, bags, requested, served, owner_rows,
+                       ints_sent=wire + overflow_out, ints_received=wire + overflow_in)
 
 
 def _validate(indices, num_embeddings: int, device: torch.device):

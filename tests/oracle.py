@@ -36,6 +36,39 @@ def make_loss_weight(ids: torch.Tensor, dim: int, rank: int, step: int, seed: in
     return torch.randn(*ids.shape, dim, generator=g)
 
 
+class RowwiseAdagradReference(torch.optim.Optimizer):
+    """Row-wise Adagrad written plainly on sparse gradients (FBGEMM's EXACT_ROWWISE_ADAGRAD):
+    one accumulator per row, the mean of the squared gradient row."""
+
+    def __init__(self, params, lr=0.01, eps=1e-10, initial_accumulator_value=0.0):
+        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["sum"] = torch.full((p.shape[0],), group["initial_accumulator_value"])
+                grad = p.grad.coalesce()
+                rows, g = grad.indices()[0], grad.values()
+                state["sum"][rows] += (g * g).mean(1)
+                p[rows] -= group["lr"] * g / (state["sum"][rows].sqrt() + group["eps"]).unsqueeze(1)
+
+
+def counterpart(fused: dict, params):
+    """The torch.optim optimizer a fused optimizer spec must match."""
+    spec = dict(fused)
+    name = spec.pop("name")
+    cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.SparseAdam,
+           "rowwise_adagrad": RowwiseAdagradReference}[name]
+    if "betas" in spec:
+        spec["betas"] = tuple(spec["betas"])
+    return cls(params, **spec)
+
+
 def make_optimizer(name: str, params, lr: float = 0.1):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
@@ -52,11 +85,18 @@ class Oracle:
     """One ``nn.Embedding`` with the same initial table, trained on all ranks' batches."""
 
     def __init__(self, num_embeddings: int, dim: int, *, seed: int = 0, optimizer: str | None = "sgd",
-                 sparse: bool = True, lr: float = 0.1):
-        self.emb = nn.Embedding(num_embeddings, dim, sparse=sparse)
+                 sparse: bool = True, lr: float = 0.1, fused: dict | None = None):
+        self.emb = nn.Embedding(num_embeddings, dim, sparse=sparse or fused is not None)
         with torch.no_grad():
             self.emb.weight.copy_(initial_rows(seed, dim, 0, num_embeddings))
-        self.opt = make_optimizer(optimizer, self.emb.parameters(), lr) if optimizer else None
+        if fused is not None:
+            self.opt = counterpart(fused, self.emb.parameters())
+        else:
+            self.opt = make_optimizer(optimizer, self.emb.parameters(), lr) if optimizer else None
+
+    def state(self, key: str) -> torch.Tensor:
+        """The oracle optimizer's state ``key`` for the table (e.g. Adagrad's ``sum``)."""
+        return self.opt.state[self.emb.weight][key]
 
     @property
     def table(self) -> torch.Tensor:
@@ -81,12 +121,15 @@ def rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def assert_replicas_identical(emb) -> None:
-    """Every mirrored page is bitwise identical on all the ranks holding it (collective)."""
+def assert_replicas_identical(emb, storage=None) -> None:
+    """Every mirrored page is bitwise identical on all the ranks holding it (collective).
+    ``storage``: a tensor laid out like the local rows (e.g. optimizer state) to check instead."""
     world = dist.get_world_size(emb.process_group)
-    mine = torch.zeros(emb.num_pages, emb.page_size, emb.embedding_dim, dtype=emb.weight.dtype)
-    for p, view in emb.local_pages.items():
-        mine[p, : view.shape[0]] = view.detach()
+    storage = emb.weight.detach() if storage is None else storage.reshape(emb.weight.shape[0], -1)
+    mine = torch.zeros(emb.num_pages, emb.page_size, storage.shape[1], dtype=storage.dtype)
+    for slot, p in enumerate(sorted(emb.local_pages)):
+        n = emb.plan.page_rows(p)
+        mine[p, :n] = storage[slot * emb.page_size : slot * emb.page_size + n]
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=emb.process_group)
     for p in range(emb.num_pages):

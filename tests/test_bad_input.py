@@ -124,6 +124,16 @@ def _bad_construction(case):
         d = 0
     elif case == "bad_dtype":
         kwargs["dtype"] = torch.int64
+    elif case == "bad_comm_dtype":
+        kwargs["comm_dtype"] = torch.int8
+    elif case == "fused_unknown":
+        kwargs["fused_optimizer"] = {"name": "lion", "lr": 0.1}
+    elif case == "fused_bad_key":
+        kwargs["fused_optimizer"] = {"name": "adagrad", "lr": 0.1, "momentum": 0.9}
+    elif case == "fused_bad_lr":
+        kwargs["fused_optimizer"] = {"name": "sgd", "lr": -1}
+    elif case == "fused_differs":
+        kwargs["fused_optimizer"] = {"name": "sgd", "lr": 0.1 * (rank + 1)}
     with pytest.raises(ValueError) as err:
         ShardedEmbedding(n, d, **kwargs)
     # The world is intact: a good table can be built and used right after.
@@ -145,6 +155,11 @@ def _bad_construction(case):
         ("dims_differ", "ranks were given different arguments"),
         ("bad_dim", "embedding_dim must be a positive int"),
         ("bad_dtype", "dtype must be a floating point"),
+        ("bad_comm_dtype", "comm_dtype must be a floating point"),
+        ("fused_unknown", "fused_optimizer name 'lion' is not one of"),
+        ("fused_bad_key", "fused_optimizer 'adagrad' does not take ['momentum']"),
+        ("fused_bad_lr", "lr must be a finite number >= 0"),
+        ("fused_differs", "ranks were given different arguments"),
     ],
 )
 def test_bad_construction_raises_on_every_rank(case, message):

@@ -34,16 +34,22 @@ def train_against_oracle(
     shape=None,
     seed=0,
     lr=0.1,
+    fused=None,
+    rtol=1e-5,
 ):
     """Train the table for ``steps`` and compare, every step: outputs, gradient of the local
     storage, and the updated local rows with the oracle's. ``batch[r]`` is rank r's id count
-    (the last entry repeats). Returns stats for the caller to check what was exercised."""
+    (the last entry repeats). With ``fused`` (a fused_optimizer spec) the update happens in
+    the backward and is compared with the matching torch.optim optimizer, state included.
+    Returns stats for the caller to check what was exercised."""
     rank, world = rank_world()
     emb = ShardedEmbedding(num_embeddings, dim, page_size=page_size, placement=placement,
-                           num_devices=num_devices, seed=seed, sparse=sparse)
+                           num_devices=num_devices, seed=seed, sparse=sparse, fused_optimizer=fused)
     assert torch.equal(local_rows_of(emb, initial_rows(seed, dim, 0, num_embeddings)), emb.weight.detach())
-    opt = make_optimizer(optimizer, emb.parameters(), lr) if optimizer else None
-    oracle = Oracle(num_embeddings, dim, seed=seed, optimizer=optimizer, sparse=sparse, lr=lr)
+    opt = make_optimizer(optimizer, emb.parameters(), lr) if optimizer and not fused else None
+    if fused:
+        assert list(emb.parameters()) == []  # a second optimizer cannot pick the table up
+    oracle = Oracle(num_embeddings, dim, seed=seed, optimizer=optimizer, sparse=sparse, lr=lr, fused=fused)
     sizes = [batch[min(r, len(batch) - 1)] for r in range(world)]
     for step in range(steps):
         ids = [make_ids(num_embeddings, r, step, sizes[r], seed=seed, skew=skew,
@@ -52,21 +58,38 @@ def train_against_oracle(
         want_out, want_grad = oracle.step(ids, ws)
         out = emb(ids[rank].to(index_dtype))
         assert out.shape == (*ids[rank].shape, dim)
-        torch.testing.assert_close(out, want_out[rank], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, want_out[rank], rtol=rtol, atol=rtol)
         (out * ws[rank]).sum().backward()
         grad = emb.weight.grad
-        assert grad is not None and grad.is_sparse == sparse
-        torch.testing.assert_close(grad.to_dense() if sparse else grad, local_rows_of(emb, want_grad),
-                                   rtol=1e-5, atol=1e-5)
+        if fused:
+            assert grad is None  # the update happened in the backward; nothing is kept
+        else:
+            assert grad is not None and grad.is_sparse == sparse
+            torch.testing.assert_close(grad.to_dense() if sparse else grad, local_rows_of(emb, want_grad),
+                                       rtol=rtol, atol=rtol)
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
             emb.weight.grad = None
-        torch.testing.assert_close(emb.weight.detach(), local_rows_of(emb, oracle.table), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(emb.weight.detach(), local_rows_of(emb, oracle.table), rtol=rtol, atol=rtol)
+        if fused:
+            for key, state in _fused_state(emb).items():
+                want = oracle.state(key)
+                torch.testing.assert_close(state, local_rows_of(emb, want if want.dim() > 1 else want[:, None])
+                                           .reshape(state.shape), rtol=rtol, atol=rtol)
     assert_replicas_identical(emb)
-    torch.testing.assert_close(emb.full_table(), oracle.table, rtol=1e-5, atol=1e-5)
-    return {"local_rows": emb.weight.shape[0], "local_pages": sorted(emb.local_pages)}
+    for state in _fused_state(emb).values():
+        assert_replicas_identical(emb, state)
+    torch.testing.assert_close(emb.full_table(), oracle.table, rtol=rtol, atol=rtol)
+    return {"local_rows": emb.weight.shape[0], "local_pages": sorted(emb.local_pages), "stats": emb.stats()}
+
+
+def _fused_state(emb) -> dict:
+    """A fused optimizer's per-row state tensors (not the step counter)."""
+    if emb.optimizer is None:
+        return {}
+    return {k: v for k, v in emb.optimizer.named_buffers() if k != "step"}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -164,3 +187,23 @@ def _load_and_views():
     assert [p.data_ptr() for p in emb.parameters()] == [emb.weight.data_ptr()]
     out = emb(torch.tensor([24, 0, 13]))
     assert torch.equal(out, table[[24, 0, 13]])
+
+
+FUSED = [
+    {"name": "sgd", "lr": 0.3},
+    {"name": "adagrad", "lr": 0.2, "lr_decay": 0.01, "eps": 1e-10, "initial_accumulator_value": 0.1},
+    {"name": "rowwise_adagrad", "lr": 0.2, "eps": 1e-8},
+    {"name": "adam", "lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
+]
+
+
+@pytest.mark.parametrize("fused", FUSED, ids=[f["name"] for f in FUSED])
+def test_fused_optimizers_match_torch_optim_with_mirrors(fused):
+    placement = [(0, 1), 1, (2, 0, 1), 2, 0, (1, 2)]
+    run_ranks(3, train_against_oracle, 57, 6, 10, placement, steps=4, fused=fused, skew="zipf", batch=(40, 0, 25))
+
+
+@pytest.mark.parametrize("fused", FUSED, ids=[f["name"] for f in FUSED])
+def test_fused_optimizers_round_robin_one_and_two_ranks(fused):
+    run_ranks(1, train_against_oracle, 30, 4, 8, steps=3, fused=fused, skew="hot", batch=(20,))
+    run_ranks(2, train_against_oracle, 30, 4, 8, steps=3, fused=fused, batch=(20,))

@@ -1,0 +1,180 @@
+"""Fused sparse optimizers: the update is applied inside the backward, to the touched rows only.
+
+No gradient tensor is kept: the backward hands each owner the rows it serves and their
+gradient, and the optimizer updates those rows (and their state) in place. State tensors
+are buffers shaped like the rank's storage, so they live beside the pages they belong to,
+mirrored pages included: replicas receive the same summed gradient rows, so their values
+and state stay bitwise identical.
+
+One update is applied per lookup call's backward: look a batch up once per step (or
+concatenate the ids of several lookups) to get one optimizer step per training step.
+
+| name              | torch counterpart          | state per rank                 |
+|-------------------|----------------------------|--------------------------------|
+| `sgd`             | `torch.optim.SGD`          | none                           |
+| `adagrad`         | `torch.optim.Adagrad`      | `sum` [rows, dim]              |
+| `rowwise_adagrad` | (FBGEMM EXACT_ROWWISE_ADAGRAD) | `sum` [rows]: mean of g^2 per row |
+| `adam`            | `torch.optim.SparseAdam`   | `exp_avg`, `exp_avg_sq` [rows, dim] |
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABCMeta, abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .rows import sum_duplicate_rows
+from .storage import allocate
+
+__all__ = ["FusedOptimizer", "build_fused_optimizer", "FUSED_OPTIMIZERS"]
+
+
+class FusedOptimizer(nn.Module, metaclass=ABCMeta):
+    """Base class: ``apply(weight, rows, grad)`` updates ``weight[rows]`` given their gradient.
+
+    ``rows`` may repeat (a row asked by several ranks); optimizers whose update is not
+    linear in the gradient first sum the repeats. ``step`` counts backward passes, as a
+    torch optimizer counts ``step()`` calls.
+
+    An optimizer whose update is a fixed multiple of the gradient (SGD) says so with
+    ``linear_scale``: the backward then scales gradients while it sums them (for free),
+    and applies the rows as they arrive, in any order and in several parts.
+    """
+
+    name = ""
+    defaults: dict = {}
+    linear_scale: float | None = None
+
+    def __init__(self, weight: torch.Tensor, hparams: Mapping):
+        super().__init__()
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"fused_optimizer {self.name!r} does not take {unknown}; it takes {sorted(self.defaults)}"
+            )
+        for key, default in self.defaults.items():
+            value = hparams.get(key, default)
+            if key == "betas":
+                value = tuple(float(b) for b in value)
+                if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+                    raise ValueError(f"fused_optimizer {self.name!r}: betas must be two numbers in [0, 1), got {value}")
+            else:
+                value = float(value)
+                if value < 0 or not math.isfinite(value):
+                    raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a finite number >= 0, got {value}")
+            setattr(self, key, value)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
+
+    def hyperparameters(self) -> dict:
+        return {k: getattr(self, k) for k in self.defaults}
+
+    @torch.no_grad()
+    def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """One optimizer step on the given rows (counts a step)."""
+        self.step += 1
+        self.update(weight, rows, grad)
+
+    @abstractmethod
+    def update(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Apply ``grad`` (already multiplied by ``linear_scale`` if there is one) to ``rows``;
+        does not count a step."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+
+
+class FusedSGD(FusedOptimizer):
+    """``w[r] -= lr * g[r]``; repeated rows simply add up."""
+
+    name = "sgd"
+    defaults = {"lr": 0.01}
+
+    @property
+    def linear_scale(self) -> float:
+        return -self.lr
+
+    def update(self, weight, rows, grad):
+        weight.index_add_(0, rows, grad)  # grad arrives as -lr * g
+
+
+class FusedAdagrad(FusedOptimizer):
+    """torch.optim.Adagrad's sparse update, on the touched rows."""
+
+    name = "adagrad"
+    defaults = {"lr": 0.01, "lr_decay": 0.0, "eps": 1e-10, "initial_accumulator_value": 0.0}
+
+    def __init__(self, weight, hparams):
+        super().__init__(weight, hparams)
+        self.register_buffer("sum", allocate(weight.shape, weight.dtype, weight.device, self.initial_accumulator_value))
+
+    def update(self, weight, rows, grad):
+        rows, grad = sum_duplicate_rows(rows, grad)
+        clr = self.lr / (1 + (int(self.step) - 1) * self.lr_decay)
+        acc = self.sum.index_select(0, rows).addcmul_(grad, grad)
+        self.sum.index_copy_(0, rows, acc)
+        weight.index_add_(0, rows, grad.div_(acc.sqrt_().add_(self.eps)).mul_(-clr))
+
+
+class FusedRowwiseAdagrad(FusedOptimizer):
+    """One accumulator per row, the mean of the squared gradient row (FBGEMM's
+    EXACT_ROWWISE_ADAGRAD): ``s[r] += mean(g[r]^2); w[r] -= lr * g[r] / (sqrt(s[r]) + eps)``."""
+
+    name = "rowwise_adagrad"
+    defaults = {"lr": 0.01, "eps": 1e-10, "initial_accumulator_value": 0.0}
+
+    def __init__(self, weight, hparams):
+        super().__init__(weight, hparams)
+        self.register_buffer(
+            "sum", allocate(weight.shape[:1], torch.float32, weight.device, self.initial_accumulator_value)
+        )
+
+    def update(self, weight, rows, grad):
+        rows, grad = sum_duplicate_rows(rows, grad)
+        acc = self.sum.index_select(0, rows).add_(grad.float().pow(2).mean(1))
+        self.sum.index_copy_(0, rows, acc)
+        scale = acc.sqrt_().add_(self.eps).reciprocal_().mul_(-self.lr)
+        weight.index_add_(0, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)))
+
+
+class FusedAdam(FusedOptimizer):
+    """Lazy Adam exactly as torch.optim.SparseAdam: the moments of touched rows only are
+    updated, and bias correction uses the global step (the count of backward passes)."""
+
+    name = "adam"
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
+
+    def __init__(self, weight, hparams):
+        super().__init__(weight, hparams)
+        self.register_buffer("exp_avg", allocate(weight.shape, weight.dtype, weight.device, 0.0))
+        self.register_buffer("exp_avg_sq", allocate(weight.shape, weight.dtype, weight.device, 0.0))
+
+    def update(self, weight, rows, grad):
+        rows, grad = sum_duplicate_rows(rows, grad)
+        if rows.numel() == 0:
+            return
+        beta1, beta2 = self.betas
+        step = int(self.step)
+        m = self.exp_avg.index_select(0, rows)
+        v = self.exp_avg_sq.index_select(0, rows)
+        m.add_(grad.sub(m).mul_(1 - beta1))
+        v.add_(grad.pow(2).sub_(v).mul_(1 - beta2))
+        self.exp_avg.index_copy_(0, rows, m)
+        self.exp_avg_sq.index_copy_(0, rows, v)
+        step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        weight.index_add_(0, rows, m.div_(v.sqrt_().add_(self.eps)).mul_(-step_size))
+
+
+FUSED_OPTIMIZERS = {cls.name: cls for cls in (FusedSGD, FusedAdagrad, FusedRowwiseAdagrad, FusedAdam)}
+
+
+def build_fused_optimizer(spec: Mapping, weight: torch.Tensor) -> FusedOptimizer:
+    """``{"name": ..., hyperparameter: value, ...}`` -> the optimizer for ``weight``'s rows."""
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"fused_optimizer must be a dict with a 'name' among {sorted(FUSED_OPTIMIZERS)}, got {spec!r}")
+    name = spec["name"]
+    if name not in FUSED_OPTIMIZERS:
+        raise ValueError(f"fused_optimizer name {name!r} is not one of {sorted(FUSED_OPTIMIZERS)}")
+    return FUSED_OPTIMIZERS[name](weight, {k: v for k, v in spec.items() if k != "name"})
