@@ -1,18 +1,31 @@
 """Training-step throughput of ShardedEmbedding against baselines, on the same ids, in one run.
 
-    python benchmarks/lookup.py                       # 1M x 64, 8192 ids per rank, 2 ranks
-    python benchmarks/lookup.py --rows 10000000 --dim 128 --batch 16384
+    python benchmarks/lookup.py                         # S: 1M x 64, 8192 ids per rank, 2 ranks
+    python benchmarks/lookup.py --workload M            # M: 10M x 128, 16384 ids per rank
+    python benchmarks/lookup.py --workload S,M --chart docs/benchmarks.png --markdown out.md
 
 A step is: forward lookup of each rank's ids -> loss = (out * w).sum() -> backward ->
-optimizer step. The driver runs every (system, distribution) pair one after another in its
-own process(es): distributed systems under torchrun on gloo, single-process baselines with
-plain python. It prints a table with each system's median step time, lookups/s over all
-ranks, and the ratio to the single-process baseline measured in the same run.
+optimizer step (SGD lr 0.05 on the touched rows unless the system says otherwise). Every
+(system, distribution) pair runs on its own, one after another: multi-process systems under
+torchrun on gloo (one thread per rank, each rank pinned to its own core unless
+--no-bind-cpus), single-process ones with plain python. Each prints one JSON line; the
+driver prints a table with median step time, lookups/s over all ranks, bytes exchanged per
+rank and step, peak RSS per rank, and the ratio of each of our systems to each baseline
+measured in the same run.
 
-Systems:
-  ours_sgd      ShardedEmbedding (round robin pages, sparse gradients) + torch.optim.SGD
-  single_sparse one process, the whole table: nn.Embedding(sparse=True) + torch.optim.SGD,
-                looking up all ranks' ids each step (the no-communication limit)
+Systems (--systems, comma separated):
+  ours_sgd                    ShardedEmbedding, sparse gradients + torch.optim.SGD
+  ours_fused_sgd              ShardedEmbedding, SGD fused into the backward
+  ours_fused_rowwise_adagrad  ShardedEmbedding, row-wise Adagrad fused into the backward
+  single_sparse               one process, the whole table, nn.Embedding(sparse=True) + SGD,
+                              looking up all ranks' ids each step (the no-communication limit)
+  dtensor_rowwise             nn.Embedding + RowwiseParallel (Shard(0) in and out) on a CPU
+                              DeviceMesh, dense gradient of the local shard + SGD
+  torchrec_rw_fused_sgd       TorchRec EmbeddingCollection, ROW_WISE, FBGEMM EXACT_SGD fused
+  torchrec_rw_fused_rowwise_adagrad   the same with EXACT_ROWWISE_ADAGRAD
+TorchRec needs the optional extra: pip install -e '.[bench]' && pip install --no-deps
+torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0. Its gradient division is turned off so that every
+system applies the same update (lr times the sum of all ranks' gradients).
 """
 
 from __future__ import annotations
@@ -27,70 +40,210 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-DISTRIBUTED = {"ours_sgd"}
-SINGLE = {"single_sparse"}
-BASELINE = "single_sparse"
+WORKLOADS = {
+    "S": dict(rows=1_000_000, dim=64, batch=8192),
+    "M": dict(rows=10_000_000, dim=128, batch=16384),
+}
+FUSED = {"ours_fused_sgd": "sgd", "ours_fused_rowwise_adagrad": "rowwise_adagrad"}
+OURS = ["ours_sgd", *FUSED]
+TORCHREC = {"torchrec_rw_fused_sgd": "EXACT_SGD", "torchrec_rw_fused_rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD"}
+SINGLE = ["single_sparse"]
+BASELINES = ["single_sparse", "dtensor_rowwise", *TORCHREC]
+SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
+DEFAULT_SYSTEMS = [*OURS, *BASELINES]
 
 
 def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8192, help="ids per rank per step")
+    ap.add_argument("--workload", default="S", help="S, M or both (S,M); or give --rows/--dim/--batch")
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--dim", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="ids per rank per step")
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--page-size", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=30, help="timed steps")
+    ap.add_argument("--page-size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--slow-steps", type=int, default=3, help="timed steps for the dense-gradient baselines")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--dists", default="zipf,uniform")
-    ap.add_argument("--systems", default="ours_sgd,single_sparse")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append every result as a JSON line to this file")
+    ap.add_argument("--markdown", default=None, help="also write the result table to this file")
+    ap.add_argument("--chart", default=None, help="write a bar chart of lookups/s to this PNG (needs matplotlib)")
+    ap.add_argument("--no-bind-cpus", dest="bind_cpus", action="store_false",
+                    help="do not pin each rank of a multi-process system to its own cores")
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds allowed per system run")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every system this many times, interleaved, and keep the run with the median "
+                         "step time (this machine's noise between runs exceeds many differences measured)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dist", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------- workers
-def _worker_ours(a):
+def _setup_distributed(a):
+    import torch.distributed as dist
+
+    from sharded_embedding import init_distributed
+
+    init_distributed("gloo", bind_cpus=a.bind_cpus)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather_floats(value: float) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    from sharded_embedding import ShardedEmbedding
-    from workload import emit, make_ids, make_loss_weight, peak_rss_mib, summary, time_steps
+    from sharded_embedding.distributed import all_gather_single
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    out = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    all_gather_single(out, torch.tensor([value], dtype=torch.float64))
+    return [round(float(v), 1) for v in out]
+
+
+def _run_distributed(a, rank, world, build, step, **extra):
+    """Time ``step`` (after ``build``) and report from rank 0."""
+    import torch.distributed as dist
+
+    from workload import current_rss_mib, emit, peak_rss_mib, summary, time_steps
+
+    rss0 = current_rss_mib()
+    t = time.perf_counter()
+    state = build()
+    init_s = time.perf_counter() - t
+    rss_init = current_rss_mib()
+    steps = a.slow_steps if a.worker in SLOW else a.steps
+    warmup = 1 if a.worker in SLOW else a.warmup
+    times = time_steps(lambda i: step(state, i), warmup, steps, sync=dist.barrier)
+    info = extra.pop("after", lambda s: {})(state)
+    peak = _gather_floats(peak_rss_mib())
+    before = _gather_floats(rss0)
+    after_init = _gather_floats(rss_init)
+    if rank == 0:
+        emit(summary(times, world * a.batch, system=a.worker, dist=a.dist, world=world, init_s=round(init_s, 2),
+                     peak_rss_mib_per_rank=peak, rss_before_build_mib_per_rank=before,
+                     rss_after_build_mib_per_rank=after_init, steps=steps, **info, **extra))
+
+
+def _worker_ours(a):
+    import torch
+
+    from sharded_embedding import ShardedEmbedding
+    from workload import make_ids, make_loss_weight
+
+    rank, world = _setup_distributed(a)
     ids = make_ids(a.rows, a.batch, a.warmup + a.steps, rank, a.dist, seed=a.seed)
     w = make_loss_weight(a.batch, a.dim, rank, a.seed)
-    t = time.perf_counter()
-    emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size)
-    init_s = time.perf_counter() - t
-    opt = torch.optim.SGD(emb.parameters(), lr=a.lr)
+    fused = {"name": FUSED[a.worker], "lr": a.lr} if a.worker in FUSED else None
 
-    def step(i):
+    def build():
+        emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size, fused_optimizer=fused)
+        opt = torch.optim.SGD(emb.parameters(), lr=a.lr) if fused is None else None
+        return emb, opt
+
+    def step(state, i):
+        emb, opt = state
+        (emb(ids[i]) * w).sum().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def after(state):
+        emb, _ = state
+        s = emb.stats()
+        shard = emb.weight.numel() * emb.weight.element_size()
+        opt_state = sum(b.numel() * b.element_size() for b in emb.optimizer.buffers()) if emb.optimizer else 0
+        return dict(bytes_sent_per_step=round(s["bytes_sent_per_call"]), shard_mib=round(shard / 2**20, 1),
+                    optimizer_state_mib=round(opt_state / 2**20, 1), page_size=a.page_size)
+
+    _run_distributed(a, rank, world, build, step, after=after)
+
+
+def _worker_dtensor(a):
+    import torch
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    from workload import make_ids, make_loss_weight
+
+    rank, world = _setup_distributed(a)
+    ids = make_ids(a.rows, a.batch, a.warmup + a.steps, rank, a.dist, seed=a.seed)
+    w = make_loss_weight(a.batch, a.dim, rank, a.seed)
+
+    def build():
+        mesh = init_device_mesh("cpu", (world,))
+        with torch.device("meta"):
+            emb = nn.Embedding(a.rows, a.dim)
+        emb = parallelize_module(emb, mesh, RowwiseParallel(input_layouts=Shard(0), output_layouts=Shard(0)))
+        emb.to_empty(device="cpu")
+        with torch.no_grad():
+            emb.weight.to_local().normal_()
+        return emb, torch.optim.SGD(emb.parameters(), lr=a.lr)
+
+    def step(state, i):
+        emb, opt = state
         (emb(ids[i]) * w).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = time_steps(step, a.warmup, a.steps, sync=dist.barrier)
-    rss = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(rss, torch.tensor([peak_rss_mib()], dtype=torch.float64))
-    rss = [round(float(t), 1) for t in rss]
-    if rank == 0:
-        emit(summary(times, world * a.batch, system="ours_sgd", dist=a.dist, world=world,
-                     init_s=round(init_s, 2), peak_rss_mib_per_rank=rss))
+    _run_distributed(a, rank, world, build, step)
+
+
+def _worker_torchrec(a):
+    import torch
+    import torch.distributed as dist
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+    from torchrec.distributed.comm_ops import set_gradient_division
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    from workload import make_ids, make_loss_weight
+
+    rank, world = _setup_distributed(a)
+    set_gradient_division(False)  # the summed gradient, as ours and the single process apply
+    ids = make_ids(a.rows, a.batch, a.warmup + a.steps, rank, a.dist, seed=a.seed)
+    w = make_loss_weight(a.batch, a.dim, rank, a.seed)
+    lengths = torch.ones(a.batch, dtype=torch.int32)
+    kjts = [KeyedJaggedTensor(keys=["f"], values=i, lengths=lengths) for i in ids]
+
+    def build():
+        table = EmbeddingConfig(name="t", embedding_dim=a.dim, num_embeddings=a.rows, feature_names=["f"])
+        module = EmbeddingCollection(tables=[table], device=torch.device("meta"))
+        fused = dict(optimizer=getattr(EmbOptimType, TORCHREC[a.worker]), learning_rate=a.lr, eps=1e-10)
+        sharder = EmbeddingCollectionSharder(fused_params=fused)
+        constraints = {"t": ParameterConstraints(sharding_types=["row_wise"],
+                                                 compute_kernels=[EmbeddingComputeKernel.FUSED.value])}
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
+                                           constraints=constraints)
+        plan = planner.collective_plan(module, [sharder], dist.group.WORLD)
+        return DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                        device=torch.device("cpu"), plan=plan, sharders=[sharder])
+
+    def step(model, i):
+        out = model(kjts[i])["f"].values()
+        (out * w).sum().backward()
+
+    _run_distributed(a, rank, world, build, step)
 
 
 def _worker_single(a):
     import torch
 
-    from workload import emit, make_ids, make_loss_weight, peak_rss_mib, summary, time_steps
+    from workload import current_rss_mib, emit, make_ids, make_loss_weight, peak_rss_mib, summary, time_steps
 
     n = a.warmup + a.steps
     per_rank = [make_ids(a.rows, a.batch, n, r, a.dist, seed=a.seed) for r in range(a.world)]
     ids = [torch.cat([per_rank[r][i] for r in range(a.world)]) for i in range(n)]
     w = torch.cat([make_loss_weight(a.batch, a.dim, r, a.seed) for r in range(a.world)])
+    rss0 = current_rss_mib()
     emb = torch.nn.Embedding(a.rows, a.dim, sparse=True)
     opt = torch.optim.SGD(emb.parameters(), lr=a.lr)
 
@@ -100,67 +253,146 @@ def _worker_single(a):
         opt.zero_grad(set_to_none=True)
 
     times = time_steps(step, a.warmup, a.steps)
-    emit(summary(times, a.world * a.batch, system="single_sparse", dist=a.dist, world=1,
-                 peak_rss_mib_per_rank=[round(peak_rss_mib(), 1)]))
+    emit(summary(times, a.world * a.batch, system=a.worker, dist=a.dist, world=1,
+                 peak_rss_mib_per_rank=[round(peak_rss_mib(), 1)], rss_before_build_mib_per_rank=[round(rss0, 1)]))
+
+
+WORKERS = {**{s: _worker_ours for s in OURS}, **{s: _worker_torchrec for s in TORCHREC},
+           "dtensor_rowwise": _worker_dtensor, "single_sparse": _worker_single}
 
 
 # ---------------------------------------------------------------------------------- driver
 def _run_one(a, system: str, dist: str) -> dict:
     common = [f"--rows={a.rows}", f"--dim={a.dim}", f"--batch={a.batch}", f"--world={a.world}",
               f"--page-size={a.page_size}", f"--steps={a.steps}", f"--warmup={a.warmup}", f"--lr={a.lr}",
-              f"--seed={a.seed}", f"--worker={system}", f"--dist={dist}"]
+              f"--slow-steps={a.slow_steps}", f"--seed={a.seed}", f"--worker={system}", f"--dist={dist}"]
+    if not a.bind_cpus:
+        common.append("--no-bind-cpus")
     script = os.path.abspath(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if system in DISTRIBUTED:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if system in SINGLE:
+        cmd = [sys.executable, script, *common]
+    else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
                script, *common]
-    else:
-        cmd = [sys.executable, script, *common]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(system=system, dist=dist, failed=True, rc="timeout", error=f"over {a.timeout} s")
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
         return dict(system=system, dist=dist, failed=True, rc=done.returncode, error="\n".join(tail))
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
+    head = ("| system | ids | median step ms | p10-p90 ms | M lookups/s | "
+            + " | ".join(f"ours / {b}" for b in baselines)
+            + " | bytes sent per rank-step | peak RSS MiB per rank |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for dist in dists:
+        base = {r["system"]: r for r in results if r["dist"] == dist and not r.get("failed")}
+        for r in (r for r in results if r["dist"] == dist):
+            if r.get("failed"):
+                lines.append(f"| {r['system']} | {dist} | failed ({r['rc']}) |" + " |" * (len(baselines) + 4))
+                continue
+            ratios = []
+            for b in baselines:
+                ok = r["system"].startswith("ours") and b in base
+                ratios.append(f"{r['lookups_per_s'] / base[b]['lookups_per_s']:.2f}x" if ok else "")
+            sent = r.get("bytes_sent_per_step")
+            lines.append(
+                f"| {r['system']} | {dist} | {r['median_step_ms']:.2f} | {r['p10_step_ms']:.2f}-{r['p90_step_ms']:.2f} "
+                f"| {r['lookups_per_s'] / 1e6:.3f} | " + " | ".join(ratios)
+                + f" | {f'{sent / 2**20:.2f} MiB' if sent is not None else ''} "
+                f"| {', '.join(map(str, r['peak_rss_mib_per_rank']))} |")
+    return "\n".join(lines)
+
+
+def _chart(path: str, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["workload"], r["dist"]) for r in results})
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), squeeze=False)
+    for ax, (wl, dist) in zip(axes[0], groups):
+        vals = []
+        for s in systems:
+            r = next((r for r in results if r["system"] == s and r["dist"] == dist and r["workload"] == wl), None)
+            vals.append(r["lookups_per_s"] / 1e6 if r and not r.get("failed") else 0.0)
+        colors = ["tab:blue" if s.startswith("ours") else "tab:gray" for s in systems]
+        ax.barh(range(len(systems)), vals, color=colors)
+        ax.set_yticks(range(len(systems)), systems if ax is axes[0][0] else [""] * len(systems), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_title(f"{wl}, {dist} ids", fontsize=9)
+        ax.set_xlabel("M lookups/s (log)")
+        ax.invert_yaxis()
+    fig.suptitle("Training-step lookups/s, 2 ranks on gloo (blue: ours)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     a = _args(argv)
     if a.worker:
-        {"ours_sgd": _worker_ours, "single_sparse": _worker_single}[a.worker](a)
-        if a.worker in DISTRIBUTED:
+        WORKERS[a.worker](a)
+        if a.worker not in SINGLE:
             from sharded_embedding import finish
 
             finish()
         return
-    systems = a.systems.split(",")
+    workloads = [w.strip() for w in a.workload.split(",")]
+    systems = [s.strip() for s in a.systems.split(",")]
+    unknown = [s for s in systems if s not in WORKERS]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; known: {sorted(WORKERS)}")
     dists = a.dists.split(",")
-    print(f"# {a.rows} x {a.dim} fp32, {a.batch} ids per rank, {a.world} ranks (gloo, 1 thread each), "
-          f"page_size {a.page_size}, {a.steps} timed steps after {a.warmup}; "
-          f"{time.strftime('%Y-%m-%d')}, torch {__import__('torch').__version__}", flush=True)
-    results = []
-    for dist in dists:
-        for system in systems:
-            r = _run_one(a, system, dist)
-            r.update(rows=a.rows, dim=a.dim, batch=a.batch)
-            results.append(r)
-            if a.json:
-                with open(a.json, "a") as f:
-                    f.write(json.dumps(r) + "\n")
-            print(f"  ran {system} / {dist}: " + ("FAILED" if r.get("failed") else f"{r['median_step_ms']} ms"),
-                  file=sys.stderr, flush=True)
-    print("\n| system | ids | median step ms | p10-p90 ms | M lookups/s | vs single process | peak RSS MiB per rank |")
-    print("|---|---|---|---|---|---|---|")
-    for dist in dists:
-        base = next((r for r in results if r["system"] == BASELINE and r["dist"] == dist and not r.get("failed")), None)
-        for r in (r for r in results if r["dist"] == dist):
-            if r.get("failed"):
-                print(f"| {r['system']} | {dist} | failed (rc {r['rc']}) | | | | |")
-                print(r["error"], file=sys.stderr)
-                continue
-            ratio = f"{r['lookups_per_s'] / base['lookups_per_s']:.2f}x" if base else "-"
-            print(f"| {r['system']} | {dist} | {r['median_step_ms']:.2f} | {r['p10_step_ms']:.2f}-{r['p90_step_ms']:.2f} "
-                  f"| {r['lookups_per_s'] / 1e6:.2f} | {ratio} | {', '.join(map(str, r['peak_rss_mib_per_rank']))} |")
+    import torch
+
+    results, out = [], []
+    for wl in workloads:
+        sizes = dict(WORKLOADS.get(wl, WORKLOADS["S"]))
+        for key in ("rows", "dim", "batch"):
+            if getattr(a, key) is not None:
+                sizes[key] = getattr(a, key)
+        run = argparse.Namespace(**{**vars(a), **sizes})
+        title = (f"## {wl}: {run.rows:,} x {run.dim} fp32, {run.batch} ids per rank, {a.world} ranks "
+                 f"(gloo, 1 thread each{', pinned' if a.bind_cpus else ''}), page_size {a.page_size}, "
+                 f"{a.steps} timed steps after {a.warmup} ({a.slow_steps} after 1 for {', '.join(SLOW)}); "
+                 f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+        print(title, flush=True)
+        mine = []
+        for dist in dists:
+            runs = {s: [] for s in systems}
+            for _ in range(a.repeat):
+                for system in systems:
+                    r = _run_one(run, system, dist)
+                    r.update(workload=wl, rows=run.rows, dim=run.dim, batch=run.batch)
+                    runs[system].append(r)
+                    if a.json:
+                        with open(a.json, "a") as f:
+                            f.write(json.dumps(r) + "\n")
+                    status = "FAILED " + str(r.get("error", ""))[-300:] if r.get("failed") else f"{r['median_step_ms']} ms"
+                    print(f"  ran {system} / {dist}: {status}", file=sys.stderr, flush=True)
+            for system in systems:
+                ok = sorted((r for r in runs[system] if not r.get("failed")), key=lambda r: r["median_step_ms"])
+                pick = ok[len(ok) // 2] if ok else runs[system][-1]
+                if len(ok) > 1:
+                    pick["median_step_ms_of_runs"] = [r["median_step_ms"] for r in ok]
+                mine.append(pick)
+        table = _table(mine, dists, [b for b in BASELINES if b in systems])
+        print("\n" + table + "\n", flush=True)
+        results += mine
+        out.append(title + "\n\n" + table + "\n")
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write("\n".join(out))
+    if a.chart:
+        _chart(a.chart, [r for r in results if not r.get("failed")])
 
 
 if __name__ == "__main__":
