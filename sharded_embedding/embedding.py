@@ -138,6 +138,7 @@ class ShardedEmbedding(nn.Module):
             plan.routing_table(rank),
             page_size=plan.page_size,
             num_embeddings=plan.num_embeddings,
+            max_local_rows=max(plan.local_rows(r) for r in range(world)),
             rank=rank,
             world=world,
             group=group,

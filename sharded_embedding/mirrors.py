@@ -70,7 +70,7 @@ class MirrorSync:
         out_rows, out_values, reduced = [rows[plain]], [values[plain]], 0
         for i, (_, pg) in enumerate(self._sets):
             mine = set_of_row == i
-            mine_rows, mine_values = sum_duplicate_rows(rows[mine], values[mine])
+            mine_rows, mine_values = sum_duplicate_rows(rows[mine], values[mine], sort=False)
             gids = self._local_pages[torch.div(mine_rows, ps, rounding_mode="floor")] * ps + mine_rows % ps
             union = _all_gather_union(gids, pg)
             summed = values.new_zeros(union.numel(), values.shape[1])

@@ -111,7 +111,7 @@ class FusedAdagrad(FusedOptimizer):
         self.register_buffer("sum", allocate(weight.shape, weight.dtype, weight.device, self.initial_accumulator_value))
 
     def update(self, weight, rows, grad):
-        rows, grad = sum_duplicate_rows(rows, grad)
+        rows, grad = sum_duplicate_rows(rows, grad, sort=False)
         clr = self.lr / (1 + (int(self.step) - 1) * self.lr_decay)
         acc = self.sum.index_select(0, rows).addcmul_(grad, grad)
         self.sum.index_copy_(0, rows, acc)
@@ -132,8 +132,8 @@ class FusedRowwiseAdagrad(FusedOptimizer):
         )
 
     def update(self, weight, rows, grad):
-        rows, grad = sum_duplicate_rows(rows, grad)
-        acc = self.sum.index_select(0, rows).add_(grad.float().pow(2).mean(1))
+        rows, grad = sum_duplicate_rows(rows, grad, sort=False)
+        acc = self.sum.index_select(0, rows).add_(torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32).square_().div_(grad.shape[1]))
         self.sum.index_copy_(0, rows, acc)
         scale = acc.sqrt_().add_(self.eps).reciprocal_().mul_(-self.lr)
         weight.index_add_(0, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)))
@@ -152,7 +152,7 @@ class FusedAdam(FusedOptimizer):
         self.register_buffer("exp_avg_sq", allocate(weight.shape, weight.dtype, weight.device, 0.0))
 
     def update(self, weight, rows, grad):
-        rows, grad = sum_duplicate_rows(rows, grad)
+        rows, grad = sum_duplicate_rows(rows, grad, sort=False)
         if rows.numel() == 0:
             return
         beta1, beta2 = self.betas

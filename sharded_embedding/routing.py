@@ -90,8 +90,8 @@ class Routing:
 class Router:
     """Routes one rank's lookups over ``group`` according to its `RoutingTable`."""
 
-    def __init__(self, table: RoutingTable, *, page_size: int, num_embeddings: int, rank: int, world: int,
-                 group, device: torch.device):
+    def __init__(self, table: RoutingTable, *, page_size: int, num_embeddings: int, max_local_rows: int,
+                 rank: int, world: int, group, device: torch.device):
         self.page_size, self.num_embeddings = page_size, num_embeddings
         self.rank, self.world, self.group, self.device = rank, world, group, device
         pages = torch.arange(table.dest_rank.numel(), dtype=torch.int64)
@@ -100,7 +100,10 @@ class Router:
         # serving rank's local row.
         self._key = torch.where(table.dest_rank == rank, world, table.dest_rank).to(device)
         self._shift = (table.dest_offset - pages * page_size).to(device)
-        self._stride = num_embeddings  # > any local row: (rank, row) packs into rank * stride + row
+        # (serving rank, local row) packs into rank * stride + row; int32 keys sort 2x faster.
+        self._stride = max_local_rows + 1
+        fits32 = (world + 1) * self._stride < 2**31
+        self._key_dtype = torch.int32 if fits32 else torch.int64
         self._arange = torch.arange(0, device=device)
         self._capacity = 0  # rows per peer carried in the request exchange; same on all ranks
 
@@ -126,8 +129,9 @@ class Router:
             rows = flat + self._shift[page]  # the serving rank's local rows
             if world > 1:
                 rows.add_(self._key[page], alpha=self._stride)
-            keys, perm = torch.sort(rows)
+            keys, perm = torch.sort(rows.to(self._key_dtype))
             keys, dups = torch.unique_consecutive(keys, return_counts=True)
+            keys = keys.long()
             gather_index = torch.empty_like(perm)
             gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
             bags = _Bags(perm, torch.cumsum(dups, 0) - dups)
