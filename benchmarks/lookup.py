@@ -3,6 +3,7 @@
     python benchmarks/lookup.py                         # S: 1M x 64, 8192 ids per rank, 2 ranks
     python benchmarks/lookup.py --workload M            # M: 10M x 128, 16384 ids per rank
     python benchmarks/lookup.py --workload S,M --chart docs/benchmarks.png --markdown out.md
+    python benchmarks/lookup.py --workload L --systems ours_fused_rowwise_adagrad --dists zipf
 
 A step is: forward lookup of each rank's ids -> loss = (out * w).sum() -> backward ->
 optimizer step (SGD lr 0.05 on the touched rows unless the system says otherwise). Every
@@ -43,6 +44,7 @@ sys.path.insert(0, HERE)
 WORKLOADS = {
     "S": dict(rows=1_000_000, dim=64, batch=8192),
     "M": dict(rows=10_000_000, dim=128, batch=16384),
+    "L": dict(rows=30_000_000, dim=128, batch=16384),  # 15.4 GB: more than one rank's share of 24 GiB
 }
 FUSED = {"ours_fused_sgd": "sgd", "ours_fused_rowwise_adagrad": "rowwise_adagrad"}
 OURS = ["ours_sgd", *FUSED]
@@ -287,9 +289,9 @@ def _run_one(a, system: str, dist: str) -> dict:
 
 
 def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
-    head = ("| system | ids | median step ms | p10-p90 ms | M lookups/s | "
-            + " | ".join(f"ours / {b}" for b in baselines)
-            + " | bytes sent per rank-step | peak RSS MiB per rank |")
+    head = "| " + " | ".join(["system", "ids", "median step ms", "p10-p90 ms", "M lookups/s",
+                               *(f"ours / {b}" for b in baselines), "bytes sent per rank-step",
+                               "peak RSS MiB per rank"]) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dist in dists:
         base = {r["system"]: r for r in results if r["dist"] == dist and not r.get("failed")}
@@ -304,8 +306,8 @@ def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
             sent = r.get("bytes_sent_per_step")
             lines.append(
                 f"| {r['system']} | {dist} | {r['median_step_ms']:.2f} | {r['p10_step_ms']:.2f}-{r['p90_step_ms']:.2f} "
-                f"| {r['lookups_per_s'] / 1e6:.3f} | " + " | ".join(ratios)
-                + f" | {f'{sent / 2**20:.2f} MiB' if sent is not None else ''} "
+                f"| {r['lookups_per_s'] / 1e6:.3f} | " + "".join(f"{x} | " for x in ratios)
+                + f"{f'{sent / 2**20:.2f} MiB' if sent is not None else ''} "
                 f"| {', '.join(map(str, r['peak_rss_mib_per_rank']))} |")
     return "\n".join(lines)
 
