@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Train on several machines: run this once on every node, with the same MASTER_ADDR/MASTER_PORT.
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0.example MASTER_PORT=29500 NPROC=8 bash launch/multinode.sh [overrides]
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0.example MASTER_PORT=29500 NPROC=8 bash launch/multinode.sh [overrides]
+# The nodes meet through torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT. The corpus path
+# and out_dir must be on a filesystem every node sees (each rank writes its part of vectors.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${NNODES:?set NNODES, the number of machines}"
+: "${NODE_RANK:?set NODE_RANK, the index of this machine, 0..NNODES-1}"
+: "${MASTER_ADDR:?set MASTER_ADDR, the host that runs the rendezvous}"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PY" -m torch.distributed.run \
+  --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="${NPROC:-2}" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id="${RDZV_ID:-sharded-embedding}" \
+  -m sharded_embedding.train "$@"

@@ -1,0 +1,178 @@
+"""The training app's configuration: a structured schema Hydra checks the YAML against, and the
+checks that need the world (ranks, files, the vocabulary's page count).
+
+Hydra rejects unknown keys and wrong types when it composes the config (the schema is
+registered as ``schema`` and listed first in ``configs/train.yaml``'s defaults). `validate`
+then checks what YAML types cannot express. Both run before any training work, identically
+on every rank, so every rank stops with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+COMM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised on every rank alike."""
+
+
+@dataclass
+class ShardingConfig:
+    kind: str = "round_robin"
+    page_size: int = 512
+    num_devices: int = -1  # round_robin: ranks 0..num_devices-1; -1: all
+    hot_pages: int = 1  # hot_mirrored: the first pages, mirrored on every rank
+    pages: Optional[List[Any]] = None  # explicit: one entry per page, a rank or a list of ranks
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "rowwise_adagrad"
+    lr: float = 0.2
+    eps: Optional[float] = None
+    lr_decay: Optional[float] = None
+    initial_accumulator_value: Optional[float] = None
+    betas: Optional[List[float]] = None
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # None: gensim's bundled Wikipedia sample
+    min_count: int = 5
+    sample: float = 1e-3
+    max_vocab: Optional[int] = None
+    lowercase: bool = False
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 100
+    window: int = 5
+    negatives: int = 5
+    shared_negatives: int = 16
+    block: int = 32
+    comm_dtype: Optional[str] = None
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 10
+    batch_centers: int = 4096
+    min_lr_fraction: float = 1e-4
+    seed: int = 0
+    log_every: int = 20
+    bind_cpus: bool = True
+
+
+@dataclass
+class TrainConfig:
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    out_dir: Optional[str] = None
+    evaluate: bool = True
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="schema", node=TrainConfig)
+
+
+def corpus_path(cfg) -> str:
+    """The corpus file: ``data.path``, or gensim's bundled sample."""
+    if cfg.data.path:
+        return os.path.abspath(os.path.expanduser(str(cfg.data.path)))
+    from gensim.test.utils import datapath
+
+    return datapath("head500.noblanks.cor")
+
+
+def validate(cfg, world_size: int) -> list[str]:
+    """Problems with ``cfg`` for a run on ``world_size`` ranks (empty: fine)."""
+    errors = []
+    s, m, t, d, o = cfg.sharding, cfg.model, cfg.train, cfg.data, cfg.optimizer
+
+    def positive(name, value):
+        if value is None or value < 1:
+            errors.append(f"{name} must be >= 1, got {value}")
+
+    for name, value in [("sharding.page_size", s.page_size), ("model.dim", m.dim), ("model.window", m.window),
+                        ("model.negatives", m.negatives), ("model.shared_negatives", m.shared_negatives),
+                        ("model.block", m.block), ("train.epochs", t.epochs), ("train.batch_centers", t.batch_centers),
+                        ("train.log_every", t.log_every), ("data.min_count", d.min_count)]:
+        positive(name, value)
+    if d.max_vocab is not None:
+        positive("data.max_vocab", d.max_vocab)
+    if d.sample < 0:
+        errors.append(f"data.sample must be >= 0, got {d.sample}")
+    if not 0 < t.min_lr_fraction <= 1:
+        errors.append(f"train.min_lr_fraction must be in (0, 1], got {t.min_lr_fraction}")
+    if o.name not in OPTIMIZERS:
+        errors.append(f"optimizer.name={o.name!r} is not one of {list(OPTIMIZERS)}")
+    if o.lr <= 0:
+        errors.append(f"optimizer.lr must be > 0, got {o.lr}")
+    if m.comm_dtype is not None and m.comm_dtype not in COMM_DTYPES:
+        errors.append(f"model.comm_dtype={m.comm_dtype!r} is not one of {list(COMM_DTYPES)} or null")
+    if s.kind not in SHARDING_KINDS:
+        errors.append(f"sharding.kind={s.kind!r} is not one of {list(SHARDING_KINDS)}")
+    elif s.kind == "round_robin" and not (s.num_devices == -1 or 1 <= s.num_devices <= world_size):
+        errors.append(f"sharding.num_devices={s.num_devices} is out of range: -1 or 1..{world_size} (the world size)")
+    elif s.kind == "hot_mirrored" and s.hot_pages < 0:
+        errors.append(f"sharding.hot_pages must be >= 0, got {s.hot_pages}")
+    elif s.kind == "explicit":
+        if not s.pages:
+            errors.append("sharding.kind=explicit needs sharding.pages: one entry per page (a rank or a list of ranks)")
+        else:
+            for p, entry in enumerate(s.pages):
+                ranks = list(entry) if isinstance(entry, (list, tuple)) or hasattr(entry, "__iter__") else [entry]
+                for r in ranks:
+                    if not isinstance(r, int) or not 0 <= r < world_size:
+                        errors.append(f"sharding.pages[{p}] names rank {r!r}, but the world has ranks 0..{world_size - 1}")
+    path = None
+    try:
+        path = corpus_path(cfg)
+    except ImportError:
+        errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
+    if path is not None and not os.path.isfile(path):
+        errors.append(f"data.path: corpus file {path} does not exist")
+    return errors
+
+
+def placement(cfg, vocab_size: int, world_size: int):
+    """The table placement for ``vocab_size`` words; ConfigError if an explicit list has the
+    wrong number of pages."""
+    s = cfg.sharding
+    num_pages = math.ceil(vocab_size / s.page_size)
+    if s.kind == "round_robin":
+        return "round_robin"
+    if s.kind == "hot_mirrored":
+        hot = min(s.hot_pages, num_pages)
+        every = tuple(range(world_size))
+        return [every if world_size > 1 else 0] * hot + [p % world_size for p in range(hot, num_pages)]
+    pages = [tuple(e) if hasattr(e, "__iter__") else int(e) for e in s.pages]
+    if len(pages) != num_pages:
+        raise ConfigError(
+            f"sharding.pages has {len(pages)} entries but the tables have {num_pages} pages "
+            f"({vocab_size} words in the vocabulary / page_size {s.page_size}, rounded up)"
+        )
+    return pages
+
+
+def fused_optimizer(cfg) -> dict:
+    """The optimizer group as a `ShardedEmbedding` fused_optimizer spec (unset keys: defaults)."""
+    spec = {k: v for k, v in dict(cfg.optimizer).items() if v is not None}
+    if "betas" in spec:
+        spec["betas"] = tuple(spec["betas"])
+    if spec["name"] == "sgd":
+        spec = {"name": "sgd", "lr": spec["lr"]}
+    return spec

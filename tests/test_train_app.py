@@ -1,0 +1,99 @@
+"""The main job end to end: torchrun + Hydra, config errors, a short run, two nodes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _train(tmp_path, *overrides, nproc=2, timeout=300):
+    """launch/train.sh with outputs and Hydra's run folder under tmp_path."""
+    return subprocess.run(
+        ["bash", "launch/train.sh", f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+        cwd=ROOT, env=_env(NPROC=nproc), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.dimm=50"], "Key 'dimm' not in 'ModelConfig'"),
+        (["model.dim=wide"], "Value 'wide' of type 'str' could not be converted to Integer"),
+        (["sharding=explicit", "sharding.pages=[0,1,[0,2],1]"],
+         "sharding.pages[2] names rank 2, but the world has ranks 0..1"),
+        (["sharding=explicit", "sharding.pages=[0,1]"],
+         "sharding.pages has 2 entries but the tables have 4 pages (7978 words in the vocabulary / page_size 2048"),
+        (["data.path=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt does not exist"),
+        (["sharding.num_devices=3"], "sharding.num_devices=3 is out of range"),
+        (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
+    ],
+)
+def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):
+    done = _train(tmp_path, *overrides)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert out.count(message) == 1, out[-3000:]
+    assert "exitcode  : 2" in out  # every worker stopped with the configuration-error code
+    assert not (tmp_path / "out" / "vectors.txt").exists()  # nothing was trained
+
+
+def test_short_training_run_on_two_ranks(tmp_path):
+    from gensim.models import KeyedVectors
+
+    done = _train(tmp_path, "train.epochs=2", "train.log_every=5")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["vocabulary"] == 7978 and metrics["words_per_second"] > 0
+    curve = [loss for _, loss in metrics["loss_curve"]]
+    assert len(curve) >= 4 and curve[-1] < curve[0] - 0.3  # the loss falls
+    kv = KeyedVectors.load_word2vec_format(str(tmp_path / "out" / "vectors.txt"))
+    assert kv.vectors.shape == (7978, 100) and kv.index_to_key[:3] == ["state", "time", "american"]  # by frequency
+    assert set(metrics["evaluation"]) >= {"wordsim353_spearman", "simlex999_spearman", "analogy_accuracy"}
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+    # Hydra on several ranks: one run folder with rank 0's files, logs written once.
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]
+    assert out.count("trained 2 epochs") == 1 and out.count("WordSim-353 Spearman") == 1
+    assert "trained 2 epochs" in (tmp_path / "run" / "train.log").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """launch/multinode.sh twice on 127.0.0.1: node 0 with two ranks, node 1 with one."""
+    port = _free_port()
+    common = ["train.epochs=1", "train.bind_cpus=false", "evaluate=false", f"out_dir={tmp_path / 'out'}"]
+    nodes = []
+    for node, nproc in ((0, 2), (1, 1)):
+        env = _env(NNODES=2, NODE_RANK=node, NPROC=nproc, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   RDZV_ID=f"test-{port}")
+        nodes.append(subprocess.Popen(
+            ["bash", "launch/multinode.sh", *common, f"hydra.run.dir={tmp_path / f'run{node}'}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    for p, out in zip(nodes, outs):
+        assert p.returncode == 0, out[-4000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 3
+    lines = (tmp_path / "out" / "vectors.txt").read_text().splitlines()
+    assert lines[0] == "7978 100" and len(lines) == 7979  # every rank wrote its pages in place
