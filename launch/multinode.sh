@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 : "${MASTER_ADDR:?set MASTER_ADDR, the host that runs the rendezvous}"
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# After a restart (MAX_RESTARTS > 0), workers that share torchrun's rendezvous store can read
+# the previous attempt's gloo addresses and fail to connect (pytorch/pytorch#135712): give each
+# attempt its own store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec "$PY" -m torch.distributed.run \
-  --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="${NPROC:-2}" \
+  --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="${NPROC:-2}" --max-restarts="${MAX_RESTARTS:-0}" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id="${RDZV_ID:-sharded-embedding}" \
   -m sharded_embedding.train "$@"

@@ -8,13 +8,16 @@ all-to-all exchanges (`routing`, `lookup`); gradients travel the reverse path, s
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import copy_loaded_rows, sharded_rows, sync_mirrors
 from .distributed import agree_or_raise, default_device
+from .export import export_table, import_table
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
@@ -124,13 +127,15 @@ class ShardedEmbedding(nn.Module):
         self.rank, self.world_size = rank, world
         self._local_page_ids = plan.local_pages(rank).tolist()
         storage = allocate((plan.local_rows(rank), embedding_dim), dtype, device)
+        # The fused optimizer is not a registered sub-module: its state is per-rank rows that
+        # state_dict() exposes as sharded tensors itself, and DDP must never see it.
         if fused_optimizer is None:
             self.weight = nn.Parameter(storage)
-            self.optimizer = None
+            self.__dict__["optimizer"] = None
             self._trigger = None
         else:
             self.register_buffer("weight", storage)
-            self.optimizer = build_fused_optimizer(fused_optimizer, storage)
+            self.__dict__["optimizer"] = build_fused_optimizer(fused_optimizer, storage)
             # Requires grad so the lookup's backward runs, where the optimizer does its work.
             self._trigger = torch.empty(0, requires_grad=True)
         self.reset_parameters()
@@ -217,32 +222,96 @@ class ShardedEmbedding(nn.Module):
             self._exchange.stats = ExchangeStats(self.world_size)
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def _row_states(self) -> dict[str, torch.Tensor]:
+        """Per-row tensors laid out like the local rows: the table and the optimizer state."""
+        states = {"weight": self.weight}
+        if self.optimizer is not None:
+            states.update({f"optimizer.{k}": v for k, v in self.optimizer.named_buffers() if k != "step"})
+        return states
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The table and its fused optimizer's state as ShardedTensors of the global shape whose
+        local shards are this rank's primary pages (views of the storage), ready for
+        ``torch.distributed.checkpoint``: each row is saved once, and loads into any world
+        size, placement or page size. No communication."""
+        if args:  # the positional form nn.Module.state_dict still accepts
+            destination, prefix, keep_vars = (list(args) + [None, "", False][len(args):])[:3]
+        if destination is None:
+            destination = OrderedDict()
+        for name, tensor in self._row_states().items():
+            destination[prefix + name] = sharded_rows(self, tensor.detach())
+        if self.optimizer is not None:
+            destination[prefix + "optimizer.step"] = self.optimizer.step
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Counterpart of `state_dict` (collective: mirrored pages are then copied from their
+        primary to the other replicas). Accepts what `state_dict` made (possibly filled in
+        place by DCP) or full ``[num_embeddings, ...]`` tensors."""
+        storages = []
+        for name, storage in self._row_states().items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            try:
+                copy_loaded_rows(self, storage.data, state_dict[key], key)
+            except ValueError as e:
+                error_msgs.append(str(e))
+            storages.append(storage.data)
+        if self.optimizer is not None:
+            key = prefix + "optimizer.step"
+            if key in state_dict:
+                with torch.no_grad():
+                    self.optimizer.step.copy_(torch.as_tensor(state_dict[key]))
+            else:
+                missing_keys.append(key)
+        ours = set(self._row_states()) | ({"optimizer.step"} if self.optimizer is not None else set())
+        unexpected_keys += [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in ours]
+        sync_mirrors(self, storages)
+
+    def export_table(self, path) -> None:
+        """Write the whole table to one ``.npy`` file ([num_embeddings, embedding_dim]) without
+        gathering it: each rank writes its primary pages into a memory map of the file.
+        Collective; the ranks must share the filesystem."""
+        export_table(self, str(path))
+
+    def import_table(self, path) -> None:
+        """Read a ``.npy`` table (as `export_table` writes): each rank reads only the rows it
+        holds. Collective: a missing, truncated or foreign file raises ValueError on every rank."""
+        import_table(self, str(path))
+
     # ------------------------------------------------------------------ whole table (small tables)
     @torch.no_grad()
     def full_table(self) -> torch.Tensor:
         """The whole table on every rank (collective: one all-gather). For small tables and tests."""
-        primary = self.plan.primary_pages(self.rank).tolist()
-        local = self.local_pages
-        mine = [local[p] for p in primary]
-        count = sum(v.shape[0] for v in mine)
-        counts = [
-            sum(self.plan.page_rows(int(p)) for p in self.plan.primary_pages(r)) for r in range(self.world_size)
-        ]
-        longest = max(counts)
-        buf = self.weight.new_empty(longest, self.embedding_dim)
-        if mine:
-            torch.cat(mine, out=buf[:count])
+        return self._full(self.weight)
+
+    def _full(self, storage: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out like the local rows (the table, or per-row optimizer state),
+        assembled from every page's primary copy on every rank (collective)."""
+        plan, tail = self.plan, storage.shape[1:]
+        local = {p: s for s, p in enumerate(self._local_page_ids)}
+        primary = [plan.primary_pages(r).tolist() for r in range(self.world_size)]
+        counts = [sum(plan.page_rows(p) for p in pages) for pages in primary]
+        buf = storage.new_empty(max(counts), *tail)
+        at = 0
+        for p in primary[self.rank]:
+            n = plan.page_rows(p)
+            buf[at : at + n] = storage[local[p] * plan.page_size : local[p] * plan.page_size + n]
+            at += n
+        every = [torch.empty_like(buf) for _ in range(self.world_size)]
         if self.world_size > 1:
-            every = [torch.empty_like(buf) for _ in range(self.world_size)]
-            dist.all_gather(every, buf, group=self.process_group)
+            dist.all_gather(every, buf.contiguous(), group=self.process_group)
         else:
             every = [buf]
-        table = self.weight.new_empty(self.num_embeddings, self.embedding_dim)
-        for r in range(self.world_size):
+        table = storage.new_empty(self.num_embeddings, *tail)
+        for r, pages in enumerate(primary):
             at = 0
-            for p in self.plan.primary_pages(r).tolist():
-                n = self.plan.page_rows(p)
-                start = self.plan.page_start(p)
+            for p in pages:
+                n, start = plan.page_rows(p), plan.page_start(p)
                 table[start : start + n] = every[r][at : at + n]
                 at += n
         return table

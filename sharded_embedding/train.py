@@ -121,15 +121,9 @@ def run(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from .word2vec import config as C
-    from .word2vec.corpus import (
-        EpochTokens,
-        build_vocabulary,
-        encode_part,
-        keep_probability,
-        sample_negatives,
-        steps_per_epoch,
-        unigram_cdf,
-    )
+    from .checkpoint import CheckpointManager
+    from .word2vec.corpus import build_vocabulary, encode_part, keep_probability, unigram_cdf
+    from .word2vec.loop import SkipGramTraining
     from .word2vec.skipgram import SkipGram
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -169,37 +163,17 @@ def run(cfg) -> int:
              cfg.sharding.page_size, cfg.sharding.kind)
     setup_s = time.perf_counter() - t0
 
-    keep = keep_probability(vocab, cfg.data.sample)
-    cdf = unigram_cdf(vocab)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    lr0, epochs = cfg.optimizer.lr, cfg.train.epochs
-    losses: list[tuple[float, float]] = []  # (epoch progress, mean loss per pair)
-    progress_bar = _progress(rank, epochs)
-    t_train = time.perf_counter()
-    running = torch.zeros(2, dtype=torch.float64)  # (loss sum, pairs) since the last reading
-    step = 0
-    shared = cfg.model.shared_negatives
-    for epoch in range(epochs):
-        tokens = EpochTokens(part, keep, cfg.model.window, gen)
-        steps = steps_per_epoch(tokens.num_tokens, cfg.train.batch_centers)
-        for i, batch in enumerate(tokens.batches(cfg.train.batch_centers, steps)):
-            done = epoch + i / steps
-            model.set_learning_rate(lr0 * max(cfg.train.min_lr_fraction, 1.0 - done / epochs))
-            negatives = sample_negatives(cdf, model.num_blocks(batch.num_centers) * shared, gen)
-            loss, num_pairs = model.loss(batch, negatives.view(-1, shared))
-            loss.backward()  # the fused optimizers update both tables here
-            running += torch.tensor([loss.item(), num_pairs], dtype=torch.float64)
-            step += 1
-            if step % cfg.train.log_every == 0 or (epoch == epochs - 1 and i == steps - 1):
-                if world > 1:
-                    dist.all_reduce(running)
-                mean = float(running[0] / max(running[1], 1))
-                losses.append((epoch + (i + 1) / steps, mean))
-                running.zero_()
-                elapsed = time.perf_counter() - t_train
-                words_per_s = corpus_words * (epoch + (i + 1) / steps) / elapsed
-                progress_bar(epoch + (i + 1) / steps, mean, words_per_s)
-    train_s = time.perf_counter() - t_train
+    checkpoints = None
+    if cfg.train.checkpoint_every or cfg.train.resume:
+        directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
+        checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
+    training = SkipGramTraining(cfg, model, part, keep_probability(vocab, cfg.data.sample), unigram_cdf(vocab),
+                                corpus_words, _progress(rank, cfg.train.epochs), checkpoints)
+    if cfg.train.resume and training.resume() is None:
+        log.info("no checkpoint in %s yet: starting from scratch", checkpoints.directory)
+    state = training.run()
+    train_s = training.elapsed()
+    epochs, losses = cfg.train.epochs, state.losses
     words_per_s = corpus_words * epochs / train_s
     log.info("trained %s epochs in %.1f s: %s words/s, final loss %.4f", epochs, train_s, f"{words_per_s:,.0f}",
              losses[-1][1] if losses else float("nan"))
@@ -215,6 +189,7 @@ def run(cfg) -> int:
             "corpus_words": corpus_words,
             "vocabulary": vocab.size,
             "epochs": epochs,
+            "steps": state.step,
             "setup_seconds": round(setup_s, 2),
             "train_seconds": round(train_s, 2),
             "words_per_second": round(words_per_s, 1),

@@ -71,6 +71,10 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 20
     bind_cpus: bool = True
+    checkpoint_every: int = 0  # steps between checkpoints (0: none)
+    checkpoint_dir: Optional[str] = None  # default: <out_dir>/checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest complete checkpoint, if any
 
 
 @dataclass
@@ -111,6 +115,13 @@ def validate(cfg, world_size: int) -> list[str]:
                         ("model.block", m.block), ("train.epochs", t.epochs), ("train.batch_centers", t.batch_centers),
                         ("train.log_every", t.log_every), ("data.min_count", d.min_count)]:
         positive(name, value)
+    if t.checkpoint_every < 0:
+        errors.append(f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    if t.keep_checkpoints < 1:
+        errors.append(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    if t.resume and not (cfg.out_dir or t.checkpoint_dir):
+        errors.append("train.resume=true needs out_dir or train.checkpoint_dir: the default run folder is new "
+                      "at every launch, so there would be nothing to resume from")
     if d.max_vocab is not None:
         positive("data.max_vocab", d.max_vocab)
     if d.sample < 0:

@@ -1,0 +1,229 @@
+"""Distributed checkpoints of sharded tables that load into any world size, placement or page size.
+
+`ShardedEmbedding.state_dict()` describes the table (and its fused optimizer's state) as
+``torch.distributed`` ShardedTensors of the *global* shape whose local shards are this rank's
+primary pages, views of its storage, each at its global row offset. So
+``torch.distributed.checkpoint`` (DCP) writes every row exactly once (mirrors are not written
+twice) and, on load, reads for each rank exactly the rows its own pages cover, whatever plan
+wrote them. Building the state dict needs no communication: every rank knows the plan.
+After a load, mirrored pages are copied from their primary to the other replicas.
+
+`CheckpointManager` keeps a training job's checkpoints atomic: a save goes to
+``step_N.partial/`` and becomes ``step_N/`` (one rename, after every rank has written and a
+``COMPLETE`` marker is on disk); a crash or kill mid-save never touches the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .distributed import all_gather_strings
+
+__all__ = ["sharded_rows", "copy_loaded_rows", "CheckpointManager", "CheckpointError"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, damaged, or from another kind of run."""
+
+
+def _primary_runs(plan, rank: int):
+    """Runs of consecutive pages whose primary is ``rank``: (first page, last page + 1)."""
+    pages = plan.primary_pages(rank).tolist()
+    runs, start = [], None
+    for i, p in enumerate(pages):
+        if start is None:
+            start = p
+        if i + 1 == len(pages) or pages[i + 1] != p + 1:
+            runs.append((start, p + 1))
+            start = None
+    return runs
+
+
+def _run_rows(plan, first: int, stop: int) -> tuple[int, int]:
+    start = plan.page_start(first)
+    return start, plan.page_start(stop - 1) + plan.page_rows(stop - 1) - start
+
+
+def sharded_rows(emb, storage: torch.Tensor):
+    """``storage`` (laid out like ``emb``'s local rows: ``[rows]`` or ``[rows, dim]``) as a
+    ShardedTensor of the global shape, one shard per run of primary pages."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    plan, rank = emb.plan, emb.rank
+    tail = list(storage.shape[1:])
+    slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
+    device = storage.device
+    shards_md, local = [], []
+    for r in range(emb.world_size):
+        where = f"rank:{r}/{device}" if r == rank else f"rank:{r}/{device.type}"
+        for first, stop in _primary_runs(plan, r):
+            start, rows = _run_rows(plan, first, stop)
+            md = ShardMetadata(shard_offsets=[start] + [0] * len(tail), shard_sizes=[rows] + tail, placement=where)
+            shards_md.append(md)
+            if r == rank:
+                at = slot_of[first] * plan.page_size
+                local.append(Shard(storage[at : at + rows], md))
+    meta = ShardedTensorMetadata(
+        shards_metadata=shards_md,
+        size=torch.Size([plan.num_embeddings] + tail),
+        tensor_properties=TensorProperties(dtype=storage.dtype, layout=torch.strided, requires_grad=False,
+                                           memory_format=torch.contiguous_format, pin_memory=False),
+    )
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta, process_group=emb.process_group)
+
+
+def copy_loaded_rows(emb, storage: torch.Tensor, loaded, name: str) -> None:
+    """Put a loaded tensor into ``storage`` (``emb``'s local layout): a ShardedTensor whose
+    shards are this rank's primary runs (what `sharded_rows` made and DCP filled, often in
+    place already), or a full ``[num_embeddings, ...]`` tensor."""
+    plan = emb.plan
+    slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
+    with torch.no_grad():
+        if hasattr(loaded, "local_shards"):
+            if tuple(loaded.size()) != (plan.num_embeddings, *storage.shape[1:]):
+                raise ValueError(f"{name}: a state of shape {tuple(loaded.size())} does not fit a table of "
+                                 f"{(plan.num_embeddings, *storage.shape[1:])}")
+            for shard in loaded.local_shards():
+                start, rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+                page = start // plan.page_size
+                if page not in slot_of or plan.page_owners(page)[0] != emb.rank:
+                    raise ValueError(f"{name}: rows {start}.. are not a primary page of rank {emb.rank} here: "
+                                     "load a state dict made by this table's state_dict()")
+                at = slot_of[page] * plan.page_size
+                target = storage[at : at + rows]
+                if target.data_ptr() != shard.tensor.data_ptr():
+                    target.copy_(shard.tensor)
+        else:
+            full = torch.as_tensor(loaded)
+            if tuple(full.shape) != (plan.num_embeddings, *storage.shape[1:]):
+                raise ValueError(f"{name}: expected shape {(plan.num_embeddings, *storage.shape[1:])}, "
+                                 f"got {tuple(full.shape)}")
+            for p, s in slot_of.items():
+                start, rows = plan.page_start(p), plan.page_rows(p)
+                storage[s * plan.page_size : s * plan.page_size + rows].copy_(full[start : start + rows])
+
+
+def sync_mirrors(emb, storages: list[torch.Tensor]) -> None:
+    """Copy every mirrored page from its primary to its other replicas (collective: one
+    broadcast per mirror set and primary, in the plan's global order)."""
+    from .distributed import subgroup
+
+    plan = emb.plan
+    slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
+    for ranks in plan.mirror_sets():
+        pg = subgroup(emb.process_group, ranks)
+        if emb.rank not in ranks:
+            continue
+        pages = [p for p in range(plan.num_pages) if tuple(sorted(plan.page_owners(p))) == ranks]
+        for primary in sorted({plan.page_owners(p)[0] for p in pages}):
+            mine = [p for p in pages if plan.page_owners(p)[0] == primary]
+            for storage in storages:
+                parts = [storage[slot_of[p] * plan.page_size : slot_of[p] * plan.page_size + plan.page_rows(p)]
+                         for p in mine]
+                buf = torch.cat(parts)
+                dist.broadcast(buf, src=dist.get_global_rank(emb.process_group, primary), group=pg)
+                at = 0
+                for part in parts:
+                    part.copy_(buf[at : at + part.shape[0]])
+                    at += part.shape[0]
+
+
+class CheckpointManager:
+    """Atomic step checkpoints in ``directory`` (collective: every rank of ``group`` calls)."""
+
+    MARKER = "COMPLETE"
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, group=None):
+        self.directory = Path(directory)
+        self.keep = max(1, keep)
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+
+    def _steps(self) -> list[tuple[int, Path]]:
+        found = []
+        if self.directory.is_dir():
+            for d in self.directory.iterdir():
+                if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit() and (d / self.MARKER).exists():
+                    found.append((int(d.name[5:]), d))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        steps = self._steps()
+        return steps[-1][1] if steps else None
+
+    def save(self, step: int, state: dict, rank_state: dict, info: dict) -> Path:
+        """Write ``state`` through DCP and ``rank_state`` (plain tensors and numbers, one file
+        per rank) as checkpoint ``step``; returns its folder."""
+        import torch.distributed.checkpoint as dcp
+
+        final = self.directory / f"step_{step:09d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # a save killed before
+            partial.mkdir(parents=True)
+        dist.barrier(group=self.group)
+        dcp.save(state, checkpoint_id=str(partial), process_group=self.group)
+        torch.save(rank_state, partial / f"rank{self.rank}.pt")
+        dist.barrier(group=self.group)  # every rank's files are written
+        if self.rank == 0:
+            marker = partial / self.MARKER
+            with open(marker, "w") as f:
+                json.dump({"step": step, **info}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(partial, final)  # the checkpoint appears whole or not at all
+            _fsync_dir(self.directory)
+            for _, old in self._steps()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.directory.glob("step_*.partial"):  # left by saves that were killed
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier(group=self.group)
+        return final
+
+    def load(self, path: Path, state: dict) -> tuple[dict, dict]:
+        """Fill ``state`` in place from checkpoint ``path``; returns (this rank's rank_state,
+        the checkpoint's info). Nothing is unpickled but DCP's own metadata; rank files load
+        with ``weights_only=True``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        try:
+            info = json.loads((path / self.MARKER).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a complete checkpoint ({e})") from e
+        world = dist.get_world_size(self.group)
+        if info.get("world_size") != world:
+            raise CheckpointError(f"{path} was written by {info.get('world_size')} ranks; this run has {world}. "
+                                  "Training state (data order, random streams) resumes on the same world size; "
+                                  "the tables alone load anywhere with torch.distributed.checkpoint.load")
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=self.group)  # raises on every rank alike
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP fails in many ways on damaged files
+            raise CheckpointError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from e
+        rank_state, error = None, ""
+        try:
+            rank_state = torch.load(path / f"rank{self.rank}.pt", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign rank file
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        errors = [e for e in all_gather_strings(error, self.group, torch.device("cpu")) if e] if world > 1 else [error]
+        if any(errors):
+            raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(e for e in errors if e))
+        return rank_state, info
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
