@@ -119,44 +119,49 @@ class Router:
         capacity), none in a group of one. Raises TypeError/IndexError on every rank if any
         rank's input is bad.
         """
-        world, device = self.world, self.device
-        flat, shape, code, value = _validate(indices, self.num_embeddings, device)
-        if code == _OK:
-            # One sort does it all: key = (serving rank, its local row), own rows last. Equal
-            # keys are duplicate ids; the sorted order is peer-major, which is the layout the
-            # exchanges need, and `perm` groups each unique id's positions for the backward.
-            page = torch.div(flat, self.page_size, rounding_mode="floor")
-            rows = flat + self._shift[page]  # the serving rank's local rows
-            if world > 1:
-                rows.add_(self._key[page], alpha=self._stride)
-            keys, perm = torch.sort(rows.to(self._key_dtype))
-            keys, dups = torch.unique_consecutive(keys, return_counts=True)
-            keys = keys.long()
-            gather_index = torch.empty_like(perm)
-            gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
-            bags = _Bags(perm, torch.cumsum(dups, 0) - dups)
-            if world == 1:
-                return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
-            peer = torch.div(keys, self._stride, rounding_mode="floor")
-            rows = keys - peer * self._stride
-            counts = torch.bincount(peer, minlength=world + 1)
-        else:
-            if world == 1:
+        flat, shape, code, value = _validate(indices, self.num_embeddings, self.device)
+        if code != _OK:
+            if self.world == 1:
                 _raise_input_errors([code], [value], self.num_embeddings)
-            counts = torch.zeros(world + 1, dtype=torch.int64, device=device)
-            rows = gather_index = torch.zeros(0, dtype=torch.int64, device=device)
-            bags = None
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            counts = torch.zeros(self.world + 1, dtype=torch.int64, device=self.device)
+            return self._exchange(shape, empty, None, empty, empty, counts, code, value)
+        gather_index, bags, keys = self._sort(flat)
+        if self.world == 1:
+            return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
+        peer = torch.div(keys, self._stride, rounding_mode="floor")
+        rows = keys - peer * self._stride
+        counts = torch.bincount(peer, minlength=self.world + 1)
+        return self._exchange(shape, gather_index, bags, peer, rows, counts, _OK, 0)
 
-        cap, width = self._capacity, _HEADER + self._capacity
+    def _sort(self, flat: torch.Tensor):
+        """One sort does it all. Each id becomes the key (serving rank, local row there), own
+        rows last; equal keys are duplicate ids; the sorted order is peer-major, the layout the
+        exchanges send; and the permutation groups each unique id's positions (the bags the
+        backward sums). Returns (gather_index, bags, unique keys in sorted order)."""
+        page = torch.div(flat, self.page_size, rounding_mode="floor")
+        keys = flat + self._shift[page]  # the serving rank's local rows
+        if self.world > 1:
+            keys.add_(self._key[page], alpha=self._stride)
+        keys, perm = torch.sort(keys.to(self._key_dtype))
+        keys, dups = torch.unique_consecutive(keys, return_counts=True)
+        gather_index = torch.empty_like(perm)
+        gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
+        return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys.long()
+
+    def _exchange(self, shape, gather_index, bags, peer, rows, counts, code: int, value: int) -> Routing:
+        """Send each peer its request (header + up to ``capacity`` rows), then any overflow."""
+        world, device, cap = self.world, self.device, self._capacity
+        width = _HEADER + cap
         per_peer = counts[:world]
-        local_largest = int(per_peer.max())
+        local_largest, num_own = torch.stack([per_peer.max(), counts[world]]).tolist()  # one sync
+        num_asked = rows.numel() - num_own
         request = torch.zeros(world, width, dtype=torch.int64, device=device)
         request[:, 0] = per_peer
         request[:, 1] = code
         request[:, 2] = value
         request[:, 3] = local_largest
         starts = torch.cumsum(per_peer, 0) - per_peer
-        num_asked = rows.numel() - int(counts[world])
         if cap and num_asked:
             # The k-th peer-sorted row goes to (its peer, k - the peer's first k): one flat index.
             peer = peer[:num_asked]
@@ -174,30 +179,27 @@ class Router:
         requested, served = host[:, 0].tolist(), host[:, 1].tolist()
         largest = max(host[:, 4].tolist())
         self._capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
-        num_remote, num_served = sum(requested), sum(served)
-        num_self = rows.numel() - num_remote
-        owner_rows = torch.empty(num_self + num_served, dtype=torch.int64, device=device)
-        owner_rows[:num_self] = rows[num_remote:]
-        got = torch.tensor(served, device=device)
-        in_place = torch.arange(cap, device=device) < got.unsqueeze(1)
-        wire = (world - 1) * (_HEADER + cap)  # int64s each way in the request exchange
+        num_served = sum(served)
+        owner_rows = torch.empty(num_own + num_served, dtype=torch.int64, device=device)
+        owner_rows[:num_own] = rows[num_asked:]
+        wire = (world - 1) * width  # int64s each way in the request exchange
         if largest <= cap:
-            owner_rows[num_self:] = received[:, _HEADER:][in_place]
-            overflow_out = overflow_in = 0
-        else:  # some request outgrew the capacity: the rest follows, then rows go in peer order
-            extra_in = [max(c - cap, 0) for c in served]
-            extra_out = [max(c - cap, 0) for c in requested]
-            past = self._positions(num_remote) - starts.repeat_interleave(per_peer) >= cap
-            extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-            dist.all_to_all_single(extra, rows[:num_remote][past], extra_in, extra_out, group=self.group)  # overflow
-            at, parts = 0, []
-            for r in range(world):  # O(world), only when the capacity grows
-                parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]
-                at += extra_in[r]
-            owner_rows[num_self:] = torch.cat(parts)
-            overflow_out, overflow_in = sum(extra_out), sum(extra_in)
+            fits = torch.arange(cap, device=device) < torch.tensor(served, device=device).unsqueeze(1)
+            owner_rows[num_own:] = received[:, _HEADER:][fits]
+            return Routing(shape, gather_index, bags, requested, served, owner_rows, wire, wire)
+        # Some request outgrew the capacity: the rest follows; rows then go in peer order.
+        extra_in = [max(c - cap, 0) for c in served]
+        extra_out = [max(c - cap, 0) for c in requested]
+        past = self._positions(num_asked) - starts.repeat_interleave(per_peer) >= cap
+        extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
+        dist.all_to_all_single(extra, rows[:num_asked][past], extra_in, extra_out, group=self.group)  # overflow
+        at, parts = 0, []
+        for r in range(world):  # O(world), only on calls where the capacity grows
+            parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]
+            at += extra_in[r]
+        owner_rows[num_own:] = torch.cat(parts)
         return Routing(shape, gather_index, bags, requested, served, owner_rows,
-                       ints_sent=wire + overflow_out, ints_received=wire + overflow_in)
+                       wire + sum(extra_out), wire + sum(extra_in))
 
 
 def _validate(indices, num_embeddings: int, device: torch.device):

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharded_embedding import PagePlan
+from tests.strategies import placements
 
 
 def test_round_robin_geometry():
@@ -83,15 +84,8 @@ def plans(draw):
     world = draw(st.integers(1, 6))
     n = draw(st.integers(1, 300))
     ps = draw(st.integers(1, 80))
-    pages = -(-n // ps)
-    if draw(st.booleans()):
-        return PagePlan.build(n, ps, world, num_devices=draw(st.sampled_from([-1, *range(1, world + 1)])))
-    placement = []
-    for _ in range(pages):
-        k = draw(st.integers(1, world))
-        ranks = draw(st.permutations(range(world)))[:k]
-        placement.append(ranks[0] if k == 1 and draw(st.booleans()) else tuple(ranks))
-    return PagePlan.build(n, ps, world, placement=placement)
+    placement, num_devices = draw(placements(world, -(-n // ps)))
+    return PagePlan.build(n, ps, world, placement=placement, num_devices=num_devices)
 
 
 @given(plans())

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.harness import run_ranks
+from tests.strategies import placements
 from tests.test_lookup import train_against_oracle
 
 
@@ -15,15 +16,7 @@ def tables(draw):
     world = draw(st.integers(1, 4))
     n = draw(st.integers(1, 120))
     page_size = draw(st.integers(1, 40))
-    pages = -(-n // page_size)
-    kind = draw(st.sampled_from(["round_robin", "explicit"]))
-    if kind == "round_robin":
-        placement, num_devices = "round_robin", draw(st.sampled_from([-1, *range(1, world + 1)]))
-    else:
-        num_devices, placement = -1, []
-        for _ in range(pages):
-            ranks = draw(st.permutations(range(world)))[: draw(st.integers(1, world))]
-            placement.append(ranks[0] if len(ranks) == 1 else tuple(ranks))
+    placement, num_devices = draw(placements(world, -(-n // page_size)))
     return dict(
         world=world,
         args=(n, draw(st.integers(1, 6)), page_size, placement, num_devices),
