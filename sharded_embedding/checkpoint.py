@@ -215,7 +215,7 @@ class CheckpointManager:
             rank_state = torch.load(path / f"rank{self.rank}.pt", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign rank file
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        errors = [e for e in all_gather_strings(error, self.group, torch.device("cpu")) if e] if world > 1 else [error]
+        errors = [e for e in all_gather_strings(error, self.group) if e]
         if any(errors):
             raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(e for e in errors if e))
         return rank_state, info

@@ -26,6 +26,8 @@ __all__ = [
     "finish",
     "all_gather_single",
     "all_gather_strings",
+    "all_reduce_host",
+    "collective_device",
 ]
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated); the package supports both.
@@ -38,16 +40,17 @@ def init_distributed(
     """Join the process group that torchrun describes in the environment, or make a
     single-process group when not launched by torchrun. Does nothing if already joined.
 
-    The backend defaults to nccl when CUDA is available (each rank then uses
-    ``cuda:LOCAL_RANK``) and to gloo otherwise. ``bind_cpus`` first calls `bind_local_cpus`.
+    The backend defaults to ``cpu:gloo,cuda:nccl`` when CUDA is available (tables on
+    ``cuda:LOCAL_RANK`` exchange over nccl; small host-side agreements use gloo) and to gloo
+    otherwise. ``bind_cpus`` first calls `bind_local_cpus`.
     """
     if dist.is_initialized():
         return
     if bind_cpus:
         bind_local_cpus()
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
@@ -77,10 +80,28 @@ def bind_local_cpus() -> list[int]:
 
 
 def default_device(group) -> torch.device:
-    """``cuda:LOCAL_RANK`` when the group runs on nccl, else the CPU."""
-    if dist.get_backend(group) == "nccl":
+    """``cuda:LOCAL_RANK`` when the group runs nccl, else the CPU."""
+    if "nccl" in str(dist.get_backend(group)):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return torch.device("cpu")
+
+
+def collective_device(group) -> torch.device:
+    """Where small host-side collectives of ``group`` run: the CPU when the group has gloo
+    (alone or beside nccl), else the current CUDA device."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_host(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduce a small CPU tensor on any backend; returns the result on the CPU."""
+    if dist.get_world_size(group) == 1:
+        return tensor
+    moved = tensor.to(collective_device(group))
+    dist.all_reduce(moved, op=op, group=group)
+    return moved.cpu()
 
 
 def group_ranks(group) -> list[int]:
@@ -142,10 +163,14 @@ def agree_or_raise(group, what: str, fingerprint: str, error: str | None, device
     )
 
 
-def all_gather_strings(text: str, group, device: torch.device) -> list[str]:
+def all_gather_strings(text: str, group=None, device: torch.device | None = None) -> list[str]:
     """Every rank's ``text`` (collective: two all-gathers). Plain UTF-8 bytes in tensors:
     nothing is unpickled, and unlike ``all_gather_object`` it needs no numpy."""
+    group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
+    if world == 1:
+        return [text]
+    device = device if device is not None else collective_device(group)
     data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = torch.empty(world, dtype=torch.int64, device=device)

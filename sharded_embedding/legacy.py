@@ -51,7 +51,9 @@ class LargeEmbedding(nn.Module):
         super().__init__()
         if use_cuda is None:
             use_cuda = torch.cuda.is_available()
-        init_distributed("nccl" if use_cuda else "gloo")
+        elif use_cuda and not torch.cuda.is_available():
+            raise ValueError("LargeEmbedding(use_cuda=True) but CUDA is not available here; pass use_cuda=False")
+        init_distributed(None if use_cuda else "gloo")
         if page_size is None or page_size <= 0:
             page_size = n_words
         device = None if use_cuda else torch.device("cpu")

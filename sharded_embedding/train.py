@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import all_gather_strings, bind_local_cpus, finish, init_distributed
+from .distributed import all_gather_strings, all_reduce_host, bind_local_cpus, finish, init_distributed
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("sharded_embedding.train")
@@ -68,7 +68,7 @@ def _agreed_run_dir(overrides: list[str]) -> list[str]:
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         stamp = time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
         if dist.get_world_size() > 1:
-            stamp = all_gather_strings(stamp, dist.group.WORLD, torch.device("cpu"))[0]  # rank 0's
+            stamp = all_gather_strings(stamp)[0]  # rank 0's
         extra.append(f"hydra.run.dir={stamp}")
     if dist.get_rank() != 0:
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
@@ -131,7 +131,7 @@ def run(cfg) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     errors = C.validate(cfg, world)
     # Files can differ between nodes: every rank learns every rank's findings.
-    reports = all_gather_strings("\n".join(errors), dist.group.WORLD, torch.device("cpu")) if world > 1 else ["\n".join(errors)]
+    reports = all_gather_strings("\n".join(errors))
     problems = sorted({e for text in reports for e in text.split("\n") if e})
     if problems:
         return _stop("configuration error:\n  " + "\n  ".join(problems))
@@ -147,10 +147,7 @@ def run(cfg) -> int:
     except C.ConfigError as e:
         return _stop(f"configuration error:\n  {e}")
     part = encode_part(path, vocab, cfg.data.lowercase)
-    raw_words = torch.tensor([part.raw_words], dtype=torch.int64)
-    if world > 1:
-        dist.all_reduce(raw_words)
-    corpus_words = int(raw_words)
+    corpus_words = int(all_reduce_host(torch.tensor([part.raw_words], dtype=torch.int64)))
     comm_dtype = getattr(torch, cfg.model.comm_dtype) if cfg.model.comm_dtype else None
     model = SkipGram(
         vocab.size, cfg.model.dim, page_size=cfg.sharding.page_size, placement=placement,

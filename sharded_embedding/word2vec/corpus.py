@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..distributed import all_gather_strings
+from ..distributed import all_gather_strings, all_reduce_host
 
 
 def part_lines(path: str, rank: int, world: int, lowercase: bool = False):
@@ -58,7 +58,7 @@ def build_vocabulary(path: str, min_count: int, max_vocab: int | None, lowercase
         counter.update(line.split())
     merged: Counter = Counter()
     payload = "\n".join(f"{w}\t{c}" for w, c in counter.items())
-    for text in all_gather_strings(payload, group, torch.device("cpu")) if world > 1 else [payload]:
+    for text in all_gather_strings(payload, group):
         for row in filter(None, text.split("\n")):
             word, count = row.rsplit("\t", 1)
             merged[word] += int(count)
@@ -158,6 +158,4 @@ def steps_per_epoch(num_tokens: int, batch_centers: int, group=None) -> int:
     """The number of steps every rank takes this epoch: enough for the rank with the most
     text (one all-reduce)."""
     steps = torch.tensor([math.ceil(num_tokens / batch_centers)], dtype=torch.int64)
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
-    return int(steps)
+    return int(all_reduce_host(steps, dist.ReduceOp.MAX, group))

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointManager
+from ..distributed import all_reduce_host
 from .corpus import EpochTokens, sample_negatives, steps_per_epoch
 
 log = logging.getLogger("sharded_embedding.train")
@@ -121,9 +122,8 @@ class SkipGramTraining:
 
     def _read_loss(self, progress: float) -> None:
         s = self.state
-        if self.world > 1:
-            dist.all_reduce(s.running)  # every rank gets the same reading
-        mean = float(s.running[0] / max(s.running[1], 1))
+        total = all_reduce_host(s.running)  # every rank gets the same reading
+        mean = float(total[0] / max(total[1], 1))
         s.losses.append((progress, mean))
         s.running.zero_()
         self.progress(progress, mean, self.corpus_words * progress / self.elapsed())

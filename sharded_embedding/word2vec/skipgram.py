@@ -40,8 +40,8 @@ class SkipGram(nn.Module):
         self.window, self.negatives, self.shared, self.block = window, negatives, shared_negatives, block
         # Distance from each center of a block to each of its candidate context positions.
         span = block + 2 * window
-        self.register_buffer("_offset", torch.arange(span).view(1, span) - window - torch.arange(block).view(block, 1),
-                             persistent=False)
+        offset = torch.arange(span).view(1, span) - window - torch.arange(block).view(block, 1)
+        self.register_buffer("_offset", offset.to(self.inputs.device), persistent=False)
 
     def _window_index(self, blocks: int) -> torch.Tensor:
         span = self.block + 2 * self.window
@@ -60,14 +60,15 @@ class SkipGram(nn.Module):
 
         Collective: one lookup per table; the backward updates both tables.
         """
-        w, s, dim = self.window, self.block, self.inputs.embedding_dim
+        w, s, dim, device = self.window, self.block, self.inputs.embedding_dim, self.inputs.device
         n = batch.num_centers
         blocks = self.num_blocks(n)
         pad = blocks * s - n  # the last block's missing centers: masked out
-        tokens = F.pad(batch.tokens, (0, pad))
-        sentence = F.pad(batch.sentence, (0, pad), value=-1)
-        reach = F.pad(batch.reach, (0, pad))
-        u = F.pad(self.inputs(batch.tokens[w : w + n]), (0, 0, 0, pad)).view(blocks, s, dim)
+        tokens = F.pad(batch.tokens, (0, pad)).to(device)
+        sentence = F.pad(batch.sentence, (0, pad), value=-1).to(device)
+        reach = F.pad(batch.reach, (0, pad)).to(device)
+        negatives = negatives.to(device)
+        u = F.pad(self.inputs(tokens[w : w + n]), (0, 0, 0, pad)).view(blocks, s, dim)
         v = self.outputs(torch.cat([tokens, negatives.reshape(-1)]))
         v_seq, v_neg = v.split([tokens.numel(), negatives.numel()])
         span = s + 2 * w
