@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import all_gather_strings
+from .distributed import agree_or_raise, all_gather_strings, collective_device
 
 __all__ = ["sharded_rows", "copy_loaded_rows", "CheckpointManager", "CheckpointError"]
 
@@ -167,28 +167,42 @@ class CheckpointManager:
 
         final = self.directory / f"step_{step:09d}"
         partial = final.with_name(final.name + ".partial")
+        device, error = collective_device(self.group), None
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # a save killed before
-            partial.mkdir(parents=True)
-        dist.barrier(group=self.group)
-        dcp.save(state, checkpoint_id=str(partial), process_group=self.group)
-        torch.save(rank_state, partial / f"rank{self.rank}.pt")
-        dist.barrier(group=self.group)  # every rank's files are written
+            try:
+                shutil.rmtree(partial, ignore_errors=True)  # a save killed before
+                partial.mkdir(parents=True)
+            except OSError as e:
+                error = f"cannot create {partial}: {e}"
+        agree_or_raise(self.group, f"checkpoint {final.name}", "created", error, device)
+        dcp.save(state, checkpoint_id=str(partial), process_group=self.group)  # raises on every rank alike
+        try:
+            torch.save(rank_state, partial / f"rank{self.rank}.pt")
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: every rank must learn it
+            error = f"rank {self.rank} could not write its state: {type(e).__name__}: {e}"
+        agree_or_raise(self.group, f"checkpoint {final.name}", "written", error, device)  # every rank wrote
+        error = None
         if self.rank == 0:
-            marker = partial / self.MARKER
-            with open(marker, "w") as f:
-                json.dump({"step": step, **info}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(partial, final)  # the checkpoint appears whole or not at all
-            _fsync_dir(self.directory)
-            for _, old in self._steps()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in self.directory.glob("step_*.partial"):  # left by saves that were killed
-                shutil.rmtree(stale, ignore_errors=True)
-        dist.barrier(group=self.group)
+            try:
+                self._finalize(partial, final, step, info)
+            except OSError as e:
+                error = f"could not complete {final}: {e}"
+        agree_or_raise(self.group, f"checkpoint {final.name}", "complete", error, device)
         return final
+
+    def _finalize(self, partial: Path, final: Path, step: int, info: dict) -> None:
+        """Rank 0: mark the checkpoint complete, make it appear atomically, prune old ones."""
+        with open(partial / self.MARKER, "w") as f:
+            json.dump({"step": step, **info}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(partial, final)  # the checkpoint appears whole or not at all
+        _fsync_dir(self.directory)
+        for _, old in self._steps()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.directory.glob("step_*.partial"):  # left by saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, path: Path, state: dict) -> tuple[dict, dict]:
         """Fill ``state`` in place from checkpoint ``path``; returns (this rank's rank_state,

@@ -188,12 +188,6 @@ class PagePlan:
         h.update(ctypes.string_at(owners.data_ptr(), owners.numel() * owners.element_size()))
         return h.hexdigest()
 
-    def describe(self) -> str:
-        return (
-            f"{self.num_embeddings} rows in {self.num_pages} pages of {self.page_size} rows "
-            f"over {self.world_size} ranks"
-        )
-
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
