@@ -27,6 +27,8 @@ __all__ = [
     "all_gather_single",
     "all_gather_strings",
     "all_reduce_host",
+    "all_to_all_ragged",
+    "all_gather_ragged",
     "collective_device",
 ]
 
@@ -102,6 +104,36 @@ def all_reduce_host(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> t
     moved = tensor.to(collective_device(group))
     dist.all_reduce(moved, op=op, group=group)
     return moved.cpu()
+
+
+def all_to_all_ragged(send: torch.Tensor, send_counts: list[int], group=None) -> tuple[torch.Tensor, list[int]]:
+    """Rows ``send[start_r : start_r + send_counts[r]]`` go to rank ``r`` (rows along dim 0, in
+    rank order). Returns what arrived, in rank order, and how many rows came from each rank.
+
+    Collective: ``all_to_all_single`` of the counts, then ``all_to_all_single`` of the rows with
+    uneven splits. Runs where the group's host collectives run (`collective_device`).
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return send, [send.shape[0]]
+    device = collective_device(group)
+    counts = torch.tensor(send_counts, dtype=torch.int64, device=device)
+    arriving = torch.empty_like(counts)
+    dist.all_to_all_single(arriving, counts, group=group)  # counts
+    recv_counts = arriving.tolist()
+    recv = torch.empty((sum(recv_counts), *send.shape[1:]), dtype=send.dtype, device=device)
+    dist.all_to_all_single(recv, send.to(device), recv_counts, list(send_counts), group=group)  # rows
+    return recv.to(send.device), recv_counts
+
+
+def all_gather_ragged(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``tensor`` (any number of rows along dim 0) concatenated in rank order, and
+    the row count of each. Collective: an all-to-all of counts and one of rows (`all_to_all_ragged`,
+    each rank sending its rows to every rank: no padding to the largest)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor, [tensor.shape[0]]
+    return all_to_all_ragged(tensor.repeat(world, *([1] * (tensor.dim() - 1))), [tensor.shape[0]] * world, group)
 
 
 def group_ranks(group) -> list[int]:

@@ -1,36 +1,159 @@
 """A sharded table in one file, written and read without gathering it on one rank.
 
-- ``.npy`` (`export_table`, `import_table`): rank 0 writes the header and sizes the file,
-  then each rank writes its primary pages into a memory map of it at their row offsets; on
-  import each rank maps the file and reads only the rows it holds (mirrors included). The
-  header is parsed here, so nothing is unpickled and numpy is not needed.
-- word2vec text (`write_word2vec`): lines have different lengths, so the ranks agree on each
-  page's byte offset (one all-reduce of per-page sizes), then write their pages with pwrite.
+`write_pages` is the one mechanism every format uses: the file is a header followed by the
+table's pages in page order, each page encoded by the caller (raw rows for ``.npy``, word2vec
+rows in the training app). The ranks agree on every page's byte size (one all-reduce), rank 0
+creates the file under a temporary name and reserves its whole size, every rank writes its
+primary pages at their offsets with ``pwrite``, and rank 0 renames the file when every rank has
+finished. So:
 
-The ranks must share the filesystem the path is on (one machine, or a network filesystem).
+- nobody holds more than one page of it, so tables larger than one machine export as long as
+  the ranks share the filesystem;
+- a full disk or any I/O error is an ``OSError`` raised on every rank together (ordinary
+  writes, never a memory map that would fault with SIGBUS), and what was written is removed;
+- the file appears whole, under its name, or not at all.
+
+`import_table` reads a ``.npy`` the same way: each rank ``pread``s only the rows it holds.
+The ``.npy`` header is written and parsed here, so nothing is unpickled and numpy is not needed.
 """
 
 from __future__ import annotations
 
 import ast
-import mmap
+import ctypes
+import math
 import os
+import shutil
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from .distributed import agree_or_raise
+from .distributed import agree_or_raise, all_reduce_host
 
-__all__ = ["export_table", "import_table", "write_word2vec"]
+__all__ = ["export_table", "import_table", "write_pages", "local_views", "tensor_bytes"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _DESCR = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2"}
 _DTYPE = {v: k for k, v in _DESCR.items()}
 
 
-def _npy_header(descr: str, shape: tuple[int, int]) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (keep ``t`` alive while they are used)."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
+
+
+def local_views(emb, storage: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Page id -> this rank's rows of that page in ``storage``, a tensor laid out like the local
+    rows (default: the table itself; or per-row optimizer state)."""
+    storage = emb.weight if storage is None else storage
+    ps = emb.page_size
+    return {p: storage[s * ps : s * ps + emb.plan.page_rows(p)] for s, p in enumerate(emb._local_page_ids)}
+
+
+def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
+                encode: Callable[[int, torch.Tensor], bytes | memoryview],
+                progress: Callable[[int], None] = lambda rows: None, storage: torch.Tensor | None = None) -> None:
+    """Write ``header`` then every page of ``emb`` in page order to ``path`` (collective).
+
+    ``page_size(p)`` is the byte size of page ``p``; it is asked of the primary owner of each
+    page. ``encode(p, rows)`` returns the bytes of page ``p`` from its local rows of
+    ``storage`` (default: the table; a ``[rows_in_page, ...]`` view; on CUDA a CPU copy).
+    ``progress(rows)`` is called after each page this rank writes.
+
+    Raises ``OSError`` on every rank if any rank cannot write (e.g. no space left: checked
+    before anything is written, and again by every write), leaving no file behind.
+    """
+    plan, rank, group = emb.plan, emb.rank, emb.process_group
+    mine = plan.primary_pages(rank).tolist()
+    sizes = torch.zeros(plan.num_pages, dtype=torch.int64)
+    for p in mine:
+        sizes[p] = page_size(p)
+    sizes = all_reduce_host(sizes, group=group)  # every page's size, on every rank
+    offsets = (torch.cumsum(sizes, 0) - sizes + len(header)).tolist()
+    total = len(header) + int(sizes.sum())
+    partial = f"{path}.partial"
+
+    error = _create(partial, header, total) if rank == 0 else None
+    _agree(emb, "export: creating the file", error, partial)
+    error = None
+    try:
+        fd = os.open(partial, os.O_WRONLY)
+        try:
+            local = local_views(emb, storage)
+            for p in mine:
+                _pwrite_all(fd, encode(p, local[p].detach().cpu()), offsets[p])
+                progress(plan.page_rows(p))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        error = f"rank {rank} could not write {partial}: {e}"
+    _agree(emb, "export: writing the pages", error, partial)
+    error = None
+    if rank == 0:
+        try:
+            os.replace(partial, path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except OSError as e:
+            error = f"could not rename {partial} to {path}: {e}"
+    _agree(emb, "export: completing the file", error, partial)
+
+
+def _create(partial: str, header: bytes, total: int) -> str | None:
+    """Rank 0: create the file, reserve ``total`` bytes, write the header. Returns an error."""
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
+        if free < total:
+            return (f"not enough space for {partial}: it needs {total:,} bytes and the filesystem has "
+                    f"{free:,} free")
+        with open(partial, "wb") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, total)  # the blocks are ours, or ENOSPC now
+            except OSError as e:
+                if e.errno not in (95, 22):  # EOPNOTSUPP/EINVAL: the filesystem cannot reserve
+                    raise
+                f.truncate(total)
+            f.write(header)
+    except OSError as e:
+        return f"cannot create {partial}: {e}"
+    return None
+
+
+def _agree(emb, what: str, error: str | None, partial: str) -> None:
+    """Every rank learns whether every rank succeeded; on failure rank 0 removes the file and
+    every rank raises the same OSError."""
+    try:
+        agree_or_raise(emb.process_group, what, "ok", error, emb.device)
+    except ValueError as e:
+        if emb.rank == 0:
+            try:
+                os.unlink(partial)
+            except FileNotFoundError:
+                pass
+        raise OSError(str(e)) from None
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- .npy
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     """A version 1.0 .npy header, padded so the data starts 64-byte aligned."""
-    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({shape[0]}, {shape[1]}), }}"
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
     total = len(_NPY_MAGIC) + 2 + 2 + len(text) + 1
     text += " " * (-total % 64) + "\n"
     return _NPY_MAGIC + b"\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
@@ -61,97 +184,52 @@ def _read_npy_header(path: str) -> tuple[torch.dtype, tuple[int, ...], int]:
         raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
     offset = start + size
     dtype = _DTYPE[descr]
-    expected = offset + dtype.itemsize * (shape[0] * shape[1] if len(shape) == 2 else 0)
-    if len(shape) == 2 and os.path.getsize(path) < expected:
+    expected = offset + dtype.itemsize * math.prod(shape)
+    if os.path.getsize(path) < expected:
         raise ValueError(f"{path} is truncated: its header promises {expected} bytes, the file has "
                          f"{os.path.getsize(path)}")
     return dtype, shape, offset
 
 
-def export_table(emb, path: str) -> None:
-    """Write ``emb`` to ``path`` as a [num_embeddings, embedding_dim] .npy (collective)."""
-    dtype = emb.weight.dtype if emb.weight.dtype in _DESCR else torch.float32
-    shape = (emb.num_embeddings, emb.embedding_dim)
-    header = _npy_header(_DESCR[dtype], shape)
-    size = len(header) + shape[0] * shape[1] * dtype.itemsize
-    error = None
-    if emb.rank == 0:
-        try:
-            with open(path, "wb") as f:
-                f.write(header)
-                f.truncate(size)
-        except OSError as e:
-            error = f"cannot create {path}: {e}"
-    agree_or_raise(emb.process_group, "export_table", "ok", error, emb.device)  # also: the file exists now
-    plan, local = emb.plan, emb.local_pages
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mm:
-        row_bytes = shape[1] * dtype.itemsize
-        for p in plan.primary_pages(emb.rank).tolist():
-            start, rows = plan.page_start(p), plan.page_rows(p)
-            view = torch.frombuffer(mm, dtype=dtype, count=rows * shape[1], offset=len(header) + start * row_bytes)
-            view.view(rows, shape[1]).copy_(local[p].detach())
-            del view
-        mm.flush()
-    if emb.world_size > 1:
-        dist.barrier(group=emb.process_group)  # the file is complete when any rank returns
+def export_table(emb, path: str, progress: Callable[[int], None] = lambda rows: None,
+                 storage: torch.Tensor | None = None) -> None:
+    """Write ``emb``'s table (or ``storage``, per-row state laid out like the local rows) to
+    ``path`` as one .npy of shape ``[num_embeddings, ...]`` (collective; see `write_pages`).
+    Dtypes .npy has no name for (bfloat16) are written as float32."""
+    storage = emb.weight if storage is None else storage
+    dtype = storage.dtype if storage.dtype in _DESCR else torch.float32
+    tail = tuple(storage.shape[1:])
+    row_bytes = math.prod(tail) * dtype.itemsize
+    header = _npy_header(_DESCR[dtype], (emb.num_embeddings, *tail))
+    write_pages(emb, path, header, lambda p: emb.plan.page_rows(p) * row_bytes,
+                lambda p, rows: tensor_bytes(rows.to(dtype).contiguous()), progress, storage)
 
 
-def import_table(emb, path: str) -> None:
-    """Load the rows this rank holds from the .npy at ``path`` (collective)."""
+def import_table(emb, path: str, storage: torch.Tensor | None = None) -> None:
+    """Load the rows this rank holds from the .npy at ``path`` into the table (or into
+    ``storage``, per-row state laid out like the local rows). Collective: a missing, truncated
+    or foreign file, or one of another shape, raises ValueError on every rank."""
+    storage = emb.weight if storage is None else storage
+    expected = (emb.num_embeddings, *storage.shape[1:])
     error = None
     try:
         dtype, shape, offset = _read_npy_header(path)
-        if shape != (emb.num_embeddings, emb.embedding_dim):
-            raise ValueError(f"{path} holds a table of shape {shape}, this one is "
-                             f"{(emb.num_embeddings, emb.embedding_dim)}")
+        if shape != expected:
+            raise ValueError(f"{path} holds a table of shape {shape}, this one is {expected}")
     except (OSError, ValueError) as e:
         error = str(e)
     agree_or_raise(emb.process_group, "import_table", "ok", error, emb.device)
-    plan = emb.plan
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm, torch.no_grad():
-        row_bytes = shape[1] * dtype.itemsize
-        for p, view in emb.local_pages.items():
-            start, rows = plan.page_start(p), plan.page_rows(p)
-            src = torch.frombuffer(mm, dtype=dtype, count=rows * shape[1], offset=offset + start * row_bytes)
-            view.copy_(src.view(rows, shape[1]))
-            del src
-
-
-def _format_rows(words: list[str], rows: torch.Tensor) -> bytes:
-    values = rows.detach().float().cpu().tolist()
-    return "".join(f"{w} {' '.join(f'{x:.6g}' for x in v)}\n" for w, v in zip(words, values)).encode()
-
-
-def write_word2vec(emb, words: list[str], path: str) -> None:
-    """Write ``emb`` as word2vec text (``"<rows> <dim>"``, then ``word v1 v2 ...`` per row);
-    ``words[i]`` names row ``i``. Collective over the table's group; every rank writes its
-    primary pages, nobody holds the whole table."""
-    if len(words) != emb.num_embeddings:
-        raise ValueError(f"write_word2vec: {len(words)} words for a table of {emb.num_embeddings} rows")
-    group, rank = emb.process_group, emb.rank
-    plan = emb.plan
-    local = emb.local_pages
-    mine = {}
-    for p in plan.primary_pages(rank).tolist():
-        start = plan.page_start(p)
-        mine[p] = _format_rows(words[start : start + plan.page_rows(p)], local[p])
-    header = f"{emb.num_embeddings} {emb.embedding_dim}\n".encode()
-    sizes = torch.zeros(plan.num_pages, dtype=torch.int64)
-    for p, blob in mine.items():
-        sizes[p] = len(blob)
-    if rank == 0:
-        with open(path, "wb") as f:
-            f.write(header)
-    if emb.world_size > 1:
-        sizes = sizes.to(emb.device)
-        dist.all_reduce(sizes, group=group)  # also orders the file's creation before the writes
-        sizes = sizes.cpu()
-    offsets = (torch.cumsum(sizes, 0) - sizes + len(header)).tolist()
-    fd = os.open(path, os.O_WRONLY)
+    error = None
     try:
-        for p, blob in mine.items():
-            os.pwrite(fd, blob, offsets[p])
-    finally:
-        os.close(fd)
-    if emb.world_size > 1:
-        dist.barrier(group=group)  # the file is complete when any rank returns
+        with open(path, "rb") as f, torch.no_grad():
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            for p, view in local_views(emb, storage).items():
+                rows = torch.empty(view.shape, dtype=dtype)
+                want = rows.numel() * dtype.itemsize
+                got = os.preadv(f.fileno(), [tensor_bytes(rows)], offset + emb.plan.page_start(p) * row_bytes)
+                if got != want:
+                    raise ValueError(f"{path} ended while reading page {p} (it changed while being read?)")
+                view.copy_(rows)
+    except (OSError, ValueError) as e:
+        error = f"rank {emb.rank}: {e}"
+    agree_or_raise(emb.process_group, "import_table", "read", error, emb.device)

@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from sharded_embedding import ShardedEmbedding
 from sharded_embedding.checkpoint import CheckpointError, CheckpointManager
 from tests.harness import run_ranks
-from tests.oracle import make_ids, make_loss_weight, rank_world
+from tests.oracle import assert_replicas_identical, make_ids, make_loss_weight, rank_world
 
 N, D = 103, 6
 SAVED_PLACEMENT = [(0, 1), 1, (2, 3, 0), 3, 0, (1, 2), 2, (3, 0), 1, 0, (2, 1)]  # 11 pages of 10 on 4 ranks
@@ -148,19 +148,27 @@ class Payload:
 def _manager(directory: str, case: str):
     rank, world = rank_world()
     emb = ShardedEmbedding(N, D, page_size=10, fused_optimizer={"name": "rowwise_adagrad", "lr": 0.1})
+    for step in range(2):
+        ids = make_ids(N, rank, step, 30)
+        (emb(ids) * make_loss_weight(ids, D, rank, step)).sum().backward()
+    table, state = emb.full_table(), emb._full(emb.optimizer.sum)
     manager = CheckpointManager(directory, keep=2)
-    first = manager.save(1, {"emb": emb.state_dict()}, {"x": torch.tensor([rank])}, {"world_size": world})
-    assert manager.latest() == first and sorted(os.listdir(first))[:1] == [".metadata"]
+    first = manager.save(1, {"emb": emb}, {"x": torch.tensor([rank])}, {"world_size": world})
+    assert manager.latest() == first and (first / "emb.weight.npy").exists() and (first / "emb.optimizer.sum.npy").exists()
     if case == "failed_save":
         with pytest.raises(Exception):  # a save that dies half way (here: an unpicklable rank state)
-            manager.save(2, {"emb": emb.state_dict()}, {"x": lambda: 0}, {"world_size": world})
+            manager.save(2, {"emb": emb}, {"x": lambda: 0}, {"world_size": world})
         assert manager.latest() == first  # the last good checkpoint is untouched
         assert (Path(directory) / "step_000000002.partial").exists()  # what the failed save left
-        state = {"emb": emb.state_dict()}
-        rank_state, info = manager.load(manager.latest(), state)
+        other = ShardedEmbedding(N, D, page_size=7, placement=[(0, 1)] + [r % world for r in range(1, 15)],
+                                 fused_optimizer={"name": "rowwise_adagrad", "lr": 0.1}, seed=5)
+        rank_state, info = manager.load(manager.latest(), {"emb": other})  # another page size and placement
         assert int(rank_state["x"]) == rank and info["step"] == 1
+        assert torch.equal(other.full_table(), table) and torch.equal(other._full(other.optimizer.sum), state)
+        assert int(other.optimizer.step) == 2
+        assert_replicas_identical(other)
         for step in (3, 4, 5):
-            manager.save(step, {"emb": emb.state_dict()}, {}, {"world_size": world})
+            manager.save(step, {"emb": emb}, {}, {"world_size": world})
         assert [p.name for p in sorted(Path(directory).iterdir())] == ["step_000000004", "step_000000005"]
     elif case == "malicious_rank_file":
         if rank == 1:
@@ -168,22 +176,27 @@ def _manager(directory: str, case: str):
                 pickle.dump(Payload(), f)
         dist.barrier()
         with pytest.raises(CheckpointError, match="rank 1: UnpicklingError"):
-            manager.load(first, {"emb": emb.state_dict()})
+            manager.load(first, {"emb": emb})
         assert not os.path.exists("/tmp/sharded_embedding_pwned")
     elif case == "truncated_data":
         if rank == 0:
-            data = sorted(first.glob("*.distcp"))[0]
-            data.write_bytes(data.read_bytes()[:10])
+            data = first / "emb.weight.npy"
+            data.write_bytes(data.read_bytes()[:200])
         dist.barrier()
-        with pytest.raises(CheckpointError, match="could not be read"):
-            manager.load(first, {"emb": emb.state_dict()})
+        with pytest.raises(CheckpointError, match="could not be read: .* is truncated"):
+            manager.load(first, {"emb": emb})
+    elif case == "missing_state":
+        plain = ShardedEmbedding(N, D, page_size=10, fused_optimizer={"name": "adagrad", "lr": 0.1})
+        with pytest.raises(CheckpointError, match="emb.optimizer.sum.npy"):  # Adagrad's sum is [N, D], not [N]
+            manager.load(first, {"emb": plain})
     elif case == "other_world":
         (first / "COMPLETE").write_text('{"step": 1, "world_size": 7}') if rank == 0 else None
         dist.barrier()
         with pytest.raises(CheckpointError, match="was written by 7 ranks; this run has 2"):
-            manager.load(first, {"emb": emb.state_dict()})
+            manager.load(first, {"emb": emb})
 
 
-@pytest.mark.parametrize("case", ["failed_save", "malicious_rank_file", "truncated_data", "other_world"])
+@pytest.mark.parametrize("case", ["failed_save", "malicious_rank_file", "truncated_data", "missing_state",
+                                  "other_world"])
 def test_checkpoint_manager(tmp_path, case):
     run_ranks(2, _manager, str(tmp_path / "ckpts"), case)
