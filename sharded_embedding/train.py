@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import all_gather_strings, all_reduce_host, bind_local_cpus, finish, init_distributed
+from .distributed import agree_or_raise, all_gather_strings, bind_local_cpus, collective_device, finish, init_distributed
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("sharded_embedding.train")
@@ -38,8 +38,9 @@ def _rank0() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _stop(message: str) -> int:
-    """Report a configuration error once (rank 0) and return its exit code on every rank.
+def _stop(message: str, code: int = 2) -> int:
+    """Report an error every rank found alike once (rank 0) and return its exit code (2: a
+    configuration or data error) on every rank.
 
     All ranks found the same error; they wait for rank 0's message to be out before any of
     them exits, because torchrun stops the other workers as soon as one has exited.
@@ -48,7 +49,7 @@ def _stop(message: str) -> int:
         print(message, file=sys.stderr, flush=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-    return 2
+    return code
 
 
 def _compose(overrides: list[str]):
@@ -117,14 +118,19 @@ def _hydra_entry():
 
 
 def run(cfg) -> int:
-    """Train, export and evaluate; returns the exit code (0, or 2 for a configuration error)."""
+    """Prepare the corpus, train, save, export and evaluate; returns the exit code: 0, 2 for a
+    configuration or data error (found before training), 1 for a failure after training (the
+    trained tables are saved by then), 3 when training diverged."""
     from hydra.core.hydra_config import HydraConfig
 
+    from .checkpoint import CheckpointError, CheckpointManager
     from .word2vec import config as C
-    from .checkpoint import CheckpointManager
-    from .word2vec.corpus import build_vocabulary, encode_part, keep_probability, unigram_cdf
-    from .word2vec.loop import SkipGramTraining
+    from .word2vec.corpus import keep_probability, unigram_cdf
+    from .word2vec.loop import SkipGramTraining, TrainingDiverged
+    from .word2vec.phases import Phases
+    from .word2vec.prepare import prepare_corpus
     from .word2vec.skipgram import SkipGram
+    from .word2vec.text import CorpusError, CorpusSpec
 
     rank, world = dist.get_rank(), dist.get_world_size()
     for noisy in ("gensim", "matplotlib", "smart_open"):
@@ -138,74 +144,138 @@ def run(cfg) -> int:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    phases = Phases(rank, world)
     path = C.corpus_path(cfg)
-
-    t0 = time.perf_counter()
-    vocab = build_vocabulary(path, cfg.data.min_count, cfg.data.max_vocab, cfg.data.lowercase)
     try:
-        placement = C.placement(cfg, vocab.size, world)
-    except C.ConfigError as e:
-        return _stop(f"configuration error:\n  {e}")
-    part = encode_part(path, vocab, cfg.data.lowercase)
-    corpus_words = int(all_reduce_host(torch.tensor([part.raw_words], dtype=torch.int64)))
-    comm_dtype = getattr(torch, cfg.model.comm_dtype) if cfg.model.comm_dtype else None
-    model = SkipGram(
-        vocab.size, cfg.model.dim, page_size=cfg.sharding.page_size, placement=placement,
-        fused_optimizer=C.fused_optimizer(cfg), window=cfg.model.window, negatives=cfg.model.negatives,
-        shared_negatives=cfg.model.shared_negatives, block=cfg.model.block, comm_dtype=comm_dtype,
-        seed=cfg.train.seed,
-    )
+        spec = CorpusSpec.resolve(path, cfg.data.encoding, cfg.data.decode_errors, cfg.data.lowercase)
+        corpus = prepare_corpus(spec, min_count=cfg.data.min_count, max_vocab=cfg.data.max_vocab,
+                                directory=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "corpus",
+                                phases=phases)
+        placement = C.placement(cfg, corpus.vocab.size, world)
+    except (CorpusError, C.ConfigError) as e:
+        return _stop(f"data error: {e}" if isinstance(e, CorpusError) else f"configuration error:\n  {e}")
+    vocab = corpus.vocab
+
+    with phases.phase("tables", "allocating the tables"):
+        comm_dtype = getattr(torch, cfg.model.comm_dtype) if cfg.model.comm_dtype else None
+        model = SkipGram(
+            vocab.size, cfg.model.dim, page_size=cfg.sharding.page_size, placement=placement,
+            fused_optimizer=C.fused_optimizer(cfg), window=cfg.model.window, negatives=cfg.model.negatives,
+            shared_negatives=cfg.model.shared_negatives, block=cfg.model.block, comm_dtype=comm_dtype,
+            seed=cfg.train.seed,
+        )
     log.info("corpus %s: %s words; vocabulary %s words (min_count %s); %s ranks; %s pages of %s rows per table, %s",
-             path, f"{corpus_words:,}", f"{vocab.size:,}", cfg.data.min_count, world, model.inputs.num_pages,
+             path, f"{corpus.corpus_words:,}", f"{vocab.size:,}", cfg.data.min_count, world, model.inputs.num_pages,
              cfg.sharding.page_size, cfg.sharding.kind)
-    setup_s = time.perf_counter() - t0
 
-    checkpoints = None
-    if cfg.train.checkpoint_every or cfg.train.resume:
-        directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
-        checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
-    training = SkipGramTraining(cfg, model, part, keep_probability(vocab, cfg.data.sample), unigram_cdf(vocab),
-                                corpus_words, _progress(rank, cfg.train.epochs), checkpoints)
-    if cfg.train.resume and training.resume() is None:
-        log.info("no checkpoint in %s yet: starting from scratch", checkpoints.directory)
-    state = training.run()
-    train_s = training.elapsed()
-    epochs, losses = cfg.train.epochs, state.losses
-    words_per_s = corpus_words * epochs / train_s
-    log.info("trained %s epochs in %.1f s: %s words/s, final loss %.4f", epochs, train_s, f"{words_per_s:,.0f}",
-             losses[-1][1] if losses else float("nan"))
+    directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
+    checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
+    training = SkipGramTraining(cfg, model, corpus.tokens, keep_probability(vocab.counts, cfg.data.sample),
+                                unigram_cdf(vocab.counts), corpus.corpus_words, _progress(rank, cfg.train.epochs),
+                                checkpoints, C.data_order(cfg, world))
+    try:
+        if cfg.train.resume and training.resume() is None:
+            log.info("no checkpoint in %s yet: starting from scratch", checkpoints.directory)
+    except CheckpointError as e:
+        return _stop(f"cannot resume: {e}")
+    if not training.finished:
+        with phases.phase("training", f"training {cfg.train.epochs} epochs"):
+            try:
+                training.run()
+            except TrainingDiverged as e:
+                last = checkpoints.latest()
+                return _stop(f"{e}. {'The last good checkpoint is ' + str(last) if last else 'No checkpoint was written'}"
+                             "; nothing was exported.", code=3)
+        train_s = training.elapsed()
+        with phases.phase("checkpoint", "saving the trained tables"):
+            final = training.save()  # before anything that can fail after training
+    else:
+        final, train_s = checkpoints.latest(), training.state.elapsed
+    state = training.state
+    words_per_s = corpus.corpus_words * cfg.train.epochs / max(train_s, 1e-9)
+    log.info("trained %s epochs in %.1f s: %s words/s, final loss %s", cfg.train.epochs, train_s,
+             f"{words_per_s:,.0f}", f"{state.losses[-1][1]:.4f}" if state.losses else "n/a")
 
-    from .export import write_word2vec
+    from .word2vec.vectors import FILES, choose_formats, write_vectors
 
-    vectors = out / "vectors.txt"
-    write_word2vec(model.inputs, vocab.words, str(vectors))
-    if rank == 0:
-        metrics = {
-            "world_size": world,
-            "corpus": path,
-            "corpus_words": corpus_words,
-            "vocabulary": vocab.size,
-            "epochs": epochs,
-            "steps": state.step,
-            "setup_seconds": round(setup_s, 2),
-            "train_seconds": round(train_s, 2),
-            "words_per_second": round(words_per_s, 1),
-            "final_loss": losses[-1][1] if losses else None,
-            "loss_curve": losses,
-            "sharding": cfg.sharding.kind,
-            "optimizer": C.fused_optimizer(cfg),
-        }
+    formats = choose_formats(cfg.export.format, vocab.size)
+    stage, evaluation = "export", None
+    try:
+        with phases.phase("export", f"writing the vectors ({', '.join(FILES[f] for f in formats)})"):
+            written = []
+            for fmt in formats:
+                bar = phases.progress(model.inputs.num_embeddings, "rows", FILES[fmt])
+                written.append(write_vectors(fmt, model.inputs, vocab, str(out), bar.update))
+                bar.close()
+        del model, training  # the tables are saved and exported: free them before evaluating
         if cfg.evaluate:
-            from .word2vec.evaluation import evaluate_vectors, format_table
-
-            metrics["evaluation"] = evaluate_vectors(str(vectors))
-            log.info("evaluation of %s:\n%s", vectors, format_table(metrics["evaluation"]))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _plot_loss(losses, out / "loss.png")
-        log.info("outputs in %s: vectors.txt, metrics.json, loss.png", out)
-    if world > 1:
-        dist.barrier()
+            stage = "evaluation"
+            with phases.phase("evaluation", f"evaluating the {cfg.evaluate_vocab:,} most frequent words"):
+                evaluation = _evaluate(written[0], formats[0], cfg.evaluate_vocab, vocab)
+        stage = "metrics"
+        _write_metrics(cfg, out, world, path, corpus, vocab, state, train_s, words_per_s, evaluation,
+                       phases.report(), formats)
+    except Exception as e:  # noqa: BLE001 - reported with what is safe, on every rank
+        if rank == 0:
+            log.error("the %s failed after training: %s: %s\nThe trained tables are saved in %s. Rerun with "
+                      "train.resume=true and the same out_dir (or train.checkpoint_dir) to export again without "
+                      "training.", stage, type(e).__name__, e, final)
+        return 1
+    if rank == 0:
+        log.info("outputs in %s: %s, metrics.json, loss.png", out, ", ".join(FILES[f] for f in formats))
     return 0
+
+
+def _evaluate(path: str, fmt: str, limit: int, vocab) -> dict | None:
+    """Rank 0 scores the most frequent ``limit`` words; every rank learns if it failed."""
+    from .word2vec.evaluation import evaluate_vectors, format_table
+    from .word2vec.vectors import load_vectors
+
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = evaluate_vectors(load_vectors(path, fmt, limit, vocab))
+            log.info("evaluation of %s (%s most frequent words):\n%s", path, f"{result['vocabulary']:,}",
+                     format_table(result))
+        except Exception as e:  # noqa: BLE001 - every rank must learn it
+            error = f"{type(e).__name__}: {e}"
+    agree_or_raise(dist.group.WORLD, "evaluation", "ok", error, collective_device(dist.group.WORLD))
+    return result
+
+
+def _write_metrics(cfg, out: Path, world, path, corpus, vocab, state, train_s, words_per_s, evaluation, phases,
+                   formats) -> None:
+    """Rank 0 writes metrics.json (always valid JSON: non-finite numbers become null) and
+    loss.png; every rank learns if that failed."""
+    from .word2vec import config as C
+
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            metrics = {
+                "world_size": world, "corpus": path, "corpus_words": corpus.corpus_words,
+                "vocabulary": vocab.size, "epochs": cfg.train.epochs, "steps": state.step,
+                "train_seconds": round(train_s, 2), "words_per_second": round(words_per_s, 1),
+                "final_loss": state.losses[-1][1] if state.losses else None, "loss_curve": state.losses,
+                "sharding": cfg.sharding.kind, "optimizer": C.fused_optimizer(cfg), "exported": formats,
+                "corpus_reused": corpus.reused, "phases": phases, "evaluation": evaluation,
+            }
+            (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False))
+            _plot_loss(state.losses, out / "loss.png")
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {e}"
+    agree_or_raise(dist.group.WORLD, "writing metrics", "ok", error, collective_device(dist.group.WORLD))
+
+
+def _finite(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _progress(rank: int, epochs: int):

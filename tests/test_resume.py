@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.epochs=2", "train.checkpoint_every=10", "evaluate=false", "train.log_every=10"]
@@ -43,10 +43,10 @@ def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen) -> None:
 
 
 def _final_tables(out: Path) -> tuple[str, dict]:
-    """Both tables of the run's last checkpoint, read into plain tensors (DCP reshards)."""
+    """Both tables of the run's last checkpoint, read into plain tensors (plain .npy files)."""
     last = sorted(p for p in (out / "checkpoints").iterdir() if not p.name.endswith(".partial"))[-1]
-    tables = {"inputs.weight": torch.empty(7978, 100), "outputs.weight": torch.empty(7978, 100)}
-    dcp.load(tables, checkpoint_id=str(last), no_dist=True)
+    tables = {k: torch.from_numpy(np.load(last / f"{k}.npy")) for k in ("inputs.weight", "outputs.weight")}
+    assert all(t.shape == (7978, 100) for t in tables.values())
     return last.name, tables
 
 

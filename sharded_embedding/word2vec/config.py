@@ -19,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 COMM_DTYPES = ("float32", "bfloat16", "float16")
+DECODE_ERRORS = ("strict", "replace", "ignore")
+EXPORT_FORMATS = ("auto", "text", "binary", "npy", "all")
 
 
 class ConfigError(ValueError):
@@ -46,11 +48,19 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # None: gensim's bundled Wikipedia sample
+    path: Optional[str] = None  # None: gensim's bundled Wikipedia sample; a file (maybe .gz/.bz2/.xz) or a folder
     min_count: int = 5
     sample: float = 1e-3
     max_vocab: Optional[int] = None
     lowercase: bool = False
+    encoding: str = "utf-8"  # an ASCII-compatible encoding
+    decode_errors: str = "strict"  # strict: stop at undecodable bytes; replace; ignore
+    cache_dir: Optional[str] = None  # the encoded corpus; default <out_dir>/corpus
+
+
+@dataclass
+class ExportConfig:
+    format: str = "auto"  # text | binary | npy | all | auto (binary above 1M words, else text)
 
 
 @dataclass
@@ -84,8 +94,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     out_dir: Optional[str] = None
     evaluate: bool = True
+    evaluate_vocab: int = 300_000  # evaluate the most frequent words only (gensim's restrict_vocab)
 
 
 def register() -> None:
@@ -126,6 +138,11 @@ def validate(cfg, world_size: int) -> list[str]:
         positive("data.max_vocab", d.max_vocab)
     if d.sample < 0:
         errors.append(f"data.sample must be >= 0, got {d.sample}")
+    if d.decode_errors not in DECODE_ERRORS:
+        errors.append(f"data.decode_errors={d.decode_errors!r} is not one of {list(DECODE_ERRORS)}")
+    if cfg.export.format not in EXPORT_FORMATS:
+        errors.append(f"export.format={cfg.export.format!r} is not one of {list(EXPORT_FORMATS)}")
+    positive("evaluate_vocab", cfg.evaluate_vocab)
     if not 0 < t.min_lr_fraction <= 1:
         errors.append(f"train.min_lr_fraction must be in (0, 1], got {t.min_lr_fraction}")
     if o.name not in OPTIMIZERS:
@@ -154,9 +171,25 @@ def validate(cfg, world_size: int) -> list[str]:
         path = corpus_path(cfg)
     except ImportError:
         errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
-    if path is not None and not os.path.isfile(path):
-        errors.append(f"data.path: corpus file {path} does not exist")
+    if path is not None:
+        from .text import CorpusError, CorpusSpec
+
+        try:
+            CorpusSpec.resolve(path, d.encoding, d.decode_errors, d.lowercase)
+        except CorpusError as e:
+            errors.append(str(e))
     return errors
+
+
+def data_order(cfg, world_size: int) -> dict:
+    """The settings that decide which batches a run trains, in which order: a resumed run must
+    have the same (the tables alone reshard anywhere; see docs/checkpointing.md)."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    return {"data.path": corpus_path(cfg), "data.min_count": d.min_count, "data.max_vocab": d.max_vocab,
+            "data.sample": d.sample, "data.lowercase": d.lowercase, "data.encoding": d.encoding,
+            "data.decode_errors": d.decode_errors, "model.window": m.window, "model.block": m.block,
+            "model.shared_negatives": m.shared_negatives, "train.batch_centers": t.batch_centers,
+            "train.seed": t.seed, "train.epochs": t.epochs, "world_size": world_size}
 
 
 def placement(cfg, vocab_size: int, world_size: int):

@@ -1,111 +1,43 @@
-"""The corpus side of skip-gram: each rank's part of the text, the shared vocabulary,
-frequent-word subsampling, dynamic windows and batches of consecutive centers.
+"""The corpus as skip-gram sees it in an epoch: frequent words subsampled, a random window per
+center, batches of consecutive centers, and negatives from the unigram^0.75 distribution.
 
-Each rank reads only its byte range of the file (cut at line starts), counts its words, and
-the ranks merge their counts into one vocabulary sorted by frequency (ties by word), so
-every rank numbers the words alike and the most frequent words land on the first pages.
+An epoch streams this rank's `TokenFile` chunk by chunk. The random draws of chunk ``c``
+(which tokens are kept, each kept token's window) come from a generator seeded by
+``(seed, rank, epoch, c)``, so an epoch is the same however it is read: a first pass counts the
+tokens kept (every rank must take the same number of steps), the second yields the batches,
+and a resumed run redraws exactly what it skipped.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..distributed import all_gather_strings, all_reduce_host
+from ..distributed import all_reduce_host
+from ..initializers import _block_seed
+from .tokens import TokenFile
+
+__all__ = ["keep_probability", "unigram_cdf", "sample_negatives", "Batch", "EpochStream", "steps_per_epoch"]
 
 
-def part_lines(path: str, rank: int, world: int, lowercase: bool = False):
-    """The lines of ``path`` whose first byte lies in this rank's ``1/world`` byte range."""
-    size = os.path.getsize(path)
-    start, stop = size * rank // world, size * (rank + 1) // world
-    with open(path, "rb") as f:
-        if start > 0:
-            f.seek(start - 1)
-            f.readline()  # finish the line that began before our range; it belongs to a lower rank
-        while f.tell() < stop:
-            line = f.readline()
-            if not line:
-                break
-            text = line.decode("utf-8", errors="replace")
-            yield text.lower() if lowercase else text
-
-
-@dataclass
-class Vocabulary:
-    words: list[str]  # by descending count, ties by word
-    counts: torch.Tensor  # int64 [size]
-    total_words: int  # tokens in the whole corpus, out-of-vocabulary ones included
-
-    @property
-    def size(self) -> int:
-        return len(self.words)
-
-    def index(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.words)}
-
-
-def build_vocabulary(path: str, min_count: int, max_vocab: int | None, lowercase: bool, group=None) -> Vocabulary:
-    """Count this rank's part, merge every rank's counts (collective), keep words seen at
-    least ``min_count`` times (at most ``max_vocab`` of them)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    counter: Counter = Counter()
-    for line in part_lines(path, rank, world, lowercase):
-        counter.update(line.split())
-    merged: Counter = Counter()
-    payload = "\n".join(f"{w}\t{c}" for w, c in counter.items())
-    for text in all_gather_strings(payload, group):
-        for row in filter(None, text.split("\n")):
-            word, count = row.rsplit("\t", 1)
-            merged[word] += int(count)
-    total = sum(merged.values())
-    kept = sorted(((w, c) for w, c in merged.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
-    if max_vocab is not None:
-        kept = kept[:max_vocab]
-    return Vocabulary([w for w, _ in kept], torch.tensor([c for _, c in kept], dtype=torch.int64), total)
-
-
-@dataclass
-class Part:
-    """This rank's text as word ids, with the line (sentence) each token came from."""
-
-    tokens: torch.Tensor  # int64 [n], in-vocabulary tokens only
-    sentence: torch.Tensor  # int64 [n]
-    raw_words: int  # tokens read, out-of-vocabulary ones included
-
-
-def encode_part(path: str, vocab: Vocabulary, lowercase: bool, group=None) -> Part:
-    index = vocab.index()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    ids: list[int] = []
-    sentence: list[int] = []
-    raw = 0
-    for line_no, line in enumerate(part_lines(path, rank, world, lowercase)):
-        words = line.split()
-        raw += len(words)
-        kept = [index[w] for w in words if w in index]
-        ids += kept
-        sentence += [line_no] * len(kept)
-    return Part(torch.tensor(ids, dtype=torch.int64), torch.tensor(sentence, dtype=torch.int64), raw)
-
-
-def keep_probability(vocab: Vocabulary, sample: float) -> torch.Tensor:
+def keep_probability(counts: np.ndarray, sample: float) -> torch.Tensor:
     """word2vec's subsampling: a word with count c is kept with probability
     ``(sqrt(c / t) + 1) * t / c`` (at most 1), where ``t = sample * total in-vocabulary words``."""
+    counts = torch.from_numpy(np.asarray(counts, dtype=np.float64))
     if sample <= 0:
-        return torch.ones(vocab.size, dtype=torch.float64)
-    counts = vocab.counts.double()
+        return torch.ones_like(counts)
     threshold = sample * counts.sum()
     return ((counts / threshold).sqrt() + 1).mul(threshold / counts).clamp(max=1.0)
 
 
-def unigram_cdf(vocab: Vocabulary, power: float = 0.75) -> torch.Tensor:
+def unigram_cdf(counts: np.ndarray, power: float = 0.75) -> torch.Tensor:
     """Cumulative distribution of negatives: counts ** 0.75, normalised."""
-    weights = vocab.counts.double().pow(power)
+    weights = torch.from_numpy(np.asarray(counts, dtype=np.float64)).pow(power)
     return torch.cumsum(weights, 0) / weights.sum()
 
 
@@ -128,30 +60,60 @@ class Batch:
         return self.reach.numel()
 
 
-class EpochTokens:
-    """One epoch of this rank's text as word2vec sees it: frequent words subsampled, and each
-    center's window shrunk to a random 1..window. Batches are consecutive stretches of
-    centers, so every (center, context) pair of the epoch is scored exactly once."""
+class EpochStream:
+    """One epoch of one rank's tokens (see the module docstring)."""
 
-    def __init__(self, part: Part, keep: torch.Tensor, window: int, generator: torch.Generator):
-        kept = torch.rand(part.tokens.numel(), generator=generator, dtype=torch.float64) < keep[part.tokens]
-        n = int(kept.sum())
-        self.window, self.num_tokens = window, n
-        pad = torch.full((window,), -1, dtype=torch.int64)
-        self._sentence = torch.cat([pad, part.sentence[kept], pad])
-        self._tokens = torch.cat([pad.clamp(min=0), part.tokens[kept], pad.clamp(min=0)])
-        self._reach = torch.randint(1, window + 1, (n,), generator=generator, dtype=torch.int64)
+    def __init__(self, tokens: TokenFile, keep: torch.Tensor, window: int, *, seed: int, rank: int, epoch: int,
+                 chunk: int = TokenFile.CHUNK):
+        self.tokens, self.keep, self.window, self.chunk = tokens, keep, window, chunk
+        self._seed = _block_seed(seed, (rank << 40) + epoch)
+        self.num_chunks = -(-tokens.num_tokens // chunk)
 
-    def batches(self, centers: int, steps: int):
-        """Exactly ``steps`` batches of up to ``centers`` centers each; once this rank's text
-        runs out, empty ones (every rank must take part in every step's lookups)."""
+    def _draw(self, c: int, with_windows: bool):
+        """Chunk ``c``: (kept ids, starts-a-sentence flags of all its tokens, kept mask, windows)."""
+        ids, first = self.tokens.read(c * self.chunk, min((c + 1) * self.chunk, self.tokens.num_tokens))
+        g = torch.Generator().manual_seed(_block_seed(self._seed, c))
+        kept = torch.rand(ids.numel(), generator=g, dtype=torch.float64) < self.keep[ids]
+        reach = torch.randint(1, self.window + 1, (int(kept.sum()),), generator=g) if with_windows else None
+        return ids[kept], first, kept, reach
+
+    def count(self) -> int:
+        """Tokens this epoch keeps (reads the file once, draws only the subsampling)."""
+        return sum(int(self._draw(c, False)[2].sum()) for c in range(self.num_chunks))
+
+    def _pieces(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(ids, sentence numbers, windows) of the kept tokens, chunk by chunk."""
+        sentences = 0
+        for c in range(self.num_chunks):
+            ids, first, kept, reach = self._draw(c, True)
+            number = torch.cumsum(first, 0) + (sentences - 1)
+            sentences += int(first.sum())
+            yield ids, number[kept], reach
+
+    def batches(self, centers: int, steps: int, num_kept: int) -> Iterator[Batch]:
+        """Exactly ``steps`` batches of up to ``centers`` centers each (``num_kept`` from
+        `count`); once this rank's text runs out, empty ones (every rank takes part in every
+        step's lookups)."""
         w = self.window
+        pieces = self._pieces()
+        # The stream so far, from kept token `start - w` on: [ids, sentence numbers, windows].
+        ids, sent, reach = torch.zeros(w, dtype=torch.int64), torch.full((w,), -1, dtype=torch.int64), torch.zeros(w, dtype=torch.int64)
+        start, ended = 0, False
         for k in range(steps):
-            a, b = min(k * centers, self.num_tokens), min((k + 1) * centers, self.num_tokens)
+            a, b = min(k * centers, num_kept), min((k + 1) * centers, num_kept)
             if a == b:
-                yield Batch(self._tokens[:0], self._sentence[:0], self._reach[:0])
-            else:
-                yield Batch(self._tokens[a : b + 2 * w], self._sentence[a : b + 2 * w], self._reach[a:b])
+                yield Batch(ids[:0], sent[:0], reach[:0])
+                continue
+            while start - w + ids.numel() < b + w and not ended:
+                piece = next(pieces, None)
+                if piece is None:  # the stream's end: w tokens of padding
+                    piece, ended = (torch.zeros(w, dtype=torch.int64), torch.full((w,), -1, dtype=torch.int64),
+                                    torch.zeros(w, dtype=torch.int64)), True
+                ids, sent, reach = (torch.cat([x, y]) for x, y in zip((ids, sent, reach), piece))
+            lo = a - w - (start - w)  # buffer position of kept token a - w
+            yield Batch(ids[lo : lo + (b - a) + 2 * w], sent[lo : lo + (b - a) + 2 * w], reach[lo + w : lo + w + b - a])
+            drop = b - start  # keep from token b - w on
+            ids, sent, reach, start = ids[drop:], sent[drop:], reach[drop:], b
 
 
 def steps_per_epoch(num_tokens: int, batch_centers: int, group=None) -> int:

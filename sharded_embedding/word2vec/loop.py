@@ -1,89 +1,114 @@
-"""The skip-gram training loop, resumable bit for bit.
+"""The skip-gram training loop, resumable bit for bit, stopped at the first sign of divergence.
 
 A checkpoint holds both tables with their optimizer state (through DCP) and, per rank, where
-the loop stands: the epoch, the next batch, the random generator's state before the epoch's
-subsampling/windows were drawn and its state now (negatives), the loss readings and the
-time spent. Resuming rebuilds the epoch from the first state, skips the batches already
-trained and continues with the second, so a run stopped at any checkpoint and resumed ends
-with exactly the tables of a run never stopped (on CPU, where every kernel used here is
-deterministic).
+the loop stands: the epoch, the next batch, the negatives' random generator, the loss readings
+and the time spent. An epoch's tokens are redrawn identically from the seed (`EpochStream`),
+so resuming skips the batches already trained and continues: a run stopped at any checkpoint
+and resumed ends with exactly the tables of a run never stopped (on CPU, where every kernel used
+here is deterministic). The settings that decide the data order are recorded in the checkpoint;
+resuming with any of them changed is refused, naming them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointManager
+from ..checkpoint import CheckpointError, CheckpointManager
 from ..distributed import all_reduce_host
-from .corpus import EpochTokens, sample_negatives, steps_per_epoch
+from .corpus import EpochStream, sample_negatives, steps_per_epoch
 
 log = logging.getLogger("sharded_embedding.train")
+
+DIVERGED_FACTOR = 10.0  # a loss reading this many times the first one means the run diverged
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite or exploded; the tables are not worth keeping."""
 
 
 @dataclass
 class LoopState:
-    epoch: int = 0
+    epoch: int = 0  # the epoch in progress (== epochs once training is complete)
     next_batch: int = 0  # first batch of `epoch` not trained yet
     step: int = 0  # steps trained in all
     elapsed: float = 0.0  # training seconds before this process started
     losses: list = field(default_factory=list)  # (epoch progress, mean loss per pair)
     running: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
-    epoch_rng: torch.Tensor | None = None  # generator state before `epoch`'s tokens were drawn
 
     def to_rank_state(self, rng: torch.Tensor) -> dict:
         return {"epoch": self.epoch, "next_batch": self.next_batch, "step": self.step, "elapsed": self.elapsed,
                 "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2),
-                "running": self.running.clone(), "epoch_rng": self.epoch_rng, "rng": rng}
+                "running": self.running.clone(), "rng": rng}
 
     @classmethod
     def from_rank_state(cls, s: dict) -> tuple[LoopState, torch.Tensor]:
         state = cls(int(s["epoch"]), int(s["next_batch"]), int(s["step"]), float(s["elapsed"]),
-                    [tuple(r) for r in s["losses"].tolist()], s["running"].clone(), s["epoch_rng"])
+                    [tuple(r) for r in s["losses"].tolist()], s["running"].clone())
         return state, s["rng"]
 
 
 class SkipGramTraining:
-    """Runs the epochs of `SkipGram` over this rank's `Part`, with checkpoints and resume."""
+    """Runs the epochs of `SkipGram` over this rank's `TokenFile`, with checkpoints and resume."""
 
-    def __init__(self, cfg, model, part, keep, cdf, corpus_words: int, progress, checkpoints: CheckpointManager | None):
-        self.cfg, self.model, self.part, self.keep, self.cdf = cfg, model, part, keep, cdf
+    def __init__(self, cfg, model, tokens, keep, cdf, corpus_words: int, progress,
+                 checkpoints: CheckpointManager, data_order: dict):
+        self.cfg, self.model, self.tokens, self.keep, self.cdf = cfg, model, tokens, keep, cdf
         self.corpus_words, self.progress, self.checkpoints = corpus_words, progress, checkpoints
+        self.data_order = data_order
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)
         self.state = LoopState()
         self._started = time.perf_counter()
+        self._first_loss: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state.epoch >= self.cfg.train.epochs
 
     # ------------------------------------------------------------------ checkpoints
     def _tables(self) -> dict:
-        return {"inputs": self.model.inputs.state_dict(), "outputs": self.model.outputs.state_dict()}
+        return {"inputs": self.model.inputs, "outputs": self.model.outputs}
 
     def resume(self):
-        """Continue from the newest complete checkpoint, if there is one; returns its path."""
-        path = self.checkpoints.latest() if self.checkpoints else None
+        """Continue from the newest complete checkpoint, if there is one; returns its path.
+        Raises CheckpointError (every rank) if it was made with other data-order settings."""
+        path = self.checkpoints.latest()
         if path is None:
             return None
-        tables = self._tables()
-        rank_state, info = self.checkpoints.load(path, tables)
-        self.model.inputs.load_state_dict(tables["inputs"])
-        self.model.outputs.load_state_dict(tables["outputs"])
+        info = self.checkpoints.info(path)
+        saved = info.get("data_order")
+        if saved is not None and saved != self.data_order:
+            changed = sorted(k for k in set(saved) | set(self.data_order) if saved.get(k) != self.data_order.get(k))
+            raise CheckpointError(
+                f"{path} was trained with other settings that decide the data order: "
+                + ", ".join(f"{k}={saved.get(k)!r} (now {self.data_order.get(k)!r})" for k in changed)
+                + ". Resume with the checkpoint's values, or start a new run (another out_dir)")
+        rank_state, _ = self.checkpoints.load(path, self._tables())
         self.state, rng = LoopState.from_rank_state(rank_state)
         self.gen.set_state(rng)
-        log.info("resumed from %s: step %s, epoch %s, batch %s", path, self.state.step, self.state.epoch,
-                 self.state.next_batch)
+        if self.state.losses:
+            self._first_loss = self.state.losses[0][1]
+        log.info("resumed from %s: step %s, epoch %s, batch %s%s", path, self.state.step, self.state.epoch,
+                 self.state.next_batch, " (training was complete)" if self.finished else "")
         return path
 
-    def save(self) -> None:
+    def save(self):
+        """Checkpoint the tables and where the loop stands (collective); returns the folder."""
         s = self.state
         saved = s.elapsed
         s.elapsed = saved + time.perf_counter() - self._started
-        self.checkpoints.save(s.step, self._tables(), s.to_rank_state(self.gen.get_state()),
-                              {"world_size": self.world, "epoch": s.epoch, "next_batch": s.next_batch})
-        s.elapsed = saved
+        try:
+            return self.checkpoints.save(s.step, self._tables(), s.to_rank_state(self.gen.get_state()),
+                                         {"world_size": self.world, "epoch": s.epoch, "next_batch": s.next_batch,
+                                          "finished": self.finished, "data_order": self.data_order})
+        finally:
+            s.elapsed = saved
 
     # ------------------------------------------------------------------ the loop
     def elapsed(self) -> float:
@@ -92,18 +117,15 @@ class SkipGramTraining:
     def run(self) -> LoopState:
         cfg, s, model = self.cfg, self.state, self.model
         epochs, lr0, shared = cfg.train.epochs, cfg.optimizer.lr, cfg.model.shared_negatives
-        every = cfg.train.checkpoint_every
+        centers, every = cfg.train.batch_centers, cfg.train.checkpoint_every
         for epoch in range(s.epoch, epochs):
-            if s.epoch_rng is not None and epoch == s.epoch:  # resuming inside this epoch
-                now = self.gen.get_state()
-                self.gen.set_state(s.epoch_rng)
-                tokens = EpochTokens(self.part, self.keep, cfg.model.window, self.gen)
-                self.gen.set_state(now)
-            else:
-                s.epoch, s.next_batch, s.epoch_rng = epoch, 0, self.gen.get_state()
-                tokens = EpochTokens(self.part, self.keep, cfg.model.window, self.gen)
-            steps = steps_per_epoch(tokens.num_tokens, cfg.train.batch_centers)
-            for i, batch in enumerate(tokens.batches(cfg.train.batch_centers, steps)):
+            if epoch != s.epoch:
+                s.epoch, s.next_batch = epoch, 0
+            stream = EpochStream(self.tokens, self.keep, cfg.model.window, seed=cfg.train.seed, rank=self.rank,
+                                 epoch=epoch)
+            kept = stream.count()
+            steps = steps_per_epoch(kept, centers)
+            for i, batch in enumerate(stream.batches(centers, steps, kept)):
                 if i < s.next_batch:
                     continue  # trained before the checkpoint this run resumed from
                 done = epoch + i / steps
@@ -114,16 +136,28 @@ class SkipGramTraining:
                 s.running += torch.tensor([loss.item(), num_pairs], dtype=torch.float64)
                 s.step, s.next_batch = s.step + 1, i + 1
                 last = epoch == epochs - 1 and i == steps - 1
-                if s.step % cfg.train.log_every == 0 or last:
-                    self._read_loss(epoch + (i + 1) / steps)
-                if every and (s.step % every == 0 or last):
+                checkpoint = every and s.step % every == 0 and not last
+                if s.step % cfg.train.log_every == 0 or last or checkpoint:
+                    self._read_loss(epoch + (i + 1) / steps)  # never checkpoint a diverged table
+                if checkpoint:
                     self.save()
+        s.epoch, s.next_batch = epochs, 0
         return s
 
     def _read_loss(self, progress: float) -> None:
         s = self.state
         total = all_reduce_host(s.running)  # every rank gets the same reading
-        mean = float(total[0] / max(total[1], 1))
-        s.losses.append((progress, mean))
+        pairs = float(total[1])
+        mean = float(total[0]) / pairs if pairs else 0.0
         s.running.zero_()
+        if not pairs:
+            return
+        if self._first_loss is None:
+            self._first_loss = mean
+        if not math.isfinite(mean) or mean > DIVERGED_FACTOR * max(self._first_loss, 1.0):
+            raise TrainingDiverged(
+                f"training diverged at step {s.step} (epoch {progress:.2f}): the loss per pair is {mean:.4g}, "
+                f"against {self._first_loss:.4g} at the first reading. Lower optimizer.lr "
+                f"(now {self.cfg.optimizer.lr} with optimizer={self.cfg.optimizer.name})")
+        s.losses.append((progress, mean))
         self.progress(progress, mean, self.corpus_words * progress / self.elapsed())
