@@ -165,10 +165,11 @@ class CheckpointManager:
         steps = self._steps()
         return steps[-1][1] if steps else None
 
-    def save(self, step: int, tables: dict, rank_state: dict, info: dict) -> Path:
+    def save(self, step: int, tables: dict, rank_state: dict, info: dict, progress=lambda rows: None) -> Path:
         """Write every `ShardedEmbedding` of ``tables`` (name -> table; its rows and fused
         optimizer state) and ``rank_state`` (plain tensors and numbers, one file per rank) as
-        checkpoint ``step``; returns its folder. Collective; raises on every rank alike."""
+        checkpoint ``step``; returns its folder. ``progress(rows)`` follows the table writes.
+        Collective; raises on every rank alike."""
         from .export import export_table
 
         final = self.directory / f"step_{step:09d}"
@@ -184,7 +185,7 @@ class CheckpointManager:
         steps = {}
         for name, emb in tables.items():
             for key, storage in emb._row_states().items():
-                export_table(emb, str(partial / f"{name}.{key}.npy"), storage=storage.detach())  # raises everywhere
+                export_table(emb, str(partial / f"{name}.{key}.npy"), progress, storage.detach())  # raises everywhere
             if emb.optimizer is not None:
                 steps[name] = emb.optimizer.step.detach().cpu().clone()
         try:

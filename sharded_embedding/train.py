@@ -63,14 +63,26 @@ def _compose(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def _agreed_run_dir(overrides: list[str]) -> list[str]:
-    """Hydra overrides that put every rank in one run folder, Hydra's files on rank 0 only."""
+def _sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a Hydra multirun (``-m``): one override list per combination."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _agreed_run_dir(overrides: list[str], multirun: bool) -> list[str]:
+    """Hydra overrides that put every rank in one run (or sweep) folder, Hydra's files and
+    logs on rank 0 only."""
+    key, pattern = ("hydra.sweep.dir", "multirun/%Y-%m-%d/%H-%M-%S") if multirun else \
+        ("hydra.run.dir", "outputs/%Y-%m-%d/%H-%M-%S")
     extra = []
-    if not any(o.startswith("hydra.run.dir=") for o in overrides):
-        stamp = time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
+    if not any(o.startswith(key + "=") for o in overrides):
+        stamp = time.strftime(pattern)
         if dist.get_world_size() > 1:
             stamp = all_gather_strings(stamp)[0]  # rank 0's
-        extra.append(f"hydra.run.dir={stamp}")
+        extra.append(f"{key}={stamp}")
     if dist.get_rank() != 0:
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     return extra
@@ -78,20 +90,24 @@ def _agreed_run_dir(overrides: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith("-") for a in argv):  # --help, --cfg job, ...: Hydra's own, on one process
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in overrides):  # --help, --cfg job, ...: Hydra's own, on one process
         sys.argv = [sys.argv[0], *argv]
         _hydra_entry()
         return 0
-    try:
-        cfg = _compose(argv)
+    try:  # every job's config, checked before any work
+        configs = [_compose(job) for job in (_sweep(overrides) if multirun else [overrides])]
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad configs
         cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
         init_distributed()
         return _stop(f"configuration error: {e}{cause}")
-    if cfg.train.bind_cpus:
+    if configs[0].train.bind_cpus:
         bind_local_cpus()
     init_distributed()
-    sys.argv = [sys.argv[0], *argv, *_agreed_run_dir(argv)]
+    # A multirun's jobs run one after another in these same processes (Hydra's basic
+    # launcher), each in its own folder under the sweep folder.
+    sys.argv = [sys.argv[0], *(["-m"] if multirun else []), *overrides, *_agreed_run_dir(overrides, multirun)]
     _hydra_entry()
     return EXIT["code"]
 
@@ -104,15 +120,16 @@ def _hydra_entry():
     register()
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-    def task(cfg) -> None:
+    def task(cfg) -> None:  # once per job: the worst exit code of a sweep is the process's
         try:
-            EXIT["code"] = run(cfg)
+            code = run(cfg)
         except Exception:  # noqa: BLE001 - every failing rank reports (other ranks log nothing)
             if dist.get_rank() == 0:
                 log.exception("training failed")
             else:
                 print(f"[rank {dist.get_rank()}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-            EXIT["code"] = 1
+            code = 1
+        EXIT["code"] = max(EXIT["code"], code)
 
     task()
 
@@ -188,7 +205,10 @@ def run(cfg) -> int:
                              "; nothing was exported.", code=3)
         train_s = training.elapsed()
         with phases.phase("checkpoint", "saving the trained tables"):
-            final = training.save()  # before anything that can fail after training
+            rows = sum(_primary_rows(t) * len(t._row_states()) for t in (model.inputs, model.outputs))
+            bar = phases.progress(rows, "rows", "checkpoint")
+            final = training.save(bar.update)  # before anything that can fail after training
+            bar.close()
     else:
         final, train_s = checkpoints.latest(), training.state.elapsed
     state = training.state
@@ -204,7 +224,7 @@ def run(cfg) -> int:
         with phases.phase("export", f"writing the vectors ({', '.join(FILES[f] for f in formats)})"):
             written = []
             for fmt in formats:
-                bar = phases.progress(model.inputs.num_embeddings, "rows", FILES[fmt])
+                bar = phases.progress(_primary_rows(model.inputs), "rows", FILES[fmt])
                 written.append(write_vectors(fmt, model.inputs, vocab, str(out), bar.update))
                 bar.close()
         del model, training  # the tables are saved and exported: free them before evaluating
@@ -224,6 +244,11 @@ def run(cfg) -> int:
     if rank == 0:
         log.info("outputs in %s: %s, metrics.json, loss.png", out, ", ".join(FILES[f] for f in formats))
     return 0
+
+
+def _primary_rows(emb) -> int:
+    """Rows this rank writes when the table goes to a file (its primary pages)."""
+    return sum(emb.plan.page_rows(p) for p in emb.plan.primary_pages(emb.rank).tolist())
 
 
 def _evaluate(path: str, fmt: str, limit: int, vocab) -> dict | None:

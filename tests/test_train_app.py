@@ -97,3 +97,61 @@ def test_two_nodes_on_loopback(tmp_path):
     assert metrics["world_size"] == 3
     lines = (tmp_path / "out" / "vectors.txt").read_text().splitlines()
     assert lines[0] == "7978 100" and len(lines) == 7979  # every rank wrote its pages in place
+
+
+def test_a_vocabulary_that_min_count_empties_is_a_data_error(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("a b a\nc a b\n")
+    done = _train(tmp_path, f"data.path={corpus}")
+    out = done.stdout + done.stderr
+    message = ("data error: the vocabulary is empty: no word of the corpus's 6 tokens occurs data.min_count=5 "
+               "times or more (the most frequent occurs 3 times). Lower data.min_count")
+    assert out.count(message) == 1, out[-3000:]  # one message, no traceback
+    assert "training failed" not in out and "exitcode  : 2" in out  # the data-error path, not a crash
+
+
+def test_hydra_multirun_runs_each_job_in_its_own_folder(tmp_path):
+    """`-m` sweeps run one job after another on the same ranks, each in its own folder."""
+    done = subprocess.run(
+        ["bash", "launch/train.sh", "-m", "optimizer=sgd,adagrad", "train.epochs=1", "evaluate=false",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=ROOT, env=_env(NPROC=2), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    names = [json.loads((job / "metrics.json").read_text())["optimizer"]["name"] for job in jobs]
+    assert names == ["sgd", "adagrad"]
+    for job in jobs:
+        assert (job / "vectors.txt").exists() and (job / "train.log").exists() and (job / ".hydra").is_dir()
+    assert (done.stdout + done.stderr).count("outputs in") == 2  # rank 0 alone logs
+
+
+def test_a_resume_that_changes_the_data_order_is_refused_naming_the_key(tmp_path):
+    first = _train(tmp_path, "train.epochs=1", "train.batch_centers=500", "train.checkpoint_every=2",
+                   "evaluate=false")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    before = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    done = _train(tmp_path, "train.epochs=1", "train.batch_centers=200", "train.resume=true", "evaluate=false")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "exitcode  : 2" in out
+    assert out.count("settings that decide the data order: train.batch_centers=500 (now 200)") == 1, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before  # nothing changed
+
+
+def test_a_diverged_run_stops_with_one_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    import numpy as np
+
+    done = _train(tmp_path, "optimizer=sgd", "optimizer.lr=0.1", "train.epochs=2", "train.checkpoint_every=4",
+                  "train.log_every=4")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "exitcode  : 3" in out
+    assert out.count("training diverged at step") == 1, out[-3000:]
+    assert "Lower optimizer.lr (now 0.1 with optimizer=sgd)" in out
+    assert not (tmp_path / "out" / "vectors.txt").exists()  # nothing reported as a result
+    # The reading at step 4 was still fine (a checkpoint is only written after a fine reading);
+    # at step 8 the loss had exploded: the run stops there and step 4 stays the last checkpoint.
+    assert "training diverged at step 8 " in out
+    kept = sorted((tmp_path / "out" / "checkpoints").glob("step_*[0-9]"))
+    assert [p.name for p in kept] == ["step_000000004"] and f"The last good checkpoint is {kept[-1]}" in out
+    assert all(np.isfinite(np.load(kept[-1] / f"{t}.weight.npy")).all() for t in ("inputs", "outputs"))

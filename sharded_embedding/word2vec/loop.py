@@ -25,7 +25,7 @@ from .corpus import EpochStream, sample_negatives, steps_per_epoch
 
 log = logging.getLogger("sharded_embedding.train")
 
-DIVERGED_FACTOR = 10.0  # a loss reading this many times the first one means the run diverged
+DIVERGED_FACTOR = 10.0  # a loss reading this many times the starting loss means the run diverged
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,7 +65,6 @@ class SkipGramTraining:
         self.gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)
         self.state = LoopState()
         self._started = time.perf_counter()
-        self._first_loss: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -92,13 +91,11 @@ class SkipGramTraining:
         rank_state, _ = self.checkpoints.load(path, self._tables())
         self.state, rng = LoopState.from_rank_state(rank_state)
         self.gen.set_state(rng)
-        if self.state.losses:
-            self._first_loss = self.state.losses[0][1]
         log.info("resumed from %s: step %s, epoch %s, batch %s%s", path, self.state.step, self.state.epoch,
                  self.state.next_batch, " (training was complete)" if self.finished else "")
         return path
 
-    def save(self):
+    def save(self, progress=lambda rows: None):
         """Checkpoint the tables and where the loop stands (collective); returns the folder."""
         s = self.state
         saved = s.elapsed
@@ -106,7 +103,7 @@ class SkipGramTraining:
         try:
             return self.checkpoints.save(s.step, self._tables(), s.to_rank_state(self.gen.get_state()),
                                          {"world_size": self.world, "epoch": s.epoch, "next_batch": s.next_batch,
-                                          "finished": self.finished, "data_order": self.data_order})
+                                          "finished": self.finished, "data_order": self.data_order}, progress)
         finally:
             s.elapsed = saved
 
@@ -152,12 +149,11 @@ class SkipGramTraining:
         s.running.zero_()
         if not pairs:
             return
-        if self._first_loss is None:
-            self._first_loss = mean
-        if not math.isfinite(mean) or mean > DIVERGED_FACTOR * max(self._first_loss, 1.0):
+        start = self.model.initial_loss_per_pair
+        if not math.isfinite(mean) or mean > DIVERGED_FACTOR * start:
             raise TrainingDiverged(
                 f"training diverged at step {s.step} (epoch {progress:.2f}): the loss per pair is {mean:.4g}, "
-                f"against {self._first_loss:.4g} at the first reading. Lower optimizer.lr "
+                f"against {start:.4g} at the start. Lower optimizer.lr "
                 f"(now {self.cfg.optimizer.lr} with optimizer={self.cfg.optimizer.name})")
         s.losses.append((progress, mean))
         self.progress(progress, mean, self.corpus_words * progress / self.elapsed())

@@ -67,9 +67,15 @@ def prepare_corpus(spec: CorpusSpec, *, min_count: int, max_vocab: int | None, d
 
     with phases.phase("vocabulary", "counting words and merging the vocabulary"):
         bar = phases.progress(spec.share_bytes(rank, world), "B", "counting")
+
+        def merging():
+            bar.close()
+            if rank == 0:
+                log.info("merging the counts of %s ranks", world)
+
         try:
             vocab, _ = build_vocabulary(spec, min_count=min_count, max_vocab=max_vocab, group=group,
-                                        progress=bar.update)
+                                        progress=bar.update, merging=merging)
         finally:
             bar.close()
         error = None

@@ -47,6 +47,12 @@ class SkipGram(nn.Module):
         span = self.block + 2 * self.window
         return (torch.arange(blocks).view(blocks, 1) * self.block + torch.arange(span)).to(self._offset.device)
 
+    @property
+    def initial_loss_per_pair(self) -> float:
+        """The loss per pair at the start: the output table is zero, so every score is 0 and
+        each of a pair's 1 + ``negatives`` terms is log 2."""
+        return (1 + self.negatives) * math.log(2)
+
     def set_learning_rate(self, lr: float) -> None:
         self.inputs.optimizer.lr = lr
         self.outputs.optimizer.lr = lr

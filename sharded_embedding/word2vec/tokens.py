@@ -58,7 +58,7 @@ def encode_share(spec: CorpusSpec, words: pa.Array, rank: int, world: int, path:
 class TokenFile:
     """Read access to one rank's token file."""
 
-    CHUNK = 1 << 22  # tokens an epoch reads at a time (16 MiB)
+    CHUNK = 1 << 20  # tokens an epoch reads at a time (4 MiB)
 
     def __init__(self, path: str):
         self.path = path

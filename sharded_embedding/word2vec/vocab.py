@@ -111,9 +111,11 @@ def merge_counts(words: pa.Array, counts: np.ndarray, *, min_count: int, max_voc
 
 
 def build_vocabulary(spec: CorpusSpec, *, min_count: int, max_vocab: int | None, group=None,
-                     progress: Callable[[int], None] = lambda n: None) -> tuple[Vocabulary, int]:
+                     progress: Callable[[int], None] = lambda n: None,
+                     merging: Callable[[], None] = lambda: None) -> tuple[Vocabulary, int]:
     """Count this rank's share, merge (collective). Returns (vocabulary, this rank's lines).
 
+    ``progress(bytes)`` follows the counting; ``merging()`` is called when the merge starts.
     Raises CorpusError on every rank if any rank cannot read its share, or if no word occurs
     ``min_count`` times."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -126,6 +128,7 @@ def build_vocabulary(spec: CorpusSpec, *, min_count: int, max_vocab: int | None,
         agree_or_raise(group, "reading the corpus", "ok", error, collective_device(group))
     except ValueError as e:
         raise CorpusError(str(e)) from None
+    merging()
     total = int(all_reduce_host(torch.tensor([tokens], dtype=torch.int64), group=group))
     words, counts, top = merge_counts(words, counts, min_count=min_count, max_vocab=max_vocab, group=group)
     if len(words) == 0:
