@@ -200,3 +200,51 @@ def _manager(directory: str, case: str):
                                   "other_world"])
 def test_checkpoint_manager(tmp_path, case):
     run_ranks(2, _manager, str(tmp_path / "ckpts"), case)
+
+
+def _export_fails(path: str, how: str):
+    import errno
+    import shutil
+
+    import sharded_embedding.export as export
+
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(4096, 16, page_size=512, seed=1)
+    real_usage, real_pwrite, calls = shutil.disk_usage, os.pwrite, []
+
+    def full_disk_usage(p):  # the filesystem has less free space than the table
+        return real_usage(p)._replace(free=1000)
+
+    def pwrite(fd, data, offset):  # the disk fills while this rank writes (another writer, say)
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    if how == "no_space" and rank == 0:
+        export.shutil.disk_usage = full_disk_usage
+    if how == "disk_fills" and rank == 1:
+        export.os.pwrite = pwrite
+    try:
+        with pytest.raises(OSError) as caught:
+            emb.export_table(path)
+    finally:
+        shutil.disk_usage, os.pwrite = real_usage, real_pwrite  # the rank pool lives on
+    dist.barrier()
+    assert not os.path.exists(path + ".partial")  # nothing half-written is left
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no_space", r"export: creating the file: rank 0: not enough space for .*t\.npy\.partial: it needs 262,272 bytes "
+                 r"and the filesystem has 1,000 free"),
+    ("disk_fills", r"export: writing the pages: rank 1: rank 1 could not write .*: \[Errno 28\] No space left"),
+])
+def test_a_full_disk_is_one_error_on_every_rank_and_leaves_no_file(tmp_path, how, message):
+    import re
+
+    path = tmp_path / "t.npy"
+    path.write_bytes(b"the previous export")  # an older file of that name stays as it was
+    for text in run_ranks(2, _export_fails, str(path), how):
+        assert re.search(message, text), text
+    assert path.read_bytes() == b"the previous export"

@@ -155,3 +155,30 @@ def test_a_diverged_run_stops_with_one_message_and_keeps_the_last_good_checkpoin
     kept = sorted((tmp_path / "out" / "checkpoints").glob("step_*[0-9]"))
     assert [p.name for p in kept] == ["step_000000004"] and f"The last good checkpoint is {kept[-1]}" in out
     assert all(np.isfinite(np.load(kept[-1] / f"{t}.weight.npy")).all() for t in ("inputs", "outputs"))
+
+
+def test_corpus_bytes_that_are_not_utf8_stop_the_run_naming_file_line_and_option(tmp_path):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes(("the cat sat\n" * 30 + "café cafè résumé rèsumé\n" * 10).encode("latin-1"))
+    done = _train(tmp_path, f"data.path={corpus}", "data.min_count=1")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "exitcode  : 2" in out
+    assert out.count(f"{corpus}, line 31: bytes ") == 1, out[-3000:]
+    assert "Set data.encoding to the file's encoding" in out and not (tmp_path / "out" / "vectors.txt").exists()
+    done = _train(tmp_path, f"data.path={corpus}", "data.min_count=1", "data.encoding=latin-1", "train.epochs=1",
+                  "evaluate=false", "out_dir=" + str(tmp_path / "ok"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    words = [line.split(" ", 1)[0] for line in (tmp_path / "ok" / "vectors.txt").read_text().splitlines()[1:]]
+    assert sorted(words) == sorted(["the", "cat", "sat", "café", "cafè", "résumé", "rèsumé"])
+
+
+def test_a_gzip_corpus_is_read_as_text(tmp_path):
+    import gzip
+
+    corpus = tmp_path / "corpus.txt.gz"
+    with gzip.open(corpus, "wt") as f:
+        f.write("alpha beta gamma delta\n" * 50)
+    done = _train(tmp_path, f"data.path={corpus}", "data.min_count=1", "train.epochs=1", "evaluate=false")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    lines = (tmp_path / "out" / "vectors.txt").read_text().splitlines()
+    assert lines[0] == "4 100" and sorted(x.split(" ", 1)[0] for x in lines[1:]) == ["alpha", "beta", "delta", "gamma"]
