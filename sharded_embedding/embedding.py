@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .amp import ScalerLink
 from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
 from .distributed import agree_or_raise, check_agreement, collective_device, default_device
 from .export import export_table, import_table
 from .initializers import fill_initial_rows
-from .amp import ScalerLink
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
 from .optimizers import build_fused_optimizer
@@ -215,7 +215,11 @@ class ShardedEmbedding(nn.Module):
         """Look up ``indices`` (int64 or int32, any shape) -> ``indices.shape + (embedding_dim,)``.
 
         Collective: the header and ids all-to-alls, then the vectors all-to-all; the backward
-        runs the gradients all-to-all (and the mirror all-reduces).
+        runs the non-finite flags all-reduce, the gradients all-to-all (and the mirror
+        all-reduces). Every rank raises together: TypeError/IndexError for bad ids on any rank;
+        RuntimeError if any rank refuses the lookup (storage replaced by FSDP, a fused table
+        under autocast without `use_grad_scaler`) or the ranks differ in whether they will run
+        the backward; `NonFiniteGradientError` in the backward (see `amp`).
         """
         storage = self._storage
         needs_grad = torch.is_grad_enabled() and storage.requires_grad
