@@ -1,6 +1,8 @@
 """sharded-embedding: embedding tables larger than one device, paged over torch.distributed ranks."""
 
-from .ddp import exclude_from_ddp, split_parameters
+from .amp import NonFiniteGradientError, use_grad_scaler
+from .clipping import clip_grad_norm_
+from .ddp import exclude_from_ddp, split_parameters, table_parameters
 from .distributed import finish, init_distributed
 from .embedding import ShardedEmbedding
 from .initializers import initial_rows
@@ -13,6 +15,10 @@ __all__ = [
     "PagePlan",
     "exclude_from_ddp",
     "split_parameters",
+    "table_parameters",
+    "use_grad_scaler",
+    "NonFiniteGradientError",
+    "clip_grad_norm_",
     "init_distributed",
     "finish",
     "initial_rows",

@@ -8,6 +8,10 @@ twice) and, on load, reads for each rank exactly the rows its own pages cover, w
 wrote them. Building the state dict needs no communication: every rank knows the plan.
 After a load, mirrored pages are copied from their primary to the other replicas.
 
+``torch.save`` of a state dict pickles each of these tensors as plain data (`TableShards`:
+an ``OrderedDict`` of this rank's row ranges and their tensors), so a per-rank file loads with
+``torch.load(weights_only=True)`` and back into a table of the same layout.
+
 `CheckpointManager` keeps a training job's checkpoints: each table's rows (and per-row optimizer
 state) as one ``.npy`` per tensor, written page by page by every rank in place
 (`export.export_table`) and read back the same way into any layout; per-rank loop state in
@@ -23,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,7 +36,9 @@ import torch.distributed as dist
 
 from .distributed import agree_or_raise, all_gather_strings, collective_device
 
-__all__ = ["sharded_rows", "copy_loaded_rows", "CheckpointManager", "CheckpointError"]
+__all__ = ["sharded_rows", "loaded_rows_copier", "CheckpointManager", "CheckpointError", "ROWS_FORMAT"]
+
+ROWS_FORMAT = "sharded_embedding.rows.v1"  # what a pickled TableShards becomes
 
 
 class CheckpointError(RuntimeError):
@@ -55,9 +63,40 @@ def _run_rows(plan, first: int, stop: int) -> tuple[int, int]:
     return start, plan.page_start(stop - 1) + plan.page_rows(stop - 1) - start
 
 
+def _table_shards_class():
+    """`TableShards`, defined on first use: torch.distributed._shard is imported only then."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    global _TABLE_SHARDS
+    if _TABLE_SHARDS is None:
+
+        class TableShards(ShardedTensor):
+            """A ShardedTensor of a table's rows that pickles as plain data: an ``OrderedDict``
+            ``{"format": ROWS_FORMAT, "size": [global shape], "row_ranges": int64 [k, 2] of
+            (first row, rows), "shards": [k tensors]}`` of this rank's shards. So
+            ``torch.save(model.state_dict())`` per rank gives a file that
+            ``torch.load(weights_only=True)`` reads (the ShardedTensor class is not on its
+            allow-list) and `ShardedEmbedding.load_state_dict` takes back on the same layout.
+            The shards are views of the storage: torch.save writes that storage once."""
+
+            def __reduce_ex__(self, protocol):
+                shards = self.local_shards()
+                ranges = torch.tensor([[sh.metadata.shard_offsets[0], sh.metadata.shard_sizes[0]] for sh in shards],
+                                      dtype=torch.int64).reshape(-1, 2)
+                items = [("format", ROWS_FORMAT), ("size", list(self.metadata().size)), ("row_ranges", ranges),
+                         ("shards", [sh.tensor for sh in shards])]
+                return (OrderedDict, (items,))
+
+        _TABLE_SHARDS = TableShards
+    return _TABLE_SHARDS
+
+
+_TABLE_SHARDS = None
+
+
 def sharded_rows(emb, storage: torch.Tensor):
     """``storage`` (laid out like ``emb``'s local rows: ``[rows]`` or ``[rows, dim]``) as a
-    ShardedTensor of the global shape, one shard per run of primary pages."""
+    ShardedTensor (`TableShards`) of the global shape, one shard per run of primary pages."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -82,38 +121,77 @@ def sharded_rows(emb, storage: torch.Tensor):
         tensor_properties=TensorProperties(dtype=storage.dtype, layout=torch.strided, requires_grad=False,
                                            memory_format=torch.contiguous_format, pin_memory=False),
     )
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta, process_group=emb.process_group)
+    st = ShardedTensor._init_from_local_shards_and_global_metadata(local, meta, process_group=emb.process_group)
+    st.__class__ = _table_shards_class()  # torch builds a plain ShardedTensor whatever the class asked
+    return st
 
 
-def copy_loaded_rows(emb, storage: torch.Tensor, loaded, name: str) -> None:
-    """Put a loaded tensor into ``storage`` (``emb``'s local layout): a ShardedTensor whose
-    shards are this rank's primary runs (what `sharded_rows` made and DCP filled, often in
-    place already), or a full ``[num_embeddings, ...]`` tensor."""
+def loaded_rows_copier(emb, storage: torch.Tensor, loaded, name: str):
+    """Check a loaded state against ``storage`` (``emb``'s local layout) and return a function
+    that copies it in; raises ValueError (nothing copied) if it does not fit. Accepts:
+    a ShardedTensor whose shards are this rank's primary runs (what `sharded_rows` made and
+    DCP filled, often in place already); what a pickled `TableShards` loads as (a per-rank
+    ``torch.save`` file, same layout only); or a full ``[num_embeddings, ...]`` tensor."""
     plan = emb.plan
     slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
-    with torch.no_grad():
-        if hasattr(loaded, "local_shards"):
-            if tuple(loaded.size()) != (plan.num_embeddings, *storage.shape[1:]):
-                raise ValueError(f"{name}: a state of shape {tuple(loaded.size())} does not fit a table of "
-                                 f"{(plan.num_embeddings, *storage.shape[1:])}")
-            for shard in loaded.local_shards():
-                start, rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
-                page = start // plan.page_size
-                if page not in slot_of or plan.page_owners(page)[0] != emb.rank:
-                    raise ValueError(f"{name}: rows {start}.. are not a primary page of rank {emb.rank} here: "
-                                     "load a state dict made by this table's state_dict()")
-                at = slot_of[page] * plan.page_size
-                target = storage[at : at + rows]
-                if target.data_ptr() != shard.tensor.data_ptr():
-                    target.copy_(shard.tensor)
-        else:
+    want = (plan.num_embeddings, *storage.shape[1:])
+
+    def target(start: int, rows: int) -> torch.Tensor:
+        at = slot_of[start // plan.page_size] * plan.page_size
+        return storage[at : at + rows]
+
+    if hasattr(loaded, "local_shards"):
+        if tuple(loaded.size()) != want:
+            raise ValueError(f"{name}: a state of shape {tuple(loaded.size())} does not fit a table of {want}")
+        parts = []
+        for shard in loaded.local_shards():
+            start, rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+            page = start // plan.page_size
+            if page not in slot_of or plan.page_owners(page)[0] != emb.rank:
+                raise ValueError(f"{name}: rows {start}.. are not a primary page of rank {emb.rank} here: "
+                                 "load a state dict made by this table's state_dict()")
+            parts.append((target(start, rows), shard.tensor))
+    elif isinstance(loaded, Mapping) and loaded.get("format") == ROWS_FORMAT:
+        size, ranges, tensors = list(loaded["size"]), torch.as_tensor(loaded["row_ranges"]).tolist(), loaded["shards"]
+        if tuple(size) != want:
+            raise ValueError(f"{name}: a state of shape {tuple(size)} does not fit a table of {want}")
+        mine = [list(_run_rows(plan, first, stop)) for first, stop in _primary_runs(plan, emb.rank)]
+        if ranges != mine:
+            raise ValueError(
+                f"{name}: this per-rank state (torch.save) holds rows {_ranges_text(ranges)}, but rank "
+                f"{emb.rank} of this table holds the primary rows {_ranges_text(mine)}: a per-rank file "
+                "loads only into the same world size, placement and page size, on the rank that saved it. "
+                "Use torch.distributed.checkpoint (dcp.save / dcp.load) to load into another layout"
+            )
+        for (start, rows), t in zip(ranges, tensors):
+            if tuple(t.shape) != (rows, *want[1:]):
+                raise ValueError(f"{name}: rows {start}..{start + rows - 1} come with a tensor of shape "
+                                 f"{tuple(t.shape)}")
+        parts = [(target(start, rows), t) for (start, rows), t in zip(ranges, tensors)]
+    else:
+        try:
             full = torch.as_tensor(loaded)
-            if tuple(full.shape) != (plan.num_embeddings, *storage.shape[1:]):
-                raise ValueError(f"{name}: expected shape {(plan.num_embeddings, *storage.shape[1:])}, "
-                                 f"got {tuple(full.shape)}")
-            for p, s in slot_of.items():
-                start, rows = plan.page_start(p), plan.page_rows(p)
-                storage[s * plan.page_size : s * plan.page_size + rows].copy_(full[start : start + rows])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{name}: expected a tensor or a state made by state_dict(), got "
+                             f"{type(loaded).__name__} ({e})") from e
+        if tuple(full.shape) != want:
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(full.shape)}")
+        parts = []
+        for p, s in slot_of.items():
+            start, rows = plan.page_start(p), plan.page_rows(p)
+            parts.append((storage[s * plan.page_size : s * plan.page_size + rows], full[start : start + rows]))
+
+    @torch.no_grad()
+    def copy_in():
+        for dst, src in parts:
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+
+    return copy_in
+
+
+def _ranges_text(ranges) -> str:
+    return ", ".join(f"{a}..{a + n - 1}" for a, n in ranges) if ranges else "none"
 
 
 def sync_mirrors(emb, storages: list[torch.Tensor]) -> None:

@@ -1,25 +1,38 @@
 """Sharded tables beside a data-parallel (DDP) dense model.
 
 A `ShardedEmbedding`'s gradient is already complete on the ranks that own each row when
-backward returns, and every rank's storage has a different shape. DDP must therefore
-leave it alone: `exclude_from_ddp` tells it to, before the model is wrapped. Optimizers
-for the two parts usually differ (a sparse one for the tables, any for the dense part):
-`split_parameters` separates them.
+backward returns, and every rank holds different rows. DDP must therefore leave it alone:
+its start-up broadcast would copy rank 0's pages over every other rank's, and its gradient
+all-reduce would average unrelated pages.
+
+The table sees to that by itself. DDP skips the names listed in
+``_ddp_params_and_buffers_to_ignore`` on the module it wraps; a table lists its storage
+there, and a module registration hook (`torch.nn.modules.module.
+register_module_module_registration_hook`) copies the names, prefixed, to every module a
+table is placed into, at any depth, as the model is assembled. So ``DDP(model)`` ignores
+every table. As a safeguard, when a DDP instance takes a model whose tables it would not
+ignore (say, a table put into a sub-module after that sub-module was placed into the model),
+the same hook makes ``DDP(model)`` raise before DDP broadcasts anything; `exclude_from_ddp`
+then fixes it. Optimizers for the two parts usually differ (a sparse one for the tables, any
+for the dense part): `split_parameters` separates them.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from .embedding import ShardedEmbedding
 
-__all__ = ["exclude_from_ddp", "split_parameters"]
+__all__ = ["exclude_from_ddp", "split_parameters", "table_parameters"]
+
+_OURS = "_sharded_embedding_states"  # per module: names (relative to it) of the tables' states it holds
 
 
 def _table_state_names(module: nn.Module) -> list[str]:
     """Names of every parameter and buffer of the ShardedEmbeddings in ``module`` (the
-    storage, and a fused optimizer's state): per-rank tensors DDP must never touch."""
+    storage): per-rank tensors DDP must never touch."""
     names = []
     for prefix, sub in module.named_modules():
         if isinstance(sub, ShardedEmbedding):
@@ -28,9 +41,61 @@ def _table_state_names(module: nn.Module) -> list[str]:
     return names
 
 
+def _states_of(module: nn.Module | None) -> list[str]:
+    if isinstance(module, ShardedEmbedding):
+        return list(module._ddp_params_and_buffers_to_ignore)
+    return list(module.__dict__.get(_OURS, ())) if module is not None else []
+
+
+def _on_register(parent: nn.Module, name: str, child: nn.Module | None):
+    """Module registration hook: keep ``parent``'s DDP ignore list in step with the tables
+    under it; refuse a DDP wrap that would touch a table. Returns None (keeps ``child``)."""
+    if isinstance(parent, DistributedDataParallel):
+        if name == "module" and child is not None:
+            _check_ddp_wrap(parent, child)
+        return None
+    if isinstance(parent, ShardedEmbedding):
+        return None
+    attrs = parent.__dict__  # not getattr: wrappers (torch.compile's) forward unknown names
+    before = attrs.get(_OURS + "_by_child", {})
+    if not _states_of(child) and name not in before:
+        return None  # the common case: nothing of ours involved
+    ours = dict(before)
+    ours[name] = [f"{name}.{n}" for n in _states_of(child)]
+    stale = {n for names in before.values() for n in names}
+    fresh = [n for names in ours.values() for n in names]
+    kept = [n for n in attrs.get("_ddp_params_and_buffers_to_ignore", ()) if n not in stale]
+    parent.__dict__[_OURS + "_by_child"] = ours
+    parent.__dict__[_OURS] = fresh
+    parent.__dict__["_ddp_params_and_buffers_to_ignore"] = list(dict.fromkeys(kept + fresh))
+    return None
+
+
+def _check_ddp_wrap(ddp: DistributedDataParallel, model: nn.Module) -> None:
+    """Raise if DDP is about to manage a table's storage. Runs when DDP's constructor assigns
+    ``self.module``, before it verifies shapes or broadcasts anything."""
+    ignored = ddp.__dict__.get("parameters_to_ignore")
+    if ignored is None:
+        ignored = set(model.__dict__.get("_ddp_params_and_buffers_to_ignore", ()))
+    exposed = [n for n in _table_state_names(model) if n not in ignored]
+    if exposed:
+        raise ValueError(
+            f"DistributedDataParallel would manage the ShardedEmbedding storage {exposed}: its start-up "
+            "broadcast would copy rank 0's pages over every other rank's, and its all-reduce would average "
+            "unrelated pages. Call sharded_embedding.exclude_from_ddp(model) before DDP(model) (tables "
+            "put into a sub-module after that sub-module joined the model are not seen otherwise), or "
+            "wrap only the dense sub-modules. Nothing was changed"
+        )
+
+
+_HOOK = register_module_module_registration_hook(_on_register)
+
+
 def exclude_from_ddp(module: nn.Module) -> list[str]:
-    """Mark the storage (and fused optimizer state) of every ShardedEmbedding inside
-    ``module`` as ignored by DDP: neither all-reduced nor broadcast as buffers.
+    """Mark the storage of every ShardedEmbedding inside ``module`` as ignored by DDP:
+    neither all-reduced nor broadcast. Tables do this by themselves as a model is assembled
+    (see this module's docstring); calling it is still right, e.g. after putting a table into
+    a sub-module that was already part of ``module``.
 
     Call before ``DistributedDataParallel(module)``; returns the names ignored.
     """
@@ -39,8 +104,22 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
     return names
 
 
+def table_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The storage parameters of every ShardedEmbedding in ``module`` (DDP-wrapped or not),
+    e.g. for ``fully_shard(model, ignored_params=set(table_parameters(model)))``."""
+    seen, out = set(), []
+    for sub in module.modules():
+        if isinstance(sub, ShardedEmbedding):
+            for p in sub.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
 def split_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(table parameters, dense parameters) of ``module`` (DDP-wrapped or not)."""
-    tables = {id(p) for sub in module.modules() if isinstance(sub, ShardedEmbedding) for p in sub.parameters()}
+    """(table parameters, dense parameters) of ``module`` (DDP-wrapped or not). A table with a
+    fused optimizer needs no optimizer of yours: its parameter never gets a gradient."""
+    tables = {id(p) for p in table_parameters(module)}
     params = list(module.parameters())
     return [p for p in params if id(p) in tables], [p for p in params if id(p) not in tables]

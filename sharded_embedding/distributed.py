@@ -21,6 +21,7 @@ __all__ = [
     "bind_local_cpus",
     "default_device",
     "agree_or_raise",
+    "check_agreement",
     "group_ranks",
     "subgroup",
     "finish",
@@ -164,35 +165,47 @@ def subgroup(parent, ranks: tuple[int, ...]):
     return _SUBGROUPS[key] if dist.get_rank() in global_ranks else None
 
 
-def agree_or_raise(group, what: str, fingerprint: str, error: str | None, device: torch.device) -> None:
-    """Check that every rank of ``group`` reached the same ``fingerprint`` with no error.
+def check_agreement(group, fingerprint: str, error: str | None,
+                    device: torch.device) -> tuple[list[tuple[int, str]], list[str] | None]:
+    """Did every rank of ``group`` reach the same ``fingerprint`` with no error?
 
-    One all-gather on the good path. If any rank failed or disagrees, every rank learns
-    why (one more all-gather, taken by all ranks together) and raises the same ValueError.
+    Returns ``([], None)`` if so, else every rank's errors as ``(rank, text)`` and, if there
+    are none but the fingerprints differ, every rank's fingerprint: the same answer on every
+    rank. One all-gather on the good path; one or two more, taken by all ranks together,
+    otherwise.
     """
     world = dist.get_world_size(group)
     if world == 1:
-        if error is not None:
-            raise ValueError(error)
-        return
+        return ([(0, error)] if error is not None else []), None
     digest = int(hashlib.blake2b(fingerprint.encode(), digest_size=7).hexdigest(), 16) if error is None else -1
     mine = torch.tensor([digest], dtype=torch.int64, device=device)
     every = torch.empty(world, dtype=torch.int64, device=device)
     all_gather_single(every, mine, group=group)
     digests = every.tolist()
     if all(d == digests[0] and d != -1 for d in digests):
-        return
+        return [], None
     reports = all_gather_strings(error if error is not None else "", group, device)
     errors = [(r, e) for r, e in enumerate(reports) if e]
     if errors:
+        return errors, None
+    return [], all_gather_strings(fingerprint, group, device)
+
+
+def agree_or_raise(group, what: str, fingerprint: str, error: str | None, device: torch.device) -> None:
+    """Check that every rank of ``group`` reached the same ``fingerprint`` with no error
+    (`check_agreement`); otherwise every rank raises the same ValueError."""
+    errors, fingerprints = check_agreement(group, fingerprint, error, device)
+    if errors:
+        if dist.get_world_size(group) == 1:
+            raise ValueError(errors[0][1])
         detail = "; ".join(f"rank {r}: {e}" for r, e in errors)
         raise ValueError(f"{what}: {detail}")
-    fingerprints = all_gather_strings(fingerprint, group, device)
-    by_rank = ", ".join(f"rank {r}: {f}" for r, f in enumerate(fingerprints))
-    raise ValueError(
-        f"{what}: ranks were given different arguments (sizes, placement, dtype, seed or "
-        f"options differ): {by_rank}"
-    )
+    if fingerprints is not None:
+        by_rank = ", ".join(f"rank {r}: {f}" for r, f in enumerate(fingerprints))
+        raise ValueError(
+            f"{what}: ranks were given different arguments (sizes, placement, dtype, seed or "
+            f"options differ): {by_rank}"
+        )
 
 
 def all_gather_strings(text: str, group=None, device: torch.device | None = None) -> list[str]:

@@ -15,15 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import copy_loaded_rows, sharded_rows, sync_mirrors
-from .distributed import agree_or_raise, default_device
+from .amp import ScalerLink
+from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
+from .distributed import agree_or_raise, check_agreement, collective_device, default_device
 from .export import export_table, import_table
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan
-from .routing import Router
+from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
 from .stats import ExchangeStats
 from .storage import allocate
 
@@ -50,10 +51,10 @@ class ShardedEmbedding(nn.Module):
         sparse: gradients of the local storage are sparse COO tensors (touched rows only).
         fused_optimizer: ``{"name": "sgd" | "adagrad" | "rowwise_adagrad" | "adam", "lr": ...,
             ...}`` applies that optimizer inside the backward to the touched rows (see
-            `optimizers`); no gradient is kept, and the storage becomes a buffer, so
-            ``parameters()`` is empty and a dense optimizer cannot pick the table up by
-            mistake. ``emb.optimizer`` holds the hyperparameters (``emb.optimizer.lr = ...``
-            for a schedule) and the state.
+            `optimizers`); no gradient is kept (``weight.grad`` stays None, so an optimizer
+            given ``model.parameters()`` skips the table), and ``weight.requires_grad_(False)``
+            (or the module's) freezes it as usual. ``emb.optimizer`` holds the hyperparameters
+            (``emb.optimizer.lr = ...`` for a schedule) and the state.
         comm_dtype: dtype of the vectors and gradients on the wire (e.g. ``torch.bfloat16``
             halves the bytes exchanged); storage and updates keep ``dtype``.
 
@@ -64,6 +65,13 @@ class ShardedEmbedding(nn.Module):
     Every rank must call ``forward`` the same number of times, in the same order, and
     backpropagate through every output (an empty batch is fine): each call and its
     backward are collectives.
+
+    Around standard PyTorch machinery (docs/training-loop.md has the full table): DDP wrapping
+    a model that holds the table leaves the table alone by itself (`ddp`); inference mode,
+    no_grad, eval/train, autocast, ``copy.deepcopy`` and dtype conversions work as for
+    ``nn.Embedding``; a GradScaler is declared with `use_grad_scaler`; an inf/NaN gradient row
+    is never applied (`amp`); moving the table to another device, FSDP taking over its
+    storage and pickling the module are refused with an error that says what to do instead.
     """
 
     def __init__(
@@ -127,17 +135,17 @@ class ShardedEmbedding(nn.Module):
         self.rank, self.world_size = rank, world
         self._local_page_ids = plan.local_pages(rank).tolist()
         storage = allocate((plan.local_rows(rank), embedding_dim), dtype, device)
+        # With a fused optimizer the storage still requires grad: the lookup's backward, where
+        # the optimizer works, runs only then, and freezing the table is requires_grad_(False).
+        self.weight = nn.Parameter(storage)
+        self.__dict__["_storage"] = self.weight  # what the pages are, whatever replaces .weight
         # The fused optimizer is not a registered sub-module: its state is per-rank rows that
         # state_dict() exposes as sharded tensors itself, and DDP must never see it.
-        if fused_optimizer is None:
-            self.weight = nn.Parameter(storage)
-            self.__dict__["optimizer"] = None
-            self._trigger = None
-        else:
-            self.register_buffer("weight", storage)
-            self.__dict__["optimizer"] = build_fused_optimizer(fused_optimizer, storage)
-            # Requires grad so the lookup's backward runs, where the optimizer does its work.
-            self._trigger = torch.empty(0, requires_grad=True)
+        self.__dict__["optimizer"] = (
+            build_fused_optimizer(fused_optimizer, storage) if fused_optimizer is not None else None
+        )
+        # DDP reads this on the model it wraps; `ddp` copies it up to every module holding us.
+        self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()
         self._router = Router(
             plan.routing_table(rank),
@@ -151,6 +159,7 @@ class ShardedEmbedding(nn.Module):
         )
         self._exchange = Exchange(
             group=group,
+            rank=rank,
             world=world,
             mirrors=MirrorSync(plan, rank, group, device),
             sparse=sparse,
@@ -174,7 +183,7 @@ class ShardedEmbedding(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device
+        return self._storage.device
 
     def page_owners(self, page: int) -> tuple[int, ...]:
         """Ranks holding ``page``; the first is its primary."""
@@ -185,7 +194,7 @@ class ShardedEmbedding(nn.Module):
         """Page id -> this rank's ``[rows_in_page, dim]`` view of that page."""
         ps = self.page_size
         return {
-            p: self.weight[s * ps : s * ps + self.plan.page_rows(p)]
+            p: self._storage[s * ps : s * ps + self.plan.page_rows(p)]
             for s, p in enumerate(self._local_page_ids)
         }
 
@@ -206,12 +215,29 @@ class ShardedEmbedding(nn.Module):
         """Look up ``indices`` (int64 or int32, any shape) -> ``indices.shape + (embedding_dim,)``.
 
         Collective: the header and ids all-to-alls, then the vectors all-to-all; the backward
-        runs the gradients all-to-all (and the mirror all-reduces).
+        runs the non-finite flags all-reduce, the gradients all-to-all (and the mirror
+        all-reduces). Every rank raises together: TypeError/IndexError for bad ids on any rank;
+        RuntimeError if any rank refuses the lookup (storage replaced by FSDP, a fused table
+        under autocast without `use_grad_scaler`) or the ranks differ in whether they will run
+        the backward; `NonFiniteGradientError` in the backward (see `amp`).
         """
-        routing = self._router.route(indices)
-        trigger = self._trigger if torch.is_grad_enabled() else None
-        out = ShardedLookup.apply(self.weight, trigger, routing, self._exchange)
+        storage = self._storage
+        needs_grad = torch.is_grad_enabled() and storage.requires_grad
+        refusal = 0
+        if self._parameters.get("weight") is not storage:
+            refusal = STORAGE_REPLACED
+        elif (needs_grad and self.optimizer is not None and self._exchange.scaler is None
+              and torch.is_autocast_enabled(storage.device.type)):
+            refusal = AUTOCAST_WITHOUT_SCALER_POLICY
+        routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad)
+        out = ShardedLookup.apply(storage, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)
+
+    def use_grad_scaler(self, scaler) -> None:
+        """Answer to ``scaler`` (a ``torch.amp.GradScaler``, or ``None``: the loss is not
+        scaled) in the backward: see `amp` and `sharded_embedding.use_grad_scaler`, which does
+        this for every table in a model. No communication; call it on every rank."""
+        self._exchange.scaler = ScalerLink(scaler, self.device)
 
     def stats(self, reset: bool = False) -> dict:
         """What this rank's lookups moved since construction (or the last reset): calls, ids,
@@ -222,10 +248,57 @@ class ShardedEmbedding(nn.Module):
             self._exchange.stats = ExchangeStats(self.world_size)
         return out
 
+    # ------------------------------------------------------------------ torch machinery
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)``, ``.half()``, ``.double()`` convert the storage as for ``nn.Embedding``
+        (a fused optimizer's state keeps its dtype, as a torch optimizer's does). Moving the
+        table to another device is refused before anything changes: its pages, routing and
+        process group were set up for the device it was built on."""
+        storage = self._storage
+        probe = fn(torch.empty((0, self.embedding_dim), dtype=storage.dtype, device=storage.device))
+        if isinstance(probe, torch.Tensor) and probe.device != storage.device:
+            raise ValueError(
+                f"ShardedEmbedding: the table's pages live on {storage.device} and cannot move to "
+                f"{probe.device} (its routing, workspaces and process group were set up for that device). "
+                f"Build it there instead: ShardedEmbedding(..., device={str(probe.device)!r}) (the default "
+                "is cuda:LOCAL_RANK under nccl). The table was not changed"
+            )
+        out = super()._apply(fn, recurse)
+        # Conversions may put a new Parameter in place of the old one (torch.__future__ flags).
+        self.__dict__["_storage"] = self._parameters["weight"]
+        return out
+
+    def __deepcopy__(self, memo):
+        """An independent table with the same layout, rows and optimizer state, on the same
+        process group (no communication): what ``copy.deepcopy(model)`` does for EMA/SWA
+        copies. Like the original, every rank must call the copy's lookups."""
+        import copy
+
+        shared = [self.process_group] + [pg for _, pg in self._exchange.mirrors._sets]
+        if self._exchange.scaler is not None and self._exchange.scaler.scaler is not None:
+            shared.append(self._exchange.scaler.scaler)  # the copy answers to the same scaler
+        for obj in shared:
+            if obj is not None:
+                memo[id(obj)] = obj
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a ShardedEmbedding cannot be pickled (torch.save(model), copy.copy): its rows are spread "
+            "over the ranks of a process group. Save the state instead: torch.save(model.state_dict(), "
+            "f'rank{rank}.pt') per rank (loads into the same layout), "
+            "torch.distributed.checkpoint.save({'model': model.state_dict()}, ...) (loads into any "
+            "layout), or emb.export_table(path)"
+        )
+
     # ------------------------------------------------------------------ checkpoints
     def _row_states(self) -> dict[str, torch.Tensor]:
         """Per-row tensors laid out like the local rows: the table and the optimizer state."""
-        states = {"weight": self.weight}
+        states = {"weight": self._storage}
         if self.optimizer is not None:
             states.update({f"optimizer.{k}": v for k, v in self.optimizer.named_buffers() if k != "step"})
         return states
@@ -247,30 +320,50 @@ class ShardedEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Counterpart of `state_dict` (collective: mirrored pages are then copied from their
-        primary to the other replicas). Accepts what `state_dict` made (possibly filled in
-        place by DCP) or full ``[num_embeddings, ...]`` tensors."""
-        storages = []
+        """Counterpart of `state_dict`. Accepts what `state_dict` made (possibly filled in place
+        by DCP), what a per-rank ``torch.save`` of it loads back as (same layout), or full
+        ``[num_embeddings, ...]`` tensors.
+
+        Collective: the ranks first agree (one all-gather) that every rank's state fits and
+        that the same keys are present (torch raises for missing keys only on the ranks that
+        miss them); if not, every rank reports the same errors (so ``load_state_dict`` raises
+        on every rank) and no row is changed. Then mirrored pages are copied from their
+        primary to the other replicas."""
+        copies, errors, missing = [], [], []
         for name, storage in self._row_states().items():
             key = prefix + name
             if key not in state_dict:
-                missing_keys.append(key)
+                missing.append(key)
                 continue
             try:
-                copy_loaded_rows(self, storage.data, state_dict[key], key)
+                copies.append((storage.data, loaded_rows_copier(self, storage.data, state_dict[key], key)))
             except ValueError as e:
-                error_msgs.append(str(e))
-            storages.append(storage.data)
+                errors.append(str(e))
+        step = None
         if self.optimizer is not None:
             key = prefix + "optimizer.step"
-            if key in state_dict:
-                with torch.no_grad():
-                    self.optimizer.step.copy_(torch.as_tensor(state_dict[key]))
+            if key not in state_dict:
+                missing.append(key)
             else:
-                missing_keys.append(key)
+                step = torch.as_tensor(state_dict[key])
+                if step.numel() != 1:
+                    errors.append(f"{key}: expected one number, got a tensor of shape {tuple(step.shape)}")
+        missing_keys += missing
         ours = set(self._row_states()) | ({"optimizer.step"} if self.optimizer is not None else set())
         unexpected_keys += [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in ours]
-        sync_mirrors(self, storages)
+        found, differ = check_agreement(self.process_group, ",".join(missing), "; ".join(errors) or None,
+                                        collective_device(self.process_group))
+        if found or differ:
+            detail = "; ".join(f"rank {r}: {e}" for r, e in found) if found else "ranks were given different keys: " + \
+                "; ".join(f"rank {r} misses [{f}]" for r, f in enumerate(differ))
+            error_msgs.append(f"{type(self).__name__} {prefix or '(root)'}: {detail}. No rank changed any row")
+            return
+        for _, copy_in in copies:
+            copy_in()
+        if step is not None:
+            with torch.no_grad():
+                self.optimizer.step.copy_(step.reshape(()))
+        sync_mirrors(self, [storage for storage, _ in copies])
 
     def export_table(self, path) -> None:
         """Write the whole table to one ``.npy`` file ([num_embeddings, embedding_dim]) without
@@ -287,7 +380,7 @@ class ShardedEmbedding(nn.Module):
     @torch.no_grad()
     def full_table(self) -> torch.Tensor:
         """The whole table on every rank (collective: one all-gather). For small tables and tests."""
-        return self._full(self.weight)
+        return self._full(self._storage)
 
     def _full(self, storage: torch.Tensor) -> torch.Tensor:
         """A tensor laid out like the local rows (the table, or per-row optimizer state),

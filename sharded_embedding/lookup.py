@@ -7,6 +7,9 @@ Forward (after `routing.route` has told every rank what to serve):
 
 Backward (the adjoint of the forward, so the gradient is that of the SUM of all ranks' losses):
     requesters:  per-unique-id gradient = index_add of grad_out over duplicate ids
+    all ranks:   all_reduce(flags)  which ranks computed inf/NaN rows (`amp`), started first and
+                 overlapping the next exchange: then no rank changes any row (an error, or a
+                 skipped step under a GradScaler)
     all ranks:   all_to_all_single(gradients)  back to the ranks that served each row
     owners:      `MirrorSync` all-reduces the rows of mirrored pages inside their replica set;
                  then either a fused optimizer updates the rows in place (no gradient is kept)
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message, start_nonfinite_agreement
 from .mirrors import MirrorSync
 from .optimizers import FusedOptimizer
 from .rows import sum_duplicate_rows
@@ -40,6 +44,8 @@ class Workspace:
     Large per-step temporaries (gathered vectors, gradient rows) otherwise come back as fresh
     pages from the OS each step, and the page faults cost as much as the copies themselves.
     A buffer is only ever used within one forward or one backward, which run one at a time.
+    Buffers are always normal tensors, also when a lookup under ``torch.inference_mode`` grows
+    them: an inference tensor could never be written again outside inference mode.
     """
 
     def __init__(self):
@@ -49,7 +55,8 @@ class Workspace:
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != dim or buf.dtype != dtype or buf.device != device:
             grow = buf.shape[0] if buf is not None and buf.shape[1] == dim and buf.dtype == dtype else 0
-            buf = torch.empty(max(rows, grow + grow // 2, 64), dim, dtype=dtype, device=device)
+            with torch.inference_mode(False):
+                buf = torch.empty(max(rows, grow + grow // 2, 64), dim, dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:rows]
 
@@ -59,12 +66,14 @@ class Exchange:
     """What the lookup needs to move and apply rows over one process group."""
 
     group: object
+    rank: int
     world: int
     mirrors: MirrorSync
     sparse: bool
     optimizer: FusedOptimizer | None
     comm_dtype: torch.dtype | None
     stats: ExchangeStats
+    scaler: ScalerLink | None = None  # set by ShardedEmbedding.use_grad_scaler
     workspace: Workspace = field(default_factory=Workspace)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]):
@@ -94,12 +103,12 @@ class Exchange:
 class ShardedLookup(torch.autograd.Function):
     """``out[i] = table[ids[i]]`` for this rank's ids, over the table's owners.
 
-    Inputs: the local storage, a ``trigger`` that requires grad when a fused optimizer owns
-    the storage (so the backward still runs), the routing and the exchange.
+    Inputs: the local storage (a parameter; with a fused optimizer it requires grad only so
+    that the backward, where the optimizer works, runs), the routing and the exchange.
     """
 
     @staticmethod
-    def forward(ctx, weight, trigger, routing: Routing, exchange: Exchange):
+    def forward(ctx, weight, routing: Routing, exchange: Exchange):
         num_remote, num_self = routing.num_remote, routing.num_self
         dim, ws = weight.shape[1], exchange.workspace
         served = ws.get("served", routing.num_served, dim, weight.dtype, weight.device)
@@ -121,7 +130,12 @@ class ShardedLookup(torch.autograd.Function):
         optimizer, mirrors = exchange.optimizer, exchange.mirrors
         dim = grad_out.shape[-1]
         num_remote, num_unique, num_served = routing.num_remote, routing.num_unique, routing.num_served
+        link = exchange.scaler
+        inv_scale = link.inv_scale() if link is not None and optimizer is not None else 1.0
         scale = optimizer.linear_scale if optimizer is not None else None
+        if scale is not None:
+            scale *= inv_scale  # SGD: -lr / S, applied while the duplicates are summed
+            inv_scale = 1.0
         # [grads of rows asked of peers | grads of own rows | grads received from peers]
         work = exchange.workspace.get("work", num_unique + num_served, dim, grad_out.dtype, grad_out.device)
         if num_unique:  # one bag per unique id sums the gradients of its duplicates
@@ -130,8 +144,19 @@ class ShardedLookup(torch.autograd.Function):
             work[:num_unique] = F.embedding_bag(
                 bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum", per_sample_weights=weights
             )
+        # Every rank learns whether any rank computed an inf/NaN row, before any row changes.
+        flag = nonfinite_flag(work[:num_unique], num_remote, exchange.comm_dtype)
+        agree = start_nonfinite_agreement(flag, exchange.rank, exchange.world, exchange.group)
         wait = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts, routing.requested_counts)  # gradients
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
+        bad = agree()
+        if bad:
+            wait()  # the buffers are reused: let the exchange finish first
+            if link is None or not link.active:
+                raise NonFiniteGradientError(nonfinite_message(bad))
+            link.record_overflow()  # scaler.update() lowers the scale on every rank
+            if optimizer is not None:
+                return None, None, None  # the step is skipped everywhere, like scaler.step skips it
         rows, values = routing.owner_rows, work[num_remote:]
         if scale is not None and not mirrors.active:
             # A linear update can land in parts: own rows while the peers' gradients travel.
@@ -139,15 +164,28 @@ class ShardedLookup(torch.autograd.Function):
             optimizer.update(ctx.weight, rows[: routing.num_self], values[: routing.num_self])
             wait()
             optimizer.update(ctx.weight, rows[routing.num_self :], values[routing.num_self :])
-            return None, None, None, None
+            return None, None, None
         wait()
         rows, values, mirror_rows = mirrors.all_reduce(rows, values)
         exchange.stats.mirror_rows_reduced += mirror_rows
         if optimizer is not None:
+            if inv_scale != 1.0:
+                values = values * inv_scale
             optimizer.apply(ctx.weight, rows, values)
-            return None, None, None, None
+            return None, None, None
         rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
-        return _as_gradient(rows, values, ctx.storage_shape, exchange.sparse), None, None, None
+        if bad:  # another rank overflowed: make this rank's scaler skip the table's step too
+            values, rows = _poisoned(values, rows, ctx.storage_shape)
+        return _as_gradient(rows, values, ctx.storage_shape, exchange.sparse), None, None
+
+
+def _poisoned(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size):
+    """NaN gradient rows (at least one, where the storage has a row), so that any GradScaler's
+    check of this rank's gradient finds what another rank found."""
+    if rows.numel() == 0 and shape[0] > 0:
+        rows = rows.new_zeros(1)
+        values = values.new_empty(1, values.shape[1])
+    return values.new_full(values.shape, float("nan")), rows
 
 
 def _as_gradient(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size, sparse: bool) -> torch.Tensor:

@@ -97,7 +97,7 @@ class FusedSGD(FusedOptimizer):
         return -self.lr
 
     def update(self, weight, rows, grad):
-        weight.index_add_(0, rows, grad)  # grad arrives as -lr * g
+        weight.index_add_(0, rows, grad.to(weight.dtype))  # grad arrives as -lr * g
 
 
 class FusedAdagrad(FusedOptimizer):
@@ -115,7 +115,7 @@ class FusedAdagrad(FusedOptimizer):
         clr = self.lr / (1 + (int(self.step) - 1) * self.lr_decay)
         acc = self.sum.index_select(0, rows).addcmul_(grad, grad)
         self.sum.index_copy_(0, rows, acc)
-        weight.index_add_(0, rows, grad.div_(acc.sqrt_().add_(self.eps)).mul_(-clr))
+        weight.index_add_(0, rows, grad.div_(acc.sqrt_().add_(self.eps)).mul_(-clr).to(weight.dtype))
 
 
 class FusedRowwiseAdagrad(FusedOptimizer):
@@ -136,7 +136,7 @@ class FusedRowwiseAdagrad(FusedOptimizer):
         acc = self.sum.index_select(0, rows).add_(torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32).square_().div_(grad.shape[1]))
         self.sum.index_copy_(0, rows, acc)
         scale = acc.sqrt_().add_(self.eps).reciprocal_().mul_(-self.lr)
-        weight.index_add_(0, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)))
+        weight.index_add_(0, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)).to(weight.dtype))
 
 
 class FusedAdam(FusedOptimizer):
@@ -164,7 +164,7 @@ class FusedAdam(FusedOptimizer):
         self.exp_avg.index_copy_(0, rows, m)
         self.exp_avg_sq.index_copy_(0, rows, v)
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        weight.index_add_(0, rows, m.div_(v.sqrt_().add_(self.eps)).mul_(-step_size))
+        weight.index_add_(0, rows, m.div_(v.sqrt_().add_(self.eps)).mul_(-step_size).to(weight.dtype))
 
 
 FUSED_OPTIMIZERS = {cls.name: cls for cls in (FusedSGD, FusedAdagrad, FusedRowwiseAdagrad, FusedAdam)}

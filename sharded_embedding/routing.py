@@ -5,10 +5,12 @@ Every rank of the group runs `Router.route` once per lookup call, in the same or
 1. validate the ids, translate them to (serving rank, local row on it) -- the requester
    knows the plan -- and deduplicate them with one sort, which also orders them by peer;
 2. ``all_to_all_single`` of one int64 *request* per peer: a header (how many rows this rank
-   asks of that peer, this rank's input-error code and value, and the most it asks of any
-   peer) followed by up to ``capacity`` of the requested rows. Bad input on any rank (float
-   ids, an id out of range) reaches every rank in this exchange, and all ranks raise the same
-   error together before anything else moves; the good path pays no extra collective for it;
+   asks of that peer, this rank's error code and value, the most it asks of any peer, and
+   whether it will backpropagate through this lookup) followed by up to ``capacity`` of the
+   requested rows. Bad input on any rank (float ids, an id out of range), a lookup the table
+   refuses on some rank (see `REFUSALS`), or ranks that disagree on running the backward (a
+   collective) reach every rank in this exchange, and all ranks raise the same error together
+   before anything else moves; the good path pays no extra collective for it;
 3. only if some rank asked some peer for more than ``capacity`` rows (every rank can tell,
    from the headers): ``all_to_all_single`` of the rows that did not fit, with ragged splits.
 
@@ -29,8 +31,28 @@ from .placement import RoutingTable
 
 __all__ = ["Routing", "Router"]
 
-_OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR = 0, 1, 2, 3
-_HEADER = 4  # request columns before the rows: count, error code, error value, largest count
+_OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
+_HEADER = 5  # request columns before the rows: count, error code, error value, largest count, grad
+
+# Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
+# RuntimeError with the text. Codes are the error value carried in the header.
+STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY = 1, 2
+REFUSALS = {
+    STORAGE_REPLACED: (
+        "the table's storage parameter `weight` was replaced by another tensor (torch.distributed.fsdp's "
+        "fully_shard or FullyShardedDataParallel, or an assignment to .weight): the pages must stay where "
+        "the table put them. Leave the table out of FSDP: fully_shard(model, ignored_params="
+        "set(sharded_embedding.table_parameters(model))), or shard only the dense sub-modules. "
+        "The table's own rows are unchanged"
+    ),
+    AUTOCAST_WITHOUT_SCALER_POLICY: (
+        "a table with a fused optimizer is trained under torch.autocast, but nobody said whether a "
+        "GradScaler scales the loss: its update happens inside the backward, so it must unscale the "
+        "gradient itself and skip the steps the scaler skips. Call "
+        "sharded_embedding.use_grad_scaler(model, scaler) with the torch.amp.GradScaler you step the "
+        "other optimizers with, or sharded_embedding.use_grad_scaler(model, None) if the loss is not scaled"
+    ),
+}
 # Non-integer dtypes by code, so that every rank can name the dtype a peer passed.
 _BAD_DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool,
@@ -108,31 +130,42 @@ class Router:
         self._capacity = 0  # rows per peer carried in the request exchange; same on all ranks
 
     def _positions(self, n: int) -> torch.Tensor:
+        """``arange(n)``, a view of a cache grown as needed. The cache is made outside inference
+        mode even when a lookup runs inside it, so that later training never meets an
+        inference tensor."""
         if self._arange.numel() < n:
-            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
+            with torch.inference_mode(False):
+                self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
         return self._arange[:n]
 
-    def route(self, indices) -> Routing:
+    def route(self, indices, *, refusal: int = 0, needs_grad: bool = False) -> Routing:
         """Deduplicate ``indices``, tell every peer what this rank needs, learn what to serve.
+
+        ``refusal``: a `REFUSALS` code if this rank's table refuses the lookup. ``needs_grad``:
+        this rank will backpropagate through the lookup (its backward is a collective too).
 
         Collective over the group: one ``all_to_all_single`` (two when a request outgrew the
         capacity), none in a group of one. Raises TypeError/IndexError on every rank if any
-        rank's input is bad.
+        rank's input is bad, RuntimeError if any rank refused or the ranks disagree on
+        ``needs_grad``.
         """
-        flat, shape, code, value = _validate(indices, self.num_embeddings, self.device)
+        if refusal:
+            flat, shape, code, value = None, None, _REFUSED, refusal
+        else:
+            flat, shape, code, value = _validate(indices, self.num_embeddings, self.device)
         if code != _OK:
             if self.world == 1:
                 _raise_input_errors([code], [value], self.num_embeddings)
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             counts = torch.zeros(self.world + 1, dtype=torch.int64, device=self.device)
-            return self._exchange(shape, empty, None, empty, empty, counts, code, value)
+            return self._exchange(shape, empty, None, empty, empty, counts, code, value, needs_grad)
         gather_index, bags, keys = self._sort(flat)
         if self.world == 1:
             return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
         peer = torch.div(keys, self._stride, rounding_mode="floor")
         rows = keys - peer * self._stride
         counts = torch.bincount(peer, minlength=self.world + 1)
-        return self._exchange(shape, gather_index, bags, peer, rows, counts, _OK, 0)
+        return self._exchange(shape, gather_index, bags, peer, rows, counts, _OK, 0, needs_grad)
 
     def _sort(self, flat: torch.Tensor):
         """One sort does it all. Each id becomes the key (serving rank, local row there), own
@@ -149,7 +182,8 @@ class Router:
         gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
         return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys.long()
 
-    def _exchange(self, shape, gather_index, bags, peer, rows, counts, code: int, value: int) -> Routing:
+    def _exchange(self, shape, gather_index, bags, peer, rows, counts, code: int, value: int,
+                  needs_grad: bool) -> Routing:
         """Send each peer its request (header + up to ``capacity`` rows), then any overflow."""
         world, device, cap = self.world, self.device, self._capacity
         width = _HEADER + cap
@@ -161,6 +195,7 @@ class Router:
         request[:, 1] = code
         request[:, 2] = value
         request[:, 3] = local_largest
+        request[:, 4] = int(needs_grad)
         starts = torch.cumsum(per_peer, 0) - per_peer
         if cap and num_asked:
             # The k-th peer-sorted row goes to (its peer, k - the peer's first k): one flat index.
@@ -175,6 +210,7 @@ class Router:
         dist.all_to_all_single(received, request, group=self.group)  # requests: header + first rows
         host = torch.cat([request[:, :1], received[:, :_HEADER]], dim=1).cpu()  # one device sync
         _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), self.num_embeddings)
+        _raise_if_grad_modes_differ(host[:, 5].tolist())
 
         requested, served = host[:, 0].tolist(), host[:, 1].tolist()
         largest = max(host[:, 4].tolist())
@@ -222,10 +258,31 @@ def _validate(indices, num_embeddings: int, device: torch.device):
     return flat, indices.shape, _OK, 0
 
 
+def _raise_if_grad_modes_differ(needs_grad: list[int]) -> None:
+    """Every rank must run this lookup's backward, or none: it is a collective."""
+    if len(set(needs_grad)) > 1:
+        with_grad = [r for r, g in enumerate(needs_grad) if g]
+        without = [r for r, g in enumerate(needs_grad) if not g]
+        raise RuntimeError(
+            f"ShardedEmbedding: ranks {with_grad} look up with gradients (they will run the backward, a "
+            f"collective) and ranks {without} without (torch.no_grad / torch.inference_mode, or "
+            "requires_grad of the table, differ between ranks). Every rank must do the same in each "
+            "lookup call. No rank looked anything up."
+        )
+
+
 def _raise_input_errors(codes: list[int], values: list[int], num_embeddings: int) -> None:
-    """Raise the same error on every rank if any rank's input was bad (codes by rank)."""
+    """Raise the same error on every rank if any rank's input was bad or any rank refused the
+    lookup (codes and values by rank)."""
     if not any(codes):
         return
+    refused = [(r, v) for r, (c, v) in enumerate(zip(codes, values)) if c == _REFUSED]
+    if refused:
+        reasons = sorted({v for _, v in refused})
+        ranks = [r for r, _ in refused]
+        text = "; ".join(REFUSALS.get(v, f"refusal {v}") for v in reasons)
+        raise RuntimeError(f"ShardedEmbedding refuses this lookup (on ranks {ranks}): {text}. "
+                           "No rank looked anything up.")
     bad_type = [(r, v) for r, (c, v) in enumerate(zip(codes, values)) if c in (_NOT_INTEGER, _NOT_TENSOR)]
     if bad_type:
         parts = []

@@ -61,6 +61,41 @@ def test_dcp_checkpoint_reshards_bitwise(saved, world, page_size, placement):
         assert got_step == step == 3
 
 
+def _as_dtensor(emb, storage):
+    """The state dict value the package may move to (docs/checkpointing.md): a DTensor of the
+    global shape, Shard(0), whose local tensor is a LocalShardsWrapper of this rank's primary
+    runs (TorchRec's form for uneven row-wise shards)."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+    from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
+
+    from sharded_embedding.checkpoint import _primary_runs, _run_rows
+
+    slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
+    shards, offsets = [], []
+    for first, stop in _primary_runs(emb.plan, emb.rank):
+        start, rows = _run_rows(emb.plan, first, stop)
+        shards.append(storage[slot_of[first] * emb.page_size :][:rows])
+        offsets.append((start, 0))
+    mesh = init_device_mesh("cpu", (emb.world_size,))
+    return DTensor.from_local(LocalShardsWrapper(shards, offsets), mesh, (Shard(0),), run_check=False,
+                              shape=torch.Size([emb.num_embeddings, storage.shape[1]]), stride=(storage.shape[1], 1))
+
+
+def _load_as_dtensor(ckpt: str):
+    emb = ShardedEmbedding(N, D, page_size=4, fused_optimizer=ADAGRAD, seed=99)
+    sd = {"emb.weight": _as_dtensor(emb, emb.weight.detach()), "emb.optimizer.sum": _as_dtensor(emb, emb.optimizer.sum)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    return emb.full_table(), emb._full(emb.optimizer.sum)
+
+
+def test_checkpoints_load_into_the_dtensor_form(saved):
+    """A checkpoint of today's ShardedTensor state dict loads, resharded, into the DTensor
+    (LocalShardsWrapper) form the state dict may move to: old checkpoints would stay readable."""
+    ckpt, table, state, _ = saved
+    for got_table, got_state in run_ranks(3, _load_as_dtensor, ckpt):
+        assert torch.equal(got_table, table) and torch.equal(got_state, state)
+
+
 def test_mirrored_rows_are_written_once(saved):
     meta = dcp.FileSystemReader(saved[0]).read_metadata()
     chunks = meta.state_dict_metadata["emb.weight"].chunks

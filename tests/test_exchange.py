@@ -63,7 +63,7 @@ def _stats():
             assert s["local_unique_ids"] == 3 and s["unique_ids_sent_per_rank"] == [2, 0]
     sent = calls[0]["unique_ids_sent_per_rank"][1 - rank]
     served = calls[0]["rows_served_per_rank"][1 - rank]
-    header = 4 * 8
+    header = 5 * 8  # count, error code, error value, largest count, grad mode
     # First call: no capacity yet, so the header goes first and the ids follow it; then the
     # vectors (float32 rows of 3) and, backward, the gradients.
     assert calls[0]["bytes_sent"] == header + sent * 8 + served * 12 + sent * 12

@@ -1,0 +1,139 @@
+"""Mixed precision and non-finite gradients: a table's backward under ``torch.amp.GradScaler``.
+
+A ``GradScaler`` multiplies the loss by its scale ``S`` before ``backward()``; ``scaler.step(opt)``
+then divides the gradients of ``opt``'s parameters by ``S`` and skips ``opt.step()`` if any of
+them is inf or NaN; ``scaler.update()`` lowers ``S`` after such a step. A table with a
+fused optimizer updates its rows inside the backward, before any ``scaler.step``, and its
+gradient is spread over the ranks, so it must do these three things itself, on every rank
+alike. `use_grad_scaler` tells it which scaler to answer to:
+
+- the fused update uses ``gradient / S`` (``S`` read from the scaler when the backward runs,
+  the value ``scaler.scale(loss)`` used; ``1/S`` rounded to float32 as GradScaler does);
+- if any rank's gradient rows hold inf or NaN, no rank updates any row and the scaler learns
+  of it (through ``scaler.unscale_`` of a one-element probe optimizer, so ``scaler.update()``
+  lowers the scale on every rank alike);
+- a table without a fused optimizer leaves unscaling to ``scaler.step(table_optimizer)``;
+  if another rank's gradient rows overflowed, its gradient here is set to NaN, so the scaler
+  skips the table's step on every rank, as it would skip ``nn.Embedding``'s whole table.
+
+Without a scaler, a non-finite gradient row is never applied either: every rank raises
+`NonFiniteGradientError` in that backward, before any row changes.
+
+The check: each rank looks at the gradient rows it computed (one ``aminmax`` pass, also
+catching rows that overflow ``comm_dtype`` on the wire) and the ranks share their flags in one
+all-reduce of ``world`` int32, started before the gradient all-to-all and overlapping it
+(`start_nonfinite_agreement`). What it does not see: finite rows from several ranks whose
+sum overflows float32 at the owner (|g| near 1.7e38), which nn.Embedding would see as inf.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["use_grad_scaler", "NonFiniteGradientError", "ScalerLink", "nonfinite_flag", "start_nonfinite_agreement"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A table's gradient held inf or NaN and no GradScaler was there to skip the step.
+    Raised on every rank of the table's group in the same backward; no row was changed."""
+
+
+class ScalerLink:
+    """The GradScaler a table's backward answers to (or ``None``: the loss is not scaled)."""
+
+    def __init__(self, scaler, device: torch.device):
+        if scaler is not None and not all(hasattr(scaler, m) for m in ("get_scale", "unscale_", "is_enabled")):
+            raise TypeError(f"use_grad_scaler expects a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self.scaler = scaler
+        self._device = device
+        self._probe = None
+
+    @property
+    def active(self) -> bool:
+        """A scaler is attached and enabled: it scales the loss and can skip steps."""
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def inv_scale(self) -> float:
+        """``1 / S`` in float32, as ``GradScaler.unscale_`` computes it (1.0 without a scaler)."""
+        if not self.active:
+            return 1.0
+        return float(torch.tensor(1.0 / self.scaler.get_scale(), dtype=torch.float32))
+
+    def record_overflow(self) -> None:
+        """Make ``scaler.update()`` see an inf/NaN this iteration (lower the scale), as if an
+        optimizer's gradients had overflowed. Uses only the scaler's public ``unscale_``."""
+        if not self.active:
+            return
+        if self._probe is None:
+            param = nn.Parameter(torch.zeros(1, device=self._device))
+            self._probe = torch.optim.SGD([param], lr=0.0)
+        param = self._probe.param_groups[0]["params"][0]
+        param.grad = torch.full_like(param, float("inf"))
+        try:
+            self.scaler.unscale_(self._probe)
+        except RuntimeError as e:  # already recorded since the last update(): nothing to add
+            if "already been called" not in str(e):
+                raise
+
+
+def use_grad_scaler(module: nn.Module, scaler) -> list[str]:
+    """Tell every `ShardedEmbedding` in ``module`` which ``torch.amp.GradScaler`` scales the loss
+    (``None``: no scaler). Call it once, before training, on every rank, with the scaler you
+    step the other optimizers with. Returns the names of the tables it reached.
+
+    Needed for a table with a fused optimizer trained under ``torch.autocast`` (it refuses to
+    train there until told), and for any table whose gradient may overflow under a scaler:
+    see this module's docstring for what the table then does.
+    """
+    from .embedding import ShardedEmbedding
+
+    names = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, ShardedEmbedding):
+            sub.use_grad_scaler(scaler)
+            names.append(name)
+    return names
+
+
+def nonfinite_flag(rows: torch.Tensor, num_wire: int, wire_dtype: torch.dtype | None) -> torch.Tensor:
+    """Whether the gradient rows a requester computed hold inf or NaN, or values that become
+    inf when its first ``num_wire`` rows are cast to ``wire_dtype`` on their way to the owner
+    (a 0-dim bool tensor on ``rows``' device, no host sync). One ``aminmax`` pass: NaN
+    propagates into both ends and an inf shows in one, and a cast overflows iff the largest
+    magnitude's does."""
+    flag = torch.zeros((), dtype=torch.bool, device=rows.device)
+    parts = [(rows[:num_wire], wire_dtype), (rows[num_wire:], None)] if wire_dtype is not None else [(rows, None)]
+    for part, dtype in parts:
+        if part.numel():
+            ends = torch.stack(torch.aminmax(part))
+            flag |= ~torch.isfinite(ends if dtype is None else ends.to(dtype)).all()
+    return flag
+
+
+def start_nonfinite_agreement(flag: torch.Tensor, rank: int, world: int, group):
+    """Start sharing every rank's ``flag`` (`nonfinite_flag`); returns a function that waits and
+    gives the ranks whose flag was set, the same list on every rank. Collective: one async
+    all-reduce of ``world`` int32 flags (none alone), started before the gradient
+    all-to-all so that it travels beside it."""
+    flags = torch.zeros(world, dtype=torch.int32, device=flag.device)
+    flags[rank] = flag.to(torch.int32)
+    work = dist.all_reduce(flags, group=group, async_op=True) if world > 1 else None  # non-finite flags: SUM of one-hot rows
+
+    def finish() -> list[int]:
+        if work is not None:
+            work.wait()
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    return finish
+
+
+def nonfinite_message(ranks: list[int]) -> str:
+    return (
+        f"ShardedEmbedding: the gradient of the table holds inf or NaN (from the lookups of rank(s) {ranks}); "
+        "no rank updated any row. The loss or its gradient overflowed: lower the learning rate, "
+        "or look for inf/NaN in the loss. Under torch.autocast with a torch.amp.GradScaler, attach the "
+        "scaler so that overflowing steps are skipped on every rank, as scaler.step skips them: "
+        "sharded_embedding.use_grad_scaler(model, scaler)"
+    )

@@ -1,0 +1,527 @@
+"""Standard PyTorch machinery around a model that holds a ShardedEmbedding: the same result as
+nn.Embedding in the same code, or one clear error on every rank before anything changes.
+docs/training-loop.md has the table of what works and what is refused; each row has a test
+here (GradScaler, autocast and non-finite gradients: tests/test_amp.py)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sharded_embedding import (
+    ShardedEmbedding,
+    clip_grad_norm_,
+    exclude_from_ddp,
+    initial_rows,
+    split_parameters,
+    table_parameters,
+)
+from tests.harness import run_ranks
+from tests.oracle import Oracle, RowwiseAdagradReference, local_rows_of, make_ids, make_loss_weight, rank_world
+
+
+class TableAndHead(nn.Module):
+    def __init__(self, n, dim, page_size, **table):
+        super().__init__()
+        self.emb = ShardedEmbedding(n, dim, page_size=page_size, **table)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids)).squeeze(-1)
+
+
+def _reference(n, dim, seed=0, sparse=True):
+    ref = nn.Embedding(n, dim, sparse=sparse)
+    with torch.no_grad():
+        ref.weight.copy_(initial_rows(seed, dim, 0, n))
+    return ref
+
+
+# ---------------------------------------------------------------- inference mode, no_grad, eval
+
+
+def _train(emb, steps, validate, n, d, size=9, opt=None):
+    """``steps`` training steps (a sparse SGD ``opt`` or a fused optimizer) on the ranks' own
+    batches; with ``validate``, lookups under inference_mode, no_grad and eval() of a larger
+    batch between them, which must return the stored rows and change nothing."""
+    rank, world = rank_world()
+    for step in range(steps):
+        emb.train()
+        ids = make_ids(n, rank, step, size, skew="zipf")
+        (emb(ids) * make_loss_weight(ids, d, rank, step)).sum().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+        if validate:
+            emb.eval()
+            big = make_ids(n, rank, 100 + step, 400)  # more unique ids than the workspaces held
+            table = emb.full_table()
+            with torch.inference_mode():
+                assert torch.equal(emb(big), table[big])
+            with torch.no_grad():
+                assert torch.equal(emb(big), table[big])
+    return emb.full_table()
+
+
+def _inference_then_training():
+    """The issue's case: one lookup of [[1, 7], [13, 39]] under inference_mode, then
+    emb([[0, 5, 5]]).sum().backward() and training: the rows come back, and the table ends bit
+    for bit where the same training without the inference lookups ends (and matches
+    nn.Embedding + SGD, up to the order of float sums)."""
+    rank, world = rank_world()
+    emb, twin = ShardedEmbedding(40, 3, page_size=6), ShardedEmbedding(40, 3, page_size=6)
+    with torch.inference_mode():
+        out = emb(torch.tensor([[1, 7], [13, 39]]))
+    assert torch.equal(out, initial_rows(0, 3, 0, 40)[torch.tensor([[1, 7], [13, 39]])])
+    for table in (emb, twin):
+        table(torch.tensor([[0, 5, 5]])).sum().backward()
+        assert table.weight.grad is not None
+        torch.optim.SGD(table.parameters(), lr=0.1).step()
+        table.weight.grad = None
+    got = _train(emb, 3, True, 40, 3, opt=torch.optim.SGD(emb.parameters(), lr=0.1))
+    want = _train(twin, 3, False, 40, 3, opt=torch.optim.SGD(twin.parameters(), lr=0.1))
+    assert torch.equal(got, want)
+    oracle = Oracle(40, 3, optimizer="sgd", lr=0.1)
+    oracle.step([torch.tensor([[0, 5, 5]])] * world, [torch.ones(1, 3, 3)] * world)
+    for step in range(3):
+        ids = [make_ids(40, r, step, 9, skew="zipf") for r in range(world)]
+        oracle.step(ids, [make_loss_weight(i, 3, r, step) for r, i in enumerate(ids)])
+    torch.testing.assert_close(got, oracle.table)
+
+
+def test_inference_mode_lookup_then_training():
+    run_ranks(2, _inference_then_training)
+
+
+def _validate_under_inference_mode_while_training():
+    """Fused row-wise Adagrad training, validated under inference_mode, no_grad and eval() on a
+    larger batch after every step (Lightning's default), ends bit for bit where training
+    without validation ends, and matches nn.Embedding + row-wise Adagrad."""
+    rank, world = rank_world()
+    n, d = 600, 4
+    fused = {"name": "rowwise_adagrad", "lr": 0.3}
+    emb = ShardedEmbedding(n, d, page_size=7, fused_optimizer=fused)
+    twin = ShardedEmbedding(n, d, page_size=7, fused_optimizer=fused)
+    got, want = _train(emb, 4, True, n, d, size=12), _train(twin, 4, False, n, d, size=12)
+    assert torch.equal(got, want)
+    assert torch.equal(emb._full(emb.optimizer.sum), twin._full(twin.optimizer.sum))
+    oracle = Oracle(n, d, fused=fused)
+    assert isinstance(oracle.opt, RowwiseAdagradReference)
+    for step in range(4):
+        ids = [make_ids(n, r, step, 12, skew="zipf") for r in range(world)]
+        oracle.step(ids, [make_loss_weight(i, d, r, step) for r, i in enumerate(ids)])
+    torch.testing.assert_close(got, oracle.table)
+
+
+def test_validation_under_inference_mode_between_fused_steps():
+    run_ranks(2, _validate_under_inference_mode_while_training)
+
+
+def _grad_modes_differ():
+    """One rank in no_grad, the other training: the backward is a collective, so every rank
+    refuses the lookup together instead of hanging later; the next lookup works."""
+    rank, world = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=5)
+    with torch.set_grad_enabled(rank == 0):
+        with pytest.raises(RuntimeError, match=r"ranks \[0\] look up with gradients .* ranks \[1\] without"):
+            emb(torch.tensor([1, 2]))
+    emb(torch.tensor([rank])).sum().backward()
+    assert emb.weight.grad is not None
+
+
+def test_ranks_that_disagree_on_grad_mode_raise_together():
+    run_ranks(2, _grad_modes_differ)
+
+
+# ---------------------------------------------------------------- DDP
+
+
+def _ddp_without_exclude(kind: str):
+    """The issue's case: DDP(model) around a table and a Linear, no exclude_from_ddp. The
+    start-up broadcast leaves every rank's pages alone, the all-reduce averages only the head,
+    and training matches one process with nn.Embedding (table: sum of the ranks' losses;
+    head: DDP's mean)."""
+    rank, world = rank_world()
+    n, d = 64, 4
+    table = {"sparse": {}, "dense": {"sparse": False}, "fused": {"fused_optimizer": {"name": "sgd", "lr": 0.1}}}[kind]
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 8, **table)
+    before = model.emb.weight.detach().clone()
+    ddp = DDP(model)
+    assert torch.equal(model.emb.weight, before)  # the broadcast did not copy rank 0's pages
+    assert ddp.parameters_to_ignore == {"emb.weight"}
+    tables, dense = split_parameters(ddp)
+    opts = [torch.optim.SGD(dense, lr=0.1)] + ([torch.optim.SGD(tables, lr=0.1)] if kind != "fused" else [])
+    ref_table = _reference(n, d, sparse=kind != "dense")
+    ref_head = copy.deepcopy(model.head)
+    ref_opts = [torch.optim.SGD(ref_head.parameters(), lr=0.1), torch.optim.SGD(ref_table.parameters(), lr=0.1)]
+    for step in range(3):
+        batches = [(make_ids(n, r, step, 10), torch.randn(10, generator=torch.Generator().manual_seed(r + 10 * step)))
+                   for r in range(world)]
+        F.mse_loss(ddp(batches[rank][0]), batches[rank][1]).backward()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+        sum(F.mse_loss(ref_head(ref_table(i)).squeeze(-1), t) for i, t in batches).backward()
+        for p in ref_head.parameters():
+            p.grad /= world
+        for o in ref_opts:
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+        for got, want in zip(model.head.parameters(), ref_head.parameters()):
+            torch.testing.assert_close(got.detach(), want.detach())
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "fused"])
+def test_ddp_wrapping_the_whole_model_leaves_the_table_alone(kind):
+    run_ranks(2, _ddp_without_exclude, kind)
+
+
+def _ddp_refuses_a_table_it_cannot_see():
+    """A table put into a sub-module after that sub-module joined the model is not seen as the
+    model is assembled: DDP(model) raises on every rank before it broadcasts anything;
+    exclude_from_ddp(model) then makes it right."""
+    rank, world = rank_world()
+    model = nn.Sequential(nn.Linear(3, 3), nn.Module())
+    model[1].emb = ShardedEmbedding(20, 3, page_size=5)
+    before = model[1].emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"would manage the ShardedEmbedding storage \['1.emb.weight'\].*exclude_from_ddp"):
+        DDP(model)
+    assert torch.equal(model[1].emb.weight, before)
+    assert exclude_from_ddp(model) == ["1.emb.weight"]
+    DDP(model)
+    assert torch.equal(model[1].emb.weight, before)
+    model[1].emb = nn.Linear(3, 3)  # replacing the table: its name is no longer ignored
+    assert "1.emb.weight" not in getattr(model[1], "_ddp_params_and_buffers_to_ignore")
+
+
+def test_ddp_refuses_before_broadcasting_a_table_it_would_manage():
+    run_ranks(2, _ddp_refuses_a_table_it_cannot_see)
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def _fully_shard(ignore: bool):
+    """fully_shard(model) would take the table's storage over (and mix the ranks' pages):
+    the first lookup refuses on every rank and the rows are unchanged. With the tables'
+    parameters ignored, FSDP2 shards the head and training matches the oracle."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = rank_world()
+    n, d = 48, 4
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 8)
+    rows = model.emb.weight.detach().clone()
+    ref_table, ref_head = _reference(n, d), copy.deepcopy(model.head)
+    if not ignore:
+        fully_shard(model)
+        with pytest.raises(RuntimeError, match="storage parameter `weight` was replaced.*ignored_params"):
+            model(torch.tensor([1, 2]))
+        assert torch.equal(model.emb._storage.detach(), rows)  # the pages are intact
+        return
+    fully_shard(model, ignored_params=set(table_parameters(model)))
+    opt_t = torch.optim.SGD(table_parameters(model), lr=0.1)
+    opt_h = torch.optim.SGD([p for p in model.parameters() if p is not model.emb.weight], lr=0.1)
+    ref_t, ref_h = torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)
+    for step in range(2):
+        ids = [make_ids(n, r, step, 8) for r in range(world)]
+        model(ids[rank]).sum().backward()
+        for o in (opt_t, opt_h):
+            o.step()
+            o.zero_grad()
+        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
+        for p in ref_head.parameters():
+            p.grad /= world  # FSDP reduce-scatters the mean, as DDP
+        for o in (ref_t, ref_h):
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+    head_weight = model.head.weight.full_tensor()
+    torch.testing.assert_close(head_weight, ref_head.weight.detach())
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["refused", "ignored_params"])
+def test_fsdp2_fully_shard(ignore):
+    run_ranks(2, _fully_shard, ignore)
+
+
+# ---------------------------------------------------------------- saving and loading state
+
+
+def _torch_save_round_trip(tmp: str, fused):
+    """The issue's case: torch.save(model.state_dict()) per rank, torch.load with the default
+    weights_only=True, load_state_dict: bit for bit, optimizer state included. A file that
+    does not fit (another layout, another rank's file) fails on every rank, nothing changed."""
+    rank, world = rank_world()
+    n, d = 64, 4
+    placement = [(0, 1), 1, 0, 1, (1, 0), 0, 1, 0]
+    model = TableAndHead(n, d, 8, placement=placement, fused_optimizer=fused)
+    for step in range(2):
+        ids = make_ids(n, rank, step, 12)
+        model(ids).sum().backward()
+    torch.save(model.state_dict(), f"{tmp}/rank{rank}.pt")
+    table = model.emb.full_table().clone()
+    state = {k: model.emb._full(v) for k, v in model.emb._row_states().items()}
+
+    torch.manual_seed(123)
+    fresh = TableAndHead(n, d, 8, placement=placement, fused_optimizer=fused)
+    with torch.no_grad():
+        fresh.emb.weight.zero_()
+    loaded = torch.load(f"{tmp}/rank{rank}.pt")  # weights_only=True by default
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh.emb.full_table(), table)
+    for k, v in fresh.emb._row_states().items():
+        assert torch.equal(fresh.emb._full(v), state[k])
+    assert torch.equal(fresh.head.weight, model.head.weight)
+    if fused:
+        assert int(fresh.emb.optimizer.step) == 2
+
+    # Lightning's DDP strategy saves rank 0's state only: every rank loading it must fail together.
+    before = fresh.emb.full_table().clone()
+    with pytest.raises(RuntimeError, match=r"rank 1: emb.weight: this per-rank state \(torch.save\) holds rows"):
+        fresh.load_state_dict(torch.load(f"{tmp}/rank0.pt"))
+    assert torch.equal(fresh.emb.full_table(), before)
+    # Another layout: refused, pointing to DCP.
+    round_robin = TableAndHead(n, d, 16, fused_optimizer=fused)
+    with pytest.raises(RuntimeError, match="torch.distributed.checkpoint"):
+        round_robin.load_state_dict(loaded)
+    assert torch.equal(round_robin.emb.full_table(), initial_rows(0, d, 0, n))
+
+
+@pytest.mark.parametrize("fused", [None, {"name": "adam", "lr": 0.1}], ids=["sparse", "fused_adam"])
+def test_torch_save_state_dict_round_trips_with_weights_only(tmp_path, fused):
+    run_ranks(2, _torch_save_round_trip, str(tmp_path), fused)
+
+
+def _state_dict_in_a_parent():
+    """state_dict / load_state_dict of a model holding the table: prefixed keys, strict and
+    non-strict loads, copy.deepcopy(state_dict) as a 'best model' snapshot."""
+    rank, world = rank_world()
+    model = TableAndHead(30, 3, 4, fused_optimizer={"name": "adagrad", "lr": 0.5})
+    keys = list(model.state_dict())
+    assert keys == ["emb.weight", "emb.optimizer.sum", "emb.optimizer.step", "head.weight", "head.bias"]
+    best = copy.deepcopy(model.state_dict())
+    start = model.emb.full_table().clone()
+    model(torch.tensor([rank, 29])).sum().backward()
+    assert not torch.equal(model.emb.full_table(), start)
+    model.load_state_dict(best)
+    assert torch.equal(model.emb.full_table(), start)
+    assert int(model.emb.optimizer.step) == 0
+    partial = {k: v for k, v in best.items() if not k.startswith("emb.optimizer")}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(partial)
+    result = model.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["emb.optimizer.sum", "emb.optimizer.step"]
+    # A key missing on one rank only: every rank raises (strict), nothing is loaded.
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)
+    moved = model.emb.full_table().clone()
+    mine = dict(best) if rank == 0 else partial
+    with pytest.raises(RuntimeError, match="No rank changed any row"):
+        model.load_state_dict(mine)
+    assert torch.equal(model.emb.full_table(), moved)
+
+
+def test_state_dict_in_a_parent_module():
+    run_ranks(2, _state_dict_in_a_parent)
+
+
+# ---------------------------------------------------------------- copying, pickling
+
+
+def _deepcopy_and_ema():
+    """copy.deepcopy(model) is an independent table with the same rows, state and layout
+    (EMA/SWA copies); torch.optim.swa_utils.AveragedModel averages each row as for nn.Embedding.
+    Pickling the module (torch.save(model)) is refused with a pointer to the state dict."""
+    rank, world = rank_world()
+    n, d = 30, 3
+    torch.manual_seed(0)  # the same head on every rank
+    model = TableAndHead(n, d, 4, placement=[(0, 1)] + [0, 1] * 3 + [(1, 0)], fused_optimizer={"name": "sgd", "lr": 0.5})
+    twin = copy.deepcopy(model)
+    assert twin.emb.weight.data_ptr() != model.emb.weight.data_ptr()
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+    ref = _reference(n, d)
+    ref_ema = None
+    for step in range(2):
+        ids = [make_ids(n, r, step, 6) for r in range(world)]
+        model(ids[rank]).sum().backward()
+        twin(torch.tensor([], dtype=torch.int64)).sum().backward()  # the copy trains on nothing
+        ema.update_parameters(model)
+        grad = torch.zeros(n, d)
+        for i in ids:
+            grad.index_add_(0, i, model.head.weight.detach().expand(i.numel(), d))
+        with torch.no_grad():
+            ref.weight.sub_(0.5 * grad)
+            # AveragedModel copies the first update, then averages: ema = 0.5 ema + 0.5 w
+            ref_ema = ref.weight.detach().clone() if step == 0 else 0.5 * ref_ema + 0.5 * ref.weight.detach()
+        torch.testing.assert_close(model.emb.full_table(), ref.weight.detach())
+        torch.testing.assert_close(ema.module.emb.full_table(), ref_ema)
+    assert torch.equal(twin.emb.full_table(), initial_rows(0, d, 0, n))
+    with pytest.raises(TypeError, match=r"cannot be pickled.*state_dict"):
+        pickle.dumps(model)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        torch.save(model, "/dev/null")
+
+
+def test_deepcopy_ema_and_pickling():
+    run_ranks(2, _deepcopy_and_ema)
+
+
+# ---------------------------------------------------------------- freezing, dtypes, devices
+
+
+def _freeze(fused):
+    """requires_grad_(False) on the model freezes the table, fused optimizer included; the
+    head still trains. Then unfreezing trains the table again."""
+    rank, world = rank_world()
+    torch.manual_seed(0)
+    model = TableAndHead(20, 3, 5, fused_optimizer=fused)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # a table without a gradient is skipped
+    model.emb.requires_grad_(False)
+    before, head = model.emb.full_table().clone(), model.head.weight.detach().clone()
+    model(torch.tensor([rank, 7])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert torch.equal(model.emb.full_table(), before) and not torch.equal(model.head.weight, head)
+    model.requires_grad_(True)
+    model(torch.tensor([rank, 7])).sum().backward()
+    opt.step()
+    assert not torch.equal(model.emb.full_table(), before)
+
+
+@pytest.mark.parametrize("fused", [None, {"name": "rowwise_adagrad", "lr": 0.5}], ids=["sparse", "fused"])
+def test_requires_grad_false_freezes_the_table(fused):
+    run_ranks(2, _freeze, fused)
+
+
+def _dtypes_and_devices():
+    """.double() / .half() / .to(dtype) convert the table as nn.Embedding's; .to(another
+    device) is refused before the table changes."""
+    rank, world = rank_world()
+    model = TableAndHead(20, 3, 5, fused_optimizer={"name": "adam", "lr": 0.1})
+    model.double()
+    assert model.emb.weight.dtype == torch.float64
+    ids = torch.tensor([rank, 19])
+    assert torch.equal(model.emb(ids), initial_rows(0, 3, 0, 20).double()[ids])
+    model(ids).sum().backward()  # the fused Adam keeps its float32 state
+    assert model.emb.weight.dtype == torch.float64 and model.emb.optimizer.exp_avg.dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert model.emb(ids).dtype == torch.bfloat16
+    before = model.emb.full_table().clone()
+    with pytest.raises(ValueError, match="cannot move to meta.*device="):
+        model.to("meta")
+    assert torch.equal(model.emb.full_table(), before)
+    model.float()
+    assert model.emb(ids).dtype == torch.float32
+
+
+def test_dtype_conversions_work_and_device_moves_are_refused():
+    run_ranks(2, _dtypes_and_devices)
+
+
+# ---------------------------------------------------------------- gradient utilities
+
+
+def _clip(sparse: bool, norm_type: float):
+    """sharded_embedding.clip_grad_norm_ over a model with a table equals
+    torch.nn.utils.clip_grad_norm_ over the same model with nn.Embedding (mirrored pages count
+    once); with a fused table it refuses, on every rank, before any gradient changes."""
+    rank, world = rank_world()
+    n, d = 30, 3
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 4, placement=[(0, 1), 0, 1, 0, (1, 0), 1, 0, 1], sparse=sparse)
+    ref_table, ref_head = _reference(n, d, sparse=False), copy.deepcopy(model.head)
+    ids = [make_ids(n, r, 0, 9) for r in range(world)]
+    model(ids[rank]).pow(2).sum().backward()
+    for p in model.head.parameters():  # what DDP would do: the head's gradient, the same on every rank
+        dist.all_reduce(p.grad)
+    sum(ref_head(ref_table(i)).pow(2).sum() for i in ids).backward()
+    got = clip_grad_norm_(model, 0.5, norm_type)
+    want = torch.nn.utils.clip_grad_norm_([ref_table.weight, *ref_head.parameters()], 0.5, norm_type)
+    torch.testing.assert_close(got, want)
+    grad = model.emb.weight.grad
+    torch.testing.assert_close(grad.to_dense() if sparse else grad, local_rows_of(model.emb, ref_table.weight.grad))
+    for p, q in zip(model.head.parameters(), ref_head.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    fused = TableAndHead(n, d, 4, fused_optimizer={"name": "sgd", "lr": 0.1})
+    fused(ids[rank]).sum().backward()
+    head_grad = fused.head.weight.grad.clone()
+    with pytest.raises(ValueError, match=r"tables \['emb'\] have a fused optimizer"):
+        clip_grad_norm_(fused, 0.5)
+    assert torch.equal(fused.head.weight.grad, head_grad)
+
+
+@pytest.mark.parametrize("sparse, norm_type", [(True, 2.0), (False, 2.0), (True, float("inf"))])
+def test_clip_grad_norm_over_the_whole_table(sparse, norm_type):
+    run_ranks(2, _clip, sparse, norm_type)
+
+
+def _accumulate_and_zero_grad():
+    """Two micro-batches before one optimizer step (gradient accumulation), zero_grad with
+    set_to_none=False, and a checkpointed lookup (torch.utils.checkpoint re-runs the
+    forward, a collective, in the backward): as nn.Embedding."""
+    from torch.utils.checkpoint import checkpoint
+
+    rank, world = rank_world()
+    n, d = 40, 4
+    emb = ShardedEmbedding(n, d, page_size=6)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.3)
+    ref = _reference(n, d)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+    for step in range(2):
+        for micro in range(2):
+            ids = [make_ids(n, r, 10 * step + micro, 7) for r in range(world)]
+            ws = [make_loss_weight(i, d, r, micro) for r, i in enumerate(ids)]
+            if micro == 0:
+                out = checkpoint(emb, ids[rank], use_reentrant=False)
+            else:
+                out = emb(ids[rank])
+            (out * ws[rank]).sum().backward()
+            sum((ref(i) * w).sum() for i, w in zip(ids, ws)).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=False)
+        ref_opt.zero_grad(set_to_none=False)
+        torch.testing.assert_close(emb.full_table(), ref.weight.detach())
+
+
+def test_gradient_accumulation_zero_grad_and_activation_checkpointing():
+    run_ranks(2, _accumulate_and_zero_grad)
+
+
+def _hooks_and_compile():
+    """Forward hooks see and may change the lookup's output; torch.compile of a model holding
+    the table runs it (the lookup is a graph break) and trains as in eager mode."""
+    rank, world = rank_world()
+    n, d = 30, 3
+    seen = []
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 4)
+    handle = model.emb.register_forward_hook(lambda mod, args, out: seen.append(out.shape) or out * 2)
+    ids = torch.tensor([rank, 29, 3])
+    torch.testing.assert_close(model.emb(ids), 2 * initial_rows(0, d, 0, n)[ids])
+    handle.remove()
+    assert seen == [torch.Size([3, d])]
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    for m in (compiled, eager):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for step in range(2):
+            m(make_ids(n, rank, step, 5)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(model.emb.full_table(), eager.emb.full_table())
+    torch.testing.assert_close(model.head.weight, eager.head.weight)
+
+
+def test_forward_hooks_and_torch_compile():
+    run_ranks(2, _hooks_and_compile)
