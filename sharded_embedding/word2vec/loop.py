@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..amp import NonFiniteGradientError
 from ..checkpoint import CheckpointError, CheckpointManager
 from ..distributed import all_reduce_host
 from .corpus import EpochStream, sample_negatives, steps_per_epoch
@@ -129,7 +130,13 @@ class SkipGramTraining:
                 model.set_learning_rate(lr0 * max(cfg.train.min_lr_fraction, 1.0 - done / epochs))
                 negatives = sample_negatives(self.cdf, model.num_blocks(batch.num_centers) * shared, self.gen)
                 loss, num_pairs = model.loss(batch, negatives.view(-1, shared))
-                loss.backward()  # the fused optimizers update both tables here
+                try:
+                    loss.backward()  # the fused optimizers update both tables here
+                except NonFiniteGradientError:  # raised on every rank, before any row changed
+                    raise TrainingDiverged(
+                        f"training diverged at step {s.step + 1} (epoch {done:.2f}): the gradient holds inf or "
+                        f"NaN. Lower optimizer.lr (now {cfg.optimizer.lr} with optimizer={cfg.optimizer.name})"
+                    ) from None
                 s.running += torch.tensor([loss.item(), num_pairs], dtype=torch.float64)
                 s.step, s.next_batch = s.step + 1, i + 1
                 last = epoch == epochs - 1 and i == steps - 1
