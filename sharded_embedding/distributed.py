@@ -239,6 +239,9 @@ def finish(exit_code: int = 0) -> None:
     """
     try:
         _SUBGROUPS.clear()
+        from .transport import close_transports
+
+        close_transports()
         if dist.is_initialized():
             dist.destroy_process_group()
     finally:

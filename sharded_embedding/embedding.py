@@ -27,6 +27,7 @@ from .placement import PagePlan
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
 from .stats import ExchangeStats
 from .storage import allocate
+from .transport import TRANSPORTS, make_transport
 
 __all__ = ["ShardedEmbedding"]
 
@@ -57,6 +58,11 @@ class ShardedEmbedding(nn.Module):
             (``emb.optimizer.lr = ...`` for a schedule) and the state.
         comm_dtype: dtype of the vectors and gradients on the wire (e.g. ``torch.bfloat16``
             halves the bytes exchanged); storage and updates keep ``dtype``.
+        transport: how rows travel between ranks (`transport`): ``"process_group"`` (the
+            group's backend: gloo, nccl), ``"shared_memory"`` (a CPU group on one x86-64 Linux
+            machine: copies through shared memory instead of loopback sockets; ValueError
+            elsewhere), or ``"auto"``: shared memory where it can work, else the process group.
+        init: the initial table: ``"normal"`` (N(0, 1), see ``seed``) or ``"zeros"``.
 
     Construction is collective over the group: ranks check that they were given the same
     arguments and raise the same ValueError together otherwise. Each rank allocates only
@@ -89,6 +95,8 @@ class ShardedEmbedding(nn.Module):
         sparse: bool = True,
         fused_optimizer: dict | None = None,
         comm_dtype: torch.dtype | None = None,
+        transport: str = "auto",
+        init: str = "normal",
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -110,6 +118,10 @@ class ShardedEmbedding(nn.Module):
                     raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
             if fused_optimizer is not None:
                 build_fused_optimizer(fused_optimizer, torch.empty(0, 1))  # validates the spec
+            if transport not in TRANSPORTS:
+                raise ValueError(f"transport={transport!r} is not one of {list(TRANSPORTS)}")
+            if init not in ("normal", "zeros"):
+                raise ValueError(f"init={init!r} is not one of ['normal', 'zeros']")
             plan = PagePlan.build(num_embeddings, page_size, world, placement, num_devices)
             partial = [s for s in plan.mirror_sets() if len(s) < world]
             if partial and world != dist.get_world_size():
@@ -123,13 +135,13 @@ class ShardedEmbedding(nn.Module):
             error = str(e)
         fingerprint = (
             f"{plan.digest() if plan else ''}/{embedding_dim}/{dtype}/{seed}/{sparse}/{comm_dtype}/"
-            f"{sorted(dict(fused_optimizer).items()) if fused_optimizer else None}"
+            f"{sorted(dict(fused_optimizer).items()) if fused_optimizer else None}/{transport}/{init}"
         )
         agree_or_raise(group, "ShardedEmbedding construction", fingerprint, error, device)
 
         self.plan = plan
         self.embedding_dim = embedding_dim
-        self.seed = seed
+        self.seed, self.init = seed, init
         self.sparse = sparse
         self.process_group = group
         self.rank, self.world_size = rank, world
@@ -147,6 +159,7 @@ class ShardedEmbedding(nn.Module):
         # DDP reads this on the model it wraps; `ddp` copies it up to every module holding us.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()
+        self.transport = make_transport(transport, group, device, _group_timeout(group, device))  # collective
         self._router = Router(
             plan.routing_table(rank),
             page_size=plan.page_size,
@@ -154,7 +167,7 @@ class ShardedEmbedding(nn.Module):
             max_local_rows=max(plan.local_rows(r) for r in range(world)),
             rank=rank,
             world=world,
-            group=group,
+            transport=self.transport,
             device=device,
         )
         self._exchange = Exchange(
@@ -166,6 +179,7 @@ class ShardedEmbedding(nn.Module):
             optimizer=self.optimizer,
             comm_dtype=comm_dtype,
             stats=ExchangeStats(world),
+            transport=self.transport,
         )
 
     # ------------------------------------------------------------------ sizes
@@ -207,8 +221,11 @@ class ShardedEmbedding(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Fill the local pages with the initial table (see ``seed``); no collective."""
-        fill_initial_rows(self.seed, self.embedding_dim, self._local_ranges())
+        """Fill the local pages with the initial table (see ``seed`` and ``init``); no collective."""
+        if self.init == "zeros":
+            self._storage.data.zero_()
+        else:
+            fill_initial_rows(self.seed, self.embedding_dim, self._local_ranges())
 
     # ------------------------------------------------------------------ lookup
     def forward(self, indices) -> torch.Tensor:
@@ -274,7 +291,7 @@ class ShardedEmbedding(nn.Module):
         copies. Like the original, every rank must call the copy's lookups."""
         import copy
 
-        shared = [self.process_group] + [pg for _, pg in self._exchange.mirrors._sets]
+        shared = [self.process_group, self.transport] + [pg for _, pg in self._exchange.mirrors._sets]
         if self._exchange.scaler is not None and self._exchange.scaler.scaler is not None:
             shared.append(self._exchange.scaler.scaler)  # the copy answers to the same scaler
         for obj in shared:
@@ -426,3 +443,11 @@ class ShardedEmbedding(nn.Module):
             f"rank={self.rank}/{self.world_size}, sparse={self.sparse}"
             + (f", comm_dtype={self._exchange.comm_dtype}" if self._exchange.comm_dtype else "")
         )
+
+
+def _group_timeout(group, device: torch.device):
+    """The group's collective timeout (the transport waits no longer), or None if unknown."""
+    try:
+        return group._get_backend(torch.device("cpu") if device.type == "cpu" else device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None

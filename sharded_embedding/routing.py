@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .placement import RoutingTable
+from .transport import Transport
 
 __all__ = ["Routing", "Router"]
 
@@ -113,9 +113,9 @@ class Router:
     """Routes one rank's lookups over ``group`` according to its `RoutingTable`."""
 
     def __init__(self, table: RoutingTable, *, page_size: int, num_embeddings: int, max_local_rows: int,
-                 rank: int, world: int, group, device: torch.device):
+                 rank: int, world: int, transport: Transport, device: torch.device):
         self.page_size, self.num_embeddings = page_size, num_embeddings
-        self.rank, self.world, self.group, self.device = rank, world, group, device
+        self.rank, self.world, self.transport, self.device = rank, world, transport, device
         pages = torch.arange(table.dest_rank.numel(), dtype=torch.int64)
         # Per page: the sort key of its requests (the serving rank; this rank itself sorts
         # last, as its rows are served locally) and the shift from a global id to the
@@ -207,7 +207,7 @@ class Router:
                 flat, asked = flat[fits], asked[fits]
             request.view(-1)[flat] = asked
         received = torch.empty_like(request)
-        dist.all_to_all_single(received, request, group=self.group)  # requests: header + first rows
+        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first rows
         host = torch.cat([request[:, :1], received[:, :_HEADER]], dim=1).cpu()  # one device sync
         _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), self.num_embeddings)
         _raise_if_grad_modes_differ(host[:, 5].tolist())
@@ -228,7 +228,7 @@ class Router:
         extra_out = [max(c - cap, 0) for c in requested]
         past = self._positions(num_asked) - starts.repeat_interleave(per_peer) >= cap
         extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-        dist.all_to_all_single(extra, rows[:num_asked][past], extra_in, extra_out, group=self.group)  # overflow
+        self.transport.all_to_all(extra, rows[:num_asked][past], extra_in, extra_out)()  # overflow
         at, parts = 0, []
         for r in range(world):  # O(world), only on calls where the capacity grows
             parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]

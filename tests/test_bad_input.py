@@ -51,9 +51,9 @@ def test_non_tensor_input():
     run_ranks(2, _not_a_tensor)
 
 
-def _out_of_range_on_one_rank(bad_rank, bad_value):
+def _out_of_range_on_one_rank(bad_rank, bad_value, transport="auto"):
     rank, world = rank_world()
-    emb = ShardedEmbedding(20, 3, page_size=6, placement=[(0, 1, 2), 1, 2, 0])
+    emb = ShardedEmbedding(20, 3, page_size=6, placement=[(0, 1, 2), 1, 2, 0], transport=transport)
     opt = torch.optim.SGD(emb.parameters(), lr=1.0)
     before = emb.weight.detach().clone()
     ids = torch.tensor([5, bad_value, 7]) if rank == bad_rank else torch.arange(10)
