@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import agree_or_raise, all_gather_strings, collective_device
+from .distributed import agree_or_raise, all_gather_strings, collective_device, group_ranks
 
 __all__ = ["sharded_rows", "loaded_rows_copier", "CheckpointManager", "CheckpointError", "ROWS_FORMAT"]
 
@@ -96,7 +96,8 @@ _TABLE_SHARDS = None
 
 def sharded_rows(emb, storage: torch.Tensor):
     """``storage`` (laid out like ``emb``'s local rows: ``[rows]`` or ``[rows, dim]``) as a
-    ShardedTensor (`TableShards`) of the global shape, one shard per run of primary pages."""
+    ShardedTensor (`TableShards`) of the global shape, one shard per run of primary pages,
+    each placed on the global rank of its owner (the table's group may be part of the world)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -105,9 +106,11 @@ def sharded_rows(emb, storage: torch.Tensor):
     tail = list(storage.shape[1:])
     slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
     device = storage.device
+    # The plan speaks of ranks of the table's group; a shard's placement names a global rank.
+    global_rank = group_ranks(emb.process_group)
     shards_md, local = [], []
     for r in range(emb.world_size):
-        where = f"rank:{r}/{device}" if r == rank else f"rank:{r}/{device.type}"
+        where = f"rank:{global_rank[r]}/{device}" if r == rank else f"rank:{global_rank[r]}/{device.type}"
         for first, stop in _primary_runs(plan, r):
             start, rows = _run_rows(plan, first, stop)
             md = ShardMetadata(shard_offsets=[start] + [0] * len(tail), shard_sizes=[rows] + tail, placement=where)

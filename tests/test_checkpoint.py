@@ -283,3 +283,63 @@ def test_a_full_disk_is_one_error_on_every_rank_and_leaves_no_file(tmp_path, how
     for text in run_ranks(2, _export_fails, str(path), how):
         assert re.search(message, text), text
     assert path.read_bytes() == b"the previous export"
+
+
+SUBGROUPS = [(0, 1), (2, 3), (1, 3)]
+GROUP_PLACEMENT = [(1, 0), 0, 1, (0, 1), 1, 0, 0, 1, 1, (1, 0), 0]  # group ranks; mirrors over the group
+
+
+def _tables_on_two_groups(directory: str):
+    """World of 4: table "a" on ranks [0, 1], table "b" on [2, 3] (mirrored pages, fused
+    Adagrad). Both save with DCP (each in its group, and both in one world checkpoint), export
+    and checkpoint with CheckpointManager; then load into other groups and layouts."""
+    rank, world = rank_world()
+    groups = {ranks: dist.new_group(list(ranks)) for ranks in SUBGROUPS}  # every rank, same order
+    name, pg = ("a", groups[(0, 1)]) if rank < 2 else ("b", groups[(2, 3)])
+    emb = ShardedEmbedding(N, D, page_size=10, placement=GROUP_PLACEMENT, process_group=pg,
+                           fused_optimizer=ADAGRAD, seed=7 if name == "a" else 8)
+    for step in range(2):
+        ids = make_ids(N, rank, step, 30)
+        (emb(ids) * make_loss_weight(ids, D, rank, step)).sum().backward()
+    saved = {name: (emb.full_table(), emb._full(emb.optimizer.sum))}
+    dcp.save({name: emb.state_dict()}, checkpoint_id=f"{directory}/{name}", process_group=pg)
+    dcp.save({name: emb.state_dict()}, checkpoint_id=f"{directory}/both")  # the world: each rank its key
+    emb.export_table(f"{directory}/{name}.npy")
+    CheckpointManager(f"{directory}/manager-{name}", group=pg).save(1, {name: emb}, {}, {"world_size": 2})
+    got = {}
+    # Both tables into tables on the whole world, another page size and round robin.
+    a, b = (ShardedEmbedding(N, D, page_size=4, fused_optimizer=ADAGRAD, seed=0) for _ in range(2))
+    sd = {"a": a.state_dict(), "b": b.state_dict()}
+    dcp.load(sd, checkpoint_id=f"{directory}/both")
+    a.load_state_dict(sd["a"])
+    b.load_state_dict(sd["b"])
+    got["world"] = {k: (t.full_table(), t._full(t.optimizer.sum)) for k, t in (("a", a), ("b", b))}
+    if rank in (1, 3):  # "b" into a table on [1, 3]: DCP, the .npy export, the manager's checkpoint
+        pg13 = groups[(1, 3)]
+        other = ShardedEmbedding(N, D, page_size=7, placement=[(1, 0)] + [p % 2 for p in range(1, 15)],
+                                 process_group=pg13, fused_optimizer=ADAGRAD, seed=0)
+        sd = {"b": other.state_dict()}
+        dcp.load(sd, checkpoint_id=f"{directory}/b", process_group=pg13)
+        other.load_state_dict(sd["b"])
+        got["dcp"] = (other.full_table(), other._full(other.optimizer.sum))
+        assert_replicas_identical(other)
+        fresh = ShardedEmbedding(N, D, page_size=9, process_group=pg13, seed=0)
+        fresh.import_table(f"{directory}/b.npy")
+        got["npy"] = (fresh.full_table(),)
+        manager = CheckpointManager(f"{directory}/manager-b", group=pg13)
+        manager.load(manager.latest(), {"b": other})
+        got["manager"] = (other.full_table(), other._full(other.optimizer.sum))
+    return saved, got
+
+
+def test_tables_on_two_process_groups_checkpoint_load_and_reshard(tmp_path):
+    results = run_ranks(4, _tables_on_two_groups, str(tmp_path))
+    want = {**results[0][0], **results[2][0]}
+    assert not torch.equal(want["a"][0], want["b"][0])
+    for rank, (_, got) in enumerate(results):
+        for key, (table, state) in got["world"].items():
+            assert torch.equal(table, want[key][0]) and torch.equal(state, want[key][1])
+        if rank in (1, 3):
+            for how in ("dcp", "npy", "manager"):
+                for have, expected in zip(got[how], want["b"]):
+                    assert torch.equal(have, expected), how
