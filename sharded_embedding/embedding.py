@@ -27,6 +27,7 @@ from .placement import PagePlan
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
 from .stats import ExchangeStats
 from .storage import allocate
+from .wire import FLOAT_DTYPES
 
 __all__ = ["ShardedEmbedding"]
 
@@ -56,7 +57,9 @@ class ShardedEmbedding(nn.Module):
             (or the module's) freezes it as usual. ``emb.optimizer`` holds the hyperparameters
             (``emb.optimizer.lr = ...`` for a schedule) and the state.
         comm_dtype: dtype of the vectors and gradients on the wire (e.g. ``torch.bfloat16``
-            halves the bytes exchanged); storage and updates keep ``dtype``.
+            halves the bytes exchanged); storage and updates keep ``dtype``. A dtype of narrower
+            range than ``dtype`` (float16 for float32) sends each row with a power-of-two scale,
+            so nothing finite overflows on the wire (`wire` gives the error bounds).
 
     Construction is collective over the group: ranks check that they were given the same
     arguments and raise the same ValueError together otherwise. Each rank allocates only
@@ -104,10 +107,9 @@ class ShardedEmbedding(nn.Module):
             if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
                 raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
             for name, value in (("dtype", dtype), ("comm_dtype", comm_dtype)):
-                if not (value is None and name == "comm_dtype") and not (
-                    isinstance(value, torch.dtype) and value.is_floating_point
-                ):
-                    raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
+                if not (value is None and name == "comm_dtype") and value not in FLOAT_DTYPES:
+                    raise ValueError(f"{name} must be a floating point torch.dtype (torch.float32, float64, "
+                                     f"float16 or bfloat16), got {value!r}")
             if fused_optimizer is not None:
                 build_fused_optimizer(fused_optimizer, torch.empty(0, 1))  # validates the spec
             plan = PagePlan.build(num_embeddings, page_size, world, placement, num_devices)

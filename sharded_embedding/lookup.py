@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import wire
 from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message, start_nonfinite_agreement
 from .mirrors import MirrorSync
 from .optimizers import FusedOptimizer
@@ -78,26 +79,34 @@ class Exchange:
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]):
         """Start a ragged all_to_all_single of rows, in ``comm_dtype`` on the wire if one is
-        set; returns a function that waits for it (so local work can overlap the transfer)."""
+        set (float16 for float32 rows: with a power-of-two scale per row, see `wire`);
+        returns a function that waits for it (so local work can overlap the transfer)."""
         if self.world == 1:
             return lambda: None
         if self.comm_dtype is None or self.comm_dtype == inp.dtype:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             return work.wait
-        ws = self.workspace
-        send = ws.get("wire_send", inp.shape[0], inp.shape[1], self.comm_dtype, inp.device)
-        recv = ws.get("wire_recv", out.shape[0], out.shape[1], self.comm_dtype, out.device)
-        send.copy_(inp)
+        ws, scale = self.workspace, wire.scaled(inp.dtype, self.comm_dtype)
+        width = wire.wire_columns(inp.shape[1], inp.dtype, self.comm_dtype)
+        send = ws.get("wire_send", inp.shape[0], width, self.comm_dtype, inp.device)
+        recv = ws.get("wire_recv", out.shape[0], width, self.comm_dtype, out.device)
+        if scale:
+            wire.encode(inp, send)
+        else:
+            send.copy_(inp)
         work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group, async_op=True)
 
         def finish():
             work.wait()
-            out.copy_(recv)
+            if scale:
+                wire.decode(recv, out)
+            else:
+                out.copy_(recv)
 
         return finish
 
     def row_bytes(self, dim: int, dtype: torch.dtype) -> int:
-        return dim * (self.comm_dtype or dtype).itemsize
+        return wire.wire_columns(dim, dtype, self.comm_dtype) * (self.comm_dtype or dtype).itemsize
 
 
 class ShardedLookup(torch.autograd.Function):
@@ -145,7 +154,7 @@ class ShardedLookup(torch.autograd.Function):
                 bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum", per_sample_weights=weights
             )
         # Every rank learns whether any rank computed an inf/NaN row, before any row changes.
-        flag = nonfinite_flag(work[:num_unique], num_remote, exchange.comm_dtype)
+        flag = nonfinite_flag(work[:num_unique], num_remote, wire.finite_limit(work.dtype, exchange.comm_dtype))
         agree = start_nonfinite_agreement(flag, exchange.rank, exchange.world, exchange.group)
         wait = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts, routing.requested_counts)  # gradients
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
