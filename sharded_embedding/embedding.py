@@ -22,6 +22,7 @@ from .export import export_table, import_table
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
+from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
@@ -169,6 +170,7 @@ class ShardedEmbedding(nn.Module):
             comm_dtype=comm_dtype,
             stats=ExchangeStats(world),
         )
+        register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -286,6 +288,7 @@ class ShardedEmbedding(nn.Module):
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
+        register_table(new)
         return new
 
     def __reduce_ex__(self, protocol):
