@@ -372,13 +372,15 @@ class ShardedEmbedding(nn.Module):
 
     def export_table(self, path) -> None:
         """Write the whole table to one ``.npy`` file ([num_embeddings, embedding_dim]) without
-        gathering it: each rank writes its primary pages into a memory map of the file.
-        Collective; the ranks must share the filesystem."""
+        gathering it: each rank writes its primary pages at their offsets (``pwrite``; see
+        `export.write_pages`). Collective; the ranks must share the filesystem. Raises OSError
+        on every rank if any rank cannot write, leaving no file."""
         export_table(self, str(path))
 
     def import_table(self, path) -> None:
         """Read a ``.npy`` table (as `export_table` writes): each rank reads only the rows it
-        holds. Collective: a missing, truncated or foreign file raises ValueError on every rank."""
+        holds. Collective: a missing, truncated, damaged or foreign file, or values beyond this
+        table's dtype, raise ValueError on every rank before any row changes."""
         import_table(self, str(path))
 
     # ------------------------------------------------------------------ whole table (small tables)

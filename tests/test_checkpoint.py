@@ -158,19 +158,92 @@ def _import_fails(path: str, message: str):
     ("foreign", "is not a .npy file"),
     ("shape", r"holds a table of shape \(103, 5\)"),
     ("missing", "No such file"),
+    ("damaged", r"damaged .npy header \(SyntaxError"),
+    ("not_a_size", r"damaged .npy header \(shape \(103.0, 6\) is not a tuple of sizes\)"),
+    ("integers", "dtype '<i4' is not a float table"),
+    ("big_endian", "dtype '>f4' is not a float table"),
+    ("fortran", "Fortran-ordered arrays are not supported"),
+    ("version", "unsupported .npy format version 9"),
 ])
 def test_import_of_a_bad_file_fails_on_every_rank(tmp_path, kind, message):
     import numpy as np
 
     path = tmp_path / "t.npy"
+    table = np.zeros((N, D), dtype=np.float32)
     if kind == "truncated":
-        np.save(path, np.zeros((N, D), dtype=np.float32))
+        np.save(path, table)
         path.write_bytes(path.read_bytes()[:-100])
     elif kind == "foreign":
         path.write_text("word 0.1 0.2\n")
     elif kind == "shape":
         np.save(path, np.zeros((N, 5), dtype=np.float32))
+    elif kind in ("damaged", "not_a_size"):
+        np.save(path, table)
+        data = path.read_bytes()
+        wrong = b"{'descr': '<f4', 'fortran_order': False, 'shape': (103" if kind == "damaged" else \
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (103.0, 6), }"
+        path.write_bytes(data.replace(b"{'descr': '<f4', 'fortran_order': False, 'shape': (103, 6), }", wrong))
+    elif kind == "integers":
+        np.save(path, table.astype(np.int32))
+    elif kind == "big_endian":
+        np.save(path, table.astype(">f4"))
+    elif kind == "fortran":
+        np.save(path, np.asfortranarray(table))
+    elif kind == "version":
+        np.save(path, table)
+        data = bytearray(path.read_bytes())
+        data[6] = 9
+        path.write_bytes(bytes(data))
     run_ranks(2, _import_fails, str(path), message)
+
+
+def _import_narrowing(path: str, fits: bool):
+    """A float64 file into a float32 table: rounded if every value fits float32's range; if one
+    does not, it would become inf: every rank refuses before any row changes."""
+    import numpy as np
+
+    emb = ShardedEmbedding(N, D, page_size=10, seed=4)
+    before = emb.full_table().clone()
+    table = torch.from_numpy(np.load(path))
+    if fits:
+        emb.import_table(path)
+        assert torch.equal(emb.full_table(), table.float())
+        return
+    with pytest.raises(ValueError, match=r"holds torch.float64 values beyond torch.float32's range .* row 97"):
+        emb.import_table(path)
+    assert torch.equal(emb.full_table(), before)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_an_import_that_would_overflow_the_tables_dtype_is_refused(tmp_path, fits):
+    import numpy as np
+
+    table = np.random.default_rng(0).standard_normal((N, D)) * 1e30
+    if not fits:
+        table[97, 2] = 1e39  # a finite float64 beyond float32's 3.4e38
+    np.save(tmp_path / "t.npy", table)
+    run_ranks(2, _import_narrowing, str(tmp_path / "t.npy"), fits)
+
+
+def _export_encoding_the_wrong_size(path: str):
+    """write_pages checks that every page is encoded to the bytes reserved for it (a text
+    encoder whose numbers come out longer than promised would overwrite the next page)."""
+    from sharded_embedding.export import write_pages
+
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(N, D, page_size=10)
+
+    def encode(p, rows):
+        return b"x" * (emb.plan.page_rows(p) + (1 if rank == 1 and p == 5 else 0))
+
+    with pytest.raises(OSError, match="rank 1: page 5 was encoded to 11 bytes, but 10 were reserved for it"):
+        write_pages(emb, path, b"header", lambda p: emb.plan.page_rows(p), encode)
+    dist.barrier()
+    assert not os.path.exists(path) and not os.path.exists(path + ".partial")
+
+
+def test_a_page_encoded_to_another_size_than_promised_fails_on_every_rank(tmp_path):
+    run_ranks(2, _export_encoding_the_wrong_size, str(tmp_path / "t.bin"))
 
 
 class Payload:
@@ -222,8 +295,25 @@ def _manager(directory: str, case: str):
             manager.load(first, {"emb": emb})
     elif case == "missing_state":
         plain = ShardedEmbedding(N, D, page_size=10, fused_optimizer={"name": "adagrad", "lr": 0.1})
+        untouched = plain.full_table().clone()
         with pytest.raises(CheckpointError, match="emb.optimizer.sum.npy"):  # Adagrad's sum is [N, D], not [N]
             manager.load(first, {"emb": plain})
+        assert torch.equal(plain.full_table(), untouched)  # every file is checked before any row changes
+    elif case in ("damaged_marker", "marker_not_a_dict"):
+        if rank == 0:
+            (first / "COMPLETE").write_text('{"step": 1, "wor' if case == "damaged_marker" else "[1]")
+        dist.barrier()
+        with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
+            manager.load(manager.latest(), {"emb": emb})
+    elif case == "rank_file_without_state":
+        torch.save({"optimizer_steps": {"emb": torch.tensor(2)}}, first / f"rank{rank}.pt")
+        untouched = emb.full_table().clone()
+        with torch.no_grad():
+            emb.weight.add_(1.0)
+        changed = emb.full_table().clone()
+        with pytest.raises(CheckpointError, match="unreadable rank files: rank 0: KeyError: 'state'; rank 1: KeyError"):
+            manager.load(first, {"emb": emb})
+        assert torch.equal(emb.full_table(), changed) and not torch.equal(changed, untouched)
     elif case == "other_world":
         (first / "COMPLETE").write_text('{"step": 1, "world_size": 7}') if rank == 0 else None
         dist.barrier()
@@ -232,7 +322,7 @@ def _manager(directory: str, case: str):
 
 
 @pytest.mark.parametrize("case", ["failed_save", "malicious_rank_file", "truncated_data", "missing_state",
-                                  "other_world"])
+                                  "other_world", "damaged_marker", "marker_not_a_dict", "rank_file_without_state"])
 def test_checkpoint_manager(tmp_path, case):
     run_ranks(2, _manager, str(tmp_path / "ckpts"), case)
 

@@ -74,6 +74,9 @@ def _fp16_hot_rows():
     x = want_out[rank]
     assert ((out - x).abs() <= u * x.abs() + a * x.abs().amax(1, keepdim=True)).all()
     (out * 4.0).sum().backward()
+    # stats() counts what travelled: a header of 5 int64 and the asked row id, then the vector and
+    # the gradient of one row each way, as 4 float16 values and the scale's exponent.
+    assert emb.stats()["bytes_received"] == emb.stats()["bytes_sent"] == 5 * 8 + 8 + 2 * (4 + 1) * 2
     table = emb.full_table()
     assert torch.isfinite(table).all() and torch.isfinite(emb._full(emb.optimizer.sum)).all()
     torch.testing.assert_close(table, oracle.table, rtol=1e-6, atol=1e-6)
@@ -212,3 +215,23 @@ def _varying_batches():
 def test_request_capacity_grows_and_shrinks_with_the_batches():
     caps = run_ranks(3, _varying_batches)
     assert len(set(caps)) == 1  # every rank derived the same capacity
+
+
+def test_routing_keys_widen_to_int64_when_they_would_pass_int32():
+    """The requester packs (serving rank, local row) into rank * stride + row and sorts the keys
+    as int32 when every key fits. A world of 3 ranks holding 2^30 rows each does not fit: the
+    keys stay int64 and every id still reaches its row (no process group needed to sort)."""
+    from sharded_embedding.placement import PagePlan
+    from sharded_embedding.routing import Router
+
+    n, page = 3 * 2**30, 2**30  # metadata only: one page per rank, nothing allocated
+    plan = PagePlan.build(n, page, 3)
+    router = Router(plan.routing_table(0), page_size=page, num_embeddings=n, max_local_rows=2**30, rank=0, world=3,
+                    group=None, device=torch.device("cpu"))
+    assert router._key_dtype == torch.int64
+    ids = torch.tensor([n - 1, 5, 2**30 + 7, 5, 2**31 + 1])
+    gather_index, _, keys = router._sort(ids)
+    stride = 2**30 + 1
+    decoded = [(int(k) // stride, int(k) % stride) for k in keys]
+    assert decoded == [(1, 7), (2, 1), (2, 2**30 - 1), (3, 5)]  # peers in order; this rank (0) sorts last, as 3
+    assert [decoded[i] for i in gather_index.tolist()] == [(2, 2**30 - 1), (3, 5), (1, 7), (3, 5), (2, 1)]
