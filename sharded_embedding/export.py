@@ -39,9 +39,14 @@ _DTYPE = {v: k for k, v in _DESCR.items()}
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (keep ``t`` alive while they are used)."""
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
+    """The bytes of a contiguous CPU tensor, without a copy. The view keeps ``t`` alive: a
+    temporary (a page converted to float32, a CPU copy of a CUDA page) is not freed, and its
+    memory reused, while its bytes are still being written."""
+    if not (t.is_contiguous() and t.device.type == "cpu"):
+        raise ValueError(f"tensor_bytes needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    buf._tensor = t  # the memoryview holds buf, buf holds the tensor
+    return memoryview(buf).cast("B")
 
 
 def local_views(emb, storage: torch.Tensor | None = None) -> dict[int, torch.Tensor]:

@@ -13,7 +13,10 @@ range is kept from overflowing.
   ``2^-11 |x| + 2^-39 m`` of what was sent (relative ``2^-11`` for ``|x| >= 2^-28 m``),
   where unscaled float16 turned everything above 65504 into inf and rounded values below
   6.1e-5 to a fixed step of 6e-8. Cost: one more column per row (``dim + 1`` values), a
-  max-abs per row on the sender and one multiply per value on each side.
+  max-abs per row on the sender and one multiply per value on each side. Measured here
+  (one core): encoding 4096 rows of 64 takes 0.28 ms and decoding 0.11 ms, against 0.045 ms
+  for a plain cast; a training step (2 CPU ranks, 1M x 64, 8192 ids per rank, interleaved A/B
+  in one run at load ~5) 0.7-3.6 ms (3-13%) slower than with a plain float16 cast.
 
 Non-finite rows stay non-finite (the backward refuses them before they travel, see `amp`).
 """

@@ -131,6 +131,22 @@ def _export(path: str):
     return emb.full_table()
 
 
+def _export_bf16(path: str):
+    emb = ShardedEmbedding(N, D, page_size=10, dtype=torch.bfloat16, seed=5)
+    emb.export_table(path)
+    return emb.full_table()
+
+
+def test_a_bfloat16_table_exports_as_float32_exactly(tmp_path):
+    """.npy has no bfloat16: the export widens to float32, which holds every bf16 value exactly."""
+    import numpy as np
+
+    path = str(tmp_path / "bf16.npy")
+    table = run_ranks(2, _export_bf16, path)[0]
+    saved = np.load(path)
+    assert saved.dtype == np.float32 and torch.equal(torch.from_numpy(saved), table.float())
+
+
 def _import(path: str):
     emb = ShardedEmbedding(N, D, page_size=13, placement=[(0, 1), 1, 0, 1, 0, (1, 0), 0, 1], seed=6)
     emb.import_table(path)
