@@ -27,7 +27,6 @@ import shutil
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from .distributed import agree_or_raise, all_reduce_host
 

@@ -26,7 +26,8 @@ Every optimizer that steps a table's storage is hooked at its first ``step()`` (
 optimizer step pre-hook, installed with the first table), so an optimizer that trained a table
 never saves its state unsharded. An optimizer that has not stepped yet, e.g. a fresh one built
 to load a checkpoint into, is hooked only by calling `shard_optimizer_state`; without it, its
-unsharded state does not match the sharded checkpoint's shape and ``dcp.load`` raises.
+unsharded state does not match the sharded checkpoint's shape and ``dcp.load`` raises (unless
+the rank holds every row: its state is then the whole table's, in order, and loads right).
 
 Per-row state is a tensor whose first dimension is the storage's rows. State of any other
 shape (a per-column statistic, say) has no sharded form: ``state_dict()`` refuses it.
@@ -151,7 +152,7 @@ def _unshard_state(optimizer, state_dict):
         table = _table_of(param, tables)
         if table is None:
             continue
-        group, keys, errors, done = per_group.setdefault(id(table.process_group), (table, [], [], []))
+        _, keys, errors, done = per_group.setdefault(id(table.process_group), (table, [], [], []))
         if key not in state:
             keys.append(f"{key}:-")
             continue
