@@ -22,12 +22,14 @@ from .export import export_table, import_table
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
+from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
 from .stats import ExchangeStats
 from .storage import allocate
 from .transport import TRANSPORTS, make_transport
+from .wire import FLOAT_DTYPES
 
 __all__ = ["ShardedEmbedding"]
 
@@ -57,7 +59,9 @@ class ShardedEmbedding(nn.Module):
             (or the module's) freezes it as usual. ``emb.optimizer`` holds the hyperparameters
             (``emb.optimizer.lr = ...`` for a schedule) and the state.
         comm_dtype: dtype of the vectors and gradients on the wire (e.g. ``torch.bfloat16``
-            halves the bytes exchanged); storage and updates keep ``dtype``.
+            halves the bytes exchanged); storage and updates keep ``dtype``. A dtype of narrower
+            range than ``dtype`` (float16 for float32) sends each row with a power-of-two scale,
+            so nothing finite overflows on the wire (`wire` gives the error bounds).
         transport: how rows travel between ranks (`transport`): ``"process_group"`` (the
             group's backend: gloo, nccl), ``"shared_memory"`` (a CPU group on one x86-64 Linux
             machine: copies through shared memory instead of loopback sockets; ValueError
@@ -112,10 +116,9 @@ class ShardedEmbedding(nn.Module):
             if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
                 raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
             for name, value in (("dtype", dtype), ("comm_dtype", comm_dtype)):
-                if not (value is None and name == "comm_dtype") and not (
-                    isinstance(value, torch.dtype) and value.is_floating_point
-                ):
-                    raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
+                if not (value is None and name == "comm_dtype") and value not in FLOAT_DTYPES:
+                    raise ValueError(f"{name} must be a floating point torch.dtype (torch.float32, float64, "
+                                     f"float16 or bfloat16), got {value!r}")
             if fused_optimizer is not None:
                 build_fused_optimizer(fused_optimizer, torch.empty(0, 1))  # validates the spec
             if transport not in TRANSPORTS:
@@ -181,6 +184,7 @@ class ShardedEmbedding(nn.Module):
             stats=ExchangeStats(world),
             transport=self.transport,
         )
+        register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -301,6 +305,7 @@ class ShardedEmbedding(nn.Module):
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
+        register_table(new)
         return new
 
     def __reduce_ex__(self, protocol):
@@ -384,13 +389,15 @@ class ShardedEmbedding(nn.Module):
 
     def export_table(self, path) -> None:
         """Write the whole table to one ``.npy`` file ([num_embeddings, embedding_dim]) without
-        gathering it: each rank writes its primary pages into a memory map of the file.
-        Collective; the ranks must share the filesystem."""
+        gathering it: each rank writes its primary pages at their offsets (``pwrite``; see
+        `export.write_pages`). Collective; the ranks must share the filesystem. Raises OSError
+        on every rank if any rank cannot write, leaving no file."""
         export_table(self, str(path))
 
     def import_table(self, path) -> None:
         """Read a ``.npy`` table (as `export_table` writes): each rank reads only the rows it
-        holds. Collective: a missing, truncated or foreign file raises ValueError on every rank."""
+        holds. Collective: a missing, truncated, damaged or foreign file, or values beyond this
+        table's dtype, raise ValueError on every rank before any row changes."""
         import_table(self, str(path))
 
     # ------------------------------------------------------------------ whole table (small tables)

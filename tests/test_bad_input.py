@@ -126,6 +126,8 @@ def _bad_construction(case):
         kwargs["dtype"] = torch.int64
     elif case == "bad_comm_dtype":
         kwargs["comm_dtype"] = torch.int8
+    elif case == "float8_comm_dtype":  # floating point, but no collective or scaled wire carries it
+        kwargs["comm_dtype"] = torch.float8_e4m3fn
     elif case == "fused_unknown":
         kwargs["fused_optimizer"] = {"name": "lion", "lr": 0.1}
     elif case == "fused_bad_key":
@@ -156,6 +158,8 @@ def _bad_construction(case):
         ("bad_dim", "embedding_dim must be a positive int"),
         ("bad_dtype", "dtype must be a floating point"),
         ("bad_comm_dtype", "comm_dtype must be a floating point"),
+        ("float8_comm_dtype", "comm_dtype must be a floating point torch.dtype (torch.float32, float64, float16 or "
+                              "bfloat16), got torch.float8_e4m3fn"),
         ("fused_unknown", "fused_optimizer name 'lion' is not one of"),
         ("fused_bad_key", "fused_optimizer 'adagrad' does not take ['momentum']"),
         ("fused_bad_lr", "lr must be a finite number >= 0"),

@@ -182,3 +182,13 @@ def test_a_gzip_corpus_is_read_as_text(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = (tmp_path / "out" / "vectors.txt").read_text().splitlines()
     assert lines[0] == "4 100" and sorted(x.split(" ", 1)[0] for x in lines[1:]) == ["alpha", "beta", "delta", "gamma"]
+
+
+def test_metrics_hold_null_where_a_number_is_not_finite():
+    """metrics.json stays valid JSON: a NaN or infinite reading is written as null, never as a
+    number (nor as JSON's invalid NaN)."""
+    from sharded_embedding.train import _finite
+
+    metrics = {"loss": float("nan"), "curve": [[1, float("inf")], [2, 0.5]], "spearman": -float("inf"), "n": 3}
+    assert json.loads(json.dumps(_finite(metrics), allow_nan=False)) == {
+        "loss": None, "curve": [[1, None], [2, 0.5]], "spearman": None, "n": 3}
