@@ -227,7 +227,7 @@ def test_routing_keys_widen_to_int64_when_they_would_pass_int32():
     n, page = 3 * 2**30, 2**30  # metadata only: one page per rank, nothing allocated
     plan = PagePlan.build(n, page, 3)
     router = Router(plan.routing_table(0), page_size=page, num_embeddings=n, max_local_rows=2**30, rank=0, world=3,
-                    group=None, device=torch.device("cpu"))
+                    transport=None, device=torch.device("cpu"))
     assert router._key_dtype == torch.int64
     ids = torch.tensor([n - 1, 5, 2**30 + 7, 5, 2**31 + 1])
     gather_index, _, keys = router._sort(ids)
