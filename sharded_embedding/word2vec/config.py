@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from .corpora import CorpusError
+
 SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 COMM_DTYPES = ("float32", "bfloat16", "float16")
@@ -46,7 +48,9 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # None: gensim's bundled Wikipedia sample
+    path: Optional[str] = None  # None: `corpus`, else gensim's bundled Wikipedia sample
+    corpus: Optional[str] = None  # a corpus built once from installed packages (corpora.CORPORA)
+    cache_dir: Optional[str] = None  # where built corpora are kept (default: corpora.default_cache_dir())
     min_count: int = 5
     sample: float = 1e-3
     max_vocab: Optional[int] = None
@@ -93,9 +97,15 @@ def register() -> None:
 
 
 def corpus_path(cfg) -> str:
-    """The corpus file: ``data.path``, or gensim's bundled sample."""
+    """The corpus file: ``data.path``; else the built corpus ``data.corpus`` (built into
+    ``data.cache_dir`` on first use, see `corpora`); else gensim's bundled sample.
+    Raises corpora.CorpusError when ``data.corpus`` cannot be had."""
     if cfg.data.path:
         return os.path.abspath(os.path.expanduser(str(cfg.data.path)))
+    if cfg.data.corpus:
+        from .corpora import cached_corpus
+
+        return cached_corpus(cfg.data.corpus, cfg.data.cache_dir)
     from gensim.test.utils import datapath
 
     return datapath("head500.noblanks.cor")
@@ -152,6 +162,8 @@ def validate(cfg, world_size: int) -> list[str]:
     path = None
     try:
         path = corpus_path(cfg)
+    except CorpusError as e:
+        errors.append(str(e))
     except ImportError:
         errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
     if path is not None and not os.path.isfile(path):
