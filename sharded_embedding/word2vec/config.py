@@ -39,7 +39,7 @@ class ShardingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "rowwise_adagrad"
-    lr: float = 0.2
+    lr: float = 0.7
     eps: Optional[float] = None
     lr_decay: Optional[float] = None
     initial_accumulator_value: Optional[float] = None
@@ -62,7 +62,7 @@ class ModelConfig:
     dim: int = 100
     window: int = 5
     negatives: int = 5
-    shared_negatives: int = 16
+    shared_negatives: int = 64
     block: int = 32
     comm_dtype: Optional[str] = None
 
