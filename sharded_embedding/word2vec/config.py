@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from .text import CorpusError
+
 SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 COMM_DTYPES = ("float32", "bfloat16", "float16")
@@ -39,7 +41,7 @@ class ShardingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "rowwise_adagrad"
-    lr: float = 0.2
+    lr: float = 0.7
     eps: Optional[float] = None
     lr_decay: Optional[float] = None
     initial_accumulator_value: Optional[float] = None
@@ -48,7 +50,9 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # None: gensim's bundled Wikipedia sample; a file (maybe .gz/.bz2/.xz) or a folder
+    path: Optional[str] = None  # a file (maybe .gz/.bz2/.xz) or a folder; None: `corpus`, else gensim's sample
+    corpus: Optional[str] = None  # a corpus built once from installed packages (corpora.CORPORA)
+    corpus_dir: Optional[str] = None  # where built corpora are kept (default: corpora.default_cache_dir())
     min_count: int = 5
     sample: float = 1e-3
     max_vocab: Optional[int] = None
@@ -68,7 +72,7 @@ class ModelConfig:
     dim: int = 100
     window: int = 5
     negatives: int = 5
-    shared_negatives: int = 16
+    shared_negatives: int = 64
     block: int = 32
     comm_dtype: Optional[str] = None
 
@@ -105,9 +109,15 @@ def register() -> None:
 
 
 def corpus_path(cfg) -> str:
-    """The corpus file: ``data.path``, or gensim's bundled sample."""
+    """The corpus file: ``data.path``; else the built corpus ``data.corpus`` (built into
+    ``data.corpus_dir`` on first use, see `corpora`); else gensim's bundled sample.
+    Raises corpora.CorpusError when ``data.corpus`` cannot be had."""
     if cfg.data.path:
         return os.path.abspath(os.path.expanduser(str(cfg.data.path)))
+    if cfg.data.corpus:
+        from .corpora import cached_corpus
+
+        return cached_corpus(cfg.data.corpus, cfg.data.corpus_dir)
     from gensim.test.utils import datapath
 
     return datapath("head500.noblanks.cor")
@@ -169,6 +179,8 @@ def validate(cfg, world_size: int) -> list[str]:
     path = None
     try:
         path = corpus_path(cfg)
+    except CorpusError as e:
+        errors.append(str(e))
     except ImportError:
         errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
     if path is not None:
