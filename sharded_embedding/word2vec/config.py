@@ -184,7 +184,7 @@ def validate(cfg, world_size: int) -> list[str]:
     except ImportError:
         errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
     if path is not None:
-        from .text import CorpusError, CorpusSpec
+        from .text import CorpusSpec
 
         try:
             CorpusSpec.resolve(path, d.encoding, d.decode_errors, d.lowercase)
