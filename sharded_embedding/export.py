@@ -80,7 +80,7 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
     total = len(header) + int(sizes.sum())
     partial = f"{path}.partial"
 
-    error = _create(partial, header, total) if rank == 0 else None
+    error = _create(path, partial, header, total) if rank == 0 else None
     _agree(emb, "export: creating the file", error, partial)
     error = None
     try:
@@ -111,8 +111,10 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
     _agree(emb, "export: completing the file", error, partial)
 
 
-def _create(partial: str, header: bytes, total: int) -> str | None:
+def _create(path: str, partial: str, header: bytes, total: int) -> str | None:
     """Rank 0: create the file, reserve ``total`` bytes, write the header. Returns an error."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return f"{path} exists and is not a regular file (a folder, a device, a link?): it is left as it is"
     try:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
         if free < total:

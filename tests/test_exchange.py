@@ -74,9 +74,9 @@ def _fp16_hot_rows():
     x = want_out[rank]
     assert ((out - x).abs() <= u * x.abs() + a * x.abs().amax(1, keepdim=True)).all()
     (out * 4.0).sum().backward()
-    # stats() counts what travelled: a header of 5 int64 and the asked row id, then the vector and
+    # stats() counts what travelled: a header of 6 int64 and the asked row id, then the vector and
     # the gradient of one row each way, as 4 float16 values and the scale's exponent.
-    assert emb.stats()["bytes_received"] == emb.stats()["bytes_sent"] == 5 * 8 + 8 + 2 * (4 + 1) * 2
+    assert emb.stats()["bytes_received"] == emb.stats()["bytes_sent"] == 6 * 8 + 8 + 2 * (4 + 1) * 2
     table = emb.full_table()
     assert torch.isfinite(table).all() and torch.isfinite(emb._full(emb.optimizer.sum)).all()
     torch.testing.assert_close(table, oracle.table, rtol=1e-6, atol=1e-6)
@@ -160,7 +160,7 @@ def _stats():
             assert s["local_unique_ids"] == 3 and s["unique_ids_sent_per_rank"] == [2, 0]
     sent = calls[0]["unique_ids_sent_per_rank"][1 - rank]
     served = calls[0]["rows_served_per_rank"][1 - rank]
-    header = 5 * 8  # count, error code, error value, largest count, grad mode
+    header = 6 * 8  # count, error code, error value, largest count, grad mode, table
     # First call: no capacity yet, so the header goes first and the ids follow it; then the
     # vectors (float32 rows of 3) and, backward, the gradients.
     assert calls[0]["bytes_sent"] == header + sent * 8 + served * 12 + sent * 12
