@@ -18,6 +18,10 @@ Every rank of the group runs `Router.route` once per lookup call, in the same or
 call (all ranks see it in the headers), with headroom, so in steady state a lookup costs one
 small exchange before the vectors move instead of TorchRec's two (splits, then ids).
 Requests for pages this rank holds never leave it. The vectors travel in `lookup`.
+
+`RequestExchange` is steps 2-3 on their own (a header of the caller's columns per peer, then
+int64 payload under the adaptive capacity): `Router` uses it for one table's lookups, and
+`bag_routing` for all the tables of a `ShardedEmbeddingBagCollection` at once.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ import torch
 from .placement import RoutingTable
 from .transport import Transport
 
-__all__ = ["Routing", "Router"]
+__all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
-_HEADER = 5  # request columns before the rows: count, error code, error value, largest count, grad
+_COUNT, _LARGEST = 0, 1  # the request columns `RequestExchange` adds before the caller's
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
@@ -123,11 +127,11 @@ class Router:
         self._key = torch.where(table.dest_rank == rank, world, table.dest_rank).to(device)
         self._shift = (table.dest_offset - pages * page_size).to(device)
         # (serving rank, local row) packs into rank * stride + row; int32 keys sort 2x faster.
-        self._stride = max_local_rows + 1
-        fits32 = (world + 1) * self._stride < 2**31
+        self.stride = max_local_rows + 1
+        fits32 = (world + 1) * self.stride < 2**31
         self._key_dtype = torch.int32 if fits32 else torch.int64
         self._arange = torch.arange(0, device=device)
-        self._capacity = 0  # rows per peer carried in the request exchange; same on all ranks
+        self.requests = RequestExchange(transport, rank, world, device)
 
     def _positions(self, n: int) -> torch.Tensor:
         """``arange(n)``, a view of a cache grown as needed. The cache is made outside inference
@@ -152,93 +156,159 @@ class Router:
         if refusal:
             flat, shape, code, value = None, None, _REFUSED, refusal
         else:
-            flat, shape, code, value = _validate(indices, self.num_embeddings, self.device)
+            flat, shape, code, value = validate_ids(indices, self.num_embeddings, self.device)
         if code != _OK:
             if self.world == 1:
                 _raise_input_errors([code], [value], self.num_embeddings)
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            counts = torch.zeros(self.world + 1, dtype=torch.int64, device=self.device)
-            return self._exchange(shape, empty, None, empty, empty, counts, code, value, needs_grad)
-        gather_index, bags, keys = self._sort(flat)
+            return self._exchange(shape, empty, None, None, empty, [0] * (self.world + 1), code, value, needs_grad)
+        gather_index, bags, keys = self.dedup(flat)
         if self.world == 1:
             return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
-        peer = torch.div(keys, self._stride, rounding_mode="floor")
-        rows = keys - peer * self._stride
-        counts = torch.bincount(peer, minlength=self.world + 1)
+        peer, rows = self.split(keys)
+        counts = torch.bincount(peer, minlength=self.world + 1).tolist()  # one device sync
         return self._exchange(shape, gather_index, bags, peer, rows, counts, _OK, 0, needs_grad)
 
-    def _sort(self, flat: torch.Tensor):
-        """One sort does it all. Each id becomes the key (serving rank, local row there), own
-        rows last; equal keys are duplicate ids; the sorted order is peer-major, the layout the
-        exchanges send; and the permutation groups each unique id's positions (the bags the
-        backward sums). Returns (gather_index, bags, unique keys in sorted order)."""
+    def keys(self, flat: torch.Tensor) -> torch.Tensor:
+        """Each id of ``flat`` (int64, in range) as the int64 key ``serving rank * stride +
+        its local row there``, where this rank itself counts as rank ``world`` (its rows sort
+        last). The requester knows the plan, so owners only gather rows."""
         page = torch.div(flat, self.page_size, rounding_mode="floor")
         keys = flat + self._shift[page]  # the serving rank's local rows
         if self.world > 1:
-            keys.add_(self._key[page], alpha=self._stride)
-        keys, perm = torch.sort(keys.to(self._key_dtype))
+            keys.add_(self._key[page], alpha=self.stride)
+        return keys
+
+    def split(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys -> (serving rank, ``world`` for this rank; local row there)."""
+        peer = torch.div(keys, self.stride, rounding_mode="floor")
+        return peer, keys - peer * self.stride
+
+    def dedup(self, flat: torch.Tensor, keys: torch.Tensor | None = None):
+        """One sort does it all. Each id becomes its key (`keys`; pass them if computed
+        already), own rows last; equal keys are duplicate ids; the sorted order is peer-major,
+        the layout the exchanges send; and the permutation groups each unique id's positions
+        (the bags the backward sums). Returns (gather_index, bags, unique keys in sorted
+        order, int64)."""
+        keys, perm = torch.sort((self.keys(flat) if keys is None else keys).to(self._key_dtype))
         keys, dups = torch.unique_consecutive(keys, return_counts=True)
         gather_index = torch.empty_like(perm)
         gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
         return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys.long()
 
-    def _exchange(self, shape, gather_index, bags, peer, rows, counts, code: int, value: int,
+    def _exchange(self, shape, gather_index, bags, peer, rows, counts: list[int], code: int, value: int,
                   needs_grad: bool) -> Routing:
-        """Send each peer its request (header + up to ``capacity`` rows), then any overflow."""
-        world, device, cap = self.world, self.device, self._capacity
-        width = _HEADER + cap
-        per_peer = counts[:world]
-        local_largest, num_own = torch.stack([per_peer.max(), counts[world]]).tolist()  # one sync
+        """Send each peer its request (header + rows, `RequestExchange`); own rows stay here."""
+        world = self.world
+        num_own = counts[world]
         num_asked = rows.numel() - num_own
-        request = torch.zeros(world, width, dtype=torch.int64, device=device)
-        request[:, 0] = per_peer
-        request[:, 1] = code
-        request[:, 2] = value
-        request[:, 3] = local_largest
-        request[:, 4] = int(needs_grad)
-        starts = torch.cumsum(per_peer, 0) - per_peer
-        if cap and num_asked:
-            # The k-th peer-sorted row goes to (its peer, k - the peer's first k): one flat index.
-            peer = peer[:num_asked]
-            flat = self._positions(num_asked) + (self._positions(world) * width + _HEADER - starts)[peer]
-            asked = rows[:num_asked]
+        columns = torch.tensor([[code, value, int(needs_grad)]], dtype=torch.int64, device=self.device)
+
+        def check(header: torch.Tensor) -> None:  # every rank sees every rank's columns
+            _raise_input_errors(header[:, 0].tolist(), header[:, 1].tolist(), self.num_embeddings)
+            _raise_if_grad_modes_differ(header[:, 2].tolist())
+
+        got = self.requests.exchange(columns.expand(world, 3), rows[:num_asked], counts[:world],
+                                     peer=None if peer is None else peer[:num_asked], check=check)
+        owner_rows = torch.cat([rows[num_asked:], got.payload])
+        return Routing(shape, gather_index, bags, counts[:world], got.served, owner_rows, got.ints_sent,
+                       got.ints_received)
+
+
+@dataclass
+class Received:
+    """What `RequestExchange.exchange` brought: each peer's header columns (host, ``[world,
+    columns]``), its payload values (device, in peer order, ``served[q]`` from peer ``q``),
+    and the int64 values this rank sent and received."""
+
+    header: torch.Tensor
+    payload: torch.Tensor
+    served: list[int]
+    ints_sent: int
+    ints_received: int
+
+
+class RequestExchange:
+    """One ``all_to_all_single`` of an int64 request per peer: a header (the payload count, the
+    sender's largest count to any peer, then the caller's columns) followed by up to
+    ``capacity`` payload values; when some request outgrew the capacity (every rank can tell
+    from the headers), a second, ragged all-to-all with the rest.
+
+    ``capacity`` is the same on every rank: each derives it from the largest request of the
+    last call, seen by all in the headers, with 25% headroom, halving at most per call. So in
+    steady state a request costs one exchange, and the header rides with the payload.
+    """
+
+    def __init__(self, transport: Transport, rank: int, world: int, device: torch.device):
+        self.transport, self.rank, self.world, self.device = transport, rank, world, device
+        self.capacity = 0
+        self._arange = torch.arange(0, device=device)
+
+    def _positions(self, n: int) -> torch.Tensor:
+        """``arange(n)`` from a cache (see `Router._positions`)."""
+        if self._arange.numel() < n:
+            with torch.inference_mode(False):
+                self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
+        return self._arange[:n]
+
+    def exchange(self, columns: torch.Tensor, payload: torch.Tensor, counts: list[int], *,
+                 peer: torch.Tensor | None = None, check=None) -> Received:
+        """Send ``columns[q]`` (int64 ``[world, k]``) and ``counts[q]`` payload values to each
+        peer ``q``; ``payload`` holds them peer after peer (``counts[rank]`` must be 0: a rank's
+        own requests never travel). ``peer``: the peer of each payload value, if the caller
+        has it. ``check(header)`` is called on every rank with every peer's columns (host,
+        ``[world, k]``) before any payload is read: raise there and every rank raises together,
+        before the overflow exchange.
+
+        Collective: one ``all_to_all_single``, two when a request outgrew the capacity."""
+        world, device, cap = self.world, self.device, self.capacity
+        base = 2 + columns.shape[1]
+        width = base + cap
+        num, local_largest = sum(counts), max(counts)
+        counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+        request = torch.empty(world, width, dtype=torch.int64, device=device)
+        request[:, _COUNT] = counts_t
+        request[:, _LARGEST] = local_largest
+        request[:, 2:base] = columns
+        if cap:
+            request[:, base:] = 0
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        if cap and num:
+            # The k-th payload value goes to (its peer, k - the peer's first k): one flat index.
+            if peer is None:
+                peer = torch.repeat_interleave(self._positions(world), counts_t, output_size=num)
+            flat = self._positions(num) + (self._positions(world) * width + base - starts)[peer]
+            values = payload
             if local_largest > cap:
                 fits = flat - peer * width < width
-                flat, asked = flat[fits], asked[fits]
-            request.view(-1)[flat] = asked
+                flat, values = flat[fits], values[fits]
+            request.view(-1)[flat] = values
         received = torch.empty_like(request)
-        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first rows
-        host = torch.cat([request[:, :1], received[:, :_HEADER]], dim=1).cpu()  # one device sync
-        _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), self.num_embeddings)
-        _raise_if_grad_modes_differ(host[:, 5].tolist())
-
-        requested, served = host[:, 0].tolist(), host[:, 1].tolist()
-        largest = max(host[:, 4].tolist())
-        self._capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
-        num_served = sum(served)
-        owner_rows = torch.empty(num_own + num_served, dtype=torch.int64, device=device)
-        owner_rows[:num_own] = rows[num_asked:]
+        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first values
+        header = received[:, :base].cpu()  # one device sync
+        if check is not None:
+            check(header[:, 2:])
+        served = header[:, _COUNT].tolist()
+        largest = max(header[:, _LARGEST].tolist())
+        self.capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
         wire = (world - 1) * width  # int64s each way in the request exchange
         if largest <= cap:
             fits = torch.arange(cap, device=device) < torch.tensor(served, device=device).unsqueeze(1)
-            owner_rows[num_own:] = received[:, _HEADER:][fits]
-            return Routing(shape, gather_index, bags, requested, served, owner_rows, wire, wire)
-        # Some request outgrew the capacity: the rest follows; rows then go in peer order.
+            return Received(header[:, 2:], received[:, base:][fits], served, wire, wire)
+        # Some request outgrew the capacity: the rest follows; values then go in peer order.
         extra_in = [max(c - cap, 0) for c in served]
-        extra_out = [max(c - cap, 0) for c in requested]
-        past = self._positions(num_asked) - starts.repeat_interleave(per_peer) >= cap
+        extra_out = [max(c - cap, 0) for c in counts]
+        past = self._positions(num) - starts.repeat_interleave(counts_t, output_size=num) >= cap
         extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-        self.transport.all_to_all(extra, rows[:num_asked][past], extra_in, extra_out)()  # overflow
+        self.transport.all_to_all(extra, payload[past], extra_in, extra_out)()  # overflow
         at, parts = 0, []
         for r in range(world):  # O(world), only on calls where the capacity grows
-            parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]
+            parts += [received[r, base : base + min(served[r], cap)], extra[at : at + extra_in[r]]]
             at += extra_in[r]
-        owner_rows[num_own:] = torch.cat(parts)
-        return Routing(shape, gather_index, bags, requested, served, owner_rows,
-                       wire + sum(extra_out), wire + sum(extra_in))
+        return Received(header[:, 2:], torch.cat(parts), served, wire + sum(extra_out), wire + sum(extra_in))
 
 
-def _validate(indices, num_embeddings: int, device: torch.device):
+def validate_ids(indices, num_embeddings: int, device: torch.device):
     """Flatten ``indices`` to int64 on ``device``; returns (flat, shape, error code, error value)."""
     if not isinstance(indices, torch.Tensor):
         try:

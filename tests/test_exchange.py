@@ -112,7 +112,7 @@ def _varying_batches():
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.testing.assert_close(emb.full_table(), oracle.table, rtol=1e-5, atol=1e-5)
-    return emb._router._capacity
+    return emb._router.requests.capacity
 
 
 def test_request_capacity_grows_and_shrinks_with_the_batches():
