@@ -174,13 +174,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self.configs = tuple(tables)
         self.include_last_offset = include_last_offset
         self.process_group, self.rank, self.world_size = group, rank, world
-        self.tables = Tables()
+        container = Tables()  # filled before it joins the collection, so DDP's ignore list sees every table
         for c in self.configs:  # each construction is collective and checks its own arguments
-            self.tables.add_module(c.name, ShardedEmbedding(
+            container.add_module(c.name, ShardedEmbedding(
                 c.num_embeddings, c.embedding_dim, page_size=c.page_size, placement=c.placement,
                 num_devices=c.num_devices, process_group=group, device=device, seed=c.seed, sparse=sparse,
                 fused_optimizer=dict(c.fused_optimizer) if c.fused_optimizer is not None else None,
                 comm_dtype=comm_dtype, transport=transport))
+        self.tables = container
         first = self._table_list[0]
         self._router = BagRouter([t._router for t in self._table_list], [c.embedding_dim for c in self.configs],
                                  [c.pooling is not None for c in self.configs], rank=rank, world=world,
