@@ -40,12 +40,14 @@ def _specs_for(world: int, specs: list[dict]) -> list[dict]:
 
 
 def train_collection_against_oracle(specs, *, steps=3, batch=(6,), max_len=5, weighted=("tag",), skew="uniform",
-                                    pool_on="auto", form="offsets", seed=0, lr=0.1, comm_dtype=None, rtol=1e-5):
+                                    pool_on="auto", form="offsets", seed=0, lr=0.1, comm_dtype=None, rtol=1e-5,
+                                    remap=True):
     """Train the collection ``steps`` steps against `BagOracle`: outputs, gradients of tables
     without a fused optimizer (SGD), rows and fused optimizer state after every step.
-    ``skew``: of every feature's ids, or {feature: skew} (uniform for the others)."""
+    ``skew``: of every feature's ids, or {feature: skew} (uniform for the others). ``remap``:
+    the specs' explicit placements are for 2 ranks and are mapped onto the world (else: as given)."""
     rank, world = rank_world()
-    configs = table_configs(_specs_for(world, specs))
+    configs = table_configs(_specs_for(world, specs) if remap else specs)
     ebc = ShardedEmbeddingBagCollection(configs, pool_on=pool_on, comm_dtype=comm_dtype,
                                         include_last_offset=form == "last_offset")
     for c in configs:
