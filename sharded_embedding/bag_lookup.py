@@ -49,42 +49,32 @@ class BagLookup(torch.autograd.Function):
         world, rank, ws = wire.world, wire.rank, wire.workspace
         dims = [s.shape[1] for s in storages]
         unit, dtype, device = math.gcd(*dims), storages[0].dtype, storages[0].device
-        rows_to = [routing.rows_to(r) for r in range(world)]
-        rows_from = [routing.rows_from(q) for q in range(world)]
-        send_units = [0 if r == rank else _units(rows_to[r], dims, unit) for r in range(world)]
-        recv_units = [0 if q == rank else _units(rows_from[q], dims, unit) for q in range(world)]
-        send = ws.get("bag_send", sum(send_units), unit, dtype, device)
-        recv = ws.get("bag_recv", sum(recv_units), unit, dtype, device)
-        at = 0
-        for r in range(world):  # owners: what each peer asked for, table after table
-            if r == rank:
-                continue
-            for t, (n, d) in enumerate(zip(rows_to[r], dims)):
-                if n:
-                    _answer(storages[t], routing.serves[t], r, send[at : at + n * d // unit].view(n, d))
-                at += n * d // unit
-        wait = wire.all_to_all(recv, send, recv_units, send_units)  # vectors
-        answers = []
-        for t, (req, d) in enumerate(zip(routing.requests, dims)):  # own requests while they travel
-            total, own = sum(req.back), req.back[rank]
-            buf = ws.get(f"bag_answers{t}", total, d, dtype, device)
-            if own:
-                _answer(storages[t], routing.serves[t], rank, buf[total - own :])
-            answers.append(buf)
+        send_layout = _layout([routing.rows_to(r) for r in range(world)], dims, unit, rank)
+        recv_layout = _layout([routing.rows_from(q) for q in range(world)], dims, unit, rank)
+        send = ws.get("bag_send", send_layout.total, unit, dtype, device)
+        recv = ws.get("bag_recv", recv_layout.total, unit, dtype, device)
+        for r, t, n, at in send_layout.blocks():  # owners: what each peer asked for, table after table
+            _answer(storages[t], routing.serves[t], r, _rows(send, at, n, dims[t], unit))
+        wait = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer)  # vectors
+        own = []
+        for t, req in enumerate(routing.requests):  # own requests while they travel
+            n, total = req.back[rank], sum(req.back)
+            if req.mode == ON_REQUESTER:  # the tail of [peers' rows | own rows]
+                buf = ws.get(f"bag_answers{t}", total, dims[t], dtype, device)[total - n :]
+            else:
+                buf = torch.empty(n, dims[t], dtype=dtype, device=device)
+            if n:
+                _answer(storages[t], routing.serves[t], rank, buf)
+            own.append(buf)
         wait()
-        at, filled = 0, [0] * len(dims)
-        for q in range(world):  # [rows from peers in rank order | own rows] per table
-            if q == rank:
-                continue
-            for t, (n, d) in enumerate(zip(rows_from[q], dims)):
-                if n:
-                    answers[t][filled[t] : filled[t] + n] = recv[at : at + n * d // unit].view(n, d)
-                filled[t] += n
-                at += n * d // unit
-        stats.record_vectors(routing, sum(send_units) * unit, sum(recv_units) * unit)
+        outputs = []
+        for t, req in enumerate(routing.requests):
+            from_peers = [(q, _rows(recv, at, n, dims[t], unit)) for q, tt, n, at in recv_layout.blocks() if tt == t]
+            outputs.append(_pool(req, from_peers, own[t], rank, ws, t))
+        stats.record_vectors(routing, send_layout.total * unit, recv_layout.total * unit)
         ctx.routing, ctx.wire, ctx.exchanges, ctx.stats = routing, wire, exchanges, stats
         ctx.storages = storages
-        return tuple(_pool(req, buf) for req, buf in zip(routing.requests, answers))
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -96,60 +86,74 @@ class BagLookup(torch.autograd.Function):
         dims = [s.shape[1] for s in storages]
         unit, dtype, device = math.gcd(*dims), grads[live[0]].dtype, grads[live[0]].device
         scales = {t: gradient_scales(exchanges[t]) for t in live}
-        # Requesters: the gradient of every row they were sent, [peers' rows | own rows] per table.
-        mine = {t: _requester_grad(routing.requests[t], grads[t], scales[t][0]) for t in live}
-        send_units = [0 if q == rank else _units([routing.requests[t].back[q] for t in live], [dims[t] for t in live],
-                                                  unit) for q in range(world)]
-        recv_units = [0 if r == rank else _units([routing.serves[t].back[r] for t in live], [dims[t] for t in live],
-                                                  unit) for r in range(world)]
-        send = ws.get("bag_grad_send", sum(send_units), unit, dtype, device)
-        recv = ws.get("bag_grad_recv", sum(recv_units), unit, dtype, device)
-        at, taken = 0, dict.fromkeys(live, 0)
-        for q in range(world):
-            if q == rank:
-                continue
-            for t in live:
-                n, d = routing.requests[t].back[q], dims[t]
-                if n:
-                    send[at : at + n * d // unit].view(n, d).copy_(mine[t][taken[t] : taken[t] + n])
-                taken[t] += n
-                at += n * d // unit
+        only = [[(routing.requests[t].back[q] if t in live else 0) for t in range(len(dims))] for q in range(world)]
+        served = [[(routing.serves[t].back[r] if t in live else 0) for t in range(len(dims))] for r in range(world)]
+        send_layout = _layout(only, dims, unit, rank)
+        recv_layout = _layout(served, dims, unit, rank)
+        send = ws.get("bag_grad_send", send_layout.total, unit, dtype, device)
+        recv = ws.get("bag_grad_recv", recv_layout.total, unit, dtype, device)
+        # Requesters: the gradient of every row the owners sent, peers' parts straight into the
+        # send buffer; own parts kept here.
+        own = {t: _requester_grad(routing.requests[t], grads[t], scales[t][0], send, send_layout, dims[t], unit, t,
+                                  rank) for t in live}
         # Every rank learns, with the gradients, whether any rank computed an inf/NaN row.
         flag = nonfinite_flag(send, send.shape[0], wire.comm_dtype)
         for t in live:
-            flag |= nonfinite_flag(mine[t][taken[t] :], 0, None)
-        receive = wire.all_to_all(recv, send, recv_units, send_units, flag)  # gradients (+ non-finite flags)
-        ctx.stats.record_gradients(sum(send_units) * unit, sum(recv_units) * unit)
+            flag |= nonfinite_flag(own[t], 0, None)
+        receive = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, flag)  # gradients + flags
+        ctx.stats.record_gradients(send_layout.total * unit, recv_layout.total * unit)
         bad = receive()
         if bad and skip_nonfinite_step([exchanges[t] for t in live], bad):
             return (None,) * (4 + len(storages))  # skipped everywhere, like scaler.step skips it
         blocks = {t: [None] * world for t in live}
-        at = 0
-        for r in range(world):
-            for t in live:
-                n, d = routing.serves[t].back[r], dims[t]
-                if r == rank:
-                    blocks[t][r] = mine[t][taken[t] :]
-                    continue
-                blocks[t][r] = recv[at : at + n * d // unit].view(n, d)
-                at += n * d // unit
+        for t in live:
+            blocks[t][rank] = own[t]
+        for r, t, n, at in recv_layout.blocks():
+            blocks[t][r] = _rows(recv, at, n, dims[t], unit)
         out = [None] * len(storages)
         for t in live:
             exchange = exchanges[t]
             if bad and exchange.optimizer is not None:
                 continue  # this table's fused step is skipped (the scaler skips the others')
-            rows, values = _owner_rows(routing.serves[t], blocks[t], scales[t][0])
+            rows, values = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device)
             out[t] = update_rows(exchange, storages[t], rows, values, inv_scale=scales[t][1],
                                  storage_shape=storages[t].shape, poisoned=bool(bad))
         return (None, None, None, None, *out)
 
 
-def _units(rows: list[int], dims: list[int], unit: int) -> int:
-    return sum(n * d // unit for n, d in zip(rows, dims))
+class _Layout:
+    """Where each (peer, table) block of rows sits in a flat buffer of ``unit``-wide rows:
+    peer after peer (this rank's own blocks never travel: size 0), tables in order."""
+
+    def __init__(self, rows: list[list[int]], dims: list[int], unit: int, rank: int):
+        self._blocks, self.per_peer, at = [], [], 0
+        for q, by_table in enumerate(rows):
+            start = at
+            if q != rank:
+                for t, (n, d) in enumerate(zip(by_table, dims)):
+                    if n:
+                        self._blocks.append((q, t, n, at))
+                    at += n * d // unit
+            self.per_peer.append(at - start)
+        self.total = at
+
+    def blocks(self):
+        """(peer, table, rows, first buffer row) of every non-empty block."""
+        return self._blocks
+
+
+def _layout(rows, dims, unit, rank) -> _Layout:
+    return _Layout(rows, dims, unit, rank)
+
+
+def _rows(buf: torch.Tensor, at: int, n: int, dim: int, unit: int) -> torch.Tensor:
+    """Rows ``[at, at + n * dim / unit)`` of a flat buffer as ``[n, dim]`` (a view)."""
+    return buf[at : at + n * dim // unit].view(n, dim)
 
 
 def _decoded(serve: TableServe, r: int):
-    """Requester ``r``'s ids pooled here: (local rows, bag starts, weights or None), cached."""
+    """Requester ``r``'s ids pooled here: (local rows, first-of-bag flags, weights or None),
+    cached for the backward."""
     if r not in serve.decoded:
         serve.decoded[r] = decode(serve.blocks[r], serve.modes[r] == ON_OWNER_WEIGHTED)
     return serve.decoded[r]
@@ -163,45 +167,73 @@ def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor)
         else:
             out.copy_(storage.index_select(0, serve.blocks[r]))
         return
-    rows, starts, weights = _decoded(serve, r)
+    rows, first, weights = _decoded(serve, r)
     weights = weights.to(storage.dtype) if weights is not None else None
+    starts = torch.nonzero(first).squeeze(1)
     out.copy_(F.embedding_bag(rows, storage, starts, mode="sum", per_sample_weights=weights))
 
 
-def _pool(req: TableRequest, answers: torch.Tensor) -> torch.Tensor:
-    """Requester: the table's output rows from what the owners sent."""
-    bags = req.bags
+def _pool(req: TableRequest, from_peers: list, own: torch.Tensor, rank: int, ws, t: int) -> torch.Tensor:
+    """Requester: the table's output rows from what the owners sent (``from_peers``: (rank,
+    [rows, dim] view) in rank order) and what this rank served itself (``own``)."""
+    bags, dim = req.bags, own.shape[1]
     if req.mode != ON_REQUESTER:  # each bag: the sum of its partial sums
-        out = answers.new_zeros(bags.num_bags, answers.shape[1])
-        return out.index_add_(0, req.pair_bag, answers)
+        out = own.new_zeros(bags.num_bags, dim)
+        at = 0
+        for q, n in enumerate(req.back):
+            if q == rank or n == 0:
+                continue
+            block = next(v for p, v in from_peers if p == q)
+            out.index_add_(0, req.pair_bag[at : at + n], block)
+            at += n
+        if own.shape[0]:
+            out.index_add_(0, req.pair_bag[at:], own)
+        return out
+    total = sum(req.back)
+    answers = ws.get(f"bag_answers{t}", total, dim, own.dtype, own.device)  # [peers' rows | own rows]
+    at = 0
+    for q, block in from_peers:  # the own rows are in place already
+        answers[at : at + block.shape[0]] = block
+        at += block.shape[0]
     if not bags.pooled:
         return answers.index_select(0, req.gather_index)
     weights = bags.weights.to(answers.dtype) if bags.weights is not None else None
     return F.embedding_bag(req.gather_index, answers, bags.offsets[:-1], mode="sum", per_sample_weights=weights)
 
 
-def _requester_grad(req: TableRequest, grad: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Requester: the gradient of each row the owners sent, ``[sum(back), dim]``: per unique
-    row, its bags' gradients summed (one embedding_bag over the dedup sort's groups, times
-    ``scale`` if the table's optimizer has one), or per (bag, owner) pair, its bag's."""
+def _requester_grad(req: TableRequest, grad: torch.Tensor, scale: float | None, send: torch.Tensor, layout: _Layout,
+                    dim: int, unit: int, t: int, rank: int) -> torch.Tensor:
+    """Requester: the gradient of each row the owners sent: per unique row, its bags'
+    gradients summed (one embedding_bag over the dedup sort's groups, times ``scale`` if the
+    table's optimizer has one), or per (bag, owner) pair, its bag's. Peers' parts go into
+    ``send`` (their blocks of ``layout``); returns this rank's own part."""
     grad = grad.contiguous()
+    blocks = [(q, n, at) for q, tt, n, at in layout.blocks() if tt == t]
     if req.mode != ON_REQUESTER:
-        return grad.index_select(0, req.pair_bag)
+        at_pair = 0
+        for q, n, at in blocks:  # pairs are in rank order, own last: the blocks' order
+            torch.index_select(grad, 0, req.pair_bag[at_pair : at_pair + n], out=_rows(send, at, n, dim, unit))
+            at_pair += n
+        return grad.index_select(0, req.pair_bag[at_pair:])
     groups, bags = req.dedup, req.bags
     inputs = bags.bag_of()[groups.indices] if bags.pooled else groups.indices
     weights = bags.weights[groups.indices].to(grad.dtype) if bags.weights is not None else None
     if scale is not None:
         weights = weights * scale if weights is not None else grad.new_full((inputs.numel(),), scale)
-    return F.embedding_bag(inputs, grad, groups.offsets, mode="sum", per_sample_weights=weights)
+    rows = F.embedding_bag(inputs, grad, groups.offsets, mode="sum", per_sample_weights=weights)
+    at_row = 0
+    for q, n, at in blocks:
+        _rows(send, at, n, dim, unit).copy_(rows[at_row : at_row + n])
+        at_row += n
+    return rows[at_row:]
 
 
-def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None):
+def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None, dim: int, dtype, device):
     """Owner: (local rows, gradient rows) of one table from every requester's block. Rows
-    pooled on the requester arrive as they are (already scaled there); pairs pooled here are
-    spread over their ids, weighted, scaled and summed per row (one sort, one embedding_bag)."""
+    pooled on the requester arrive as they are (already scaled there); the pairs pooled here
+    are spread over their ids, weighted, scaled and summed per row, requester by requester
+    (one sort, one embedding_bag)."""
     rows, values = [], []
-    ids, pair_of, weights, pair_grads = [], [], [], []
-    pairs_before = 0
     for r, block in enumerate(blocks):
         if serve.back[r] == 0:
             continue
@@ -209,30 +241,18 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
             rows.append(serve.blocks[r])
             values.append(block)
             continue
-        r_rows, starts, w = _decoded(serve, r)
-        first = torch.zeros(r_rows.numel(), dtype=torch.int64, device=r_rows.device)
-        first[starts] = 1
-        ids.append(r_rows)
-        pair_of.append(torch.cumsum(first, 0) + (pairs_before - 1))
-        weights.append(w)
-        pair_grads.append(block)
-        pairs_before += serve.back[r]
-    if ids:
-        keys, perm = torch.sort(torch.cat(ids).int())  # local rows < 2^31: packing needs it
+        ids, first, w = _decoded(serve, r)
+        pair_of = torch.cumsum(first, 0) - 1
+        keys, perm = torch.sort(ids.int())  # local rows < 2^31: packing needs it
         unique, dups = torch.unique_consecutive(keys, return_counts=True)
-        w = None
-        if any(x is not None for x in weights):
-            w = torch.cat([x if x is not None else torch.ones_like(i, dtype=torch.float32)
-                           for x, i in zip(weights, ids)])[perm]
-        grads = torch.cat(pair_grads) if len(pair_grads) > 1 else pair_grads[0]
-        if w is not None:
-            w = w.to(grads.dtype)
+        w = w[perm].to(dtype) if w is not None else None
         if scale is not None:
-            w = w * scale if w is not None else grads.new_full((perm.numel(),), scale)
+            w = w * scale if w is not None else torch.full((perm.numel(),), scale, dtype=dtype, device=device)
         rows.append(unique.long())
-        values.append(F.embedding_bag(torch.cat(pair_of)[perm], grads.contiguous(), torch.cumsum(dups, 0) - dups,
+        values.append(F.embedding_bag(pair_of[perm], block.contiguous(), torch.cumsum(dups, 0) - dups,
                                       mode="sum", per_sample_weights=w))
     if not rows:
-        device, dim = blocks[0].device if blocks else torch.device("cpu"), blocks[0].shape[1]
-        return torch.zeros(0, dtype=torch.int64, device=device), blocks[0].new_zeros(0, dim)
+        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dim, dtype=dtype, device=device)
+    if len(rows) == 1:
+        return rows[0], values[0]
     return torch.cat(rows), torch.cat(values)

@@ -106,30 +106,33 @@ class BagRouting:
 @dataclass
 class PoolingChoice:
     """One table's pooling choice on this rank: the last measured ratio of unique to all
-    remote ids, calls since, and what was chosen (reported by ``stats()``)."""
+    remote ids, calls since, what was chosen (reported by ``stats()``)."""
 
     ratio: float | None = None
     since: int = 0
     on_requester: int = 0
     on_owner: int = 0
+    prefer_owner: bool = False
     last: dict = field(default_factory=dict)
 
 
 def decode(block: torch.Tensor, weighted: bool):
-    """Payload values pooled on the owner -> (local rows int64, bag starts int64, weights or
-    None)."""
+    """Payload values pooled on the owner -> (local rows int64, first-of-bag flags bool,
+    weights float32 or None)."""
     words = block.view(torch.int32).view(-1, 2)  # (low, high) words of each int64 (little-endian)
     low = words[:, 0]
-    starts = torch.nonzero(low < 0).squeeze(1)
     weights = words[:, 1].view(torch.float32).contiguous() if weighted else None
-    return (low & _ROW).long(), starts, weights
+    return (low & _ROW).long(), low < 0, weights
 
 
 def _encode(rows: torch.Tensor, first: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    words = torch.zeros(rows.numel(), 2, dtype=torch.int32, device=rows.device)
-    words[:, 0] = torch.where(first, rows.int() | _FIRST, rows.int())
+    words = torch.empty(rows.numel(), 2, dtype=torch.int32, device=rows.device)
+    words[:, 0] = rows
+    words[:, 0][first] |= _FIRST
     if weights is not None:
         words[:, 1] = weights.to(torch.float32).view(torch.int32)
+    else:
+        words[:, 1] = 0
     return words.view(torch.int64).view(-1)
 
 
@@ -146,7 +149,9 @@ class BagRouter:
         self.choices = [PoolingChoice() for _ in routers]
         # Packing a row with its weight needs local rows below 2^31.
         self._packable = [r.stride <= 2**31 for r in routers]
-        self._dest_dtype = torch.uint8 if world < 255 else torch.int32  # a stable argsort of uint8 is fastest
+        # Each page's serving rank (this rank as `world`), in a dtype a stable argsort sorts fast.
+        dtype = torch.uint8 if world < 255 else torch.int32
+        self._dest_of_page = [r.page_destinations().to(dtype) for r in routers]
 
     # ------------------------------------------------------------------ one call
     def route(self, bags: list[TableBags] | None, error: InputError | None, grad_tables: list[bool],
@@ -159,43 +164,35 @@ class BagRouter:
         raises on every rank alike. Collective: one request exchange (two when a request
         outgrew the capacity); none in a group of one."""
         world, rank, num = self.world, self.rank, len(self.routers)
-        signature = _signature(grad_tables)
+        columns = torch.zeros(world, _FIXED + _PER_TABLE * num, dtype=torch.int64)
+        columns[:, 1] = _signature(grad_tables)
+        requests = None
         if error is not None:
-            requests = None
-            columns = torch.zeros(world, _FIXED + _PER_TABLE * num, dtype=torch.int64)
             columns[:, 0] = error.kind
-            columns[:, 1] = signature
-            payload, counts = torch.zeros(0, dtype=torch.int64, device=self.device), [0] * world
         else:
             requests = self._requests(bags, wire_bytes, any(grad_tables))
-            columns = torch.zeros(world, _FIXED + _PER_TABLE * num, dtype=torch.int64)
-            columns[:, 1] = signature
             for t, req in enumerate(requests):
                 columns[:, _FIXED + _PER_TABLE * t] = torch.tensor([p.numel() for p in req.payload])
                 columns[:, _FIXED + _PER_TABLE * t + 1] = torch.tensor(req.back)
                 columns[:, _FIXED + _PER_TABLE * t + 2] = req.mode
-            counts = [0 if q == rank else sum(req.payload[q].numel() for req in requests) for q in range(world)]
-            pieces = [req.payload[q] for q in range(world) if q != rank for req in requests]
-            payload = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=self.device)
         if world == 1:
             check(columns[:, 0].tolist(), columns[:, 1].tolist())
-            header, received, served, sent, got_ints = columns, payload, [0], 0, 0
-        else:
-            got = self.requests.exchange(columns.to(self.device), payload, counts,
-                                         check=lambda h: check(h[:, 0].tolist(), h[:, 1].tolist()))
-            header, received, served, sent, got_ints = got.header, got.payload, got.served, got.ints_sent, \
-                got.ints_received
-        serves = self._serves(requests, header, received, served)
-        return BagRouting(requests, serves, grad_tables, sent, got_ints)
+            return BagRouting(requests, self._serves(requests, columns, []), grad_tables, 0, 0)
+        pieces = [[] if q == rank else [req.payload[q] for req in requests] for q in range(world)] \
+            if requests is not None else [[] for _ in range(world)]
+        got = self.requests.exchange(columns.to(self.device), pieces,
+                                     check=lambda h: check(h[:, 0].tolist(), h[:, 1].tolist()))
+        serves = self._serves(requests, got.header, got.payload)
+        return BagRouting(requests, serves, grad_tables, got.ints_sent, got.ints_received)
 
-    def _serves(self, requests: list[TableRequest], header: torch.Tensor, received: torch.Tensor,
-                served: list[int]) -> list[TableServe]:
+    def _serves(self, requests: list[TableRequest], header: torch.Tensor,
+                received: list[torch.Tensor]) -> list[TableServe]:
         """Cut what each peer sent into tables; this rank's own requests are served here too."""
         world, rank, num = self.world, self.rank, len(self.routers)
         cols = header.tolist()
         serves = [TableServe([0] * world, [None] * world, [0] * world) for _ in range(num)]
-        at = 0
         for r in range(world):
+            at = 0
             for t in range(num):
                 s = serves[t]
                 if r == rank:
@@ -203,118 +200,121 @@ class BagRouter:
                     s.modes[r], s.blocks[r], s.back[r] = req.mode, req.payload[r], req.back[r]
                     continue
                 count, back, mode = cols[r][_FIXED + _PER_TABLE * t : _FIXED + _PER_TABLE * (t + 1)]
-                s.modes[r], s.blocks[r], s.back[r] = mode, received[at : at + count], back
+                s.modes[r], s.blocks[r], s.back[r] = mode, received[r][at : at + count], back
                 at += count
         return serves
 
     # ------------------------------------------------------------------ the requester side
     def _requests(self, bags: list[TableBags], wire_bytes: int, needs_grad: bool) -> list[TableRequest]:
         world = self.world
-        keys, dests, counted = [], [], []
-        for t, b in enumerate(bags):  # ids and (bag, serving rank) pairs per serving rank: O(ids)
-            k = self.routers[t].keys(b.values)
-            if world == 1:  # a Router of one rank leaves out its own key: this rank is `world`, 1
-                k += self.routers[t].stride
-            dest = torch.div(k, self.routers[t].stride, rounding_mode="floor")
-            keys.append(k)
+        dests, rows, counted = [], [], []
+        for t, b in enumerate(bags):  # each id's serving rank and local row there; ids per rank
+            dest, row = self.routers[t].destinations(b.values, self._dest_of_page[t])
             dests.append(dest)
-            ids = torch.bincount(dest, minlength=world + 1)
-            if self.pooled[t] and b.num_bags:
-                marks = torch.zeros(b.num_bags, world + 1, dtype=torch.bool, device=self.device)
-                marks[b.bag_of(), dest] = True
-                pairs = marks.sum(0)
-            else:
-                pairs = torch.zeros_like(ids)
-            counted.append(torch.stack([ids, pairs]))
+            rows.append(row)
+            counted.append(torch.bincount(dest, minlength=world + 1))
         counts = torch.stack(counted).tolist() if counted else []  # one device sync for every table
-        out, row_bytes = [], [d * wire_bytes for d in self.dims]
-        dedups = {}
+        out = []
         for t, b in enumerate(bags):
-            ids, pairs = counts[t]
-            choice = self.choices[t]
-            can_pool_on_owner = self.pooled[t] and self._packable[t]
-            measure = (not can_pool_on_owner or choice.ratio is None or choice.since + 1 >= REMEASURE
-                       or self.pool_on == "requester"
-                       or self._on_requester(t, ids, pairs, None, row_bytes[t], needs_grad))
-            if measure:
-                dedups[t] = self.routers[t].dedup(b.values, keys[t])
-        uniques = {}
-        if dedups:  # one more device sync for the tables deduplicated
-            every = torch.stack([torch.bincount(torch.div(d[2], self.routers[t].stride, rounding_mode="floor"),
-                                                minlength=world + 1) for t, d in dedups.items()]).tolist()
-            uniques = dict(zip(dedups, every))
-        for t, b in enumerate(bags):
-            ids, pairs = counts[t]
-            unique = uniques.get(t)
-            choice = self.choices[t]
-            on_requester = (not (self.pooled[t] and self._packable[t])
-                            or self._on_requester(t, ids, pairs, unique, row_bytes[t], needs_grad))
-            if on_requester and t not in dedups:
-                dedups[t] = self.routers[t].dedup(b.values, keys[t])
-                unique = torch.bincount(torch.div(dedups[t][2], self.routers[t].stride, rounding_mode="floor"),
-                                        minlength=world + 1).tolist()
-            if unique is not None:
-                remote = sum(ids[:world])
-                choice.ratio, choice.since = (sum(unique[:world]) / remote if remote else 1.0), 0
-            else:
-                choice.since += 1
+            ids, choice, row_bytes = counts[t], self.choices[t], self.dims[t] * wire_bytes
+            owner_ok = self.pooled[t] and self._packable[t] and self.pool_on != "requester"
+            due = choice.ratio is None or choice.since + 1 >= REMEASURE
+            if owner_ok and (self.pool_on == "owner" or (choice.prefer_owner and not due)):
+                req, pairs = self._pooled_on_owner(t, b, dests[t], rows[t], ids)
+                if self.pool_on == "owner":
+                    choice.last = {"pooled_on": "owner"}
+                if self.pool_on == "owner" or not self._on_requester(t, ids, pairs, None, row_bytes, needs_grad):
+                    choice.since += 1
+                    choice.on_owner += 1
+                    out.append(req)
+                    continue
+            # Pooled on the requester, or time to count unique ids again: deduplicate.
+            keys = rows[t].add(dests[t].long(), alpha=self.routers[t].stride)
+            dedup = self.routers[t].dedup(b.values, keys)
+            unique = self._per_rank(t, dedup[2])
+            remote = sum(ids[:world])
+            choice.ratio, choice.since = (sum(unique[:world]) / remote if remote else 1.0), 0
+            on_requester = True
+            if owner_ok:
+                pairs = self._pairs(b, dests[t]) if self.pool_on == "auto" else None
+                on_requester = self.pool_on == "auto" and self._on_requester(t, ids, pairs, unique, row_bytes,
+                                                                             needs_grad)
+            elif self.pooled[t]:
+                choice.last = {"pooled_on": "requester"}
+            choice.prefer_owner = not on_requester
             if on_requester:
                 choice.on_requester += 1
-                out.append(self._pooled_on_requester(t, b, dedups[t], unique))
+                out.append(self._pooled_on_requester(t, b, dedup, unique))
             else:
                 choice.on_owner += 1
-                out.append(self._pooled_on_owner(t, b, keys[t], dests[t], ids, pairs))
+                out.append(self._pooled_on_owner(t, b, dests[t], rows[t], ids)[0])
         return out
+
+    def _per_rank(self, t: int, keys: torch.Tensor) -> list[int]:
+        """Sorted unique keys per serving rank (this rank's last)."""
+        bounds = torch.arange(self.world + 2, device=keys.device) * self.routers[t].stride
+        ends = torch.searchsorted(keys, bounds).tolist()
+        return [ends[q + 1] - ends[q] for q in range(self.world + 1)]
+
+    def _pairs(self, bags: TableBags, dest: torch.Tensor) -> list[int]:
+        """(bag, serving rank) pairs per serving rank: the partial sums pooling on the owners sends."""
+        if not bags.num_bags:
+            return [0] * (self.world + 1)
+        marks = torch.zeros(bags.num_bags, self.world + 1, dtype=torch.bool, device=self.device)
+        marks[bags.bag_of(), dest.long()] = True
+        return marks.sum(0).tolist()
 
     def _on_requester(self, t: int, ids: list[int], pairs: list[int], unique: list[int] | None, row_bytes: int,
                       needs_grad: bool) -> bool:
         """Whether pooling on the requester sends no more bytes than pooling on the owners
-        (unique ids measured, or estimated from the last measured ratio); records both.
-        ``pool_on`` other than "auto" overrides the answer (the bytes are still recorded)."""
+        (unique ids counted, or estimated from the last counted ratio); records both."""
         world, choice = self.world, self.choices[t]
         trips = 2 if needs_grad else 1  # vectors, and gradients back
         remote_ids, remote_pairs = sum(ids[:world]), sum(pairs[:world])
-        if unique is not None:
-            remote_unique = sum(unique[:world])
-        elif choice.ratio is not None:
-            remote_unique = round(choice.ratio * remote_ids)
-        else:
-            remote_unique = remote_ids
+        remote_unique = sum(unique[:world]) if unique is not None else round(choice.ratio * remote_ids)
         on_requester = remote_unique * (8 + trips * row_bytes)
         on_owner = remote_ids * 8 + remote_pairs * trips * row_bytes
         choice.last = {"pooled_on": "requester" if on_requester <= on_owner else "owner",
                        "bytes_if_pooled_on_requester": on_requester, "bytes_if_pooled_on_owner": on_owner,
                        "unique_ids_measured": unique is not None}
-        if self.pool_on != "auto":
-            choice.last["pooled_on"] = self.pool_on
-            return self.pool_on == "requester"
         return on_requester <= on_owner
 
     def _pooled_on_requester(self, t: int, bags: TableBags, dedup, unique: list[int]) -> TableRequest:
-        world, rank = self.world, self.rank
+        world, rank, stride = self.world, self.rank, self.routers[t].stride
         gather_index, groups, keys = dedup
-        rows = keys - torch.div(keys, self.routers[t].stride, rounding_mode="floor") * self.routers[t].stride
-        parts = list(torch.split(rows, unique))  # by serving rank, this rank's own last
-        payload = [parts[world] if q == rank else parts[q] for q in range(world)]
+        parts = list(torch.split(keys, unique))  # by serving rank, this rank's own last
+        rows = [parts[q] - q * stride for q in range(world + 1)]
+        payload = [rows[world] if q == rank else rows[q] for q in range(world)]
         back = [unique[world] if q == rank else unique[q] for q in range(world)]
         return TableRequest(ON_REQUESTER, bags, back, payload, gather_index=gather_index, dedup=groups)
 
-    def _pooled_on_owner(self, t: int, bags: TableBags, keys, dest, ids: list[int], pairs: list[int]) -> TableRequest:
+    def _pooled_on_owner(self, t: int, bags: TableBags, dest, row, ids: list[int]):
+        """The ids by serving rank, bag by bag, packed with their weights; and the pairs
+        (partial sums coming back) per serving rank."""
         world, rank = self.world, self.rank
-        order = torch.argsort(dest.to(self._dest_dtype), stable=True)  # by serving rank, bags kept in order
-        dest_sorted = dest[order]
-        rows = keys[order] - dest_sorted * self.routers[t].stride
-        bag = bags.bag_of()[order]
-        first = torch.ones(order.numel(), dtype=torch.bool, device=self.device)
-        if order.numel() > 1:
-            first[1:] = (bag[1:] != bag[:-1]) | (dest_sorted[1:] != dest_sorted[:-1])
+        n = dest.numel()
+        order = torch.argsort(dest, stable=True)  # by serving rank (own last), bags kept in order
+        dest_sorted, bag = dest[order], bags.bag_of()[order]
+        first = torch.ones(n, dtype=torch.bool, device=self.device)
+        if n > 1:
+            torch.ne(bag[1:], bag[:-1], out=first[1:])
+            first[1:] |= dest_sorted[1:] != dest_sorted[:-1]
         weights = bags.weights[order] if bags.weights is not None else None
-        values = _encode(rows, first, weights)
+        values = _encode(row[order], first, weights)
+        ends, at = [], 0  # pairs up to the end of each serving rank's ids
+        for c in ids:
+            at += c
+            ends.append(at)
+        upto = torch.cumsum(first, 0)[torch.tensor([e - 1 for e in ends if e], dtype=torch.int64, device=self.device)]
+        upto, totals = upto.tolist(), []
+        for e in ends:
+            totals.append(upto.pop(0) if e else 0)
+        pairs = [t - (totals[q - 1] if q else 0) if ids[q] else 0 for q, t in enumerate(totals)]
         parts = list(torch.split(values, ids))
         payload = [parts[world] if q == rank else parts[q] for q in range(world)]
         back = [pairs[world] if q == rank else pairs[q] for q in range(world)]
         mode = ON_OWNER_WEIGHTED if weights is not None else ON_OWNER
-        return TableRequest(mode, bags, back, payload, pair_bag=bag[first])
+        return TableRequest(mode, bags, back, payload, pair_bag=bag[first]), pairs
 
 
 def _signature(grad_tables: list[bool]) -> int:

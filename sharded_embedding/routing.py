@@ -161,13 +161,13 @@ class Router:
             if self.world == 1:
                 _raise_input_errors([code], [value], self.num_embeddings)
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return self._exchange(shape, empty, None, None, empty, [0] * (self.world + 1), code, value, needs_grad)
+            return self._exchange(shape, empty, None, empty, [0] * (self.world + 1), code, value, needs_grad)
         gather_index, bags, keys = self.dedup(flat)
         if self.world == 1:
             return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
         peer, rows = self.split(keys)
         counts = torch.bincount(peer, minlength=self.world + 1).tolist()  # one device sync
-        return self._exchange(shape, gather_index, bags, peer, rows, counts, _OK, 0, needs_grad)
+        return self._exchange(shape, gather_index, bags, rows, counts, _OK, 0, needs_grad)
 
     def keys(self, flat: torch.Tensor) -> torch.Tensor:
         """Each id of ``flat`` (int64, in range) as the int64 key ``serving rank * stride +
@@ -184,6 +184,16 @@ class Router:
         peer = torch.div(keys, self.stride, rounding_mode="floor")
         return peer, keys - peer * self.stride
 
+    def destinations(self, flat: torch.Tensor, dest_of_page: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(serving rank, local row there) of each id of ``flat``, the key of `keys` in two
+        parts; ``dest_of_page`` is `page_destinations` in the dtype the caller wants."""
+        page = torch.div(flat, self.page_size, rounding_mode="floor")
+        return dest_of_page[page], flat + self._shift[page]
+
+    def page_destinations(self) -> torch.Tensor:
+        """The serving rank of each page's lookups, this rank counted as ``world`` (int64)."""
+        return self._key if self.world > 1 else torch.ones_like(self._key)
+
     def dedup(self, flat: torch.Tensor, keys: torch.Tensor | None = None):
         """One sort does it all. Each id becomes its key (`keys`; pass them if computed
         already), own rows last; equal keys are duplicate ids; the sorted order is peer-major,
@@ -196,7 +206,7 @@ class Router:
         gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
         return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys.long()
 
-    def _exchange(self, shape, gather_index, bags, peer, rows, counts: list[int], code: int, value: int,
+    def _exchange(self, shape, gather_index, bags, rows, counts: list[int], code: int, value: int,
                   needs_grad: bool) -> Routing:
         """Send each peer its request (header + rows, `RequestExchange`); own rows stay here."""
         world = self.world
@@ -208,9 +218,9 @@ class Router:
             _raise_input_errors(header[:, 0].tolist(), header[:, 1].tolist(), self.num_embeddings)
             _raise_if_grad_modes_differ(header[:, 2].tolist())
 
-        got = self.requests.exchange(columns.expand(world, 3), rows[:num_asked], counts[:world],
-                                     peer=None if peer is None else peer[:num_asked], check=check)
-        owner_rows = torch.cat([rows[num_asked:], got.payload])
+        asked = torch.split(rows[:num_asked], counts[:world])  # peer-major: one piece per peer
+        got = self.requests.exchange(columns.expand(world, 3), [[piece] for piece in asked], check=check)
+        owner_rows = torch.cat([rows[num_asked:], *got.payload])
         return Routing(shape, gather_index, bags, counts[:world], got.served, owner_rows, got.ints_sent,
                        got.ints_received)
 
@@ -218,11 +228,11 @@ class Router:
 @dataclass
 class Received:
     """What `RequestExchange.exchange` brought: each peer's header columns (host, ``[world,
-    columns]``), its payload values (device, in peer order, ``served[q]`` from peer ``q``),
-    and the int64 values this rank sent and received."""
+    columns]``), its payload (device, one int64 tensor per peer, ``served[q]`` values from
+    peer ``q``; views of the receive buffer), and the int64 values this rank sent and received."""
 
     header: torch.Tensor
-    payload: torch.Tensor
+    payload: list[torch.Tensor]
     served: list[int]
     ints_sent: int
     ints_received: int
@@ -242,47 +252,36 @@ class RequestExchange:
     def __init__(self, transport: Transport, rank: int, world: int, device: torch.device):
         self.transport, self.rank, self.world, self.device = transport, rank, world, device
         self.capacity = 0
-        self._arange = torch.arange(0, device=device)
 
-    def _positions(self, n: int) -> torch.Tensor:
-        """``arange(n)`` from a cache (see `Router._positions`)."""
-        if self._arange.numel() < n:
-            with torch.inference_mode(False):
-                self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
-        return self._arange[:n]
-
-    def exchange(self, columns: torch.Tensor, payload: torch.Tensor, counts: list[int], *,
-                 peer: torch.Tensor | None = None, check=None) -> Received:
-        """Send ``columns[q]`` (int64 ``[world, k]``) and ``counts[q]`` payload values to each
-        peer ``q``; ``payload`` holds them peer after peer (``counts[rank]`` must be 0: a rank's
-        own requests never travel). ``peer``: the peer of each payload value, if the caller
-        has it. ``check(header)`` is called on every rank with every peer's columns (host,
-        ``[world, k]``) before any payload is read: raise there and every rank raises together,
-        before the overflow exchange.
+    def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None) -> Received:
+        """Send ``columns[q]`` (int64 ``[world, k]``) and the payload ``pieces[q]`` (int64
+        tensors, one after the other) to each peer ``q`` (``pieces[rank]`` must be empty: a
+        rank's own requests never travel). ``check(header)`` is called on every rank with every
+        peer's columns (host, ``[world, k]``) before any payload is read: raise there and every
+        rank raises together, before the overflow exchange.
 
         Collective: one ``all_to_all_single``, two when a request outgrew the capacity."""
         world, device, cap = self.world, self.device, self.capacity
         base = 2 + columns.shape[1]
         width = base + cap
-        num, local_largest = sum(counts), max(counts)
-        counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+        counts = [sum(t.numel() for t in parts) for parts in pieces]
         request = torch.empty(world, width, dtype=torch.int64, device=device)
-        request[:, _COUNT] = counts_t
-        request[:, _LARGEST] = local_largest
+        request[:, _COUNT] = torch.tensor(counts, dtype=torch.int64)
+        request[:, _LARGEST] = max(counts)
         request[:, 2:base] = columns
         if cap:
             request[:, base:] = 0
-        starts = torch.cumsum(counts_t, 0) - counts_t
-        if cap and num:
-            # The k-th payload value goes to (its peer, k - the peer's first k): one flat index.
-            if peer is None:
-                peer = torch.repeat_interleave(self._positions(world), counts_t, output_size=num)
-            flat = self._positions(num) + (self._positions(world) * width + base - starts)[peer]
-            values = payload
-            if local_largest > cap:
-                fits = flat - peer * width < width
-                flat, values = flat[fits], values[fits]
-            request.view(-1)[flat] = values
+        rest = []  # what did not fit, peer after peer
+        for q, parts in enumerate(pieces):  # each piece is copied once, into the request row
+            at = base
+            for t in parts:
+                n = t.numel()
+                fit = max(0, min(n, width - at))
+                if fit:
+                    request[q, at : at + fit] = t[:fit]
+                if fit < n:
+                    rest.append(t[fit:])
+                at += n
         received = torch.empty_like(request)
         self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first values
         header = received[:, :base].cpu()  # one device sync
@@ -293,19 +292,20 @@ class RequestExchange:
         self.capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
         wire = (world - 1) * width  # int64s each way in the request exchange
         if largest <= cap:
-            fits = torch.arange(cap, device=device) < torch.tensor(served, device=device).unsqueeze(1)
-            return Received(header[:, 2:], received[:, base:][fits], served, wire, wire)
-        # Some request outgrew the capacity: the rest follows; values then go in peer order.
+            return Received(header[:, 2:], [received[r, base : base + served[r]] for r in range(world)], served,
+                            wire, wire)
+        # Some request outgrew the capacity: the rest follows.
         extra_in = [max(c - cap, 0) for c in served]
         extra_out = [max(c - cap, 0) for c in counts]
-        past = self._positions(num) - starts.repeat_interleave(counts_t, output_size=num) >= cap
         extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-        self.transport.all_to_all(extra, payload[past], extra_in, extra_out)()  # overflow
-        at, parts = 0, []
+        send = torch.cat(rest) if rest else extra.new_empty(0)
+        self.transport.all_to_all(extra, send, extra_in, extra_out)()  # overflow
+        at, payload = 0, []
         for r in range(world):  # O(world), only on calls where the capacity grows
-            parts += [received[r, base : base + min(served[r], cap)], extra[at : at + extra_in[r]]]
+            first = received[r, base : base + min(served[r], cap)]
+            payload.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
             at += extra_in[r]
-        return Received(header[:, 2:], torch.cat(parts), served, wire + sum(extra_out), wire + sum(extra_in))
+        return Received(header[:, 2:], payload, served, wire + sum(extra_out), wire + sum(extra_in))
 
 
 def validate_ids(indices, num_embeddings: int, device: torch.device):
