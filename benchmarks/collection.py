@@ -194,8 +194,6 @@ def _time(a, rank, world, build, step, after=lambda state: {}):
 
 
 def _worker_collection(a):
-    import torch
-
     from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
 
     rank, world = _setup(a)

@@ -213,7 +213,7 @@ def _weights(name: str, weights, n: int, device: torch.device) -> torch.Tensor:
 def _concatenate(table, parts) -> TableBags:
     """One table's features, one after the other."""
     values = [v for _, v, _, _ in parts]
-    starts, offsets, at = [], [], 0
+    offsets, at = [], 0
     for _, v, o, _ in parts:
         offsets.append(o[:-1] + at)
         at += v.numel()

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharded_embedding import NonFiniteGradientError, ShardedEmbeddingBagCollection, TableConfig, initial_rows
+from sharded_embedding import NonFiniteGradientError, ShardedEmbeddingBagCollection, TableConfig
 from tests.harness import run_ranks
 from tests.oracle import rank_world
 

@@ -4,7 +4,6 @@ tables, and each table's bags pooled where that sends fewer bytes."""
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from sharded_embedding import ShardedEmbeddingBagCollection

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig, initial_rows
+from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
 from tests.bag_oracle import BagOracle, as_input, make_bags, table_configs
 from tests.harness import run_ranks
 from tests.oracle import assert_replicas_identical, rank_world
