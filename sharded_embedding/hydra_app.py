@@ -124,6 +124,8 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
     if bind_cpus(configs[0]):
         bind_local_cpus()
     init_distributed()
-    sys.argv = [sys.argv[0], *(["-m"] if multirun else []), *overrides, *agreed_run_dir(overrides, multirun)]
+    # Hydra names the job (and its log file) after the module of the task: name it after the app.
+    name = [] if any(o.startswith("hydra.job.name=") for o in overrides) else [f"hydra.job.name={config_name}"]
+    sys.argv = [sys.argv[0], *(["-m"] if multirun else []), *overrides, *name, *agreed_run_dir(overrides, multirun)]
     entry()
     return exit_code["code"]
