@@ -68,6 +68,7 @@ class TableRequest:
     gather_index: torch.Tensor | None = None
     dedup: _Bags | None = None
     pair_bag: torch.Tensor | None = None
+    own: tuple | None = None  # pooled on the owner: this rank's own ids, unpacked (rows, first-of-bag, weights)
 
 
 @dataclass
@@ -198,6 +199,8 @@ class BagRouter:
                 if r == rank:
                     req = requests[t]
                     s.modes[r], s.blocks[r], s.back[r] = req.mode, req.payload[r], req.back[r]
+                    if req.own is not None:
+                        s.decoded[r] = req.own
                     continue
                 count, back, mode = cols[r][_FIXED + _PER_TABLE * t : _FIXED + _PER_TABLE * (t + 1)]
                 s.modes[r], s.blocks[r], s.back[r] = mode, received[r][at : at + count], back
@@ -300,7 +303,9 @@ class BagRouter:
             torch.ne(bag[1:], bag[:-1], out=first[1:])
             first[1:] |= dest_sorted[1:] != dest_sorted[:-1]
         weights = bags.weights[order] if bags.weights is not None else None
-        values = _encode(row[order], first, weights)
+        rows = row[order]
+        remote = n - ids[world]  # this rank's own ids come last and never travel: kept unpacked
+        values = _encode(rows[:remote], first[:remote], weights[:remote] if weights is not None else None)
         ends, at = [], 0  # pairs up to the end of each serving rank's ids
         for c in ids:
             at += c
@@ -310,11 +315,12 @@ class BagRouter:
         for e in ends:
             totals.append(upto.pop(0) if e else 0)
         pairs = [t - (totals[q - 1] if q else 0) if ids[q] else 0 for q, t in enumerate(totals)]
-        parts = list(torch.split(values, ids))
-        payload = [parts[world] if q == rank else parts[q] for q in range(world)]
+        parts = list(torch.split(values, ids[:world]))
+        payload = [values.new_empty(0) if q == rank else parts[q] for q in range(world)]
         back = [pairs[world] if q == rank else pairs[q] for q in range(world)]
         mode = ON_OWNER_WEIGHTED if weights is not None else ON_OWNER
-        return TableRequest(mode, bags, back, payload, pair_bag=bag[first]), pairs
+        own = (rows[remote:], first[remote:], weights[remote:] if weights is not None else None)
+        return TableRequest(mode, bags, back, payload, pair_bag=bag[first], own=own), pairs
 
 
 def _signature(grad_tables: list[bool]) -> int:
