@@ -206,10 +206,15 @@ def _load(path: str, page_sizes: list[int]):
     return _everything(ebc)
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dcp") / "ckpt")
+    return path, run_ranks(4, _train_and_save, path)[0]
+
+
 @pytest.mark.parametrize("world, page_sizes", [(1, [7, 3, 2]), (2, [16, 5, 4]), (3, [4, 9, 1])])
-def test_dcp_checkpoint_of_every_table_reshards(tmp_path, world, page_sizes):
-    path = str(tmp_path / "ckpt")
-    saved = run_ranks(4, _train_and_save, path)[0]
+def test_dcp_checkpoint_of_every_table_reshards(saved, world, page_sizes):
+    path, saved = saved
     assert set(saved) == {"items.weight", "items.sum", "items.step", "users.weight", "users.sum", "users.step",
                           "clicks.weight", "clicks.exp_avg", "clicks.exp_avg_sq", "clicks.step"}
     for loaded in run_ranks(world, _load, path, page_sizes):
