@@ -8,6 +8,7 @@ from .distributed import finish, init_distributed
 from .embedding import ShardedEmbedding
 from .initializers import initial_rows
 from .legacy import LargeEmbedding
+from .optim_state import shard_optimizer_state
 from .placement import PagePlan
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "use_grad_scaler",
     "NonFiniteGradientError",
     "clip_grad_norm_",
+    "shard_optimizer_state",
     "init_distributed",
     "finish",
     "initial_rows",

@@ -21,7 +21,9 @@ Backward (the adjoint, so every table gets the gradient of the SUM of all ranks'
 Vectors of tables of different widths share one buffer of rows of ``unit`` elements, the
 greatest common divisor of the widths: a table's block of ``n`` rows of width ``d`` is ``n *
 d / unit`` buffer rows, so the all-to-all splits stay row counts. Peer ``q``'s part of a buffer
-is its tables' blocks one after another, in table order.
+is its tables' blocks one after another, in table order. A ``comm_dtype`` of narrower range
+(float16 for float32 tables) scales each buffer row by its own power of two (`wire`): one
+more value per ``unit`` values on the wire.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from .amp import nonfinite_flag
 from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode
 from .lookup import Exchange, gradient_scales, skip_nonfinite_step, update_rows
+from .wire import finite_limit
 
 __all__ = ["BagLookup"]
 
@@ -71,7 +74,8 @@ class BagLookup(torch.autograd.Function):
         for t, req in enumerate(routing.requests):
             from_peers = [(q, _rows(recv, at, n, dims[t], unit)) for q, tt, n, at in recv_layout.blocks() if tt == t]
             outputs.append(_pool(req, from_peers, own[t], rank, ws, t))
-        stats.record_vectors(routing, send_layout.total * unit, recv_layout.total * unit)
+        row_bytes = wire.row_bytes(unit, dtype)  # a float16 wire's scale column included
+        stats.record_vectors(routing, send_layout.total * row_bytes, recv_layout.total * row_bytes)
         ctx.routing, ctx.wire, ctx.exchanges, ctx.stats = routing, wire, exchanges, stats
         ctx.storages = storages
         return tuple(outputs)
@@ -97,11 +101,13 @@ class BagLookup(torch.autograd.Function):
         own = {t: _requester_grad(routing.requests[t], grads[t], scales[t][0], send, send_layout, dims[t], unit, t,
                                   rank) for t in live}
         # Every rank learns, with the gradients, whether any rank computed an inf/NaN row.
-        flag = nonfinite_flag(send, send.shape[0], wire.comm_dtype)
+        # (A finite value that rounding to comm_dtype would carry to inf counts as inf.)
+        flag = nonfinite_flag(send, send.shape[0], finite_limit(dtype, wire.comm_dtype))
         for t in live:
             flag |= nonfinite_flag(own[t], 0, None)
         receive = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, flag)  # gradients + flags
-        ctx.stats.record_gradients(send_layout.total * unit, recv_layout.total * unit)
+        row_bytes = wire.row_bytes(unit, dtype)
+        ctx.stats.record_gradients(send_layout.total * row_bytes, recv_layout.total * row_bytes)
         bad = receive()
         if bad and skip_nonfinite_step([exchanges[t] for t in live], bad):
             return (None,) * (4 + len(storages))  # skipped everywhere, like scaler.step skips it

@@ -21,9 +21,11 @@ in between. The choice only changes speed, never results; it is made by each req
 own and travels in the request header, so ranks may choose differently.
 
 The request exchange (`routing.RequestExchange`: one ``all_to_all_single`` in steady state)
-carries, per peer: the input error kind of the sender (every rank raises together), its grad
-signature (which tables will run a backward), then per table: the payload count, the rows to
-send back, the pooling mode; then the payloads of every table, one after the other. A payload
+carries, per peer: the collection's number on the group (ranks calling different tables or
+collections raise together), the input error kind of the sender (every rank raises
+together), its grad signature (which tables will run a backward), then per table: the
+payload count, the rows to send back, the pooling mode; then the payloads of every table,
+one after the other. A payload
 value is a local row (pooled on the requester), or for pooling on the owner an id packed with
 its weight: local row in the low 31 bits, bit 31 set on the first id of a bag, the float32
 weight in the high 32 bits.
@@ -141,11 +143,11 @@ class BagRouter:
     """Routes the lookups of a collection's tables (their `Router` s) over one group."""
 
     def __init__(self, routers: list[Router], dims: list[int], pooled: list[bool], *, rank: int, world: int,
-                 transport, device: torch.device, pool_on: str = "auto"):
+                 transport, device: torch.device, pool_on: str = "auto", table_id: int = 0):
         if pool_on not in POOL_ON:
             raise ValueError(f"pool_on={pool_on!r} is not one of {list(POOL_ON)}")
         self.routers, self.dims, self.pooled, self.pool_on = routers, dims, pooled, pool_on
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device, self.table_id = rank, world, device, table_id
         self.requests = RequestExchange(transport, rank, world, device)
         self.choices = [PoolingChoice() for _ in routers]
         # Packing a row with its weight needs local rows below 2^31.
@@ -181,7 +183,7 @@ class BagRouter:
             return BagRouting(requests, self._serves(requests, columns, []), grad_tables, 0, 0)
         pieces = [[] if q == rank else [req.payload[q] for req in requests] for q in range(world)] \
             if requests is not None else [[] for _ in range(world)]
-        got = self.requests.exchange(columns.to(self.device), pieces,
+        got = self.requests.exchange(columns.to(self.device), pieces, caller=self.table_id,
                                      check=lambda h: check(h[:, 0].tolist(), h[:, 1].tolist()))
         serves = self._serves(requests, got.header, got.payload)
         return BagRouting(requests, serves, grad_tables, got.ints_sent, got.ints_received)

@@ -160,9 +160,9 @@ def _integers(name: str, what: str, x, device: torch.device) -> torch.Tensor:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError):
             raise InputError(NOT_TYPE, f"feature {name!r}: {what} is not a tensor ({type(x).__name__})") from None
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise InputError(NOT_TYPE, f"feature {name!r}: {what} of dtype {x.dtype}; they must be integers "
-                                   "(torch.int64 or torch.int32)")
+    if x.dtype not in (torch.int64, torch.int32):  # what torch.nn.EmbeddingBag takes
+        raise InputError(NOT_TYPE, f"feature {name!r}: {what} of dtype {x.dtype}; they must be torch.int64 or "
+                                   "torch.int32 (what torch.nn.EmbeddingBag takes)")
     if x.dim() != 1:
         raise InputError(NOT_VALID, f"feature {name!r}: {what} must be 1-D, got shape {tuple(x.shape)}")
     return x.to(device=device, dtype=torch.int64)

@@ -23,7 +23,7 @@ from .bag_lookup import BagLookup
 from .bag_routing import POOL_ON, BagRouter, BagRouting
 from .bags import EXCEPTIONS, REFUSED, InputError, parse
 from .distributed import agree_or_raise, all_gather_strings, default_device
-from .embedding import ShardedEmbedding
+from .embedding import ShardedEmbedding, _table_number
 from .lookup import Exchange
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, REFUSALS, STORAGE_REPLACED
 from .stats import ExchangeStats
@@ -87,7 +87,7 @@ class BagStats:
     """What a collection's calls moved on this rank, and where each table's bags were pooled."""
 
     world: int
-    wire_bytes: int
+    wire_bytes: int  # bytes of one vector element on the wire (the pooling choice weighs by it)
     calls: int = 0
     backward_calls: int = 0
     exchanges: int = 0
@@ -101,15 +101,17 @@ class BagStats:
         self.bytes_received += routing.ints_received * 8
 
     def record_vectors(self, routing: BagRouting, sent: int, received: int) -> None:
-        self.bytes_sent += sent * self.wire_bytes
-        self.bytes_received += received * self.wire_bytes
+        """``sent`` / ``received``: bytes of the vector all-to-all."""
+        self.bytes_sent += sent
+        self.bytes_received += received
         for req, name in zip(routing.requests, self.ids):
             self.ids[name] += req.bags.values.numel()
 
     def record_gradients(self, sent: int, received: int) -> None:
+        """``sent`` / ``received``: bytes of the gradient all-to-all."""
         self.backward_calls += 1
-        self.bytes_sent += sent * self.wire_bytes
-        self.bytes_received += received * self.wire_bytes
+        self.bytes_sent += sent
+        self.bytes_received += received
 
 
 class ShardedEmbeddingBagCollection(nn.Module):
@@ -161,16 +163,22 @@ class ShardedEmbeddingBagCollection(nn.Module):
             )
         group = process_group if process_group is not None else dist.group.WORLD
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        device = torch.device(device) if device is not None else default_device(group)
         tables = list(tables) if isinstance(tables, Sequence) and not isinstance(tables, str) else tables
-        error = _check_configs(tables)
-        if error is None and transport not in TRANSPORTS:
-            error = f"transport={transport!r} is not one of {list(TRANSPORTS)}"
-        if error is None and pool_on not in POOL_ON:
-            error = f"pool_on={pool_on!r} is not one of {list(POOL_ON)}"
-        fingerprint = repr((tables if error is None else None, include_last_offset, sparse, str(comm_dtype),
-                            transport, pool_on))
-        agree_or_raise(group, "ShardedEmbeddingBagCollection construction", fingerprint, error, device)
+        error, fields = None, {}
+        try:  # every argument on every rank, before any table is made (each table then checks its own)
+            device = torch.device(device) if device is not None else default_device(group)
+            error = _check_configs(tables)
+            if error is None and transport not in TRANSPORTS:
+                error = f"transport={transport!r} is not one of {list(TRANSPORTS)}"
+            if error is None and pool_on not in POOL_ON:
+                error = f"pool_on={pool_on!r} is not one of {list(POOL_ON)}"
+            if error is None:
+                fields = {"tables": repr(tables), "include_last_offset": include_last_offset, "sparse": sparse,
+                          "comm_dtype": str(comm_dtype), "transport": transport, "pool_on": pool_on,
+                          "device": device.type}
+        except (ValueError, TypeError, RuntimeError) as e:
+            error = str(e)
+        agree_or_raise(group, "ShardedEmbeddingBagCollection construction", fields, error)
         self.configs = tuple(tables)
         self.include_last_offset = include_last_offset
         self.process_group, self.rank, self.world_size = group, rank, world
@@ -183,9 +191,13 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 comm_dtype=comm_dtype, transport=transport))
         self.tables = container
         first = self._table_list[0]
+        # The collection's own number on the group, after its tables': a rank calling the
+        # collection while another calls one of its tables (or another table) raises.
+        self._table_id = _table_number(group)
         self._router = BagRouter([t._router for t in self._table_list], [c.embedding_dim for c in self.configs],
                                  [c.pooling is not None for c in self.configs], rank=rank, world=world,
-                                 transport=first.transport, device=device, pool_on=pool_on)
+                                 transport=first.transport, device=device, pool_on=pool_on,
+                                 table_id=self._table_id)
         # The collection's wire: its all-to-alls (in comm_dtype) and their workspace.
         self._wire = Exchange(group=group, rank=rank, world=world, mirrors=None, sparse=sparse, optimizer=None,
                               comm_dtype=comm_dtype, stats=ExchangeStats(world), transport=first.transport)

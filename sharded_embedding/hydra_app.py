@@ -27,6 +27,7 @@ from .distributed import all_gather_strings, bind_local_cpus, init_distributed
 __all__ = ["CONFIG_DIR", "main", "stop"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger("sharded_embedding")
 
 
 def rank0() -> bool:
@@ -37,11 +38,18 @@ def stop(message: str, code: int = 2) -> int:
     """Report an error every rank found alike once (rank 0) and return its exit code (2: a
     configuration or data error) on every rank.
 
-    All ranks found the same error; they wait for rank 0's message to be out before any of
-    them exits, because torchrun stops the other workers as soon as one has exited.
+    Inside a job, the message goes through logging (the console and the job's log file);
+    before Hydra runs, to stderr. All ranks found the same error; they wait for rank 0's
+    message to be out before any of them exits, because torchrun stops the other workers as
+    soon as one has exited.
     """
     if rank0():
-        print(message, file=sys.stderr, flush=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # inside the job: the console and the job's log file
+            log.error(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return code
@@ -63,6 +71,16 @@ def sweep(overrides: list[str]) -> list[list[str]]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def shared_out_dir(configs) -> str | None:
+    """The out_dir several jobs of a sweep would share (their outputs would overwrite each
+    other), if any; an out_dir with an interpolation (``${hydra:job.num}``) differs per job."""
+    from omegaconf import OmegaConf
+
+    raw = [OmegaConf.to_container(c, resolve=False).get("out_dir") for c in configs]
+    fixed = [r for r in raw if r and "${" not in str(r)]
+    return next((r for r in fixed if fixed.count(r) > 1), None)
 
 
 def agreed_run_dir(overrides: list[str], multirun: bool) -> list[str]:
@@ -111,7 +129,9 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
 
         task()
 
-    if any(a.startswith("-") for a in overrides):  # --help, --cfg job, ...: Hydra's own, on one process
+    if any(a.startswith("-") for a in overrides):  # --help, --cfg job, ...: Hydra's own, printed once
+        if not rank0():
+            return 0
         sys.argv = [sys.argv[0], *argv]
         entry()
         return 0
@@ -121,10 +141,18 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
         cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
         init_distributed()
         return stop(f"configuration error: {e}{cause}")
+    shared = shared_out_dir(configs) if multirun else None
+    if shared:
+        init_distributed()
+        return stop(f"configuration error: the jobs of this sweep would all write into out_dir={shared}: leave "
+                    "out_dir unset (each job writes under hydra.sweep.dir) or make it differ per job, e.g. "
+                    "out_dir=/data/sweep/${hydra:job.num}")
     if bind_cpus(configs[0]):
         bind_local_cpus()
     init_distributed()
-    # Hydra names the job (and its log file) after the module of the task: name it after the app.
+    # A multirun's jobs run one after another in these same processes (Hydra's basic
+    # launcher), each in its own folder under the sweep folder. Hydra names the job (and its
+    # log file) after the module of the task: name it after the app.
     name = [] if any(o.startswith("hydra.job.name=") for o in overrides) else [f"hydra.job.name={config_name}"]
     sys.argv = [sys.argv[0], *(["-m"] if multirun else []), *overrides, *name, *agreed_run_dir(overrides, multirun)]
     entry()

@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import wire
 from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message
 from .mirrors import MirrorSync
 from .optimizers import FusedOptimizer
@@ -82,27 +82,35 @@ class Exchange:
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                    flag: torch.Tensor | None = None):
         """Start a ragged all-to-all of rows (`transport`), in ``comm_dtype`` on the wire if one
-        is set, with this rank's ``flag`` beside them; returns a function that waits for the rows
-        (so local work can overlap the transfer) and returns the ranks whose flag was set."""
+        is set (float16 for float32 rows: with a power-of-two scale per row, see `wire`), with
+        this rank's ``flag`` beside them; returns a function that waits for the rows (so local
+        work can overlap the transfer) and returns the ranks whose flag was set."""
         if self.world == 1:
             return lambda: [0] if flag is not None and bool(flag) else []
         if self.comm_dtype is None or self.comm_dtype == inp.dtype:
             return self.transport.all_to_all(out, inp, out_splits, in_splits, flag)
-        ws = self.workspace
-        send = ws.get("wire_send", inp.shape[0], inp.shape[1], self.comm_dtype, inp.device)
-        recv = ws.get("wire_recv", out.shape[0], out.shape[1], self.comm_dtype, out.device)
-        send.copy_(inp)
+        ws, scale = self.workspace, wire.scaled(inp.dtype, self.comm_dtype)
+        width = wire.wire_columns(inp.shape[1], inp.dtype, self.comm_dtype)
+        send = ws.get("wire_send", inp.shape[0], width, self.comm_dtype, inp.device)
+        recv = ws.get("wire_recv", out.shape[0], width, self.comm_dtype, out.device)
+        if scale:
+            wire.encode(inp, send)
+        else:
+            send.copy_(inp)
         receive = self.transport.all_to_all(recv, send, out_splits, in_splits, flag)
 
         def finish():
             flagged = receive()
-            out.copy_(recv)
+            if scale:
+                wire.decode(recv, out)
+            else:
+                out.copy_(recv)
             return flagged
 
         return finish
 
     def row_bytes(self, dim: int, dtype: torch.dtype) -> int:
-        return dim * (self.comm_dtype or dtype).itemsize
+        return wire.wire_columns(dim, dtype, self.comm_dtype) * (self.comm_dtype or dtype).itemsize
 
 
 class ShardedLookup(torch.autograd.Function):
@@ -145,7 +153,7 @@ class ShardedLookup(torch.autograd.Function):
             )
         # Every rank learns, with the gradients, whether any rank computed an inf/NaN row: no
         # row changes anywhere before that is known.
-        flag = nonfinite_flag(work[:num_unique], num_remote, exchange.comm_dtype)
+        flag = nonfinite_flag(work[:num_unique], num_remote, wire.finite_limit(work.dtype, exchange.comm_dtype))
         receive = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts,
                                       routing.requested_counts, flag)  # gradients (+ non-finite flags)
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))

@@ -5,11 +5,12 @@ Every rank of the group runs `Router.route` once per lookup call, in the same or
 1. validate the ids, translate them to (serving rank, local row on it) -- the requester
    knows the plan -- and deduplicate them with one sort, which also orders them by peer;
 2. ``all_to_all_single`` of one int64 *request* per peer: a header (how many rows this rank
-   asks of that peer, this rank's error code and value, the most it asks of any peer, and
-   whether it will backpropagate through this lookup) followed by up to ``capacity`` of the
-   requested rows. Bad input on any rank (float ids, an id out of range), a lookup the table
-   refuses on some rank (see `REFUSALS`), or ranks that disagree on running the backward (a
-   collective) reach every rank in this exchange, and all ranks raise the same error together
+   asks of that peer, the most it asks of any peer, the table's number, this rank's error
+   code and value, and whether it will backpropagate through this lookup) followed by up to
+   ``capacity`` of the requested rows. Ranks looking up different tables, bad input on any
+   rank (float ids, an id out of range), a lookup the table refuses on some rank (see
+   `REFUSALS`), or ranks that disagree on running the backward (a collective) reach every
+   rank in this exchange, and all ranks raise the same error together
    before anything else moves; the good path pays no extra collective for it;
 3. only if some rank asked some peer for more than ``capacity`` rows (every rank can tell,
    from the headers): ``all_to_all_single`` of the rows that did not fit, with ragged splits.
@@ -36,7 +37,10 @@ from .transport import Transport
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
-_COUNT, _LARGEST = 0, 1  # the request columns `RequestExchange` adds before the caller's
+# The request columns `RequestExchange` adds before the caller's: payload count, the sender's
+# largest count to any peer, the number of the table (or collection) being looked up.
+_COUNT, _LARGEST, _CALLER = 0, 1, 2
+_FIXED = 3
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
@@ -60,7 +64,7 @@ REFUSALS = {
 # Non-integer dtypes by code, so that every rank can name the dtype a peer passed.
 _BAD_DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool,
-    torch.complex64, torch.complex128,
+    torch.complex64, torch.complex128, torch.int8, torch.int16, torch.uint8,
 )
 
 
@@ -117,8 +121,8 @@ class Router:
     """Routes one rank's lookups over ``group`` according to its `RoutingTable`."""
 
     def __init__(self, table: RoutingTable, *, page_size: int, num_embeddings: int, max_local_rows: int,
-                 rank: int, world: int, transport: Transport, device: torch.device):
-        self.page_size, self.num_embeddings = page_size, num_embeddings
+                 rank: int, world: int, transport: Transport, device: torch.device, table_id: int = 0):
+        self.page_size, self.num_embeddings, self.table_id = page_size, num_embeddings, table_id
         self.rank, self.world, self.transport, self.device = rank, world, transport, device
         pages = torch.arange(table.dest_rank.numel(), dtype=torch.int64)
         # Per page: the sort key of its requests (the serving rank; this rank itself sorts
@@ -219,7 +223,8 @@ class Router:
             _raise_if_grad_modes_differ(header[:, 2].tolist())
 
         asked = torch.split(rows[:num_asked], counts[:world])  # peer-major: one piece per peer
-        got = self.requests.exchange(columns.expand(world, 3), [[piece] for piece in asked], check=check)
+        got = self.requests.exchange(columns.expand(world, 3), [[piece] for piece in asked], check=check,
+                                     caller=self.table_id)
         owner_rows = torch.cat([rows[num_asked:], *got.payload])
         return Routing(shape, gather_index, bags, counts[:world], got.served, owner_rows, got.ints_sent,
                        got.ints_received)
@@ -240,9 +245,10 @@ class Received:
 
 class RequestExchange:
     """One ``all_to_all_single`` of an int64 request per peer: a header (the payload count, the
-    sender's largest count to any peer, then the caller's columns) followed by up to
-    ``capacity`` payload values; when some request outgrew the capacity (every rank can tell
-    from the headers), a second, ragged all-to-all with the rest.
+    sender's largest count to any peer, the number of the table or collection it is looking
+    up, then the caller's columns) followed by up to ``capacity`` payload values; when some
+    request outgrew the capacity (every rank can tell from the headers), a second, ragged
+    all-to-all with the rest.
 
     ``capacity`` is the same on every rank: each derives it from the largest request of the
     last call, seen by all in the headers, with 25% headroom, halving at most per call. So in
@@ -253,22 +259,26 @@ class RequestExchange:
         self.transport, self.rank, self.world, self.device = transport, rank, world, device
         self.capacity = 0
 
-    def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None) -> Received:
+    def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None,
+                 caller: int = 0) -> Received:
         """Send ``columns[q]`` (int64 ``[world, k]``) and the payload ``pieces[q]`` (int64
         tensors, one after the other) to each peer ``q`` (``pieces[rank]`` must be empty: a
-        rank's own requests never travel). ``check(header)`` is called on every rank with every
-        peer's columns (host, ``[world, k]``) before any payload is read: raise there and every
-        rank raises together, before the overflow exchange.
+        rank's own requests never travel). ``caller``: the number of the table (or collection)
+        this rank is looking up; ranks that differ raise RuntimeError together. Then
+        ``check(header)`` is called on every rank with every peer's columns (host, ``[world,
+        k]``) before any payload is read: raise there and every rank raises together, before
+        the overflow exchange.
 
         Collective: one ``all_to_all_single``, two when a request outgrew the capacity."""
         world, device, cap = self.world, self.device, self.capacity
-        base = 2 + columns.shape[1]
+        base = _FIXED + columns.shape[1]
         width = base + cap
         counts = [sum(t.numel() for t in parts) for parts in pieces]
         request = torch.empty(world, width, dtype=torch.int64, device=device)
         request[:, _COUNT] = torch.tensor(counts, dtype=torch.int64)
         request[:, _LARGEST] = max(counts)
-        request[:, 2:base] = columns
+        request[:, _CALLER] = caller
+        request[:, _FIXED:base] = columns
         if cap:
             request[:, base:] = 0
         rest = []  # what did not fit, peer after peer
@@ -285,14 +295,15 @@ class RequestExchange:
         received = torch.empty_like(request)
         self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first values
         header = received[:, :base].cpu()  # one device sync
+        _raise_if_tables_differ(header[:, _CALLER].tolist())
         if check is not None:
-            check(header[:, 2:])
+            check(header[:, _FIXED:])
         served = header[:, _COUNT].tolist()
         largest = max(header[:, _LARGEST].tolist())
         self.capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
         wire = (world - 1) * width  # int64s each way in the request exchange
         if largest <= cap:
-            return Received(header[:, 2:], [received[r, base : base + served[r]] for r in range(world)], served,
+            return Received(header[:, _FIXED:], [received[r, base : base + served[r]] for r in range(world)], served,
                             wire, wire)
         # Some request outgrew the capacity: the rest follows.
         extra_in = [max(c - cap, 0) for c in served]
@@ -305,7 +316,7 @@ class RequestExchange:
             first = received[r, base : base + min(served[r], cap)]
             payload.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
             at += extra_in[r]
-        return Received(header[:, 2:], payload, served, wire + sum(extra_out), wire + sum(extra_in))
+        return Received(header[:, _FIXED:], payload, served, wire + sum(extra_out), wire + sum(extra_in))
 
 
 def validate_ids(indices, num_embeddings: int, device: torch.device):
@@ -315,7 +326,7 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
             indices = torch.as_tensor(indices)
         except (TypeError, ValueError, RuntimeError):
             return None, None, _NOT_TENSOR, 0
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+    if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
     flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
@@ -326,6 +337,19 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
         if hi >= num_embeddings:
             return None, None, _OUT_OF_RANGE, hi
     return flat, indices.shape, _OK, 0
+
+
+def _raise_if_tables_differ(tables: list[int]) -> None:
+    """Every rank must be looking up the same table in this exchange (the tables of a group
+    share its transport, so a rank calling table A while another calls table B would otherwise
+    mix their rows)."""
+    if len(set(tables)) > 1:
+        by_rank = ", ".join(f"rank {r}: table #{t}" for r, t in enumerate(tables))
+        raise RuntimeError(
+            f"ShardedEmbedding: the ranks called the lookups of different tables ({by_rank}; tables are numbered "
+            "in the order each rank made them on this process group, a ShardedEmbeddingBagCollection after its "
+            "tables). Every rank must call the same tables in the same order. No rank looked anything up."
+        )
 
 
 def _raise_if_grad_modes_differ(needs_grad: list[int]) -> None:
@@ -360,10 +384,10 @@ def _raise_input_errors(codes: list[int], values: list[int], num_embeddings: int
             if codes[r] == _NOT_TENSOR:
                 parts.append(f"rank {r} passed something that is not a tensor of indices")
             else:
-                name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "a non-integer dtype"
+                name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "another dtype"
                 parts.append(f"rank {r} passed indices of dtype {name}")
         raise TypeError(
-            "ShardedEmbedding indices must be integers (torch.int64 or torch.int32): "
+            "ShardedEmbedding indices must be torch.int64 or torch.int32 (what nn.Embedding takes): "
             + "; ".join(parts)
             + ". No rank looked anything up."
         )

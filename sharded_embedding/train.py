@@ -86,11 +86,12 @@ def run(cfg) -> int:
              path, f"{corpus.corpus_words:,}", f"{vocab.size:,}", cfg.data.min_count, world, model.inputs.num_pages,
              cfg.sharding.page_size, cfg.sharding.kind)
 
+    progress = _Progress(rank, cfg.train.epochs)
     directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
     checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
     training = SkipGramTraining(cfg, model, corpus.tokens, keep_probability(vocab.counts, cfg.data.sample),
-                                unigram_cdf(vocab.counts), corpus.corpus_words, _progress(rank, cfg.train.epochs),
-                                checkpoints, C.data_order(cfg, world))
+                                unigram_cdf(vocab.counts), corpus.corpus_words, progress,
+                                checkpoints, C.data_order(cfg, world, spec.identity()[0], vocab.digest()))
     try:
         if cfg.train.resume and training.resume() is None:
             log.info("no checkpoint in %s yet: starting from scratch", checkpoints.directory)
@@ -101,9 +102,11 @@ def run(cfg) -> int:
             try:
                 training.run()
             except TrainingDiverged as e:
+                progress.close()
                 last = checkpoints.latest()
                 return _stop(f"{e}. {'The last good checkpoint is ' + str(last) if last else 'No checkpoint was written'}"
                              "; nothing was exported.", code=3)
+        progress.close()
         train_s = training.elapsed()
         with phases.phase("checkpoint", "saving the trained tables"):
             rows = sum(_primary_rows(t) * len(t._row_states()) for t in (model.inputs, model.outputs))
@@ -204,23 +207,29 @@ def _finite(value):
     return value
 
 
-def _progress(rank: int, epochs: int):
-    """Rank 0's progress: a tqdm bar over epochs (words/s, loss, ETA), or nothing elsewhere."""
-    if rank != 0:
-        return lambda *a: None
-    from tqdm import tqdm
+class _Progress:
+    """Rank 0's progress: a tqdm bar over epochs (loss, words/s, ETA), made at the first
+    reading and closed at the end or on an error, so that no message lands on a half bar."""
 
-    bar = tqdm(total=epochs, unit="epoch", bar_format="{l_bar}{bar}| {n:.2f}/{total} epochs [{elapsed}<{remaining}{postfix}]",
-               mininterval=1.0, file=sys.stderr)
+    def __init__(self, rank: int, epochs: int):
+        self.rank, self.epochs, self.bar = rank, epochs, None
 
-    def update(done: float, loss: float, words_per_s: float) -> None:
-        bar.n = done
-        bar.set_postfix_str(f"loss {loss:.4f}, {words_per_s:,.0f} words/s", refresh=False)
-        bar.refresh()
-        if done >= epochs:
-            bar.close()
+    def __call__(self, done: float, loss: float, words_per_s: float) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return update
+            self.bar = tqdm(total=self.epochs, unit="epoch", mininterval=1.0, file=sys.stderr,
+                            bar_format="{l_bar}{bar}| {n:.2f}/{total} epochs [{elapsed}<{remaining}{postfix}]")
+        self.bar.n = done
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {words_per_s:,.0f} words/s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _plot_loss(losses, path: Path) -> None:

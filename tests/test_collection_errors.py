@@ -3,6 +3,8 @@ every rank raises the same clear error in the same call, nothing is updated, the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -36,6 +38,8 @@ def _bad(case: str, features: dict) -> dict:
     v, o = f["user"]
     if case == "float_values":
         f["user"] = (v.float(), o)
+    elif case == "int16_values":
+        f["user"] = (v.to(torch.int16), o)
     elif case == "out_of_range":
         f["user"] = (torch.tensor([29, 30, 1]), o)
     elif case == "negative":
@@ -84,7 +88,10 @@ def _bad(case: str, features: dict) -> dict:
 
 
 CASES = [
-    ("float_values", TypeError, "feature 'user': values of dtype torch.float32; they must be integers"),
+    ("float_values", TypeError, "feature 'user': values of dtype torch.float32; they must be torch.int64 or "
+                                "torch.int32"),
+    ("int16_values", TypeError, "feature 'user': values of dtype torch.int16; they must be torch.int64 or "
+                                "torch.int32 (what torch.nn.EmbeddingBag takes)"),
     ("out_of_range", IndexError, "feature 'user': index 30 is out of range for table 'users' of 30 rows (valid: 0..29)"),
     ("negative", IndexError, "feature 'click': index -1 is out of range for table 'clicks'"),
     ("offsets_not_zero", ValueError, "offsets must start at 0"),
@@ -303,3 +310,29 @@ def test_without_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         ShardedEmbeddingBagCollection(SPECS)
+
+
+def _collections_called_out_of_order():
+    rank, _ = rank_world()
+    one = [TableConfig(name="t", num_embeddings=20, embedding_dim=3, page_size=5, feature_names=["f"])]
+    a, b = ShardedEmbeddingBagCollection(one), ShardedEmbeddingBagCollection(one)
+    before = (a.tables["t"].full_table(), b.tables["t"].full_table())
+    features = {"f": (torch.tensor([3, 17, 1]), torch.tensor([0, 2]))}
+    first = a if rank == 0 else b
+    with pytest.raises(RuntimeError) as err:
+        sum(v.sum() for v in first(features).values()).backward()
+    assert torch.equal(a.tables["t"].full_table(), before[0]) and torch.equal(b.tables["t"].full_table(), before[1])
+    assert a.tables["t"].weight.grad is None and b.tables["t"].weight.grad is None
+    a(features), b(features)  # in the same order: fine again
+    return str(err.value)
+
+
+def test_ranks_calling_different_collections_raise_on_every_rank():
+    messages = run_ranks(2, _collections_called_out_of_order)
+    assert messages[0] == messages[1]
+    # each collection is numbered after its table (a's table n, a n + 1, b's table n + 2, b n + 3;
+    # n counts the tables this worker process made before)
+    found = re.search(r"the ranks called the lookups of different tables \(rank 0: table #(\d+), rank 1: table #(\d+)",
+                      messages[0])
+    assert found and int(found[2]) - int(found[1]) == 2, messages[0]
+    assert "No rank looked anything up" in messages[0]

@@ -4,6 +4,7 @@ tables, and each table's bags pooled where that sends fewer bytes."""
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from sharded_embedding import ShardedEmbeddingBagCollection
@@ -35,14 +36,17 @@ class _Counter:
 
     def __init__(self, transport):
         self.exchanges, self.others, self._inside, self.active = 0, [], False, False
+        self.bytes_sent = 0  # to the other ranks, as the transport gets them (the wire dtype's)
         original = transport.all_to_all
 
-        def all_to_all(*args, **kwargs):
+        def all_to_all(out, inp, out_splits, in_splits, *args, **kwargs):
             if self.active:
                 self.exchanges += 1
+                row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
+                self.bytes_sent += row * sum(n for q, n in enumerate(in_splits) if q != dist.get_rank())
             self._inside = True
             try:
-                return original(*args, **kwargs)
+                return original(out, inp, out_splits, in_splits, *args, **kwargs)
             finally:
                 self._inside = False
 
@@ -66,10 +70,10 @@ class _Counter:
             setattr(module, name, fn)
 
 
-def _count_one_step(num_tables: int, transport: str, pool_on: str, mirrored: bool = False):
+def _count_one_step(num_tables: int, transport: str, pool_on: str, mirrored: bool = False, comm_dtype=None):
     rank, world = rank_world()
     configs = table_configs(_tables(num_tables, mirrored))
-    ebc = ShardedEmbeddingBagCollection(configs, transport=transport, pool_on=pool_on)
+    ebc = ShardedEmbeddingBagCollection(configs, transport=transport, pool_on=pool_on, comm_dtype=comm_dtype)
     shared = ebc.tables["t0"].transport
     assert all(ebc.tables[c.name].transport is shared for c in configs)  # one transport for the group
     counter = _Counter(shared)
@@ -78,12 +82,14 @@ def _count_one_step(num_tables: int, transport: str, pool_on: str, mirrored: boo
                     for i, c in enumerate(configs) for f in c.feature_names}
         counts = []
         for step in range(3):  # the first call sets the request capacity; then steady state
-            counter.exchanges, counter.others = 0, []
+            counter.exchanges, counter.others, counter.bytes_sent = 0, [], 0
             counter.active = True
             out = ebc(features)
             sum(v.sum() for v in out.values()).backward()
             counter.active = False
             counts.append((counter.exchanges, list(counter.others)))
+            # stats() counts every byte the transport sent (a float16 wire's scale column too)
+            assert ebc.stats(reset=True)["bytes_sent"] == counter.bytes_sent > 0
         for c in configs:
             if c.fused_optimizer is None:
                 ebc.tables[c.name].weight.grad = None
@@ -96,7 +102,8 @@ def _count_one_step(num_tables: int, transport: str, pool_on: str, mirrored: boo
 @pytest.mark.parametrize("transport", ["process_group", "shared_memory"])
 def test_one_step_is_three_exchanges_for_any_number_of_tables(num_tables, transport):
     for pool_on in ("requester", "owner", "auto"):
-        for counts in run_ranks(2, _count_one_step, num_tables, transport, pool_on):
+        comm_dtype = torch.float16 if pool_on == "auto" else None  # rows scaled on the wire: as many exchanges
+        for counts in run_ranks(2, _count_one_step, num_tables, transport, pool_on, False, comm_dtype):
             first, *steady = counts
             assert first[0] == 4  # no capacity yet: the header, then the ids, vectors, gradients
             for exchanges, others in steady:

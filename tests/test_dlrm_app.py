@@ -127,18 +127,51 @@ def test_a_short_run_trains_plots_checkpoints_and_resumes_on_another_world_size(
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 60 and [s for s, _ in metrics["auc_curve"]] == [20, 40, 60]
     assert (tmp_path / "out" / "checkpoints" / "step_000000060").is_dir()
+    # A resume with another dataset or model is refused, naming what differs; nothing is written.
+    done = _launch(tmp_path, "train.steps=80", "train.resume=true", "model.dim=8", "data.seed=1", nproc=1, run="run3")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-4000:]
+    assert out.count("cannot resume from ") == 1 and "data.seed=0 (now 1); model.dim=16 (now 8)" in out, out[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 60
+    assert not (tmp_path / "out" / "checkpoints" / "step_000000080").exists()
+
+
+def test_the_configuration_checks_name_each_bad_value():
+    """`validate` on composed configs (no launch): every bad value is named."""
+    from sharded_embedding.dlrm.config import register, validate
+    from sharded_embedding.hydra_app import compose
+
+    assert validate(compose("dlrm", register, [])) == []
+    cases = {
+        "optim.sparse_lr=inf": "optim.sparse_lr must be a finite number > 0, got inf",
+        "optim.dense_lr=0": "optim.dense_lr must be a finite number > 0, got 0.0",
+        "data.scale=nan": "data.scale must be a finite number > 0, got nan",
+        "data.interaction=-1": "data.interaction must be a finite number >= 0, got -1.0",
+        "data.tables.0.zipf=0": "data.tables[0] (ad): zipf must be a finite number > 0, got 0.0",
+        "data.tables.1.sigma=-0.5": "data.tables[1] (advertiser): sigma must be a finite number >= 0, got -0.5",
+        "data.tables.1.features=[C1]": "data.tables[1] (advertiser): feature 'C1' is also read by table 'ad'",
+        "data.tables.0.bag=[5,2]": "data.tables[0] (ad): bag must be [min, max] ids with 0 <= min <= max",
+        "model.comm_dtype=float8": "model.comm_dtype='float8' is not one of",
+        "train.checkpoint_every=-1": "train.checkpoint_every must be >= 0, got -1",
+        "train.batch_size=0": "train.batch_size must be >= 1, got 0",
+        "train.steps=0": "train.steps must be >= 1, got 0",
+        "data.pairs=[[C1,C99]]": "data.pairs: ['C1', 'C99'] must name two features of the tables",
+    }
+    for override, message in cases.items():
+        errors = validate(compose("dlrm", register, [override]))
+        assert any(message in e for e in errors), (override, errors)
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["optim.sparse=lion"], "optim.sparse='lion' is not one of"),
-    (["train.steps=0"], "train.steps must be >= 1, got 0"),
-    (["data.pairs=[[C1,C99]]"], "data.pairs: ['C1', 'C99'] must name two features of the tables"),
     (["model.dimm=4"], "Key 'dimm' not in 'ModelCfg'"),
 ])
 def test_configuration_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):
+    """Through the launch line: a schema error (Hydra's) and a `validate` error (the others are
+    checked in-process above)."""
     done = _launch(tmp_path, *overrides)
     out = done.stdout + done.stderr
-    assert done.returncode != 0
     assert out.count(message) == 1, out[-3000:]
-    assert "exitcode  : 2" in out
+    assert done.returncode == 2  # the configuration-error code, through the launcher
+    assert "Traceback" not in out and "ChildFailedError" not in out  # no launcher noise after the message
     assert not (tmp_path / "out" / "metrics.json").exists()

@@ -4,6 +4,7 @@ work)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -107,15 +108,21 @@ def validate(cfg) -> list[str]:
             errors.append(f"{where}: bag_features {extra} are not among its features {list(tab.features)}")
         if len(tab.bag) != 2 or not 0 <= tab.bag[0] <= tab.bag[1]:
             errors.append(f"{where}: bag must be [min, max] ids with 0 <= min <= max, got {list(tab.bag)}")
-        if tab.zipf <= 0:
-            errors.append(f"{where}: zipf must be > 0, got {tab.zipf}")
+        if not (tab.zipf > 0 and math.isfinite(tab.zipf)):
+            errors.append(f"{where}: zipf must be a finite number > 0, got {tab.zipf}")
+        if not (tab.sigma >= 0 and math.isfinite(tab.sigma)):
+            errors.append(f"{where}: sigma must be a finite number >= 0, got {tab.sigma}")
     for pair in d.pairs:
         unknown = [f for f in pair if f not in features]
         if len(pair) != 2 or unknown:
             errors.append(f"data.pairs: {list(pair)} must name two features of the tables (unknown: {unknown})")
-    for key, value in (("data.scale", d.scale), ("data.head", d.head)):
-        if value <= 0:
-            errors.append(f"{key} must be > 0, got {value}")
+    for key, value in (("data.scale", d.scale), ("data.head", d.head), ("optim.sparse_lr", o.sparse_lr),
+                       ("optim.dense_lr", o.dense_lr)):
+        if not (value > 0 and math.isfinite(value)):
+            errors.append(f"{key} must be a finite number > 0, got {value}")
+    for key, value in (("data.decay", d.decay), ("data.interaction", d.interaction), ("data.dense", d.dense)):
+        if not (value >= 0 and math.isfinite(value)):
+            errors.append(f"{key} must be a finite number >= 0, got {value}")
     if not 0 < d.ctr < 1:
         errors.append(f"data.ctr must be in (0, 1), got {d.ctr}")
     for key, value in (("model.dim", m.dim), ("model.page_size", m.page_size), ("train.steps", t.steps),

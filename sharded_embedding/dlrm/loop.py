@@ -72,10 +72,36 @@ def run(cfg) -> int:
     data, model, dense_opt = build(cfg, world)
     training = ClickTraining(cfg, data, model, dense_opt, out)
     if cfg.train.resume:
-        training.resume()
+        try:
+            training.resume()
+        except ResumeError as e:  # every rank read the same checkpoint and found the same
+            return stop(f"configuration error: {e}")
     training.train()
     training.finish()
     return 0
+
+
+class ResumeError(ValueError):
+    """The newest checkpoint was trained with settings that differ from this run's."""
+
+
+# The settings a checkpoint's run must share with a run that resumes it: the dataset (the
+# planted model and its batches) and the model's and optimizers' shapes. The world size, page
+# size, batch size, steps and evaluation may change.
+RESUME_KEYS = ("data.tables", "data.pairs", "data.seed", "data.scale", "data.ctr", "data.head", "data.decay",
+               "data.interaction", "data.dense", "model.dim", "model.dense_arch", "model.over_arch", "optim.sparse",
+               "optim.dense", "train.seed")
+
+
+def resume_settings(cfg) -> dict:
+    """``RESUME_KEYS`` of ``cfg`` as plain JSON values."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in RESUME_KEYS:
+        value = OmegaConf.select(cfg, key)
+        out[key] = json.loads(json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value))
+    return out
 
 
 class ClickTraining:
@@ -168,7 +194,8 @@ class ClickTraining:
         dcp.save(self._state(), checkpoint_id=str(partial))
         if self.rank == 0:
             (partial / "curves.json").write_text(json.dumps({"losses": self.losses, "aucs": self.aucs,
-                                                             "bayes_auc_test_set": self.bayes_test}))
+                                                             "bayes_auc_test_set": self.bayes_test,
+                                                             "settings": resume_settings(self.cfg)}))
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
         agree_or_raise(dist.group.WORLD, f"checkpoint {final.name}", "saved", None, collective_device(dist.group.WORLD))
@@ -176,7 +203,8 @@ class ClickTraining:
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint in ``checkpoints/`` (any world size or
-        page size: DCP reshards the tables), if there is one."""
+        page size: DCP reshards the tables), if there is one. Raises `ResumeError` (before any
+        state changes) if it was trained with other `RESUME_KEYS` settings."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         root = self.out / "checkpoints"
@@ -186,13 +214,19 @@ class ClickTraining:
             if self.rank == 0:
                 log.info("no checkpoint in %s yet: starting from scratch", root)
             return
+        curves = json.loads((done[-1] / "curves.json").read_text())
+        saved, now = curves.get("settings", {}), resume_settings(self.cfg)
+        differ = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+        if differ:
+            detail = "; ".join(f"{k}={json.dumps(saved.get(k))} (now {json.dumps(now[k])})" for k in differ)
+            raise ResumeError(f"cannot resume from {done[-1]}: it was trained with other settings: {detail}. Use "
+                              "the checkpoint's settings, or another out_dir to start afresh")
         state = self._state()
         dcp.load(state, checkpoint_id=str(done[-1]))
         self.model.module.load_state_dict(state["model"])
         set_optimizer_state_dict(self.model.module, self.dense_opt, optim_state_dict=state["dense_optimizer"])
         self.step = int(state["loop"]["step"])
         self.train_seconds = float(state["loop"]["train_seconds"])
-        curves = json.loads((done[-1] / "curves.json").read_text())
         self.losses = [tuple(x) for x in curves["losses"]]
         self.aucs = [tuple(x) for x in curves["aucs"]]
         self.bayes_test = curves["bayes_auc_test_set"]
