@@ -236,10 +236,12 @@ def _requester_grad(req: TableRequest, grad: torch.Tensor, scale: float | None, 
 
 def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None, dim: int, dtype, device):
     """Owner: (local rows, gradient rows) of one table from every requester's block. Rows
-    pooled on the requester arrive as they are (already scaled there); the pairs pooled here
-    are spread over their ids, weighted, scaled and summed per row, requester by requester
-    (one sort, one embedding_bag)."""
+    pooled on the requester arrive as they are (already scaled there). The pairs pooled here,
+    from every requester at once, are spread over their ids, weighted, scaled and summed per
+    row: one sort of all their ids, one embedding_bag over the pairs' gradients (which are few:
+    one per bag and owner), so each row comes out once, whichever requesters asked for it."""
     rows, values = [], []
+    ids, pair_of, weights, grads, at = [], [], [], [], 0
     for r, block in enumerate(blocks):
         if serve.back[r] == 0:
             continue
@@ -247,18 +249,29 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
             rows.append(serve.blocks[r])
             values.append(block)
             continue
-        ids, first, w = _decoded(serve, r)
-        pair_of = torch.cumsum(first, 0) - 1
+        r_ids, first, w = _decoded(serve, r)
+        ids.append(r_ids)
+        pair_of.append(torch.cumsum(first, 0).sub_(1 - at))  # the pair of each id, in the pairs of every requester
+        weights.append(w)
+        grads.append(block)
+        at += block.shape[0]
+    if ids:
+        w = None
+        if any(x is not None for x in weights):  # weighted requests beside unweighted ones: ones for those
+            w = torch.cat([x if x is not None else torch.ones(i.numel(), device=device) for x, i in zip(weights, ids)])
+        ids, pair_of = (ids[0], pair_of[0]) if len(ids) == 1 else (torch.cat(ids), torch.cat(pair_of))
+        grads = grads[0].contiguous() if len(grads) == 1 else torch.cat(grads)
         keys, perm = torch.sort(ids.int())  # local rows < 2^31: packing needs it
         unique, dups = torch.unique_consecutive(keys, return_counts=True)
         w = w[perm].to(dtype) if w is not None else None
         if scale is not None:
             w = w * scale if w is not None else torch.full((perm.numel(),), scale, dtype=dtype, device=device)
         rows.append(unique.long())
-        values.append(F.embedding_bag(pair_of[perm], block.contiguous(), torch.cumsum(dups, 0) - dups,
-                                      mode="sum", per_sample_weights=w))
+        values.append(F.embedding_bag(pair_of[perm], grads, torch.cumsum(dups, 0) - dups, mode="sum",
+                                      per_sample_weights=w))
     if not rows:
         return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dim, dtype=dtype, device=device)
     if len(rows) == 1:
         return rows[0], values[0]
     return torch.cat(rows), torch.cat(values)
+
