@@ -2,6 +2,7 @@
 
 from .amp import NonFiniteGradientError, use_grad_scaler
 from .clipping import clip_grad_norm_
+from .collection import ShardedEmbeddingBagCollection, TableConfig
 from .ddp import exclude_from_ddp, split_parameters, table_parameters
 from .distributed import finish, init_distributed
 from .embedding import ShardedEmbedding
@@ -12,6 +13,8 @@ from .placement import PagePlan
 
 __all__ = [
     "ShardedEmbedding",
+    "ShardedEmbeddingBagCollection",
+    "TableConfig",
     "LargeEmbedding",
     "PagePlan",
     "exclude_from_ddp",

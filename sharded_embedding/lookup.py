@@ -37,7 +37,7 @@ from .routing import Routing
 from .stats import ExchangeStats
 from .transport import Transport
 
-__all__ = ["Exchange", "ShardedLookup"]
+__all__ = ["Exchange", "ShardedLookup", "Workspace", "gradient_scales", "skip_nonfinite_step", "update_rows"]
 
 
 class Workspace:
@@ -140,15 +140,9 @@ class ShardedLookup(torch.autograd.Function):
     def backward(ctx, grad_out):
         routing: Routing = ctx.routing
         exchange: Exchange = ctx.exchange
-        optimizer, mirrors = exchange.optimizer, exchange.mirrors
         dim = grad_out.shape[-1]
         num_remote, num_unique, num_served = routing.num_remote, routing.num_unique, routing.num_served
-        link = exchange.scaler
-        inv_scale = link.inv_scale() if link is not None and optimizer is not None else 1.0
-        scale = optimizer.linear_scale if optimizer is not None else None
-        if scale is not None:
-            scale *= inv_scale  # SGD: -lr / S, applied while the duplicates are summed
-            inv_scale = 1.0
+        scale, inv_scale = gradient_scales(exchange)
         # [grads of rows asked of peers | grads of own rows | grads received from peers]
         work = exchange.workspace.get("work", num_unique + num_served, dim, grad_out.dtype, grad_out.device)
         if num_unique:  # one bag per unique id sums the gradients of its duplicates
@@ -164,24 +158,59 @@ class ShardedLookup(torch.autograd.Function):
                                       routing.requested_counts, flag)  # gradients (+ non-finite flags)
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
         bad = receive()
-        if bad:
-            if link is None or not link.active:
-                raise NonFiniteGradientError(nonfinite_message(bad))
-            link.record_overflow()  # scaler.update() lowers the scale on every rank
-            if optimizer is not None:
-                return None, None, None  # the step is skipped everywhere, like scaler.step skips it
-        rows, values = routing.owner_rows, work[num_remote:]
-        rows, values, mirror_rows = mirrors.all_reduce(rows, values)
-        exchange.stats.mirror_rows_reduced += mirror_rows
-        if optimizer is not None:
-            if inv_scale != 1.0:
-                values = values * inv_scale
-            optimizer.apply(ctx.weight, rows, values)
-            return None, None, None
-        rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
-        if bad:  # another rank overflowed: make this rank's scaler skip the table's step too
-            values, rows = _poisoned(values, rows, ctx.storage_shape)
-        return _as_gradient(rows, values, ctx.storage_shape, exchange.sparse), None, None
+        if bad and skip_nonfinite_step([exchange], bad):
+            return None, None, None  # the step is skipped everywhere, like scaler.step skips it
+        grad = update_rows(exchange, ctx.weight, routing.owner_rows, work[num_remote:], inv_scale=inv_scale,
+                           storage_shape=ctx.storage_shape, poisoned=bool(bad))
+        return grad, None, None
+
+
+def gradient_scales(exchange: Exchange) -> tuple[float | None, float]:
+    """(scale, inv_scale) of a table's backward. ``scale``: for an optimizer whose update is a
+    fixed multiple of the gradient (SGD: ``-lr / S``), applied while the requester sums
+    duplicates, for free; else None. ``inv_scale``: ``1 / S`` of an attached GradScaler, left
+    for `update_rows` to apply (1.0 when ``scale`` took it, or without a fused optimizer)."""
+    optimizer, link = exchange.optimizer, exchange.scaler
+    inv_scale = link.inv_scale() if link is not None and optimizer is not None else 1.0
+    scale = optimizer.linear_scale if optimizer is not None else None
+    if scale is not None:
+        return scale * inv_scale, 1.0
+    return None, inv_scale
+
+
+def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int]) -> bool:
+    """Some rank's gradient rows (``bad``: those ranks) hold inf/NaN. Without an enabled
+    GradScaler on every table involved, raise `NonFiniteGradientError` (every rank does, in the
+    same backward, before any row changed). Otherwise tell each scaler (``scaler.update()``
+    lowers the scale) and return whether fused updates must be skipped (always: like
+    ``scaler.step``); tables without a fused optimizer then get a NaN gradient (`update_rows`
+    with ``poisoned``) so that the scaler skips their optimizer's step too."""
+    if any(e.scaler is None or not e.scaler.active for e in exchanges):
+        raise NonFiniteGradientError(nonfinite_message(bad))
+    for e in exchanges:
+        e.scaler.record_overflow()
+    return all(e.optimizer is not None for e in exchanges)
+
+
+def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor, *,
+                inv_scale: float, storage_shape: torch.Size, poisoned: bool = False) -> torch.Tensor | None:
+    """The owner's part of a backward once the gradient rows have arrived: ``values[i]`` is
+    (part of) the gradient of local row ``rows[i]`` (rows may repeat). Sums mirrored pages'
+    rows over their replicas (`mirrors`), then either applies the fused optimizer to
+    ``weight`` (``values`` already multiplied by its ``linear_scale`` if it has one; else by
+    ``inv_scale`` here) and returns None, or returns the gradient of the local storage (sparse
+    COO or dense; NaN where ``poisoned``). ``values`` may be a workspace view: nothing keeps it."""
+    rows, values, mirror_rows = exchange.mirrors.all_reduce(rows, values)
+    exchange.stats.mirror_rows_reduced += mirror_rows
+    if exchange.optimizer is not None:
+        if inv_scale != 1.0:
+            values = values * inv_scale
+        exchange.optimizer.apply(weight, rows, values)
+        return None
+    rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
+    if poisoned:  # another rank overflowed: make this rank's scaler skip the table's step too
+        values, rows = _poisoned(values, rows, storage_shape)
+    return _as_gradient(rows, values, storage_shape, exchange.sparse)
 
 
 def _poisoned(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size):

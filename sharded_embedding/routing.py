@@ -5,11 +5,12 @@ Every rank of the group runs `Router.route` once per lookup call, in the same or
 1. validate the ids, translate them to (serving rank, local row on it) -- the requester
    knows the plan -- and deduplicate them with one sort, which also orders them by peer;
 2. ``all_to_all_single`` of one int64 *request* per peer: a header (how many rows this rank
-   asks of that peer, this rank's error code and value, the most it asks of any peer, and
-   whether it will backpropagate through this lookup) followed by up to ``capacity`` of the
-   requested rows. Bad input on any rank (float ids, an id out of range), a lookup the table
-   refuses on some rank (see `REFUSALS`), or ranks that disagree on running the backward (a
-   collective) reach every rank in this exchange, and all ranks raise the same error together
+   asks of that peer, the most it asks of any peer, the table's number, this rank's error
+   code and value, and whether it will backpropagate through this lookup) followed by up to
+   ``capacity`` of the requested rows. Ranks looking up different tables, bad input on any
+   rank (float ids, an id out of range), a lookup the table refuses on some rank (see
+   `REFUSALS`), or ranks that disagree on running the backward (a collective) reach every
+   rank in this exchange, and all ranks raise the same error together
    before anything else moves; the good path pays no extra collective for it;
 3. only if some rank asked some peer for more than ``capacity`` rows (every rank can tell,
    from the headers): ``all_to_all_single`` of the rows that did not fit, with ragged splits.
@@ -18,6 +19,10 @@ Every rank of the group runs `Router.route` once per lookup call, in the same or
 call (all ranks see it in the headers), with headroom, so in steady state a lookup costs one
 small exchange before the vectors move instead of TorchRec's two (splits, then ids).
 Requests for pages this rank holds never leave it. The vectors travel in `lookup`.
+
+`RequestExchange` is steps 2-3 on their own (a header of the caller's columns per peer, then
+int64 payload under the adaptive capacity): `Router` uses it for one table's lookups, and
+`bag_routing` for all the tables of a `ShardedEmbeddingBagCollection` at once.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ import torch
 from .placement import RoutingTable
 from .transport import Transport
 
-__all__ = ["Routing", "Router"]
+__all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
-_HEADER = 6  # request columns before the rows: count, error code, error value, largest count, grad, table
+# The request columns `RequestExchange` adds before the caller's: payload count, the sender's
+# largest count to any peer, the number of the table (or collection) being looked up.
+_COUNT, _LARGEST, _CALLER = 0, 1, 2
+_FIXED = 3
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
@@ -123,11 +131,11 @@ class Router:
         self._key = torch.where(table.dest_rank == rank, world, table.dest_rank).to(device)
         self._shift = (table.dest_offset - pages * page_size).to(device)
         # (serving rank, local row) packs into rank * stride + row; int32 keys sort 2x faster.
-        self._stride = max_local_rows + 1
-        fits32 = (world + 1) * self._stride < 2**31
+        self.stride = max_local_rows + 1
+        fits32 = (world + 1) * self.stride < 2**31
         self._key_dtype = torch.int32 if fits32 else torch.int64
         self._arange = torch.arange(0, device=device)
-        self._capacity = 0  # rows per peer carried in the request exchange; same on all ranks
+        self.requests = RequestExchange(transport, rank, world, device)
 
     def _positions(self, n: int) -> torch.Tensor:
         """``arange(n)``, a view of a cache grown as needed. The cache is made outside inference
@@ -152,95 +160,166 @@ class Router:
         if refusal:
             flat, shape, code, value = None, None, _REFUSED, refusal
         else:
-            flat, shape, code, value = _validate(indices, self.num_embeddings, self.device)
+            flat, shape, code, value = validate_ids(indices, self.num_embeddings, self.device)
         if code != _OK:
             if self.world == 1:
                 _raise_input_errors([code], [value], self.num_embeddings)
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            counts = torch.zeros(self.world + 1, dtype=torch.int64, device=self.device)
-            return self._exchange(shape, empty, None, empty, empty, counts, code, value, needs_grad)
-        gather_index, bags, keys = self._sort(flat)
+            return self._exchange(shape, empty, None, empty, [0] * (self.world + 1), code, value, needs_grad)
+        gather_index, bags, keys = self.dedup(flat)
         if self.world == 1:
             return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
-        peer = torch.div(keys, self._stride, rounding_mode="floor")
-        rows = keys - peer * self._stride
-        counts = torch.bincount(peer, minlength=self.world + 1)
-        return self._exchange(shape, gather_index, bags, peer, rows, counts, _OK, 0, needs_grad)
+        peer, rows = self.split(keys)
+        counts = torch.bincount(peer, minlength=self.world + 1).tolist()  # one device sync
+        return self._exchange(shape, gather_index, bags, rows, counts, _OK, 0, needs_grad)
 
-    def _sort(self, flat: torch.Tensor):
-        """One sort does it all. Each id becomes the key (serving rank, local row there), own
-        rows last; equal keys are duplicate ids; the sorted order is peer-major, the layout the
-        exchanges send; and the permutation groups each unique id's positions (the bags the
-        backward sums). Returns (gather_index, bags, unique keys in sorted order)."""
+    def keys(self, flat: torch.Tensor) -> torch.Tensor:
+        """Each id of ``flat`` (int64, in range) as the int64 key ``serving rank * stride +
+        its local row there``, where this rank itself counts as rank ``world`` (its rows sort
+        last). The requester knows the plan, so owners only gather rows."""
         page = torch.div(flat, self.page_size, rounding_mode="floor")
         keys = flat + self._shift[page]  # the serving rank's local rows
         if self.world > 1:
-            keys.add_(self._key[page], alpha=self._stride)
-        keys, perm = torch.sort(keys.to(self._key_dtype))
+            keys.add_(self._key[page], alpha=self.stride)
+        return keys
+
+    def split(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys -> (serving rank, ``world`` for this rank; local row there)."""
+        peer = torch.div(keys, self.stride, rounding_mode="floor")
+        return peer, keys - peer * self.stride
+
+    def destinations(self, flat: torch.Tensor, dest_of_page: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(serving rank, local row there) of each id of ``flat``, the key of `keys` in two
+        parts; ``dest_of_page`` is `page_destinations` in the dtype the caller wants."""
+        page = torch.div(flat, self.page_size, rounding_mode="floor")
+        return dest_of_page[page], flat + self._shift[page]
+
+    def page_destinations(self) -> torch.Tensor:
+        """The serving rank of each page's lookups, this rank counted as ``world`` (int64)."""
+        return self._key if self.world > 1 else torch.ones_like(self._key)
+
+    def dedup(self, flat: torch.Tensor, keys: torch.Tensor | None = None):
+        """One sort does it all. Each id becomes its key (`keys`; pass them if computed
+        already), own rows last; equal keys are duplicate ids; the sorted order is peer-major,
+        the layout the exchanges send; and the permutation groups each unique id's positions
+        (the bags the backward sums). Returns (gather_index, bags, unique keys in sorted
+        order, int64)."""
+        keys, perm = torch.sort((self.keys(flat) if keys is None else keys).to(self._key_dtype))
         keys, dups = torch.unique_consecutive(keys, return_counts=True)
         gather_index = torch.empty_like(perm)
         gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
         return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys.long()
 
-    def _exchange(self, shape, gather_index, bags, peer, rows, counts, code: int, value: int,
+    def _exchange(self, shape, gather_index, bags, rows, counts: list[int], code: int, value: int,
                   needs_grad: bool) -> Routing:
-        """Send each peer its request (header + up to ``capacity`` rows), then any overflow."""
-        world, device, cap = self.world, self.device, self._capacity
-        width = _HEADER + cap
-        per_peer = counts[:world]
-        local_largest, num_own = torch.stack([per_peer.max(), counts[world]]).tolist()  # one sync
+        """Send each peer its request (header + rows, `RequestExchange`); own rows stay here."""
+        world = self.world
+        num_own = counts[world]
         num_asked = rows.numel() - num_own
-        request = torch.zeros(world, width, dtype=torch.int64, device=device)
-        request[:, 0] = per_peer
-        request[:, 1] = code
-        request[:, 2] = value
-        request[:, 3] = local_largest
-        request[:, 4] = int(needs_grad)
-        request[:, 5] = self.table_id
-        starts = torch.cumsum(per_peer, 0) - per_peer
-        if cap and num_asked:
-            # The k-th peer-sorted row goes to (its peer, k - the peer's first k): one flat index.
-            peer = peer[:num_asked]
-            flat = self._positions(num_asked) + (self._positions(world) * width + _HEADER - starts)[peer]
-            asked = rows[:num_asked]
-            if local_largest > cap:
-                fits = flat - peer * width < width
-                flat, asked = flat[fits], asked[fits]
-            request.view(-1)[flat] = asked
-        received = torch.empty_like(request)
-        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first rows
-        host = torch.cat([request[:, :1], received[:, :_HEADER]], dim=1).cpu()  # one device sync
-        _raise_if_tables_differ(host[:, 6].tolist())
-        _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), self.num_embeddings)
-        _raise_if_grad_modes_differ(host[:, 5].tolist())
+        columns = torch.tensor([[code, value, int(needs_grad)]], dtype=torch.int64, device=self.device)
 
-        requested, served = host[:, 0].tolist(), host[:, 1].tolist()
-        largest = max(host[:, 4].tolist())
-        self._capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
-        num_served = sum(served)
-        owner_rows = torch.empty(num_own + num_served, dtype=torch.int64, device=device)
-        owner_rows[:num_own] = rows[num_asked:]
+        def check(header: torch.Tensor) -> None:  # every rank sees every rank's columns
+            _raise_input_errors(header[:, 0].tolist(), header[:, 1].tolist(), self.num_embeddings)
+            _raise_if_grad_modes_differ(header[:, 2].tolist())
+
+        asked = torch.split(rows[:num_asked], counts[:world])  # peer-major: one piece per peer
+        got = self.requests.exchange(columns.expand(world, 3), [[piece] for piece in asked], check=check,
+                                     caller=self.table_id)
+        owner_rows = torch.cat([rows[num_asked:], *got.payload])
+        return Routing(shape, gather_index, bags, counts[:world], got.served, owner_rows, got.ints_sent,
+                       got.ints_received)
+
+
+@dataclass
+class Received:
+    """What `RequestExchange.exchange` brought: each peer's header columns (host, ``[world,
+    columns]``), its payload (device, one int64 tensor per peer, ``served[q]`` values from
+    peer ``q``; views of the receive buffer), and the int64 values this rank sent and received."""
+
+    header: torch.Tensor
+    payload: list[torch.Tensor]
+    served: list[int]
+    ints_sent: int
+    ints_received: int
+
+
+class RequestExchange:
+    """One ``all_to_all_single`` of an int64 request per peer: a header (the payload count, the
+    sender's largest count to any peer, the number of the table or collection it is looking
+    up, then the caller's columns) followed by up to ``capacity`` payload values; when some
+    request outgrew the capacity (every rank can tell from the headers), a second, ragged
+    all-to-all with the rest.
+
+    ``capacity`` is the same on every rank: each derives it from the largest request of the
+    last call, seen by all in the headers, with 25% headroom, halving at most per call. So in
+    steady state a request costs one exchange, and the header rides with the payload.
+    """
+
+    def __init__(self, transport: Transport, rank: int, world: int, device: torch.device):
+        self.transport, self.rank, self.world, self.device = transport, rank, world, device
+        self.capacity = 0
+
+    def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None,
+                 caller: int = 0) -> Received:
+        """Send ``columns[q]`` (int64 ``[world, k]``) and the payload ``pieces[q]`` (int64
+        tensors, one after the other) to each peer ``q`` (``pieces[rank]`` must be empty: a
+        rank's own requests never travel). ``caller``: the number of the table (or collection)
+        this rank is looking up; ranks that differ raise RuntimeError together. Then
+        ``check(header)`` is called on every rank with every peer's columns (host, ``[world,
+        k]``) before any payload is read: raise there and every rank raises together, before
+        the overflow exchange.
+
+        Collective: one ``all_to_all_single``, two when a request outgrew the capacity."""
+        world, device, cap = self.world, self.device, self.capacity
+        base = _FIXED + columns.shape[1]
+        width = base + cap
+        counts = [sum(t.numel() for t in parts) for parts in pieces]
+        request = torch.empty(world, width, dtype=torch.int64, device=device)
+        request[:, _COUNT] = torch.tensor(counts, dtype=torch.int64)
+        request[:, _LARGEST] = max(counts)
+        request[:, _CALLER] = caller
+        request[:, _FIXED:base] = columns
+        if cap:
+            request[:, base:] = 0
+        rest = []  # what did not fit, peer after peer
+        for q, parts in enumerate(pieces):  # each piece is copied once, into the request row
+            at = base
+            for t in parts:
+                n = t.numel()
+                fit = max(0, min(n, width - at))
+                if fit:
+                    request[q, at : at + fit] = t[:fit]
+                if fit < n:
+                    rest.append(t[fit:])
+                at += n
+        received = torch.empty_like(request)
+        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first values
+        header = received[:, :base].cpu()  # one device sync
+        _raise_if_tables_differ(header[:, _CALLER].tolist())
+        if check is not None:
+            check(header[:, _FIXED:])
+        served = header[:, _COUNT].tolist()
+        largest = max(header[:, _LARGEST].tolist())
+        self.capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
         wire = (world - 1) * width  # int64s each way in the request exchange
         if largest <= cap:
-            fits = torch.arange(cap, device=device) < torch.tensor(served, device=device).unsqueeze(1)
-            owner_rows[num_own:] = received[:, _HEADER:][fits]
-            return Routing(shape, gather_index, bags, requested, served, owner_rows, wire, wire)
-        # Some request outgrew the capacity: the rest follows; rows then go in peer order.
+            return Received(header[:, _FIXED:], [received[r, base : base + served[r]] for r in range(world)], served,
+                            wire, wire)
+        # Some request outgrew the capacity: the rest follows.
         extra_in = [max(c - cap, 0) for c in served]
-        extra_out = [max(c - cap, 0) for c in requested]
-        past = self._positions(num_asked) - starts.repeat_interleave(per_peer) >= cap
+        extra_out = [max(c - cap, 0) for c in counts]
         extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-        self.transport.all_to_all(extra, rows[:num_asked][past], extra_in, extra_out)()  # overflow
-        at, parts = 0, []
+        send = torch.cat(rest) if rest else extra.new_empty(0)
+        self.transport.all_to_all(extra, send, extra_in, extra_out)()  # overflow
+        at, payload = 0, []
         for r in range(world):  # O(world), only on calls where the capacity grows
-            parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]
+            first = received[r, base : base + min(served[r], cap)]
+            payload.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
             at += extra_in[r]
-        owner_rows[num_own:] = torch.cat(parts)
-        return Routing(shape, gather_index, bags, requested, served, owner_rows,
-                       wire + sum(extra_out), wire + sum(extra_in))
+        return Received(header[:, _FIXED:], payload, served, wire + sum(extra_out), wire + sum(extra_in))
 
 
-def _validate(indices, num_embeddings: int, device: torch.device):
+def validate_ids(indices, num_embeddings: int, device: torch.device):
     """Flatten ``indices`` to int64 on ``device``; returns (flat, shape, error code, error value)."""
     if not isinstance(indices, torch.Tensor):
         try:
@@ -268,8 +347,8 @@ def _raise_if_tables_differ(tables: list[int]) -> None:
         by_rank = ", ".join(f"rank {r}: table #{t}" for r, t in enumerate(tables))
         raise RuntimeError(
             f"ShardedEmbedding: the ranks called the lookups of different tables ({by_rank}; tables are numbered "
-            "in the order each rank made them on this process group). Every rank must call the same tables in "
-            "the same order. No rank looked anything up."
+            "in the order each rank made them on this process group, a ShardedEmbeddingBagCollection after its "
+            "tables). Every rank must call the same tables in the same order. No rank looked anything up."
         )
 
 

@@ -209,7 +209,7 @@ def _varying_batches():
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.testing.assert_close(emb.full_table(), oracle.table, rtol=1e-5, atol=1e-5)
-    return emb._router._capacity
+    return emb._router.requests.capacity
 
 
 def test_request_capacity_grows_and_shrinks_with_the_batches():
@@ -230,7 +230,7 @@ def test_routing_keys_widen_to_int64_when_they_would_pass_int32():
                     transport=None, device=torch.device("cpu"))
     assert router._key_dtype == torch.int64
     ids = torch.tensor([n - 1, 5, 2**30 + 7, 5, 2**31 + 1])
-    gather_index, _, keys = router._sort(ids)
+    gather_index, _, keys = router.dedup(ids)
     stride = 2**30 + 1
     decoded = [(int(k) // stride, int(k) % stride) for k in keys]
     assert decoded == [(1, 7), (2, 1), (2, 2**30 - 1), (3, 5)]  # peers in order; this rank (0) sorts last, as 3

@@ -1,0 +1,277 @@
+"""The lookup of a `ShardedEmbeddingBagCollection`: every table's vectors in one all-to-all,
+every table's gradients in one more.
+
+Forward (after `bag_routing.BagRouter.route` told every rank what to serve):
+    owners:      per requester and table: the rows asked for (pooled on the requester), or one
+                 partial sum per (bag, owner) pair (``embedding_bag`` on the storage, pooled
+                 on the owner)
+    all ranks:   all-to-all(vectors)   one flat buffer for all tables
+    requesters:  per table: pool the bags from the unique rows (``embedding_bag`` over them),
+                 or add up each bag's partial sums
+
+Backward (the adjoint, so every table gets the gradient of the SUM of all ranks' losses):
+    requesters:  per table: each unique row's gradient summed over its bags (one
+                 ``embedding_bag`` over the sort that deduplicated the ids), or each pair's
+                 gradient (its bag's)
+    all ranks:   all-to-all(gradients + one non-finite flag per rank)   one buffer, all tables
+    owners:      per table: pairs' gradients spread over their ids and summed per row (one
+                 sort, one ``embedding_bag``); then the table's `lookup.update_rows`: mirrors,
+                 fused optimizer or the storage's gradient.
+
+Vectors of tables of different widths share one buffer of rows of ``unit`` elements, the
+greatest common divisor of the widths: a table's block of ``n`` rows of width ``d`` is ``n *
+d / unit`` buffer rows, so the all-to-all splits stay row counts. Peer ``q``'s part of a buffer
+is its tables' blocks one after another, in table order. A ``comm_dtype`` of narrower range
+(float16 for float32 tables) scales each buffer row by its own power of two (`wire`): one
+more value per ``unit`` values on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .amp import nonfinite_flag
+from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode
+from .lookup import Exchange, gradient_scales, skip_nonfinite_step, update_rows
+from .wire import finite_limit
+
+__all__ = ["BagLookup"]
+
+
+class BagLookup(torch.autograd.Function):
+    """Per table, its output rows (pooled bags, or a sequence table's rows) for this rank's
+    input. Inputs: the routing, the collection's wire (`lookup.Exchange`: transport, wire
+    dtype, workspace), the tables' exchanges (mirrors, optimizer, scaler), the collection's
+    stats, then every table's storage."""
+
+    @staticmethod
+    def forward(ctx, routing: BagRouting, wire: Exchange, exchanges: list[Exchange], stats, *storages):
+        world, rank, ws = wire.world, wire.rank, wire.workspace
+        dims = [s.shape[1] for s in storages]
+        unit, dtype, device = math.gcd(*dims), storages[0].dtype, storages[0].device
+        send_layout = _layout([routing.rows_to(r) for r in range(world)], dims, unit, rank)
+        recv_layout = _layout([routing.rows_from(q) for q in range(world)], dims, unit, rank)
+        send = ws.get("bag_send", send_layout.total, unit, dtype, device)
+        recv = ws.get("bag_recv", recv_layout.total, unit, dtype, device)
+        for r, t, n, at in send_layout.blocks():  # owners: what each peer asked for, table after table
+            _answer(storages[t], routing.serves[t], r, _rows(send, at, n, dims[t], unit))
+        wait = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer)  # vectors
+        own = []
+        for t, req in enumerate(routing.requests):  # own requests while they travel
+            n, total = req.back[rank], sum(req.back)
+            if req.mode == ON_REQUESTER:  # the tail of [peers' rows | own rows]
+                buf = ws.get(f"bag_answers{t}", total, dims[t], dtype, device)[total - n :]
+            else:
+                buf = torch.empty(n, dims[t], dtype=dtype, device=device)
+            if n:
+                _answer(storages[t], routing.serves[t], rank, buf)
+            own.append(buf)
+        wait()
+        outputs = []
+        for t, req in enumerate(routing.requests):
+            from_peers = [(q, _rows(recv, at, n, dims[t], unit)) for q, tt, n, at in recv_layout.blocks() if tt == t]
+            outputs.append(_pool(req, from_peers, own[t], rank, ws, t))
+        row_bytes = wire.row_bytes(unit, dtype)  # a float16 wire's scale column included
+        stats.record_vectors(routing, send_layout.total * row_bytes, recv_layout.total * row_bytes)
+        ctx.routing, ctx.wire, ctx.exchanges, ctx.stats = routing, wire, exchanges, stats
+        ctx.storages = storages
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        routing: BagRouting = ctx.routing
+        wire: Exchange = ctx.wire
+        world, rank, ws = wire.world, wire.rank, wire.workspace
+        storages, exchanges = ctx.storages, ctx.exchanges
+        live = [t for t, g in enumerate(routing.grad_tables) if g]
+        dims = [s.shape[1] for s in storages]
+        unit, dtype, device = math.gcd(*dims), grads[live[0]].dtype, grads[live[0]].device
+        scales = {t: gradient_scales(exchanges[t]) for t in live}
+        only = [[(routing.requests[t].back[q] if t in live else 0) for t in range(len(dims))] for q in range(world)]
+        served = [[(routing.serves[t].back[r] if t in live else 0) for t in range(len(dims))] for r in range(world)]
+        send_layout = _layout(only, dims, unit, rank)
+        recv_layout = _layout(served, dims, unit, rank)
+        send = ws.get("bag_grad_send", send_layout.total, unit, dtype, device)
+        recv = ws.get("bag_grad_recv", recv_layout.total, unit, dtype, device)
+        # Requesters: the gradient of every row the owners sent, peers' parts straight into the
+        # send buffer; own parts kept here.
+        own = {t: _requester_grad(routing.requests[t], grads[t], scales[t][0], send, send_layout, dims[t], unit, t,
+                                  rank) for t in live}
+        # Every rank learns, with the gradients, whether any rank computed an inf/NaN row.
+        # (A finite value that rounding to comm_dtype would carry to inf counts as inf.)
+        flag = nonfinite_flag(send, send.shape[0], finite_limit(dtype, wire.comm_dtype))
+        for t in live:
+            flag |= nonfinite_flag(own[t], 0, None)
+        receive = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, flag)  # gradients + flags
+        row_bytes = wire.row_bytes(unit, dtype)
+        ctx.stats.record_gradients(send_layout.total * row_bytes, recv_layout.total * row_bytes)
+        bad = receive()
+        if bad and skip_nonfinite_step([exchanges[t] for t in live], bad):
+            return (None,) * (4 + len(storages))  # skipped everywhere, like scaler.step skips it
+        blocks = {t: [None] * world for t in live}
+        for t in live:
+            blocks[t][rank] = own[t]
+        for r, t, n, at in recv_layout.blocks():
+            blocks[t][r] = _rows(recv, at, n, dims[t], unit)
+        out = [None] * len(storages)
+        for t in live:
+            exchange = exchanges[t]
+            if bad and exchange.optimizer is not None:
+                continue  # this table's fused step is skipped (the scaler skips the others')
+            rows, values = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device)
+            out[t] = update_rows(exchange, storages[t], rows, values, inv_scale=scales[t][1],
+                                 storage_shape=storages[t].shape, poisoned=bool(bad))
+        return (None, None, None, None, *out)
+
+
+class _Layout:
+    """Where each (peer, table) block of rows sits in a flat buffer of ``unit``-wide rows:
+    peer after peer (this rank's own blocks never travel: size 0), tables in order."""
+
+    def __init__(self, rows: list[list[int]], dims: list[int], unit: int, rank: int):
+        self._blocks, self.per_peer, at = [], [], 0
+        for q, by_table in enumerate(rows):
+            start = at
+            if q != rank:
+                for t, (n, d) in enumerate(zip(by_table, dims)):
+                    if n:
+                        self._blocks.append((q, t, n, at))
+                    at += n * d // unit
+            self.per_peer.append(at - start)
+        self.total = at
+
+    def blocks(self):
+        """(peer, table, rows, first buffer row) of every non-empty block."""
+        return self._blocks
+
+
+def _layout(rows, dims, unit, rank) -> _Layout:
+    return _Layout(rows, dims, unit, rank)
+
+
+def _rows(buf: torch.Tensor, at: int, n: int, dim: int, unit: int) -> torch.Tensor:
+    """Rows ``[at, at + n * dim / unit)`` of a flat buffer as ``[n, dim]`` (a view)."""
+    return buf[at : at + n * dim // unit].view(n, dim)
+
+
+def _decoded(serve: TableServe, r: int):
+    """Requester ``r``'s ids pooled here: (local rows, first-of-bag flags, weights or None),
+    cached for the backward."""
+    if r not in serve.decoded:
+        serve.decoded[r] = decode(serve.blocks[r], serve.modes[r] == ON_OWNER_WEIGHTED)
+    return serve.decoded[r]
+
+
+def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor) -> None:
+    """Owner: requester ``r``'s rows (pooled there) or partial sums (pooled here) into ``out``."""
+    if serve.modes[r] == ON_REQUESTER:
+        if out.dtype == storage.dtype:
+            torch.index_select(storage, 0, serve.blocks[r], out=out)
+        else:
+            out.copy_(storage.index_select(0, serve.blocks[r]))
+        return
+    rows, first, weights = _decoded(serve, r)
+    weights = weights.to(storage.dtype) if weights is not None else None
+    starts = torch.nonzero(first).squeeze(1)
+    out.copy_(F.embedding_bag(rows, storage, starts, mode="sum", per_sample_weights=weights))
+
+
+def _pool(req: TableRequest, from_peers: list, own: torch.Tensor, rank: int, ws, t: int) -> torch.Tensor:
+    """Requester: the table's output rows from what the owners sent (``from_peers``: (rank,
+    [rows, dim] view) in rank order) and what this rank served itself (``own``)."""
+    bags, dim = req.bags, own.shape[1]
+    if req.mode != ON_REQUESTER:  # each bag: the sum of its partial sums
+        out = own.new_zeros(bags.num_bags, dim)
+        at = 0
+        for q, n in enumerate(req.back):
+            if q == rank or n == 0:
+                continue
+            block = next(v for p, v in from_peers if p == q)
+            out.index_add_(0, req.pair_bag[at : at + n], block)
+            at += n
+        if own.shape[0]:
+            out.index_add_(0, req.pair_bag[at:], own)
+        return out
+    total = sum(req.back)
+    answers = ws.get(f"bag_answers{t}", total, dim, own.dtype, own.device)  # [peers' rows | own rows]
+    at = 0
+    for q, block in from_peers:  # the own rows are in place already
+        answers[at : at + block.shape[0]] = block
+        at += block.shape[0]
+    if not bags.pooled:
+        return answers.index_select(0, req.gather_index)
+    weights = bags.weights.to(answers.dtype) if bags.weights is not None else None
+    return F.embedding_bag(req.gather_index, answers, bags.offsets[:-1], mode="sum", per_sample_weights=weights)
+
+
+def _requester_grad(req: TableRequest, grad: torch.Tensor, scale: float | None, send: torch.Tensor, layout: _Layout,
+                    dim: int, unit: int, t: int, rank: int) -> torch.Tensor:
+    """Requester: the gradient of each row the owners sent: per unique row, its bags'
+    gradients summed (one embedding_bag over the dedup sort's groups, times ``scale`` if the
+    table's optimizer has one), or per (bag, owner) pair, its bag's. Peers' parts go into
+    ``send`` (their blocks of ``layout``); returns this rank's own part."""
+    grad = grad.contiguous()
+    blocks = [(q, n, at) for q, tt, n, at in layout.blocks() if tt == t]
+    if req.mode != ON_REQUESTER:
+        at_pair = 0
+        for q, n, at in blocks:  # pairs are in rank order, own last: the blocks' order
+            torch.index_select(grad, 0, req.pair_bag[at_pair : at_pair + n], out=_rows(send, at, n, dim, unit))
+            at_pair += n
+        return grad.index_select(0, req.pair_bag[at_pair:])
+    groups, bags = req.dedup, req.bags
+    inputs = bags.bag_of()[groups.indices] if bags.pooled else groups.indices
+    weights = bags.weights[groups.indices].to(grad.dtype) if bags.weights is not None else None
+    if scale is not None:
+        weights = weights * scale if weights is not None else grad.new_full((inputs.numel(),), scale)
+    rows = F.embedding_bag(inputs, grad, groups.offsets, mode="sum", per_sample_weights=weights)
+    at_row = 0
+    for q, n, at in blocks:
+        _rows(send, at, n, dim, unit).copy_(rows[at_row : at_row + n])
+        at_row += n
+    return rows[at_row:]
+
+
+def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None, dim: int, dtype, device):
+    """Owner: (local rows, gradient rows) of one table from every requester's block. Rows
+    pooled on the requester arrive as they are (already scaled there). The pairs pooled here,
+    from every requester at once, are spread over their ids, weighted, scaled and summed per
+    row: one sort of all their ids, one embedding_bag over the pairs' gradients (which are few:
+    one per bag and owner), so each row comes out once, whichever requesters asked for it."""
+    rows, values = [], []
+    ids, pair_of, weights, grads, at = [], [], [], [], 0
+    for r, block in enumerate(blocks):
+        if serve.back[r] == 0:
+            continue
+        if serve.modes[r] == ON_REQUESTER:
+            rows.append(serve.blocks[r])
+            values.append(block)
+            continue
+        r_ids, first, w = _decoded(serve, r)
+        ids.append(r_ids)
+        pair_of.append(torch.cumsum(first, 0).sub_(1 - at))  # the pair of each id, in the pairs of every requester
+        weights.append(w)
+        grads.append(block)
+        at += block.shape[0]
+    if ids:
+        w = None
+        if any(x is not None for x in weights):  # weighted requests beside unweighted ones: ones for those
+            w = torch.cat([x if x is not None else torch.ones(i.numel(), device=device) for x, i in zip(weights, ids)])
+        ids, pair_of = (ids[0], pair_of[0]) if len(ids) == 1 else (torch.cat(ids), torch.cat(pair_of))
+        grads = grads[0].contiguous() if len(grads) == 1 else torch.cat(grads)
+        keys, perm = torch.sort(ids.int())  # local rows < 2^31: packing needs it
+        unique, dups = torch.unique_consecutive(keys, return_counts=True)
+        w = w[perm].to(dtype) if w is not None else None
+        if scale is not None:
+            w = w * scale if w is not None else torch.full((perm.numel(),), scale, dtype=dtype, device=device)
+        rows.append(unique.long())
+        values.append(F.embedding_bag(pair_of[perm], grads, torch.cumsum(dups, 0) - dups, mode="sum",
+                                      per_sample_weights=w))
+    if not rows:
+        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dim, dtype=dtype, device=device)
+    if len(rows) == 1:
+        return rows[0], values[0]
+    return torch.cat(rows), torch.cat(values)
+

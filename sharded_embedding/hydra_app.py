@@ -1,0 +1,159 @@
+"""Running an app of this package under torchrun with a Hydra config, alike on every rank.
+
+Every rank composes the same config, but only rank 0 keeps Hydra's output folder
+(``.hydra/``), its log file and console logging; the other ranks get ``hydra.output_subdir=
+null`` and disabled logging, and all ranks share one run folder that rank 0 names and the
+others receive, so no per-rank folders appear. Configuration errors are found before any
+work, on every rank alike, and reported once (exit code 2). A multirun (``-m``) runs its jobs
+one after another in the same processes (Hydra's basic launcher).
+
+Used by the word2vec job (`sharded_embedding.train`) and the click model
+(`sharded_embedding.dlrm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .distributed import all_gather_strings, bind_local_cpus, init_distributed
+
+__all__ = ["CONFIG_DIR", "main", "stop"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger("sharded_embedding")
+
+
+def rank0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def stop(message: str, code: int = 2) -> int:
+    """Report an error every rank found alike once (rank 0) and return its exit code (2: a
+    configuration or data error) on every rank.
+
+    Inside a job, the message goes through logging (the console and the job's log file);
+    before Hydra runs, to stderr. All ranks found the same error; they wait for rank 0's
+    message to be out before any of them exits, because torchrun stops the other workers as
+    soon as one has exited.
+    """
+    if rank0():
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # inside the job: the console and the job's log file
+            log.error(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return code
+
+
+def compose(config_name: str, register, overrides: list[str]):
+    """Compose the config the way hydra.main will, to reject bad keys/types before any work."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def sweep(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a Hydra multirun (``-m``): one override list per combination."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def shared_out_dir(configs) -> str | None:
+    """The out_dir several jobs of a sweep would share (their outputs would overwrite each
+    other), if any; an out_dir with an interpolation (``${hydra:job.num}``) differs per job."""
+    from omegaconf import OmegaConf
+
+    raw = [OmegaConf.to_container(c, resolve=False).get("out_dir") for c in configs]
+    fixed = [r for r in raw if r and "${" not in str(r)]
+    return next((r for r in fixed if fixed.count(r) > 1), None)
+
+
+def agreed_run_dir(overrides: list[str], multirun: bool) -> list[str]:
+    """Hydra overrides that put every rank in one run (or sweep) folder, Hydra's files and
+    logs on rank 0 only."""
+    key, pattern = ("hydra.sweep.dir", "multirun/%Y-%m-%d/%H-%M-%S") if multirun else \
+        ("hydra.run.dir", "outputs/%Y-%m-%d/%H-%M-%S")
+    extra = []
+    if not any(o.startswith(key + "=") for o in overrides):
+        stamp = time.strftime(pattern)
+        if dist.get_world_size() > 1:
+            stamp = all_gather_strings(stamp)[0]  # rank 0's
+        extra.append(f"{key}={stamp}")
+    if dist.get_rank() != 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return extra
+
+
+def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, log: logging.Logger,
+         failed: str = "the run failed") -> int:
+    """The entry point of an app: ``run(cfg) -> exit code`` once per job, under Hydra, with
+    ``configs/<config_name>.yaml`` (``register()`` stores its schema). ``bind_cpus(cfg)``:
+    whether to pin each local rank to its own cores first. Returns the worst exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    exit_code = {"code": 0}
+
+    def entry():
+        import hydra
+
+        register()
+
+        @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+        def task(cfg) -> None:  # once per job: the worst exit code of a sweep is the process's
+            try:
+                code = run(cfg)
+            except Exception:  # noqa: BLE001 - every failing rank reports (other ranks log nothing)
+                if dist.get_rank() == 0:
+                    log.exception(failed)
+                else:
+                    print(f"[rank {dist.get_rank()}] {failed}:\n{traceback.format_exc()}", file=sys.stderr,
+                          flush=True)
+                code = 1
+            exit_code["code"] = max(exit_code["code"], code)
+
+        task()
+
+    if any(a.startswith("-") for a in overrides):  # --help, --cfg job, ...: Hydra's own, printed once
+        if not rank0():
+            return 0
+        sys.argv = [sys.argv[0], *argv]
+        entry()
+        return 0
+    try:  # every job's config, checked before any work
+        configs = [compose(config_name, register, job) for job in (sweep(overrides) if multirun else [overrides])]
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad configs
+        cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
+        init_distributed()
+        return stop(f"configuration error: {e}{cause}")
+    shared = shared_out_dir(configs) if multirun else None
+    if shared:
+        init_distributed()
+        return stop(f"configuration error: the jobs of this sweep would all write into out_dir={shared}: leave "
+                    "out_dir unset (each job writes under hydra.sweep.dir) or make it differ per job, e.g. "
+                    "out_dir=/data/sweep/${hydra:job.num}")
+    if bind_cpus(configs[0]):
+        bind_local_cpus()
+    init_distributed()
+    # A multirun's jobs run one after another in these same processes (Hydra's basic
+    # launcher), each in its own folder under the sweep folder. Hydra names the job (and its
+    # log file) after the module of the task: name it after the app.
+    name = [] if any(o.startswith("hydra.job.name=") for o in overrides) else [f"hydra.job.name={config_name}"]
+    sys.argv = [sys.argv[0], *(["-m"] if multirun else []), *overrides, *name, *agreed_run_dir(overrides, multirun)]
+    entry()
+    return exit_code["code"]

@@ -1,0 +1,338 @@
+"""Bad input, bad construction and non-finite gradients in a ShardedEmbeddingBagCollection:
+every rank raises the same clear error in the same call, nothing is updated, the next call works."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sharded_embedding import NonFiniteGradientError, ShardedEmbeddingBagCollection, TableConfig
+from tests.harness import run_ranks
+from tests.oracle import rank_world
+
+SPECS = [
+    TableConfig(name="items", num_embeddings=20, embedding_dim=4, page_size=3, feature_names=["item", "history"],
+                fused_optimizer={"name": "adagrad", "lr": 0.5}),
+    TableConfig(name="users", num_embeddings=30, embedding_dim=2, page_size=4, pooling="mean", feature_names=["user"],
+                placement=[(0, 1)] + [p % 2 for p in range(1, 8)]),
+    TableConfig(name="clicks", num_embeddings=10, embedding_dim=2, page_size=2, pooling=None, feature_names=["click"],
+                fused_optimizer={"name": "sgd", "lr": 0.5}),
+]
+
+
+def _good(rank: int) -> dict:
+    return {
+        "item": (torch.tensor([1, 2, 19, 3]), torch.tensor([0, 1, 3])),
+        "history": (torch.tensor([rank, 5, 5]), torch.tensor([0, 0, 2]), torch.tensor([0.5, 1.0, 2.0])),
+        "user": (torch.tensor([29, 0, 7]), torch.tensor([0, 2, 2])),
+        "click": (torch.tensor([9, 1]), torch.tensor([0, 1, 2])),
+    }
+
+
+def _bad(case: str, features: dict) -> dict:
+    f = dict(features)
+    v, o = f["user"]
+    if case == "float_values":
+        f["user"] = (v.float(), o)
+    elif case == "int16_values":
+        f["user"] = (v.to(torch.int16), o)
+    elif case == "out_of_range":
+        f["user"] = (torch.tensor([29, 30, 1]), o)
+    elif case == "negative":
+        f["click"] = (torch.tensor([-1, 1]), f["click"][1])
+    elif case == "offsets_not_zero":
+        f["user"] = (v, torch.tensor([1, 2, 2]))
+    elif case == "offsets_decrease":
+        f["user"] = (v, torch.tensor([0, 2, 1]))
+    elif case == "offsets_past_end":
+        f["user"] = (v, torch.tensor([0, 2, 4]))
+    elif case == "float_offsets":
+        f["user"] = (v, o.float())
+    elif case == "lengths_negative":
+        f["user"] = {"values": v, "lengths": torch.tensor([2, -1, 2])}
+    elif case == "lengths_sum":
+        f["user"] = {"values": v, "lengths": torch.tensor([2, 0, 2])}
+    elif case == "offsets_and_lengths":
+        f["user"] = {"values": v, "offsets": o, "lengths": torch.tensor([2, 0, 1])}
+    elif case == "weights_shape":
+        f["history"] = (*f["history"][:2], torch.tensor([1.0, 2.0]))
+    elif case == "weights_dtype":
+        f["history"] = (*f["history"][:2], torch.tensor([1, 2, 3]))
+    elif case == "weights_nan":
+        f["history"] = (*f["history"][:2], torch.tensor([1.0, float("nan"), 3.0]))
+    elif case == "weights_grad":
+        f["history"] = (*f["history"][:2], torch.ones(3, requires_grad=True))
+    elif case == "weights_on_mean":
+        f["user"] = (v, o, torch.ones(3))
+    elif case == "missing":
+        del f["click"]
+    elif case == "unknown":
+        f["colour"] = (v, o)
+    elif case == "batch_mismatch":
+        f["item"] = (torch.tensor([1, 2]), torch.tensor([0, 1]))
+    elif case == "not_a_mapping":
+        return [f["item"]]
+    elif case == "bad_tuple":
+        f["user"] = (v,)
+    elif case == "two_dim_values":
+        f["user"] = (v.view(3, 1), o)
+    elif case == "values_without_bags":
+        f["user"] = (v, torch.tensor([], dtype=torch.int64))
+    else:
+        raise ValueError(case)
+    return f
+
+
+CASES = [
+    ("float_values", TypeError, "feature 'user': values of dtype torch.float32; they must be torch.int64 or "
+                                "torch.int32"),
+    ("int16_values", TypeError, "feature 'user': values of dtype torch.int16; they must be torch.int64 or "
+                                "torch.int32 (what torch.nn.EmbeddingBag takes)"),
+    ("out_of_range", IndexError, "feature 'user': index 30 is out of range for table 'users' of 30 rows (valid: 0..29)"),
+    ("negative", IndexError, "feature 'click': index -1 is out of range for table 'clicks'"),
+    ("offsets_not_zero", ValueError, "offsets must start at 0"),
+    ("offsets_decrease", ValueError, "offsets must not decrease"),
+    ("offsets_past_end", ValueError, "offsets go up to 4, past the 3 values"),
+    ("float_offsets", TypeError, "offsets of dtype torch.float32"),
+    ("lengths_negative", ValueError, "negative lengths"),
+    ("lengths_sum", ValueError, "lengths add up to 4, but there are 3 values"),
+    ("offsets_and_lengths", ValueError, "'offsets' or 'lengths' (one of them)"),
+    ("weights_shape", ValueError, "one weight per value is (3,)"),
+    ("weights_dtype", TypeError, "per_sample_weights of dtype torch.int64"),
+    ("weights_nan", ValueError, "per_sample_weights hold inf or NaN"),
+    ("weights_grad", ValueError, "pass weights.detach()"),
+    ("weights_on_mean", ValueError, "table 'users' has pooling='mean': weights need pooling='sum'"),
+    ("missing", ValueError, "features ['click'] are missing"),
+    ("unknown", ValueError, "features ['colour'] are not read by any table"),
+    ("batch_mismatch", ValueError, "different numbers of bags"),
+    ("not_a_mapping", TypeError, "features must be a mapping"),
+    ("bad_tuple", TypeError, "feature 'user': expected (values, offsets)"),
+    ("two_dim_values", ValueError, "feature 'user': values must be 1-D, got shape (3, 1)"),
+    ("values_without_bags", ValueError, "offsets are empty (no bags) but there are 3 values"),
+]
+
+
+def _state(ebc) -> list[torch.Tensor]:
+    out = []
+    for name in ebc.tables:
+        t = ebc.tables[name]
+        out.append(t.weight.detach().clone())
+        if t.optimizer is not None:
+            out += [b.detach().clone() for b in t.optimizer.buffers()]
+    return out
+
+
+def _a_good_step_works(ebc, table_rows):
+    """Forward matches nn.EmbeddingBag on the tables as they are; backward runs."""
+    rank, _ = rank_world()
+    features = _good(rank)
+    out = ebc(features)
+    items = nn.EmbeddingBag.from_pretrained(table_rows["items"], mode="sum")
+    want = items(*features["item"])
+    torch.testing.assert_close(out["item"], want)
+    sum(v.sum() for v in out.values()).backward()
+    ebc.tables["users"].weight.grad = None
+
+
+def _bad_input_on_one_rank(case: str, bad_rank: int):
+    rank, world = rank_world()
+    ebc = ShardedEmbeddingBagCollection(SPECS)
+    before = _state(ebc)
+    rows = {name: ebc.tables[name].full_table() for name in ebc.tables}
+    features = _bad(case, _good(rank)) if rank == bad_rank else _good(rank)
+    expected = dict((c, (e, m)) for c, e, m in CASES)[case]
+    with pytest.raises(expected[0]) as err:
+        ebc(features)
+    message = str(err.value)
+    assert f"rank {bad_rank}: " in message and expected[1] in message, message
+    assert "No rank looked anything up" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(ebc)))
+    assert all(ebc.tables[n].weight.grad is None for n in ebc.tables)
+    _a_good_step_works(ebc, rows)
+    return message
+
+
+@pytest.mark.parametrize("case", [c for c, _, _ in CASES])
+def test_bad_input_on_one_rank_raises_on_every_rank(case):
+    messages = run_ranks(2, _bad_input_on_one_rank, case, 1)
+    assert messages[0] == messages[1]
+
+
+def _different_errors_on_two_ranks():
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection(SPECS)
+    features = _bad("out_of_range" if rank == 0 else "float_values", _good(rank))
+    with pytest.raises(TypeError) as err:  # the lowest kind wins: a type error before a range error
+        ebc(features)
+    return str(err.value)
+
+
+def test_every_rank_names_every_rank_error():
+    messages = run_ranks(2, _different_errors_on_two_ranks)
+    assert messages[0] == messages[1]
+    assert "rank 0: feature 'user': index 30" in messages[0] and "rank 1: feature 'user': values of dtype" in messages[0]
+
+
+def _last_offset_mismatch():
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection(SPECS, include_last_offset=True)
+    features = {f: (v, torch.cat([o, torch.tensor([v.numel()])]), *w) for f, (v, o, *w) in _good(rank).items()}
+    out = ebc(features)  # offsets with the final end are fine
+    assert out["item"].shape == (3, 4)
+    if rank == 0:
+        features["user"] = (features["user"][0], torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="must end with the number of values \\(3\\) under include_last_offset=True"):
+        ebc(features)
+
+
+def test_include_last_offset_checks_the_final_end():
+    run_ranks(2, _last_offset_mismatch)
+
+
+def _grad_modes_differ():
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection(SPECS)
+    before = _state(ebc)
+    with pytest.raises(RuntimeError, match="the ranks differ in which tables will run the backward"):
+        if rank == 0:
+            with torch.no_grad():
+                ebc(_good(rank))
+        else:
+            ebc(_good(rank))
+    ebc.tables["items"].weight.requires_grad_(rank == 0)  # frozen on one rank only
+    with pytest.raises(RuntimeError, match=r"ranks \[0\]: tables \['items', 'users', 'clicks'\]"):
+        ebc(_good(rank))
+    ebc.tables["items"].weight.requires_grad_(False)  # frozen everywhere: fine
+    out = ebc(_good(rank))
+    sum(v.sum() for v in out.values()).backward()
+    assert torch.equal(ebc.tables["items"].weight, before[0])
+
+
+def test_ranks_that_differ_in_grad_mode_raise_together():
+    run_ranks(2, _grad_modes_differ)
+
+
+def _storage_replaced_on_one_rank():
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection(SPECS)
+    if rank == 1:
+        ebc.tables["clicks"].weight = nn.Parameter(torch.zeros(1, 2))
+    with pytest.raises(RuntimeError, match="rank 1: table 'clicks': the table's storage parameter `weight` was replaced"):
+        ebc(_good(rank))
+
+
+def test_a_refused_lookup_raises_on_every_rank():
+    run_ranks(2, _storage_replaced_on_one_rank)
+
+
+def _bad_construction(case: str):
+    rank, _ = rank_world()
+    specs = [TableConfig(name="a", num_embeddings=10, embedding_dim=2, page_size=3, feature_names=["x", "y"]),
+             TableConfig(name="b", num_embeddings=12, embedding_dim=2, page_size=3)]
+    kwargs = {}
+    if case == "dims_differ":
+        specs[1] = TableConfig(name="b", num_embeddings=12, embedding_dim=2 + rank, page_size=3)
+    elif case == "feature_twice":
+        specs[1] = TableConfig(name="b", num_embeddings=12, embedding_dim=2, page_size=3, feature_names=["y"])
+    elif case == "table_twice":
+        specs[1] = TableConfig(name="a", num_embeddings=12, embedding_dim=2, page_size=3, feature_names=["z"])
+    elif case == "pooling":
+        specs[1] = TableConfig(name="b", num_embeddings=12, embedding_dim=2, page_size=3, pooling="max")
+    elif case == "reserved_name":
+        specs[1] = TableConfig(name="forward", num_embeddings=12, embedding_dim=2, page_size=3)
+    elif case == "one_rank_bad" and rank == 1:
+        specs[1] = TableConfig(name="b", num_embeddings=12, embedding_dim=2, page_size=3, feature_names=[""])
+    elif case == "fused_unknown":
+        specs[1] = TableConfig(name="b", num_embeddings=12, embedding_dim=2, page_size=3,
+                               fused_optimizer={"name": "lion"})
+    elif case == "no_tables":
+        specs = []
+    elif case == "pool_on":
+        kwargs["pool_on"] = "nowhere"
+    elif case == "comm_dtype_differs":
+        kwargs["comm_dtype"] = torch.bfloat16 if rank == 0 else None
+    with pytest.raises(ValueError) as err:
+        ShardedEmbeddingBagCollection(specs, **kwargs)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("dims_differ", "ranks were given different arguments"),
+    ("feature_twice", "feature 'y' is read by tables 'a' and 'b': a feature reads one table"),
+    ("table_twice", "two tables are named 'a'"),
+    ("pooling", "pooling='max' is not one of ['sum', 'mean', None]"),
+    ("reserved_name", "table name 'forward' is taken by torch.nn.Module"),
+    ("one_rank_bad", "rank 1: table 'b': feature name '' must be a non-empty string"),
+    ("fused_unknown", "fused_optimizer name 'lion' is not one of"),
+    ("no_tables", "tables must be a non-empty list of TableConfig"),
+    ("pool_on", "pool_on='nowhere' is not one of ['auto', 'requester', 'owner']"),
+    ("comm_dtype_differs", "ranks were given different arguments"),
+])
+def test_bad_construction_raises_on_every_rank(case, message):
+    for m in run_ranks(2, _bad_construction, case):
+        assert message in m, m
+
+
+def _non_finite_gradient(scaled: bool):
+    """Rank 1's loss overflows: no rank changes any row; with a GradScaler the step is skipped
+    on every rank and the scaler lowers its scale."""
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection(SPECS)
+    before = _state(ebc)
+    out = ebc(_good(rank))
+    loss = sum(v.sum() for v in out.values()) * (float("inf") if rank == 1 else 1.0)
+    if not scaled:
+        with pytest.raises(NonFiniteGradientError, match=r"rank\(s\) \[1\]"):
+            loss.backward()
+    else:
+        from sharded_embedding import use_grad_scaler
+
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024)
+        assert use_grad_scaler(ebc, scaler) == ["tables.items", "tables.users", "tables.clicks"]
+        opt = torch.optim.SGD([ebc.tables["users"].weight], lr=0.1)
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # the non-fused table's gradient is NaN on every rank: skipped
+        scaler.update()
+        assert scaler.get_scale() == 512.0
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(ebc)))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_non_finite_gradient_changes_no_row(scaled):
+    run_ranks(2, _non_finite_gradient, scaled)
+
+
+def test_without_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedEmbeddingBagCollection(SPECS)
+
+
+def _collections_called_out_of_order():
+    rank, _ = rank_world()
+    one = [TableConfig(name="t", num_embeddings=20, embedding_dim=3, page_size=5, feature_names=["f"])]
+    a, b = ShardedEmbeddingBagCollection(one), ShardedEmbeddingBagCollection(one)
+    before = (a.tables["t"].full_table(), b.tables["t"].full_table())
+    features = {"f": (torch.tensor([3, 17, 1]), torch.tensor([0, 2]))}
+    first = a if rank == 0 else b
+    with pytest.raises(RuntimeError) as err:
+        sum(v.sum() for v in first(features).values()).backward()
+    assert torch.equal(a.tables["t"].full_table(), before[0]) and torch.equal(b.tables["t"].full_table(), before[1])
+    assert a.tables["t"].weight.grad is None and b.tables["t"].weight.grad is None
+    a(features), b(features)  # in the same order: fine again
+    return str(err.value)
+
+
+def test_ranks_calling_different_collections_raise_on_every_rank():
+    messages = run_ranks(2, _collections_called_out_of_order)
+    assert messages[0] == messages[1]
+    # each collection is numbered after its table (a's table n, a n + 1, b's table n + 2, b n + 3;
+    # n counts the tables this worker process made before)
+    found = re.search(r"the ranks called the lookups of different tables \(rank 0: table #(\d+), rank 1: table #(\d+)",
+                      messages[0])
+    assert found and int(found[2]) - int(found[1]) == 2, messages[0]
+    assert "No rank looked anything up" in messages[0]

@@ -1,0 +1,141 @@
+"""What one step of a ShardedEmbeddingBagCollection sends: three all-to-alls for any number of
+tables, and each table's bags pooled where that sends fewer bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sharded_embedding import ShardedEmbeddingBagCollection
+from sharded_embedding import distributed as se_distributed
+from sharded_embedding import mirrors as se_mirrors
+from tests.bag_oracle import as_input, make_bags, table_configs
+from tests.harness import run_ranks
+from tests.oracle import rank_world
+from tests.test_collection import train_collection_against_oracle
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "broadcast",
+               "barrier", "reduce_scatter_tensor", "gather", "scatter", "send", "recv", "isend", "irecv")
+
+
+def _tables(num: int, mirrored: bool = False) -> list[dict]:
+    specs = []
+    for i in range(num):
+        specs.append(dict(name=f"t{i}", num_embeddings=40 + 7 * i, embedding_dim=4 * (1 + i % 3), page_size=5,
+                          pooling=("sum", "mean", None)[i % 3], feature_names=[f"a{i}", f"b{i}"],
+                          fused_optimizer={"name": "sgd", "lr": 0.1} if i % 2 else None, seed=i))
+    if mirrored:
+        specs[0]["placement"] = [(0, 1)] + [p % 2 for p in range(1, 8)]
+    return specs
+
+
+class _Counter:
+    """Counts `Transport.all_to_all` calls of one transport, and torch.distributed collectives
+    made anywhere else, while active."""
+
+    def __init__(self, transport):
+        self.exchanges, self.others, self._inside, self.active = 0, [], False, False
+        self.bytes_sent = 0  # to the other ranks, as the transport gets them (the wire dtype's)
+        original = transport.all_to_all
+
+        def all_to_all(out, inp, out_splits, in_splits, *args, **kwargs):
+            if self.active:
+                self.exchanges += 1
+                row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
+                self.bytes_sent += row * sum(n for q, n in enumerate(in_splits) if q != dist.get_rank())
+            self._inside = True
+            try:
+                return original(out, inp, out_splits, in_splits, *args, **kwargs)
+            finally:
+                self._inside = False
+
+        transport.all_to_all = all_to_all
+        self._saved = []
+        # torch.distributed's collectives, and the all-gather our modules bound at import
+        places = [(dist, name) for name in COLLECTIVES] + [(m, "all_gather_single") for m in (se_distributed, se_mirrors)]
+        for module, name in places:
+            fn = getattr(module, name)
+            self._saved.append((module, name, fn))
+
+            def wrapper(*args, _fn=fn, _name=name, **kwargs):
+                if self.active and not self._inside:
+                    self.others.append(_name)
+                return _fn(*args, **kwargs)
+
+            setattr(module, name, wrapper)
+
+    def restore(self):
+        for module, name, fn in self._saved:
+            setattr(module, name, fn)
+
+
+def _count_one_step(num_tables: int, transport: str, pool_on: str, mirrored: bool = False, comm_dtype=None):
+    rank, world = rank_world()
+    configs = table_configs(_tables(num_tables, mirrored))
+    ebc = ShardedEmbeddingBagCollection(configs, transport=transport, pool_on=pool_on, comm_dtype=comm_dtype)
+    shared = ebc.tables["t0"].transport
+    assert all(ebc.tables[c.name].transport is shared for c in configs)  # one transport for the group
+    counter = _Counter(shared)
+    try:
+        features = {f: as_input(make_bags(c.num_embeddings, rank, 0, i, batch=8, max_len=6))
+                    for i, c in enumerate(configs) for f in c.feature_names}
+        counts = []
+        for step in range(3):  # the first call sets the request capacity; then steady state
+            counter.exchanges, counter.others, counter.bytes_sent = 0, [], 0
+            counter.active = True
+            out = ebc(features)
+            sum(v.sum() for v in out.values()).backward()
+            counter.active = False
+            counts.append((counter.exchanges, list(counter.others)))
+            # stats() counts every byte the transport sent (a float16 wire's scale column too)
+            assert ebc.stats(reset=True)["bytes_sent"] == counter.bytes_sent > 0
+        for c in configs:
+            if c.fused_optimizer is None:
+                ebc.tables[c.name].weight.grad = None
+        return counts
+    finally:
+        counter.restore()
+
+
+@pytest.mark.parametrize("num_tables", [1, 2, 8])
+@pytest.mark.parametrize("transport", ["process_group", "shared_memory"])
+def test_one_step_is_three_exchanges_for_any_number_of_tables(num_tables, transport):
+    for pool_on in ("requester", "owner", "auto"):
+        comm_dtype = torch.float16 if pool_on == "auto" else None  # rows scaled on the wire: as many exchanges
+        for counts in run_ranks(2, _count_one_step, num_tables, transport, pool_on, False, comm_dtype):
+            first, *steady = counts
+            assert first[0] == 4  # no capacity yet: the header, then the ids, vectors, gradients
+            for exchanges, others in steady:
+                assert exchanges == 3, counts  # ids, vectors, gradients: all tables together
+                assert others == [], others  # and no collective per table
+
+
+def test_mirrored_pages_add_their_all_reduces_only():
+    for exchanges, others in run_ranks(2, _count_one_step, 2, "shared_memory", "auto", True)[0][1:]:
+        assert exchanges == 3
+        # table t0 mirrors a page on both ranks: its touched rows' all-reduce (sizes, ids, sum)
+        assert others == ["all_gather_single", "all_gather_single", "all_reduce"], others
+
+
+# Two tables that call for different pooling: "wide" gets long bags of uniform ids over many
+# rows (few duplicates: partial sums per bag are fewer bytes than the rows), "hot" short bags
+# of a handful of ids (deduplicated rows are fewer bytes than the ids alone).
+CHOICE = [
+    dict(name="wide", num_embeddings=5000, embedding_dim=16, page_size=50, pooling="sum", feature_names=["w"],
+         fused_optimizer={"name": "sgd", "lr": 0.05}),
+    dict(name="hot", num_embeddings=60, embedding_dim=16, page_size=5, pooling="mean", feature_names=["h"],
+         fused_optimizer={"name": "adagrad", "lr": 0.05}),
+]
+
+
+def test_each_table_is_pooled_where_it_sends_fewer_bytes():
+    stats = run_ranks(2, train_collection_against_oracle, CHOICE, steps=20, batch=(40,), max_len=30, weighted=(),
+                      skew={"h": "hot"}, pool_on="auto")
+    for s in stats:
+        wide, hot = s["tables"]["wide"], s["tables"]["hot"]
+        assert wide["calls_pooled_on_owner"] == 20 and wide["last"]["pooled_on"] == "owner"
+        assert wide["last"]["bytes_if_pooled_on_owner"] < wide["last"]["bytes_if_pooled_on_requester"]
+        assert hot["calls_pooled_on_requester"] == 20 and hot["last"]["pooled_on"] == "requester"
+        assert hot["last"]["bytes_if_pooled_on_requester"] <= hot["last"]["bytes_if_pooled_on_owner"]
+        assert wide["last"]["unique_ids_measured"] is False  # counted every REMEASURE calls only
