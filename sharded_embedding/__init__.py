@@ -8,11 +8,15 @@ from .embedding import ShardedEmbedding
 from .initializers import initial_rows
 from .legacy import LargeEmbedding
 from .placement import PagePlan
+from .planning import PlacementPlan, PlanningError, plan_placement
 
 __all__ = [
     "ShardedEmbedding",
     "LargeEmbedding",
     "PagePlan",
+    "plan_placement",
+    "PlacementPlan",
+    "PlanningError",
     "exclude_from_ddp",
     "split_parameters",
     "table_parameters",
