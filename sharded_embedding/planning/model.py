@@ -66,19 +66,20 @@ class CostModel:
     """Seconds of one lookup call's forward + backward + fused update, per rank.
 
     ``rank_seconds = per_id * ids + per_unique * unique + per_owned_row * (local + served)
-    + per_wire_byte * (bytes sent + received) + per_mirror_row * mirror``, and a step takes
-    ``per_call + per_peer * (world - 1) + (mirror_sync if mirrors) + max over ranks``.
+    + per_wire_byte * (bytes sent + received) + per_mirror_row * mirror``, and a step takes, per
+    call, ``per_call + per_peer * (world - 1) + (mirror_sync if mirrors) + max over ranks``.
     """
 
-    per_call: float = 1.0e-3  # fixed per call: Python, the 4 collectives' latency at world 2
-    per_peer: float = 0.25e-3  # added latency per further peer of the all-to-alls
-    per_id: float = 70e-9  # validate, sort, dedup, the output gather, the gradient bag: per id
-    per_unique: float = 60e-9  # per distinct id of the requester (gathered buffer, grad rows)
-    per_owned_row: float = 250e-9  # gather + update of a row by its owner (local or served)
-    per_wire_byte: float = 0.6e-9  # per byte sent + received in the all-to-alls
-    per_mirror_row: float = 600e-9  # per row all-reduced over the mirrors (ids, sum, update)
-    mirror_sync: float = 0.8e-3  # fixed per call with mirrors: 2 all_gathers + all_reduce
-    source: str = "defaults"
+    # Fitted by benchmarks/plan_calibration.py on this project's 2-core machine (docs/planning.md).
+    per_call: float = 0.000263  # fixed per call (Python, kernel launches), without collectives
+    per_peer: float = 0.00485  # latency of a call's collectives per peer (gloo's all-to-all is pairwise)
+    per_id: float = 2.34e-07  # validate, sort, dedup, the output gather, the gradient bag: per id
+    per_unique: float = 1.84e-07  # per distinct id of the requester (gathered buffer, grad rows)
+    per_owned_row: float = 3.13e-07  # gather + update of a row by its owner (local or served)
+    per_wire_byte: float = 2.03e-09  # per byte sent + received in the all-to-alls
+    per_mirror_row: float = 1.95e-06  # per row all-reduced over the mirrors (ids, sum, update)
+    mirror_sync: float = 0.00906  # fixed per call with mirrors: 2 all_gathers + all_reduce
+    source: str = "fitted on this project's 2-core CPU machine, 2026-11-29"
 
     def rank_seconds(self, loads: Loads) -> np.ndarray:
         wire = loads.bytes_sent + loads.bytes_received
@@ -87,9 +88,7 @@ class CostModel:
                 + self.per_mirror_row * loads.mirror)
 
     def fixed_seconds(self, world: int, calls: int, mirror_sets: int) -> float:
-        if world == 1:
-            return calls * self.per_call * 0.25  # no collectives
-        return calls * (self.per_call + self.per_peer * (world - 1)) + (self.mirror_sync * calls if mirror_sets else 0.0)
+        return calls * (self.per_call + self.per_peer * (world - 1) + (self.mirror_sync if mirror_sets else 0.0))
 
     def step_seconds(self, loads: Loads, world: int, calls: int) -> float:
         return self.fixed_seconds(world, calls, loads.mirror_sets) + float(np.max(self.rank_seconds(loads)))

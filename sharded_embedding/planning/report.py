@@ -236,6 +236,10 @@ class PlacementPlan:
                 ax.bar(x + (i - (len(plans) - 1) / 2) * width, values, width=width,
                        label=f"{p.label} (max/mean {RankPrediction.imbalance(values):.2f})")
             ax.set(title=unit, xlabel="rank")
+            top = max(float(getattr(p.ranks, attr).max()) for p in plans)
+            low = min(float(getattr(p.ranks, attr).min()) for p in plans)
+            if low > 0 and top / low > 20:
+                ax.set_yscale("log")
             ax.legend(fontsize=7)
         ax = axes[1][1]
         owners = self.page_owners

@@ -41,7 +41,7 @@ __all__ = ["plan_placement", "predict_placement", "PlanningError", "TableLaw"]
 
 _HEADER = 5
 _TIE = 0.01  # plans this close to the cheapest count as equally fast
-_MAX_PAGES = 65_536
+_MAX_PAGES = 1 << 18
 
 
 class PlanningError(ValueError):
