@@ -150,14 +150,14 @@ class PlacementPlan:
 
     def _header(self) -> str:
         tables = len(self.laws)
-        laws = "; ".join(f"{law}, {batch:,} ids per rank" for law, batch in self.laws)
+        laws = "; ".join(f"{batch:,} from {law}" for law, batch in self.laws)
         budget = f"{_fmt_bytes(self.memory_per_rank)} per rank" if self.memory_per_rank else "no memory limit"
         mirrors = (f"{len(self.mirrored_pages)} hottest mirrored on every rank ({_ranges(self.mirrored_pages)})"
                    if self.mirrored_pages else "none mirrored")
         return (f"Placement {self.label}: {'%d tables of ' % tables if tables > 1 else ''}{self.num_embeddings:,} x "
                 f"{self.embedding_dim} {self.dtype}, optimizer {self.optimizer or 'none (sparse gradients)'}"
                 f"{', ' + self.comm_dtype + ' on the wire' if self.comm_dtype else ''}, {self.world_size} ranks, {budget}\n"
-                f"ids: {laws} per step\n"
+                f"ids per rank per step: {laws}\n"
                 f"page_size {self.page_size:,}: {self.num_pages:,} pages, {mirrors}; "
                 f"modelled step {self.step_seconds * 1e3:.2f} ms")
 
