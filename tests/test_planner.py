@@ -95,6 +95,12 @@ def test_nothing_fits_names_the_smallest_world_that_does():
         plan_placement(10_000_000, 128, need - 1, **kw)
 
 
+def test_a_budget_below_the_step_workspace_fits_no_world_size():
+    with pytest.raises(PlanningError, match=r"A step's workspace alone needs up to .* \(4,096 ids per rank per step\), "
+                                            "so no number of ranks fits: lower batch_size"):
+        plan_placement(8000, 128, 4, batch_size=4096, law="zipf:1.05", memory_per_rank="1MB")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -165,6 +171,42 @@ def test_report_and_picture(tmp_path):
         assert needle in text, needle
     plan.draw(tmp_path / "plan.png")
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------- command line
+def _cli(*overrides):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "sharded_embedding.plan", *overrides],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_prints_the_report_and_writes_picture_and_json(tmp_path):
+    import json
+
+    done = _cli("rows=1000000000", "dim=128", "world=64", "batch=65536", "law=zipf:1.05",
+                "fused_optimizer=rowwise_adagrad", "memory=80GB", f"draw={tmp_path / 'p.png'}",
+                f"json={tmp_path / 'p.json'}", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Placement plan: 1,000,000,000 x 128 float32, optimizer rowwise_adagrad, 64 ranks, 80.0 GB" in done.stdout
+    assert "contiguous row split" in done.stdout
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "p.json").read_text())
+    assert summary["plan"]["fits"] and summary["plan"]["imbalance_rows_served"] < summary["row_split"]["imbalance_rows_served"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.png"]  # nothing else written
+
+
+@pytest.mark.parametrize("overrides, message, code", [
+    (["rows=100000000", "dim=128", "world=2", "memory=4GB", "fused_optimizer=adam"],
+     "planning error: no placement fits: a table of 100,000,000 x 128 float32 with adam state", 2),
+    (["law=pareto"], "planning error: law 'pareto' is not understood", 2),
+    (["dimm=3"], "Key 'dimm' not in 'PlanConfig'", 1),
+])
+def test_command_line_errors(tmp_path, overrides, message, code):
+    done = _cli(*overrides, f"hydra.run.dir={tmp_path}")
+    assert done.returncode == code and message in done.stderr, done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------- measured

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import CostModel, Loads
-from .search import Candidate, Geometry, Planner, geometry, loads_of, owners_array, rows_held
+from .search import Candidate, Geometry, Planner, loads_of, owners_array, rows_held
 
 __all__ = ["PlacementPlan", "RankPrediction"]
 
@@ -272,7 +272,7 @@ def _baselines(planner: Planner, geo: Geometry) -> dict:
                                   f"round robin, page {geo.page_size:,}")
         out["round_robin"] = rr
         size = -(-planner.num_rows // world)
-        split = geo if size == geo.page_size else geometry(planner.num_rows, size, world, planner.tables)
+        split = planner.geometry(size)
         out["row_split"] = PlacementPlan._build(planner, split, owners_array("round_robin", split.num_pages, world),
                                                 "round_robin", "contiguous row split")
     return out

@@ -17,9 +17,10 @@ an even split of the rows over the ranks):
 3. the loads of each rank give its modelled seconds (`model.CostModel`) and its memory
    (`model.MemoryModel`); plans that do not fit the budget are dropped.
 
-The cheapest plan wins; plans within 1% of it are treated as equal, and among those the one
-with the fewest mirrored rows, then the largest page size (fewer pages: smaller routing tables
-and checkpoint metadata) is kept. Nothing is allocated: a 1B-row table over 64 ranks plans in
+The cheapest plan wins; plans within 0.2% of it are treated as equal, then those within 0.2% of
+the smallest largest-rank memory among them (large pages make memory lumpy), and among those
+the one with the fewest mirrored rows, then the largest page size (fewer pages: smaller
+routing tables and checkpoint metadata) is kept. Nothing is allocated: a 1B-row table over 64 ranks plans in
 seconds.
 """
 
@@ -40,7 +41,7 @@ from .model import OPTIMIZER_NAMES, CostModel, Loads, MemoryModel
 __all__ = ["plan_placement", "predict_placement", "PlanningError", "TableLaw"]
 
 _HEADER = 5
-_TIE = 0.01  # plans this close to the cheapest count as equally fast
+_TIE = 0.002  # plans this close to the cheapest (in time, then in memory) count as equal
 _MAX_PAGES = 1 << 18
 
 
@@ -337,18 +338,20 @@ class Planner:
         self.mem = MemoryModel(dim, dtype.itemsize, (comm_dtype or dtype).itemsize, optimizer)
         self.wire_row = dim * (comm_dtype or dtype).itemsize
         self.calls = len(tables)
-        self._fine: dict = {}  # finest candidate page size -> (demand, union) page sums
+        self._geometries: dict[int, Geometry] = {}
 
     def geometry(self, page_size: int) -> Geometry:
         """Page demand at ``page_size``: summed from the finest candidate's pages when it is a
-        multiple of it (each law is evaluated once), else computed."""
-        sizes = self.page_sizes()
-        fine = sizes[0]
+        multiple of it (each law is evaluated once per row), else computed; remembered."""
+        if page_size not in self._geometries:
+            self._geometries[page_size] = self._geometry(page_size)
+        return self._geometries[page_size]
+
+    def _geometry(self, page_size: int) -> Geometry:
+        fine = self.page_sizes()[0]
         if page_size % fine or page_size == fine:
             return geometry(self.num_rows, page_size, self.world, self.tables)
-        if fine not in self._fine:
-            self._fine[fine] = geometry(self.num_rows, fine, self.world, self.tables)
-        g = self._fine[fine]
+        g = self.geometry(fine)
         starts = np.arange(0, g.num_pages, page_size // fine)
         num_pages = starts.shape[0]
         rows = np.full(num_pages, float(page_size))
@@ -428,40 +431,63 @@ class Planner:
             raise PlanningError(self._nothing_fits(page_size))
         fastest = min(c.seconds for c in best)
         near = [c for c in best if c.seconds <= fastest * (1 + _TIE)]
+        smallest = min(float(c.memory.max()) for c in near)  # large pages make memory lumpy
+        near = [c for c in near if c.memory.max() <= smallest * (1 + _TIE)]
         return min(near, key=lambda c: (c.mirrored_rows, -c.page_size))
 
     # -------------------------------------------------------------------------- no fit
     def _fits(self, world: int, geo: Geometry) -> bool:
-        """Whether an even split (no mirrors) over ``world`` ranks fits the budget."""
-        owner = np.arange(geo.num_pages) % world
+        """Whether the search's unmirrored assignment over ``world`` ranks fits the budget."""
         mirrored = np.zeros(geo.num_pages, dtype=bool)
         saved, self.world = self.world, world
         try:
+            owner = _assign(geo.demand.sum(0), np.arange(geo.num_pages), world)
             tables = self._tables_loads(owner, mirrored, geo)
             return bool(self.per_rank_memory(owner, mirrored, geo, tables, world).max() <= self.memory)
         finally:
             self.world = saved
 
+    def _workspace_bound(self, geo: Geometry) -> float:
+        """The most step workspace a rank can need at any world size: it serves and receives at
+        most every distinct id of a batch."""
+        loads = []
+        for t, d in zip(self.tables, geo.demand):
+            total = np.full(1, d.sum())
+            zero = np.zeros(1)
+            loads.append(Loads(np.full(1, float(t.batch_size)), zero, total, total, zero, zero, zero))
+        return float(self.mem.workspace(loads, 1, geo.num_pages)[0])
+
     def _nothing_fits(self, page_size) -> str:
         per_row = (self.mem.row_bytes + self.mem.state_row_bytes) * len(self.tables)
         total = self.num_rows * per_row
         size = page_size or max(1, min(self.page_sizes()))
-        geo = geometry(self.num_rows, size, self.world, self.tables)
-        lo, hi = self.world, self.world * 2
-        while not self._fits(hi, geo):
-            lo, hi = hi, hi * 2
-            if hi > 1 << 24:
-                break
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if self._fits(mid, geo) else (mid, hi)
+        geo = self.geometry(size)
         what = (f"{len(self.tables)} tables of " if len(self.tables) > 1 else "a table of ") + \
             f"{self.num_rows:,} x {self.dim} {str(self.dtype).replace('torch.', '')}"
         state = f" with {self.optimizer} state" if self.state_note() else ""
-        return (f"no placement fits: {what}{state} needs {_gb(total)} in all "
-                f"({_gb(total / self.world)} per rank on {self.world} ranks, plus each step's workspace), and each rank "
-                f"has {_gb(self.memory)}{f' (page_size={page_size})' if page_size else ''}. The smallest world size "
-                f"that fits is {hi} ranks of {_gb(self.memory)}; or give each rank more memory")
+        head = (f"no placement fits: {what}{state} needs {_gb(total)} in all ({_gb(total / self.world)} per rank on "
+                f"{self.world} ranks, plus each step's workspace), and each rank has {_gb(self.memory)}"
+                f"{f' (page_size={page_size})' if page_size else ''}")
+        workspace = self._workspace_bound(geo)
+        if workspace + size * per_row >= self.memory:
+            batches = ", ".join(f"{t.batch_size:,}" for t in self.tables)
+            return (f"{head}. A step's workspace alone needs up to {_gb(workspace)} per rank ({batches} ids per rank "
+                    "per step), so no number of ranks fits: lower batch_size or give each rank more memory")
+        world = max(self.world + 1, math.ceil(total / (self.memory - workspace)))
+        if self._fits(world, geo):  # the estimate is conservative: walk down while it still fits
+            while world - 1 > self.world and self._fits(world - 1, geo):
+                world -= 1
+        else:
+            step = 1
+            while not self._fits(world + step, geo):
+                step *= 2
+            lo, hi = world + step // 2, world + step
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if self._fits(mid, geo) else (mid, hi)
+            world = hi
+        return f"{head}. The smallest world size that fits is {world} ranks of {_gb(self.memory)}; or give each " \
+            "rank more memory"
 
     def state_note(self) -> bool:
         return self.mem.state_row_bytes > 0
