@@ -140,6 +140,17 @@ def test_bad_shapes_raise_value_error(bad):
         plan_placement(args["num_embeddings"], args["embedding_dim"], args["world_size"], batch_size=4, law="uniform")
 
 
+def test_predict_placement_checks_the_placement_and_its_keywords():
+    with pytest.raises(ValueError, match="placement has 2 entries but the table has 4 pages"):
+        predict_placement(100, 8, 2, page_size=25, placement=[0, 1], law="uniform", batch_size=10)
+    with pytest.raises(ValueError, match="page 1: rank 5 does not exist"):
+        predict_placement(100, 8, 2, page_size=50, placement=[0, 5], law="uniform", batch_size=10)
+    with pytest.raises(TypeError, match=r"unexpected keywords \['mirrorz'\]"):
+        predict_placement(100, 8, 2, page_size=50, law="uniform", batch_size=10, mirrorz=1)
+    given = predict_placement(100, 8, 2, page_size=50, placement=[(0, 1), 1], law="uniform", batch_size=10)
+    assert given.mirrored_pages == [0] and given.ranks.mirror_rows.min() > 0
+
+
 def test_counts_sample_and_tables_give_plans():
     counts = (np.arange(1, 50_001) ** -1.0 * 1e6).astype(np.int64) + 1
     by_counts = plan_placement(50_000, 32, 3, batch_size=2048, counts=counts)
@@ -202,6 +213,8 @@ def test_command_line_prints_the_report_and_writes_picture_and_json(tmp_path):
     (["rows=100000000", "dim=128", "world=2", "memory=4GB", "fused_optimizer=adam"],
      "planning error: no placement fits: a table of 100,000,000 x 128 float32 with adam state", 2),
     (["law=pareto"], "planning error: law 'pareto' is not understood", 2),
+    (["tables=0"], "planning error: tables must be >= 1, got 0", 2),
+    (["counts=/nonexistent/counts.npy"], "planning error: [Errno 2] No such file or directory", 2),
     (["dimm=3"], "Key 'dimm' not in 'PlanConfig'", 1),
 ])
 def test_command_line_errors(tmp_path, overrides, message, code):

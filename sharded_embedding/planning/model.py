@@ -6,7 +6,10 @@ Loads per rank and lookup call (the quantities ``emb.stats()`` measures):
   holds, the rest asked of peers: ``received`` rows);
 - ``served``: rows it serves to peers (gathers, sends, and updates with their gradients);
 - ``wire``: bytes it sends plus bytes it receives in the all-to-alls (requests, vectors,
-  gradients); ``mirror``: rows of mirrored pages it all-reduces in the backward.
+  gradients); ``mirror``: rows of mirrored pages it all-reduces in the backward, and
+  ``mirror_bytes``, an estimate of what that sync sends (not counted by ``emb.stats()``): its
+  touched ids to every other replica, and ``2 (n - 1) / n`` of the summed rows (a ring all-reduce
+  over ``n`` replicas).
 
 `CostModel` turns a rank's loads into seconds. A step takes as long as its slowest rank, since
 every exchange waits for all ranks (bulk-synchronous), so the step estimate is ``fixed +
@@ -19,7 +22,8 @@ rows (see `optimizers`: adagrad keeps ``[rows, dim]``, rowwise_adagrad ``[rows]`
 adam ``2 x [rows, dim]``, sgd nothing; without a fused optimizer the sparse gradient of the
 touched rows lives until the optimizer step), and the step's workspace (`lookup.Workspace`'s
 buffers, which grow by 1.5x and are kept, the routing tensors, the forward output and its
-gradient, optimizer temporaries, the mirror all-reduce buffers).
+gradient, optimizer temporaries, the mirror all-reduce buffers), with 1.5x headroom for the
+allocator.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = ["CostModel", "MemoryModel", "Loads", "state_bytes_per_row", "OPTIMIZE
 
 OPTIMIZER_NAMES = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 _HEADER = 5  # int64 columns before the rows in a request (routing._HEADER)
+_ALLOCATOR = 1.5  # headroom over the tensors' bytes (docs/planning.md: RSS growth over steps)
 
 
 def state_bytes_per_row(optimizer: str | None, dim: int, itemsize: int) -> int:
@@ -52,6 +57,7 @@ class Loads:
     bytes_sent: np.ndarray
     bytes_received: np.ndarray
     mirror_sets: int = 0  # replica sets this plan all-reduces over (each a sync per backward)
+    mirror_bytes: np.ndarray | float = 0.0  # estimated bytes sent by the mirror sync (ids all-gather, ring all-reduce)
 
     @property
     def unique(self) -> np.ndarray:
@@ -150,7 +156,9 @@ class MemoryModel:
                 update = update + 2 * row * owned
             mirrors = 2 * row * mirror + 8 * world * mirror
             total = total + buffers + autograd + routing + update + mirrors
-        return total + 48.0 * num_pages * len(loads_per_table)  # the routing tables and page owners (int64 per page)
+        # x1.5 for the allocator (measured RSS growth over steps reached 1.36x the sum above), and
+        # the routing tables and page owners (int64 per page)
+        return _ALLOCATOR * total + 48.0 * num_pages * len(loads_per_table)
 
 
 DEFAULT_COST_MODEL = CostModel()

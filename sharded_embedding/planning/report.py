@@ -28,7 +28,12 @@ class RankPrediction:
     mirror_rows: np.ndarray  # rows of mirrored pages all-reduced (mirror_rows_reduced)
     bytes_sent: np.ndarray  # all-to-all bytes sent (bytes_sent_per_call, summed over tables)
     bytes_received: np.ndarray
+    mirror_bytes_sent: np.ndarray  # estimated bytes the mirror sync sends (not in emb.stats())
     seconds: np.ndarray  # modelled busy time of the rank in one step (without fixed latency)
+
+    @property
+    def bytes_sent_in_all(self) -> np.ndarray:
+        return self.bytes_sent + self.mirror_bytes_sent
 
     @property
     def memory_bytes(self) -> np.ndarray:
@@ -70,7 +75,7 @@ class PlacementPlan:
     @classmethod
     def _build(cls, planner: Planner, geo: Geometry, owners: np.ndarray, placement, label: str) -> PlacementPlan:
         world = planner.world
-        tables = loads_of(owners, geo, world, planner.wire_row)
+        tables = loads_of(owners, geo, world, planner.wire_row, planner.mem.row_bytes)
         for t, loads in zip(planner.tables, tables):
             loads.ids = np.full(world, float(t.batch_size))
         total = tables[0]
@@ -85,6 +90,7 @@ class PlacementPlan:
             workspace_bytes=mem.workspace(tables, world, geo.num_pages), rows_served=total.served,
             rows_received=total.received, rows_local=total.local, mirror_rows=total.mirror,
             bytes_sent=total.bytes_sent, bytes_received=total.bytes_received,
+            mirror_bytes_sent=np.broadcast_to(np.asarray(total.mirror_bytes, dtype=float), (world,)).copy(),
             seconds=planner.cost.rank_seconds(total))
         return cls(
             num_embeddings=planner.num_rows, embedding_dim=planner.dim, world_size=world, page_size=geo.page_size,
@@ -133,6 +139,8 @@ class PlacementPlan:
             "rows_served_mean": float(r.rows_served.mean()), "rows_served_max": float(r.rows_served.max()),
             "imbalance_rows_served": self.imbalance, "bytes_sent_mean": float(r.bytes_sent.mean()),
             "bytes_sent_max": float(r.bytes_sent.max()), "mirror_rows_max": float(r.mirror_rows.max()),
+            "mirror_bytes_sent_max": float(r.mirror_bytes_sent.max()),
+            "bytes_sent_in_all_max": float((r.bytes_sent + r.mirror_bytes_sent).max()),
             "step_ms": self.step_seconds * 1e3, "fits": self.fits(),
         }
 
@@ -164,7 +172,8 @@ class PlacementPlan:
     def _per_rank(self) -> list[str]:
         r, w = self.ranks, self.world_size
         head = (f"{'rank':>5} {'table GB':>9} {'state GB':>9} {'work GB':>8} {'total GB':>9} {'pages':>7} "
-                f"{'served/step':>12} {'received':>10} {'local':>9} {'mirror':>9} {'MB sent':>9} {'model ms':>9}")
+                f"{'served/step':>12} {'received':>10} {'local':>9} {'mirror':>9} {'MB a2a':>8} {'MB sync':>8} "
+                f"{'model ms':>9}")
         valid = self.page_owners >= 0
         pages = np.bincount(self.page_owners[valid], minlength=w)
         ranks = range(w) if w <= 16 else sorted({int(np.argmax(r.seconds)), int(np.argmin(r.seconds)),
@@ -174,7 +183,8 @@ class PlacementPlan:
             lines.append(f"{k:>5} {r.table_bytes[k] / 1e9:>9.3f} {r.state_bytes[k] / 1e9:>9.3f} "
                          f"{r.workspace_bytes[k] / 1e9:>8.3f} {r.memory_bytes[k] / 1e9:>9.3f} {pages[k]:>7,} "
                          f"{r.rows_served[k]:>12,.0f} {r.rows_received[k]:>10,.0f} {r.rows_local[k]:>9,.0f} "
-                         f"{r.mirror_rows[k]:>9,.0f} {r.bytes_sent[k] / 1e6:>9.2f} {r.seconds[k] * 1e3:>9.2f}")
+                         f"{r.mirror_rows[k]:>9,.0f} {r.bytes_sent[k] / 1e6:>8.2f} {r.mirror_bytes_sent[k] / 1e6:>8.2f} "
+                         f"{r.seconds[k] * 1e3:>9.2f}")
         if self.memory_per_rank:
             lines.append(f"largest rank memory {_fmt_bytes(r.memory_bytes.max())} of {_fmt_bytes(self.memory_per_rank)}"
                          f" ({100 * r.memory_bytes.max() / self.memory_per_rank:.0f}%)")
@@ -229,7 +239,8 @@ class PlacementPlan:
         ax.legend(fontsize=8)
         plans = [self] + list(self.baselines.values())
         for ax, attr, scale, unit in ((axes[0][1], "rows_served", 1.0, "rows served per step"),
-                                      (axes[1][0], "bytes_sent", 1e6, "MB sent per step")):
+                                      (axes[1][0], "bytes_sent_in_all", 1e6,
+                                                                         "MB sent per step (all-to-alls + mirror sync)")):
             width = 0.8 / len(plans)
             for i, p in enumerate(plans):
                 values = getattr(p.ranks, attr) / scale
@@ -295,8 +306,11 @@ def _comparison(plans: list[PlacementPlan]) -> list[str]:
         row("imbalance of rows served max/mean", lambda p: p.imbalance, lambda v: f"{v:.2f}"),
         row("rows received (max)", lambda p: p.ranks.rows_received.max(), lambda v: f"{v:,.0f}"),
         row("mirror rows all-reduced (max)", lambda p: p.ranks.mirror_rows.max(), lambda v: f"{v:,.0f}"),
-        row("MB sent (mean)", lambda p: p.ranks.bytes_sent.mean() / 1e6, lambda v: f"{v:,.2f}"),
-        row("MB sent (max)", lambda p: p.ranks.bytes_sent.max() / 1e6, lambda v: f"{v:,.2f}"),
+        row("MB sent by all-to-alls (mean)", lambda p: p.ranks.bytes_sent.mean() / 1e6, lambda v: f"{v:,.2f}"),
+        row("MB sent by all-to-alls (max)", lambda p: p.ranks.bytes_sent.max() / 1e6, lambda v: f"{v:,.2f}"),
+        row("MB sent by mirror sync (est., max)", lambda p: p.ranks.mirror_bytes_sent.max() / 1e6, lambda v: f"{v:,.2f}"),
+        row("MB sent in all (max)", lambda p: (p.ranks.bytes_sent + p.ranks.mirror_bytes_sent).max() / 1e6,
+            lambda v: f"{v:,.2f}"),
         row("modelled step ms", lambda p: p.step_seconds * 1e3, lambda v: f"{v:,.2f}"),
     ]
     return lines

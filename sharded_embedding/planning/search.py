@@ -86,7 +86,8 @@ def parse_bytes(value) -> float | None:
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"memory_per_rank={value!r} is not understood: give bytes, or e.g. '80GB', '80GiB', '512MiB'")
+            raise ValueError(f"memory_per_rank={value!r} is not understood: give bytes, or e.g. '80GB', '80GiB', "
+                             "'512MiB'")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"memory_per_rank must be a positive number of bytes, got {value!r}")
@@ -131,7 +132,8 @@ def _tables(num_rows, batch_size, counts, sample, law, tables) -> list[TableLaw]
     given = [name for name, v in (("counts", counts), ("sample", sample), ("law", law)) if v is not None]
     if tables is not None:
         if given or batch_size is not None:
-            raise ValueError(f"tables= replaces batch_size, counts, sample and law; got {given + (['batch_size'] if batch_size is not None else [])} too")
+            extra = given + (["batch_size"] if batch_size is not None else [])
+            raise ValueError(f"tables= replaces batch_size, counts, sample and law; got {extra} too")
         if isinstance(tables, (str, bytes)) or not isinstance(tables, Sequence) or not tables:
             raise ValueError("tables must be a non-empty list of (law, batch_size) pairs, one per table")
         out = []
@@ -173,7 +175,7 @@ def owners_array(placement, num_pages: int, world: int) -> np.ndarray:
     return out
 
 
-def loads_of(owners: np.ndarray, geo: Geometry, world: int, wire_row_bytes: int) -> list[Loads]:
+def loads_of(owners: np.ndarray, geo: Geometry, world: int, wire_row_bytes: int, row_bytes: int) -> list[Loads]:
     """Expected per-rank loads of each table's lookup under ``owners``, following the routing
     rule of `PagePlan.routing_table` (a holder serves itself, others go to replica
     ``(requester + page) % replicas``)."""
@@ -188,7 +190,7 @@ def loads_of(owners: np.ndarray, geo: Geometry, world: int, wire_row_bytes: int)
         total_single = d[single].sum()
         local, received, served = owned.copy(), total_single - owned, (world - 1) * owned
         largest = 0.0
-        mirror = np.zeros(world)
+        mirror, touched, replicas = np.zeros(world), np.zeros(world), np.ones(world)
         dm, um = d[multi], u[multi]
         for q in range(world):
             asked = owned.copy()
@@ -203,10 +205,23 @@ def loads_of(owners: np.ndarray, geo: Geometry, world: int, wire_row_bytes: int)
                 extra = np.bincount(dest[~held], weights=dm[~held], minlength=world)
                 served += extra
                 asked += extra
+                touched[q] += dm[held].sum()
+                touched += extra
                 mirror[q] = um[held].sum()
+                if held.any():
+                    replicas[q] = nrep[multi][held].max()
             largest = max(largest, float(asked.max()) if world > 1 else 0.0)
-        out.append(_with_bytes(local, received, served, mirror, largest, world, wire_row_bytes, len(sets)))
+        loads = _with_bytes(local, received, served, mirror, largest, world, wire_row_bytes, len(sets))
+        loads.mirror_bytes = _mirror_bytes(touched, mirror, replicas, row_bytes)
+        out.append(loads)
     return out
+
+
+def _mirror_bytes(touched, mirror, replicas, row_bytes) -> np.ndarray:
+    """Estimated bytes a rank sends in the mirror sync: its touched ids (int64) to each other
+    replica, and 2 (n - 1) / n of the summed rows (a ring all-reduce over n replicas)."""
+    n = np.maximum(replicas, 1)
+    return 8.0 * (n - 1) * touched + 2.0 * (n - 1) / n * mirror * row_bytes
 
 
 def rows_held(owners: np.ndarray, geo: Geometry, world: int) -> np.ndarray:
@@ -222,7 +237,8 @@ def _with_bytes(local, received, served, mirror, largest, world, wire_row_bytes,
     return Loads(ids, local, received, served, mirror, sent, sent.copy(), mirror_sets)
 
 
-def _fast_loads(owner: np.ndarray, mirrored: np.ndarray, geo: Geometry, world: int, wire_row_bytes: int) -> Loads:
+def _fast_loads(owner: np.ndarray, mirrored: np.ndarray, geo: Geometry, world: int, wire_row_bytes: int,
+                row_bytes: int) -> Loads:
     """Loads summed over the tables when ``mirrored`` pages sit on every rank and the others on
     ``owner`` (a rank per page, -1 for mirrored ones): the closed form of `loads_of` there."""
     d, u = geo.demand.sum(0), geo.union.sum(0)
@@ -234,8 +250,11 @@ def _fast_loads(owner: np.ndarray, mirrored: np.ndarray, geo: Geometry, world: i
     mirror = np.full(world, u[mirrored].sum()) if world > 1 else np.zeros(world)
     if world == 1:
         local, received, served = np.full(1, d.sum()), np.zeros(1), np.zeros(1)
-    return _with_bytes(local, received, served, mirror, float(owned.max()) if world > 1 else 0.0, world,
-                       wire_row_bytes, int(mirrored.any() and world > 1))
+    loads = _with_bytes(local, received, served, mirror, float(owned.max()) if world > 1 else 0.0, world,
+                        wire_row_bytes, int(mirrored.any() and world > 1))
+    if world > 1:
+        loads.mirror_bytes = _mirror_bytes(np.full(world, d[mirrored].sum()), mirror, np.full(world, world), row_bytes)
+    return loads
 
 
 # ------------------------------------------------------------------------------ assignment
@@ -378,7 +397,7 @@ class Planner:
         out = []
         for t in range(len(self.tables)):
             one = Geometry(geo.page_size, geo.num_pages, geo.rows, geo.demand[t : t + 1], geo.union[t : t + 1])
-            loads = _fast_loads(owner, mirrored, one, self.world, self.wire_row)
+            loads = _fast_loads(owner, mirrored, one, self.world, self.wire_row, self.mem.row_bytes)
             loads.ids = np.full(self.world, float(self.tables[t].batch_size))
             out.append(loads)
         return out
