@@ -3,18 +3,20 @@
     python benchmarks/placement.py                        # 1M x 64, Zipf(1.05), 8192 ids per rank, 2 and 4 ranks
     python benchmarks/placement.py --worlds 2 --reps 5 --markdown out.md
 
-For each world size, one torchrun launch builds, in turn and interleaved over ``--reps``
-repetitions, `ShardedEmbedding` tables (fused row-wise Adagrad) placed by:
+For each world size, one torchrun launch builds `ShardedEmbedding` tables (fused row-wise
+Adagrad) placed by:
 
 - ``plan``: ``plan_placement(rows, dim, world, batch_size=batch, law="zipf:1.05",
   optimizer="rowwise_adagrad")`` (its page size and placement as is);
 - ``round robin 512`` and ``round robin 50000``: the same table, round robin at those page sizes.
 
-Every rank looks up the same frequency-sorted Zipf ids for every placement (benchmarks/workload.py).
-A run reports the median of ``--steps`` barrier-bracketed steps (the slowest rank's step) and every
-rank's ``emb.stats()`` per call after the warm-up; the table keeps each placement's median run
-(by step time) with: rows served per rank per step, their imbalance (max/mean) measured and
-predicted, bytes sent per rank per step measured and predicted, and the modelled step time.
+Every table is built and warmed up first; then ``--reps`` rounds each time ``--steps``
+barrier-bracketed steps (the slowest rank's step) of every table in turn, the order rotating
+from round to round, on the same frequency-sorted Zipf ids (benchmarks/workload.py). This fine
+interleaving is what makes placements comparable on a machine whose load drifts. Reported per
+placement: the median step over all rounds (and each round's), rows served per rank per step
+(``emb.stats()`` after the warm-up), their imbalance (max/mean) measured and predicted, bytes
+sent per rank per step measured and predicted, and the modelled step time.
 """
 
 from __future__ import annotations
@@ -53,25 +55,30 @@ def _worker(a) -> None:
     plans = _plans(a, world)
     ids = make_ids(a.rows, a.batch, a.warmup + a.steps, rank, "zipf", zipf_s=a.zipf, seed=a.seed)
     w = make_loss_weight(a.batch, a.dim, rank, a.seed)
+    tables = {}
+    for name, plan in plans:  # every table is built (and warmed up) before any timing
+        emb = ShardedEmbedding(a.rows, a.dim, page_size=plan.page_size, placement=plan.placement,
+                               fused_optimizer={"name": "rowwise_adagrad", "lr": 0.05})
+        for k in range(a.warmup):
+            (emb(ids[k]) * w).sum().backward()
+        emb.stats(reset=True)
+        tables[name] = emb
+    times = {name: [] for name, _ in plans}
     for rep in range(a.reps):
-        for name, plan in plans:
-            emb = ShardedEmbedding(a.rows, a.dim, page_size=plan.page_size, placement=plan.placement,
-                                   fused_optimizer={"name": "rowwise_adagrad", "lr": 0.05})
-
-            def step(k):
-                (emb(ids[k]) * w).sum().backward()
-                if k == a.warmup - 1:
-                    emb.stats(reset=True)
-
-            times = time_steps(step, a.warmup, a.steps, sync=dist.barrier)
-            st = emb.stats()
-            every = [None] * world
-            dist.all_gather_object(every, {k: st[k] for k in ("calls", "rows_served_per_rank", "bytes_sent",
-                                                              "mirror_rows_reduced", "unique_ids")})
-            if rank == 0:
-                emit(dict(world=world, rep=rep, name=name, median_step_ms=statistics.median(times) * 1e3,
-                          ranks=every))
-            del emb
+        shift = rep % len(plans)  # rotate the order, so that every placement runs first in some rounds
+        for name, _ in plans[shift:] + plans[:shift]:
+            emb = tables[name]
+            step = lambda k: (emb(ids[a.warmup + k]) * w).sum().backward()  # noqa: E731
+            times[name].append(time_steps(step, 0, a.steps, sync=dist.barrier))
+    for name, _ in plans:
+        st = tables[name].stats()
+        every = [None] * world
+        dist.all_gather_object(every, {k: st[k] for k in ("calls", "rows_served_per_rank", "bytes_sent",
+                                                          "mirror_rows_reduced", "unique_ids")})
+        if rank == 0:
+            flat = [t for block in times[name] for t in block]
+            emit(dict(world=world, name=name, median_step_ms=statistics.median(flat) * 1e3,
+                      round_ms=[statistics.median(block) * 1e3 for block in times[name]], ranks=every))
     finish()
 
 
@@ -90,17 +97,16 @@ def _table(a, world: int, runs: list[dict]) -> str:
     import numpy as np
 
     plans = dict(_plans(a, world))
-    head = ("| placement | page size | pages (mirrored) | median step ms (each rep) | M lookups/s | rows served per "
+    head = ("| placement | page size | pages (mirrored) | median step ms (each round's) | M lookups/s | rows served per "
             "rank-step, measured | imbalance measured (predicted) | served: measured / predicted | MiB sent per "
             "rank-step, measured (predicted) | modelled step ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, plan in plans.items():
-        mine = sorted((r for r in runs if r["name"] == name), key=lambda r: r["median_step_ms"])
-        run = mine[len(mine) // 2]
+        run = next(r for r in runs if r["name"] == name)
         served = np.array([sum(s["rows_served_per_rank"]) / s["calls"] for s in run["ranks"]])
         sent = np.array([s["bytes_sent"] / s["calls"] for s in run["ranks"]])
         pred = plan.ranks
-        each = ", ".join("%.2f" % r["median_step_ms"] for r in runs if r["name"] == name)
+        each = ", ".join("%.1f" % ms for ms in run["round_ms"])
         lines.append(
             f"| {name} | {plan.page_size:,} | {plan.num_pages:,} ({len(plan.mirrored_pages)}) | "
             f"{run['median_step_ms']:.2f} ({each}) "
@@ -120,8 +126,8 @@ def main(argv=None):
     ap.add_argument("--worlds", default="2,4")
     ap.add_argument("--round-robin", type=lambda s: [int(x) for x in s.split(",")], default=[512, 50_000],
                     help="round robin page sizes to compare")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=10, help="rounds")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per table per round")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bind-cpus", action="store_true")
@@ -143,7 +149,7 @@ def main(argv=None):
                 f.writelines(json.dumps(r) + "\n" for r in runs)
         title = (f"### {a.rows:,} x {a.dim} fp32, Zipf({a.zipf}) frequency-sorted, {a.batch} ids per rank, {world} ranks "
                  f"(gloo, 1 thread each{'' if a.no_bind_cpus else ', pinned'}), fused row-wise Adagrad; median of "
-                 f"{a.steps} steps after {a.warmup}, {a.reps} interleaved reps; {time.strftime('%Y-%m-%d')}, "
+                 f"{a.reps} interleaved rounds of {a.steps} steps after {a.warmup}; {time.strftime('%Y-%m-%d')}, "
                  f"torch {torch.__version__}, {os.cpu_count()} CPUs")
         text = title + "\n\n" + _table(a, world, runs) + "\n"
         print(text, flush=True)
