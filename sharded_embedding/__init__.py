@@ -7,6 +7,7 @@ from .distributed import finish, init_distributed
 from .embedding import ShardedEmbedding
 from .initializers import initial_rows
 from .legacy import LargeEmbedding
+from .optim_state import shard_optimizer_state
 from .placement import PagePlan
 from .planning import PlacementPlan, PlanningError, plan_placement
 
@@ -23,6 +24,7 @@ __all__ = [
     "use_grad_scaler",
     "NonFiniteGradientError",
     "clip_grad_norm_",
+    "shard_optimizer_state",
     "init_distributed",
     "finish",
     "initial_rows",

@@ -20,19 +20,19 @@ Without a scaler, a non-finite gradient row is never applied either: every rank 
 `NonFiniteGradientError` in that backward, before any row changes.
 
 The check: each rank looks at the gradient rows it computed (one ``aminmax`` pass, also
-catching rows that overflow ``comm_dtype`` on the wire) and the ranks share their flags in one
-all-reduce of ``world`` int32, started before the gradient all-to-all and overlapping it
-(`start_nonfinite_agreement`). What it does not see: finite rows from several ranks whose
+catching values that rounding to ``comm_dtype`` would carry past the dtype's largest, see
+`wire.finite_limit`), and each rank's flag travels with its gradient rows in the gradient
+exchange (`transport.Transport.all_to_all`'s ``flag``), so every rank knows every rank's flag
+before any row changes, at no extra collective. What it does not see: finite rows from several ranks whose
 sum overflows float32 at the owner (|g| near 1.7e38), which nn.Embedding would see as inf.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-__all__ = ["use_grad_scaler", "NonFiniteGradientError", "ScalerLink", "nonfinite_flag", "start_nonfinite_agreement"]
+__all__ = ["use_grad_scaler", "NonFiniteGradientError", "ScalerLink", "nonfinite_flag"]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -97,36 +97,20 @@ def use_grad_scaler(module: nn.Module, scaler) -> list[str]:
     return names
 
 
-def nonfinite_flag(rows: torch.Tensor, num_wire: int, wire_dtype: torch.dtype | None) -> torch.Tensor:
-    """Whether the gradient rows a requester computed hold inf or NaN, or values that become
-    inf when its first ``num_wire`` rows are cast to ``wire_dtype`` on their way to the owner
-    (a 0-dim bool tensor on ``rows``' device, no host sync). One ``aminmax`` pass: NaN
-    propagates into both ends and an inf shows in one, and a cast overflows iff the largest
-    magnitude's does."""
+def nonfinite_flag(rows: torch.Tensor, num_wire: int, wire_limit: float | None) -> torch.Tensor:
+    """Whether the gradient rows a requester computed hold inf or NaN, or, among its first
+    ``num_wire`` rows (those that travel), a magnitude of at least ``wire_limit``, which would
+    arrive as inf after rounding to ``comm_dtype`` (`wire.finite_limit`). A 0-dim bool tensor
+    on ``rows``' device, no host sync. One ``aminmax`` pass: NaN propagates into both ends, an
+    inf shows in one, and the largest magnitude is one of the ends."""
     flag = torch.zeros((), dtype=torch.bool, device=rows.device)
-    parts = [(rows[:num_wire], wire_dtype), (rows[num_wire:], None)] if wire_dtype is not None else [(rows, None)]
-    for part, dtype in parts:
+    parts = [(rows[:num_wire], wire_limit), (rows[num_wire:], None)] if wire_limit is not None else [(rows, None)]
+    for part, limit in parts:
         if part.numel():
             ends = torch.stack(torch.aminmax(part))
-            flag |= ~torch.isfinite(ends if dtype is None else ends.to(dtype)).all()
+            bad = ~torch.isfinite(ends).all()
+            flag |= bad if limit is None else bad | (ends.abs() >= limit).any()
     return flag
-
-
-def start_nonfinite_agreement(flag: torch.Tensor, rank: int, world: int, group):
-    """Start sharing every rank's ``flag`` (`nonfinite_flag`); returns a function that waits and
-    gives the ranks whose flag was set, the same list on every rank. Collective: one async
-    all-reduce of ``world`` int32 flags (none alone), started before the gradient
-    all-to-all so that it travels beside it."""
-    flags = torch.zeros(world, dtype=torch.int32, device=flag.device)
-    flags[rank] = flag.to(torch.int32)
-    work = dist.all_reduce(flags, group=group, async_op=True) if world > 1 else None  # non-finite flags: SUM of one-hot rows
-
-    def finish() -> list[int]:
-        if work is not None:
-            work.wait()
-        return [r for r, f in enumerate(flags.tolist()) if f]
-
-    return finish
 
 
 def nonfinite_message(ranks: list[int]) -> str:

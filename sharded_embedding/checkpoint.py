@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import agree_or_raise, all_gather_strings, collective_device
+from .distributed import agree_or_raise, all_gather_strings, collective_device, group_ranks
 
 __all__ = ["sharded_rows", "loaded_rows_copier", "CheckpointManager", "CheckpointError", "ROWS_FORMAT"]
 
@@ -96,7 +96,8 @@ _TABLE_SHARDS = None
 
 def sharded_rows(emb, storage: torch.Tensor):
     """``storage`` (laid out like ``emb``'s local rows: ``[rows]`` or ``[rows, dim]``) as a
-    ShardedTensor (`TableShards`) of the global shape, one shard per run of primary pages."""
+    ShardedTensor (`TableShards`) of the global shape, one shard per run of primary pages,
+    each placed on the global rank of its owner (the table's group may be part of the world)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -105,9 +106,11 @@ def sharded_rows(emb, storage: torch.Tensor):
     tail = list(storage.shape[1:])
     slot_of = {p: s for s, p in enumerate(emb._local_page_ids)}
     device = storage.device
+    # The plan speaks of ranks of the table's group; a shard's placement names a global rank.
+    global_rank = group_ranks(emb.process_group)
     shards_md, local = [], []
     for r in range(emb.world_size):
-        where = f"rank:{r}/{device}" if r == rank else f"rank:{r}/{device.type}"
+        where = f"rank:{global_rank[r]}/{device}" if r == rank else f"rank:{global_rank[r]}/{device.type}"
         for first, stop in _primary_runs(plan, r):
             start, rows = _run_rows(plan, first, stop)
             md = ShardMetadata(shard_offsets=[start] + [0] * len(tail), shard_sizes=[rows] + tail, placement=where)
@@ -297,16 +300,21 @@ class CheckpointManager:
     def info(self, path: Path) -> dict:
         """What the checkpoint's ``COMPLETE`` marker says (its step and the caller's info)."""
         try:
-            return json.loads((path / self.MARKER).read_text())
+            info = json.loads((path / self.MARKER).read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a complete checkpoint ({e})") from e
+        if not isinstance(info, dict) or type(info.get("step")) is not int:
+            raise CheckpointError(f"{path} is not a complete checkpoint (its {self.MARKER} marker is not what a save "
+                                  f"writes: {str(info)[:200]})")
+        return info
 
     def load(self, path: Path, tables: dict) -> tuple[dict, dict]:
         """Fill the tables of ``tables`` (as given to `save`, any placement or page size) from
         checkpoint ``path``; returns (this rank's rank_state, the checkpoint's info). Nothing is
-        unpickled: rank files load with ``weights_only=True``. A missing, truncated or foreign
-        file raises CheckpointError on every rank."""
-        from .export import import_table
+        unpickled: rank files load with ``weights_only=True``. A missing, truncated, damaged or
+        foreign file raises CheckpointError on every rank, all files checked before any row
+        changes."""
+        from .export import import_table, npy_problem
 
         info = self.info(path)
         world = dist.get_world_size(self.group)
@@ -314,25 +322,33 @@ class CheckpointManager:
             raise CheckpointError(f"{path} was written by {info.get('world_size')} ranks; this run has {world}. "
                                   "Training state (data order, random streams) resumes on the same world size; "
                                   "the tables alone load anywhere (sharded_embedding.export.import_table)")
+        state, steps, error = None, {}, ""  # the small rank files first: a bad one changes no row
+        try:
+            saved = torch.load(path / f"rank{self.rank}.pt", weights_only=True)
+            state = saved["state"]
+            for name, emb in tables.items():
+                if emb.optimizer is not None:
+                    steps[name] = torch.as_tensor(saved["optimizer_steps"][name]).reshape(())
+        except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign rank file
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        errors = [e for e in all_gather_strings(error, self.group) if e]
+        if errors:
+            raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(errors))
+        problems = [npy_problem(emb, str(path / f"{name}.{key}.npy"), storage)
+                    for name, emb in tables.items() for key, storage in emb._row_states().items()]
+        problems = [e for e in all_gather_strings("; ".join(p for p in problems if p), self.group) if e]
+        if problems:  # every file is checked before any row changes
+            raise CheckpointError(f"checkpoint {path} could not be read: {problems[0]}")
         for name, emb in tables.items():
             for key, storage in emb._row_states().items():
                 try:
                     import_table(emb, str(path / f"{name}.{key}.npy"), storage=storage.data)
                 except ValueError as e:
                     raise CheckpointError(f"checkpoint {path} could not be read: {e}") from None
-        saved, error = None, ""
-        try:
-            saved = torch.load(path / f"rank{self.rank}.pt", weights_only=True)
-            for name, emb in tables.items():
-                if emb.optimizer is not None:
-                    with torch.no_grad():
-                        emb.optimizer.step.copy_(saved["optimizer_steps"][name])
-        except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign rank file
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        errors = [e for e in all_gather_strings(error, self.group) if e]
-        if errors:
-            raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(errors))
-        return saved["state"], info
+        with torch.no_grad():
+            for name, step in steps.items():
+                tables[name].optimizer.step.copy_(step)
+        return state, info
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ Rank 0 prints the placement, the loss as it falls, and the lookup rate.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -47,7 +48,12 @@ def main(argv=None) -> None:
     # Page 0 holds the most frequent ids: mirror it everywhere; the rest round robin.
     placement = [tuple(range(world))] + [p % world for p in range(1, num_pages)]
     t0 = time.perf_counter()
-    emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size, placement=placement)
+    try:
+        emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size, placement=placement)
+    except ValueError as e:  # raised by every rank alike: say it once
+        if rank == 0:
+            print(f"demo: {e}", file=sys.stderr, flush=True)
+        finish(2)
     init_s = time.perf_counter() - t0
     opt = torch.optim.SGD(emb.parameters(), lr=a.lr)
     g = torch.Generator().manual_seed(1234 + rank)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import sys
 from datetime import timedelta
@@ -191,21 +192,33 @@ def check_agreement(group, fingerprint: str, error: str | None,
     return [], all_gather_strings(fingerprint, group, device)
 
 
-def agree_or_raise(group, what: str, fingerprint: str, error: str | None, device: torch.device) -> None:
+def agree_or_raise(group, what: str, fingerprint: str | dict, error: str | None,
+                   device: torch.device | None = None) -> None:
     """Check that every rank of ``group`` reached the same ``fingerprint`` with no error
-    (`check_agreement`); otherwise every rank raises the same ValueError."""
-    errors, fingerprints = check_agreement(group, fingerprint, error, device)
+    (`check_agreement`); otherwise every rank raises the same ValueError. A dict fingerprint
+    (argument name -> text) lets the error name the arguments that differ and each rank's
+    value. ``device``: where the check's tensors go (default: `collective_device`)."""
+    device = device if device is not None and device.type in ("cpu", "cuda") else collective_device(group)
+    named = fingerprint if isinstance(fingerprint, dict) else None
+    text = json.dumps(named, sort_keys=True) if named is not None else fingerprint
+    errors, fingerprints = check_agreement(group, text, error, device)
     if errors:
         if dist.get_world_size(group) == 1:
             raise ValueError(errors[0][1])
+        texts = {e for _, e in errors}
+        if len(errors) == dist.get_world_size(group) and len(texts) == 1:
+            raise ValueError(f"{what}: {texts.pop()}")  # every rank found the same
         detail = "; ".join(f"rank {r}: {e}" for r, e in errors)
         raise ValueError(f"{what}: {detail}")
     if fingerprints is not None:
-        by_rank = ", ".join(f"rank {r}: {f}" for r, f in enumerate(fingerprints))
-        raise ValueError(
-            f"{what}: ranks were given different arguments (sizes, placement, dtype, seed or "
-            f"options differ): {by_rank}"
-        )
+        if named is not None:
+            every = [json.loads(f) for f in fingerprints]
+            differ = [k for k in sorted(set().union(*every)) if len({str(f.get(k)) for f in every}) > 1]
+            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}: {f.get(k)}" for r, f in enumerate(every))
+                               for k in differ)
+        else:
+            detail = ", ".join(f"rank {r}: {f}" for r, f in enumerate(fingerprints))
+        raise ValueError(f"{what}: ranks were given different arguments: {detail}")
 
 
 def all_gather_strings(text: str, group=None, device: torch.device | None = None) -> list[str]:
@@ -239,6 +252,9 @@ def finish(exit_code: int = 0) -> None:
     """
     try:
         _SUBGROUPS.clear()
+        from .transport import close_transports
+
+        close_transports()
         if dist.is_initialized():
             dist.destroy_process_group()
     finally:

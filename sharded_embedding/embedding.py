@@ -8,6 +8,7 @@ all-to-all exchanges (`routing`, `lookup`); gradients travel the reverse path, s
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -18,15 +19,18 @@ from torch import nn
 from .amp import ScalerLink
 from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
 from .distributed import agree_or_raise, check_agreement, collective_device, default_device
-from .export import export_table, import_table
+from .export import export_table, import_table, tensor_bytes
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
+from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
 from .stats import ExchangeStats
 from .storage import allocate
+from .transport import TRANSPORTS, make_transport
+from .wire import FLOAT_DTYPES
 
 __all__ = ["ShardedEmbedding"]
 
@@ -56,7 +60,14 @@ class ShardedEmbedding(nn.Module):
             (or the module's) freezes it as usual. ``emb.optimizer`` holds the hyperparameters
             (``emb.optimizer.lr = ...`` for a schedule) and the state.
         comm_dtype: dtype of the vectors and gradients on the wire (e.g. ``torch.bfloat16``
-            halves the bytes exchanged); storage and updates keep ``dtype``.
+            halves the bytes exchanged); storage and updates keep ``dtype``. A dtype of narrower
+            range than ``dtype`` (float16 for float32) sends each row with a power-of-two scale,
+            so nothing finite overflows on the wire (`wire` gives the error bounds).
+        transport: how rows travel between ranks (`transport`): ``"process_group"`` (the
+            group's backend: gloo, nccl), ``"shared_memory"`` (a CPU group on one x86-64 Linux
+            machine: copies through shared memory instead of loopback sockets; ValueError
+            elsewhere), or ``"auto"``: shared memory where it can work, else the process group.
+        init: the initial table: ``"normal"`` (N(0, 1), see ``seed``) or ``"zeros"``.
 
     Construction is collective over the group: ranks check that they were given the same
     arguments and raise the same ValueError together otherwise. Each rank allocates only
@@ -89,6 +100,8 @@ class ShardedEmbedding(nn.Module):
         sparse: bool = True,
         fused_optimizer: dict | None = None,
         comm_dtype: torch.dtype | None = None,
+        transport: str = "auto",
+        init: str = "normal",
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -98,18 +111,27 @@ class ShardedEmbedding(nn.Module):
             )
         group = process_group if process_group is not None else dist.group.WORLD
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        device = torch.device(device) if device is not None else default_device(group)
+        number = _table_number(group)  # tables are made in the same order on every rank
         error = plan = None
-        try:
+        fields: dict = {}
+        try:  # every argument, on every rank; nothing is allocated before all ranks agree
+            device = torch.device(device) if device is not None else default_device(group)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device={device} but CUDA is not available on this machine")
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device={device}: the pages live on the CPU or on a CUDA device")
             if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
                 raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
             for name, value in (("dtype", dtype), ("comm_dtype", comm_dtype)):
-                if not (value is None and name == "comm_dtype") and not (
-                    isinstance(value, torch.dtype) and value.is_floating_point
-                ):
-                    raise ValueError(f"{name} must be a floating point torch.dtype, got {value!r}")
+                if not (value is None and name == "comm_dtype") and value not in FLOAT_DTYPES:
+                    raise ValueError(f"{name} must be a floating point torch.dtype (torch.float32, float64, "
+                                     f"float16 or bfloat16), got {value!r}")
             if fused_optimizer is not None:
                 build_fused_optimizer(fused_optimizer, torch.empty(0, 1))  # validates the spec
+            if transport not in TRANSPORTS:
+                raise ValueError(f"transport={transport!r} is not one of {list(TRANSPORTS)}")
+            if init not in ("normal", "zeros"):
+                raise ValueError(f"init={init!r} is not one of ['normal', 'zeros']")
             plan = PagePlan.build(num_embeddings, page_size, world, placement, num_devices)
             partial = [s for s in plan.mirror_sets() if len(s) < world]
             if partial and world != dist.get_world_size():
@@ -119,34 +141,45 @@ class ShardedEmbedding(nn.Module):
                     "which ranks outside this group would never join. Use the world group, or mirror "
                     "pages on all ranks of this group"
                 )
-        except ValueError as e:
+            fields = {
+                "num_embeddings": num_embeddings, "page_size": page_size, "placement/num_devices": plan.digest(),
+                "embedding_dim": embedding_dim, "dtype": str(dtype), "seed": seed, "sparse": sparse,
+                "fused_optimizer": repr(sorted(dict(fused_optimizer).items())) if fused_optimizer else None,
+                "comm_dtype": str(comm_dtype), "transport": transport, "init": init, "device": device.type,
+                "table number": number,
+            }
+        except (ValueError, TypeError) as e:
             error = str(e)
-        fingerprint = (
-            f"{plan.digest() if plan else ''}/{embedding_dim}/{dtype}/{seed}/{sparse}/{comm_dtype}/"
-            f"{sorted(dict(fused_optimizer).items()) if fused_optimizer else None}"
-        )
-        agree_or_raise(group, "ShardedEmbedding construction", fingerprint, error, device)
+        agree_or_raise(group, "ShardedEmbedding construction", fields, error)
 
         self.plan = plan
         self.embedding_dim = embedding_dim
-        self.seed = seed
+        self.seed, self.init = seed, init
         self.sparse = sparse
         self.process_group = group
         self.rank, self.world_size = rank, world
         self._local_page_ids = plan.local_pages(rank).tolist()
-        storage = allocate((plan.local_rows(rank), embedding_dim), dtype, device)
-        # With a fused optimizer the storage still requires grad: the lookup's backward, where
-        # the optimizer works, runs only then, and freezing the table is requires_grad_(False).
-        self.weight = nn.Parameter(storage)
-        self.__dict__["_storage"] = self.weight  # what the pages are, whatever replaces .weight
-        # The fused optimizer is not a registered sub-module: its state is per-rank rows that
-        # state_dict() exposes as sharded tensors itself, and DDP must never see it.
-        self.__dict__["optimizer"] = (
-            build_fused_optimizer(fused_optimizer, storage) if fused_optimizer is not None else None
-        )
+        error = None
+        try:  # what can still fail on one rank alone (memory) is agreed on before any collective
+            storage = allocate((plan.local_rows(rank), embedding_dim), dtype, device)
+            # With a fused optimizer the storage still requires grad: the lookup's backward,
+            # where the optimizer works, runs only then, and freezing the table is
+            # requires_grad_(False).
+            self.weight = nn.Parameter(storage)
+            self.__dict__["_storage"] = self.weight  # what the pages are, whatever replaces .weight
+            # The fused optimizer is not a registered sub-module: its state is per-rank rows that
+            # state_dict() exposes as sharded tensors itself, and DDP must never see it.
+            self.__dict__["optimizer"] = (
+                build_fused_optimizer(fused_optimizer, storage) if fused_optimizer is not None else None
+            )
+            self.reset_parameters()
+        except (RuntimeError, MemoryError) as e:
+            error = f"could not allocate its {plan.local_rows(rank):,} rows on {device}: {type(e).__name__}: {e}"
+        agree_or_raise(group, "ShardedEmbedding construction", "allocated", error)
         # DDP reads this on the model it wraps; `ddp` copies it up to every module holding us.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
-        self.reset_parameters()
+        self._table_id = number
+        self.transport = make_transport(transport, group, device, _group_timeout(group, device))  # collective
         self._router = Router(
             plan.routing_table(rank),
             page_size=plan.page_size,
@@ -154,8 +187,9 @@ class ShardedEmbedding(nn.Module):
             max_local_rows=max(plan.local_rows(r) for r in range(world)),
             rank=rank,
             world=world,
-            group=group,
+            transport=self.transport,
             device=device,
+            table_id=self._table_id,
         )
         self._exchange = Exchange(
             group=group,
@@ -166,7 +200,9 @@ class ShardedEmbedding(nn.Module):
             optimizer=self.optimizer,
             comm_dtype=comm_dtype,
             stats=ExchangeStats(world),
+            transport=self.transport,
         )
+        register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -207,8 +243,11 @@ class ShardedEmbedding(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Fill the local pages with the initial table (see ``seed``); no collective."""
-        fill_initial_rows(self.seed, self.embedding_dim, self._local_ranges())
+        """Fill the local pages with the initial table (see ``seed`` and ``init``); no collective."""
+        if self.init == "zeros":
+            self._storage.data.zero_()
+        else:
+            fill_initial_rows(self.seed, self.embedding_dim, self._local_ranges())
 
     # ------------------------------------------------------------------ lookup
     def forward(self, indices) -> torch.Tensor:
@@ -274,7 +313,7 @@ class ShardedEmbedding(nn.Module):
         copies. Like the original, every rank must call the copy's lookups."""
         import copy
 
-        shared = [self.process_group] + [pg for _, pg in self._exchange.mirrors._sets]
+        shared = [self.process_group, self.transport] + [pg for _, pg in self._exchange.mirrors._sets]
         if self._exchange.scaler is not None and self._exchange.scaler.scaler is not None:
             shared.append(self._exchange.scaler.scaler)  # the copy answers to the same scaler
         for obj in shared:
@@ -284,6 +323,7 @@ class ShardedEmbedding(nn.Module):
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
+        register_table(new)
         return new
 
     def __reduce_ex__(self, protocol):
@@ -367,13 +407,15 @@ class ShardedEmbedding(nn.Module):
 
     def export_table(self, path) -> None:
         """Write the whole table to one ``.npy`` file ([num_embeddings, embedding_dim]) without
-        gathering it: each rank writes its primary pages into a memory map of the file.
-        Collective; the ranks must share the filesystem."""
+        gathering it: each rank writes its primary pages at their offsets (``pwrite``; see
+        `export.write_pages`). Collective; the ranks must share the filesystem. Raises OSError
+        on every rank if any rank cannot write, leaving no file."""
         export_table(self, str(path))
 
     def import_table(self, path) -> None:
         """Read a ``.npy`` table (as `export_table` writes): each rank reads only the rows it
-        holds. Collective: a missing, truncated or foreign file raises ValueError on every rank."""
+        holds. Collective: a missing, truncated, damaged or foreign file, or values beyond this
+        table's dtype, raise ValueError on every rank before any row changes."""
         import_table(self, str(path))
 
     # ------------------------------------------------------------------ whole table (small tables)
@@ -412,12 +454,20 @@ class ShardedEmbedding(nn.Module):
     @torch.no_grad()
     def load_full_table(self, table: torch.Tensor) -> None:
         """Copy the rows this rank holds from ``table`` ([num_embeddings, embedding_dim], any
-        device). Call it on every rank with the same table; no communication is needed."""
+        device). Collective (for small tables and tests): every rank must pass the same table,
+        which the ranks check (shape and a digest of the values, one all-gather) before any
+        row changes; ValueError on every rank otherwise."""
         expected = (self.num_embeddings, self.embedding_dim)
-        if tuple(table.shape) != expected:
-            raise ValueError(f"load_full_table: expected a table of shape {expected}, got {tuple(table.shape)}")
-        for start, stop, view in self._local_ranges():
-            view.copy_(table[start:stop])
+        error, digest = None, ""
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
+            error = f"expected a table of shape {expected}, got {tuple(getattr(table, 'shape', ())) or type(table).__name__}"
+        else:
+            host = table.detach().to("cpu", torch.float64).contiguous()
+            digest = hashlib.blake2b(tensor_bytes(host), digest_size=16).hexdigest()
+        agree_or_raise(self.process_group, "load_full_table (every rank must pass the same table)", digest, error)
+        with torch.no_grad():
+            for start, stop, view in self._local_ranges():
+                view.copy_(table[start:stop])
 
     def extra_repr(self) -> str:
         return (
@@ -426,3 +476,23 @@ class ShardedEmbedding(nn.Module):
             f"rank={self.rank}/{self.world_size}, sparse={self.sparse}"
             + (f", comm_dtype={self._exchange.comm_dtype}" if self._exchange.comm_dtype else "")
         )
+
+
+def _group_timeout(group, device: torch.device):
+    """The group's collective timeout (the transport waits no longer), or None if unknown."""
+    try:
+        return group._get_backend(torch.device("cpu") if device.type == "cpu" else device).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_TABLES_MADE: dict[tuple, int] = {}
+
+
+def _table_number(group) -> int:
+    """How many tables this process made on ``group`` before this one: the same on every rank
+    when every rank makes the same tables in the same order (construction checks it), so a
+    lookup can tell which table each rank is calling."""
+    key = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)))
+    _TABLES_MADE[key] = _TABLES_MADE.get(key, -1) + 1
+    return _TABLES_MADE[key]

@@ -27,11 +27,10 @@ import shutil
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from .distributed import agree_or_raise, all_reduce_host
 
-__all__ = ["export_table", "import_table", "write_pages", "local_views", "tensor_bytes"]
+__all__ = ["export_table", "import_table", "npy_problem", "write_pages", "local_views", "tensor_bytes"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _DESCR = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2"}
@@ -39,9 +38,14 @@ _DTYPE = {v: k for k, v in _DESCR.items()}
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (keep ``t`` alive while they are used)."""
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
+    """The bytes of a contiguous CPU tensor, without a copy. The view keeps ``t`` alive: a
+    temporary (a page converted to float32, a CPU copy of a CUDA page) is not freed, and its
+    memory reused, while its bytes are still being written."""
+    if not (t.is_contiguous() and t.device.type == "cpu"):
+        raise ValueError(f"tensor_bytes needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    buf._tensor = t  # the memoryview holds buf, buf holds the tensor
+    return memoryview(buf).cast("B")
 
 
 def local_views(emb, storage: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
@@ -63,7 +67,8 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
     ``progress(rows)`` is called after each page this rank writes.
 
     Raises ``OSError`` on every rank if any rank cannot write (e.g. no space left: checked
-    before anything is written, and again by every write), leaving no file behind.
+    before anything is written, and again by every write) or if a page's encoding is not the
+    size promised for it, leaving no file behind.
     """
     plan, rank, group = emb.plan, emb.rank, emb.process_group
     mine = plan.primary_pages(rank).tolist()
@@ -75,7 +80,7 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
     total = len(header) + int(sizes.sum())
     partial = f"{path}.partial"
 
-    error = _create(partial, header, total) if rank == 0 else None
+    error = _create(path, partial, header, total) if rank == 0 else None
     _agree(emb, "export: creating the file", error, partial)
     error = None
     try:
@@ -83,7 +88,12 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
         try:
             local = local_views(emb, storage)
             for p in mine:
-                _pwrite_all(fd, encode(p, local[p].detach().cpu()), offsets[p])
+                data = memoryview(encode(p, local[p].detach().cpu())).cast("B")
+                if data.nbytes != int(sizes[p]):  # it would overwrite the next page or leave a gap
+                    error = (f"rank {rank}: page {p} was encoded to {data.nbytes} bytes, but {int(sizes[p])} were "
+                             f"reserved for it in {partial}")
+                    break
+                _pwrite_all(fd, data, offsets[p])
                 progress(plan.page_rows(p))
             os.fsync(fd)
         finally:
@@ -101,8 +111,10 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
     _agree(emb, "export: completing the file", error, partial)
 
 
-def _create(partial: str, header: bytes, total: int) -> str | None:
+def _create(path: str, partial: str, header: bytes, total: int) -> str | None:
     """Rank 0: create the file, reserve ``total`` bytes, write the header. Returns an error."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return f"{path} exists and is not a regular file (a folder, a device, a link?): it is left as it is"
     try:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
         if free < total:
@@ -176,8 +188,10 @@ def _read_npy_header(path: str) -> tuple[torch.dtype, tuple[int, ...], int]:
     try:
         meta = ast.literal_eval(text)  # a dict of literals: nothing is executed or unpickled
         descr, order, shape = meta["descr"], meta["fortran_order"], tuple(meta["shape"])
-    except (ValueError, SyntaxError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: damaged .npy header ({e})") from e
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as e:
+        raise ValueError(f"{path}: damaged .npy header ({type(e).__name__}: {e})") from e
+    if not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"{path}: damaged .npy header (shape {shape!r} is not a tuple of sizes)")
     if descr not in _DTYPE:
         raise ValueError(f"{path}: dtype {descr!r} is not a float table (expected one of {sorted(_DTYPE)})")
     if order:
@@ -207,29 +221,63 @@ def export_table(emb, path: str, progress: Callable[[int], None] = lambda rows: 
 
 def import_table(emb, path: str, storage: torch.Tensor | None = None) -> None:
     """Load the rows this rank holds from the .npy at ``path`` into the table (or into
-    ``storage``, per-row state laid out like the local rows). Collective: a missing, truncated
-    or foreign file, or one of another shape, raises ValueError on every rank."""
+    ``storage``, per-row state laid out like the local rows). Collective: a missing, truncated,
+    damaged or foreign file, one of another shape, or one whose values the table's narrower
+    dtype cannot hold (float64 beyond float32's range) raises ValueError on every rank, the
+    checks before any row changes."""
     storage = emb.weight if storage is None else storage
-    expected = (emb.num_embeddings, *storage.shape[1:])
+    agree_or_raise(emb.process_group, "import_table", "ok", npy_problem(emb, path, storage), emb.device)
+    dtype, shape, offset = _read_npy_header(path)
+    if torch.finfo(dtype).max > torch.finfo(storage.dtype).max:
+        # A narrowing cast (float64 file, float32 table): refuse values that would become inf
+        # before any row changes; this costs a first reading pass, only in this case.
+        error = None
+        try:
+            for p, _, rows in _read_pages(emb, storage, path, dtype, shape, offset):
+                converted = rows.to(storage.dtype)
+                if not torch.equal(torch.isfinite(converted), torch.isfinite(rows)):
+                    row = int((torch.isfinite(rows) & ~torch.isfinite(converted)).any(-1).nonzero()[0, 0])
+                    raise ValueError(
+                        f"{path} holds {dtype} values beyond {storage.dtype}'s range (largest "
+                        f"{torch.finfo(storage.dtype).max:.4g}), e.g. in row {emb.plan.page_start(p) + row}: "
+                        f"they would become inf. No row was changed")
+        except (OSError, ValueError) as e:
+            error = f"rank {emb.rank}: {e}"
+        agree_or_raise(emb.process_group, "import_table", "in range", error, emb.device)
     error = None
     try:
-        dtype, shape, offset = _read_npy_header(path)
-        if shape != expected:
-            raise ValueError(f"{path} holds a table of shape {shape}, this one is {expected}")
-    except (OSError, ValueError) as e:
-        error = str(e)
-    agree_or_raise(emb.process_group, "import_table", "ok", error, emb.device)
-    error = None
-    try:
-        with open(path, "rb") as f, torch.no_grad():
-            row_bytes = math.prod(shape[1:]) * dtype.itemsize
-            for p, view in local_views(emb, storage).items():
-                rows = torch.empty(view.shape, dtype=dtype)
-                want = rows.numel() * dtype.itemsize
-                got = os.preadv(f.fileno(), [tensor_bytes(rows)], offset + emb.plan.page_start(p) * row_bytes)
-                if got != want:
-                    raise ValueError(f"{path} ended while reading page {p} (it changed while being read?)")
+        with torch.no_grad():
+            for _, view, rows in _read_pages(emb, storage, path, dtype, shape, offset):
                 view.copy_(rows)
     except (OSError, ValueError) as e:
         error = f"rank {emb.rank}: {e}"
     agree_or_raise(emb.process_group, "import_table", "read", error, emb.device)
+
+
+def npy_problem(emb, path: str, storage: torch.Tensor | None = None) -> str | None:
+    """What keeps the .npy at ``path`` from loading into ``emb`` (or ``storage``, laid out like
+    its local rows): missing, truncated, damaged, foreign, another shape; None if nothing. No
+    communication."""
+    storage = emb.weight if storage is None else storage
+    expected = (emb.num_embeddings, *storage.shape[1:])
+    try:
+        _, shape, _ = _read_npy_header(path)
+        if shape != expected:
+            raise ValueError(f"{path} holds a table of shape {shape}, this one is {expected}")
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _read_pages(emb, storage: torch.Tensor, path: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int):
+    """(page, its view in ``storage``, its rows as stored in the file) for each page this rank
+    holds, one at a time."""
+    with open(path, "rb") as f:
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        for p, view in local_views(emb, storage).items():
+            rows = torch.empty(view.shape, dtype=dtype)
+            want = rows.numel() * dtype.itemsize
+            got = os.preadv(f.fileno(), [tensor_bytes(rows)], offset + emb.plan.page_start(p) * row_bytes)
+            if got != want:
+                raise ValueError(f"{path} ended while reading page {p} (it changed while being read?)")
+            yield p, view, rows

@@ -2,22 +2,23 @@
 
 Forward (after `routing.route` has told every rank what to serve):
     owners:      served = weight[owner_rows[num_self:]]
-    all ranks:   all_to_all_single(vectors)   served rows -> the ranks that asked for them
+    all ranks:   all-to-all(vectors)   served rows -> the ranks that asked for them
     requesters:  out = [answers from peers ; own rows][gather_index]
 
 Backward (the adjoint of the forward, so the gradient is that of the SUM of all ranks' losses):
-    requesters:  per-unique-id gradient = index_add of grad_out over duplicate ids
-    all ranks:   all_reduce(flags)  which ranks computed inf/NaN rows (`amp`), started first and
-                 overlapping the next exchange: then no rank changes any row (an error, or a
-                 skipped step under a GradScaler)
-    all ranks:   all_to_all_single(gradients)  back to the ranks that served each row
+    requesters:  per-unique-id gradient = embedding_bag sum of grad_out over duplicate ids
+    all ranks:   all-to-all(gradients + one flag per rank)  back to the ranks that served each
+                 row, with whether the sender's rows hold inf/NaN (`amp`): if any rank's do,
+                 no rank changes any row (an error, or a skipped step under a GradScaler)
     owners:      `MirrorSync` all-reduces the rows of mirrored pages inside their replica set;
                  then either a fused optimizer updates the rows in place (no gradient is kept)
                  or the rows become a sparse COO (``sparse=True``) or dense gradient.
 
 Both directions use one buffer layout so nothing is concatenated: the backward work buffer
 is ``[grads of rows asked of peers | grads of own rows | grads from peers]``, and its last two
-parts line up with ``owner_rows`` (see `routing.Routing`).
+parts line up with ``owner_rows`` (see `routing.Routing`). The all-to-alls go through the
+table's `transport.Transport`: the process group's backend, or shared memory between the ranks
+of one machine.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message, start_nonfinite_agreement
+from . import wire
+from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message
 from .mirrors import MirrorSync
 from .optimizers import FusedOptimizer
 from .rows import sum_duplicate_rows
 from .routing import Routing
 from .stats import ExchangeStats
+from .transport import Transport
 
 __all__ = ["Exchange", "ShardedLookup"]
 
@@ -73,31 +75,42 @@ class Exchange:
     optimizer: FusedOptimizer | None
     comm_dtype: torch.dtype | None
     stats: ExchangeStats
+    transport: Transport
     scaler: ScalerLink | None = None  # set by ShardedEmbedding.use_grad_scaler
     workspace: Workspace = field(default_factory=Workspace)
 
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]):
-        """Start a ragged all_to_all_single of rows, in ``comm_dtype`` on the wire if one is
-        set; returns a function that waits for it (so local work can overlap the transfer)."""
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                   flag: torch.Tensor | None = None):
+        """Start a ragged all-to-all of rows (`transport`), in ``comm_dtype`` on the wire if one
+        is set (float16 for float32 rows: with a power-of-two scale per row, see `wire`), with
+        this rank's ``flag`` beside them; returns a function that waits for the rows (so local
+        work can overlap the transfer) and returns the ranks whose flag was set."""
         if self.world == 1:
-            return lambda: None
+            return lambda: [0] if flag is not None and bool(flag) else []
         if self.comm_dtype is None or self.comm_dtype == inp.dtype:
-            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
-            return work.wait
-        ws = self.workspace
-        send = ws.get("wire_send", inp.shape[0], inp.shape[1], self.comm_dtype, inp.device)
-        recv = ws.get("wire_recv", out.shape[0], out.shape[1], self.comm_dtype, out.device)
-        send.copy_(inp)
-        work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group, async_op=True)
+            return self.transport.all_to_all(out, inp, out_splits, in_splits, flag)
+        ws, scale = self.workspace, wire.scaled(inp.dtype, self.comm_dtype)
+        width = wire.wire_columns(inp.shape[1], inp.dtype, self.comm_dtype)
+        send = ws.get("wire_send", inp.shape[0], width, self.comm_dtype, inp.device)
+        recv = ws.get("wire_recv", out.shape[0], width, self.comm_dtype, out.device)
+        if scale:
+            wire.encode(inp, send)
+        else:
+            send.copy_(inp)
+        receive = self.transport.all_to_all(recv, send, out_splits, in_splits, flag)
 
         def finish():
-            work.wait()
-            out.copy_(recv)
+            flagged = receive()
+            if scale:
+                wire.decode(recv, out)
+            else:
+                out.copy_(recv)
+            return flagged
 
         return finish
 
     def row_bytes(self, dim: int, dtype: torch.dtype) -> int:
-        return dim * (self.comm_dtype or dtype).itemsize
+        return wire.wire_columns(dim, dtype, self.comm_dtype) * (self.comm_dtype or dtype).itemsize
 
 
 class ShardedLookup(torch.autograd.Function):
@@ -144,28 +157,20 @@ class ShardedLookup(torch.autograd.Function):
             work[:num_unique] = F.embedding_bag(
                 bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum", per_sample_weights=weights
             )
-        # Every rank learns whether any rank computed an inf/NaN row, before any row changes.
-        flag = nonfinite_flag(work[:num_unique], num_remote, exchange.comm_dtype)
-        agree = start_nonfinite_agreement(flag, exchange.rank, exchange.world, exchange.group)
-        wait = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts, routing.requested_counts)  # gradients
+        # Every rank learns, with the gradients, whether any rank computed an inf/NaN row: no
+        # row changes anywhere before that is known.
+        flag = nonfinite_flag(work[:num_unique], num_remote, wire.finite_limit(work.dtype, exchange.comm_dtype))
+        receive = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts,
+                                      routing.requested_counts, flag)  # gradients (+ non-finite flags)
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
-        bad = agree()
+        bad = receive()
         if bad:
-            wait()  # the buffers are reused: let the exchange finish first
             if link is None or not link.active:
                 raise NonFiniteGradientError(nonfinite_message(bad))
             link.record_overflow()  # scaler.update() lowers the scale on every rank
             if optimizer is not None:
                 return None, None, None  # the step is skipped everywhere, like scaler.step skips it
         rows, values = routing.owner_rows, work[num_remote:]
-        if scale is not None and not mirrors.active:
-            # A linear update can land in parts: own rows while the peers' gradients travel.
-            optimizer.step += 1
-            optimizer.update(ctx.weight, rows[: routing.num_self], values[: routing.num_self])
-            wait()
-            optimizer.update(ctx.weight, rows[routing.num_self :], values[routing.num_self :])
-            return None, None, None
-        wait()
         rows, values, mirror_rows = mirrors.all_reduce(rows, values)
         exchange.stats.mirror_rows_reduced += mirror_rows
         if optimizer is not None:

@@ -9,12 +9,15 @@ and state stay bitwise identical.
 One update is applied per lookup call's backward: look a batch up once per step (or
 concatenate the ids of several lookups) to get one optimizer step per training step.
 
-| name              | torch counterpart          | state per rank                 |
-|-------------------|----------------------------|--------------------------------|
-| `sgd`             | `torch.optim.SGD`          | none                           |
-| `adagrad`         | `torch.optim.Adagrad`      | `sum` [rows, dim]              |
-| `rowwise_adagrad` | (FBGEMM EXACT_ROWWISE_ADAGRAD) | `sum` [rows]: mean of g^2 per row |
-| `adam`            | `torch.optim.SparseAdam`   | `exp_avg`, `exp_avg_sq` [rows, dim] |
+| name              | torch counterpart              | hyperparameters (default)                          | state per rank |
+|-------------------|--------------------------------|----------------------------------------------------|----------------|
+| `sgd`             | `torch.optim.SGD`              | lr (0.01)                                          | none |
+| `adagrad`         | `torch.optim.Adagrad`          | lr (0.01), lr_decay (0), eps (1e-10), initial_accumulator_value (0) | `sum` [rows, dim] |
+| `rowwise_adagrad` | (FBGEMM EXACT_ROWWISE_ADAGRAD) | lr (0.01), eps (1e-10), initial_accumulator_value (0) | `sum` [rows]: mean of g^2 per row |
+| `adam`            | `torch.optim.SparseAdam`       | lr (0.001), betas ((0.9, 0.999)), eps (1e-8)       | `exp_avg`, `exp_avg_sq` [rows, dim] |
+
+A hyperparameter that is not a finite number >= 0 (betas: two numbers in [0, 1)) is a
+ValueError naming it; so is one the optimizer does not take.
 """
 
 from __future__ import annotations
@@ -56,15 +59,16 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
                 f"fused_optimizer {self.name!r} does not take {unknown}; it takes {sorted(self.defaults)}"
             )
         for key, default in self.defaults.items():
-            value = hparams.get(key, default)
+            given = hparams.get(key, default)
+            try:
+                value = tuple(float(b) for b in given) if key == "betas" else float(given)
+            except (TypeError, ValueError):
+                raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a number, got {given!r}") from None
             if key == "betas":
-                value = tuple(float(b) for b in value)
                 if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
                     raise ValueError(f"fused_optimizer {self.name!r}: betas must be two numbers in [0, 1), got {value}")
-            else:
-                value = float(value)
-                if value < 0 or not math.isfinite(value):
-                    raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a finite number >= 0, got {value}")
+            elif value < 0 or not math.isfinite(value):
+                raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a finite number >= 0, got {value}")
             setattr(self, key, value)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .placement import RoutingTable
+from .transport import Transport
 
 __all__ = ["Routing", "Router"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
-_HEADER = 5  # request columns before the rows: count, error code, error value, largest count, grad
+_HEADER = 6  # request columns before the rows: count, error code, error value, largest count, grad, table
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
@@ -56,7 +56,7 @@ REFUSALS = {
 # Non-integer dtypes by code, so that every rank can name the dtype a peer passed.
 _BAD_DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool,
-    torch.complex64, torch.complex128,
+    torch.complex64, torch.complex128, torch.int8, torch.int16, torch.uint8,
 )
 
 
@@ -113,9 +113,9 @@ class Router:
     """Routes one rank's lookups over ``group`` according to its `RoutingTable`."""
 
     def __init__(self, table: RoutingTable, *, page_size: int, num_embeddings: int, max_local_rows: int,
-                 rank: int, world: int, group, device: torch.device):
-        self.page_size, self.num_embeddings = page_size, num_embeddings
-        self.rank, self.world, self.group, self.device = rank, world, group, device
+                 rank: int, world: int, transport: Transport, device: torch.device, table_id: int = 0):
+        self.page_size, self.num_embeddings, self.table_id = page_size, num_embeddings, table_id
+        self.rank, self.world, self.transport, self.device = rank, world, transport, device
         pages = torch.arange(table.dest_rank.numel(), dtype=torch.int64)
         # Per page: the sort key of its requests (the serving rank; this rank itself sorts
         # last, as its rows are served locally) and the shift from a global id to the
@@ -196,6 +196,7 @@ class Router:
         request[:, 2] = value
         request[:, 3] = local_largest
         request[:, 4] = int(needs_grad)
+        request[:, 5] = self.table_id
         starts = torch.cumsum(per_peer, 0) - per_peer
         if cap and num_asked:
             # The k-th peer-sorted row goes to (its peer, k - the peer's first k): one flat index.
@@ -207,8 +208,9 @@ class Router:
                 flat, asked = flat[fits], asked[fits]
             request.view(-1)[flat] = asked
         received = torch.empty_like(request)
-        dist.all_to_all_single(received, request, group=self.group)  # requests: header + first rows
+        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first rows
         host = torch.cat([request[:, :1], received[:, :_HEADER]], dim=1).cpu()  # one device sync
+        _raise_if_tables_differ(host[:, 6].tolist())
         _raise_input_errors(host[:, 2].tolist(), host[:, 3].tolist(), self.num_embeddings)
         _raise_if_grad_modes_differ(host[:, 5].tolist())
 
@@ -228,7 +230,7 @@ class Router:
         extra_out = [max(c - cap, 0) for c in requested]
         past = self._positions(num_asked) - starts.repeat_interleave(per_peer) >= cap
         extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-        dist.all_to_all_single(extra, rows[:num_asked][past], extra_in, extra_out, group=self.group)  # overflow
+        self.transport.all_to_all(extra, rows[:num_asked][past], extra_in, extra_out)()  # overflow
         at, parts = 0, []
         for r in range(world):  # O(world), only on calls where the capacity grows
             parts += [received[r, _HEADER : _HEADER + min(served[r], cap)], extra[at : at + extra_in[r]]]
@@ -245,7 +247,7 @@ def _validate(indices, num_embeddings: int, device: torch.device):
             indices = torch.as_tensor(indices)
         except (TypeError, ValueError, RuntimeError):
             return None, None, _NOT_TENSOR, 0
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+    if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
     flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
@@ -256,6 +258,19 @@ def _validate(indices, num_embeddings: int, device: torch.device):
         if hi >= num_embeddings:
             return None, None, _OUT_OF_RANGE, hi
     return flat, indices.shape, _OK, 0
+
+
+def _raise_if_tables_differ(tables: list[int]) -> None:
+    """Every rank must be looking up the same table in this exchange (the tables of a group
+    share its transport, so a rank calling table A while another calls table B would otherwise
+    mix their rows)."""
+    if len(set(tables)) > 1:
+        by_rank = ", ".join(f"rank {r}: table #{t}" for r, t in enumerate(tables))
+        raise RuntimeError(
+            f"ShardedEmbedding: the ranks called the lookups of different tables ({by_rank}; tables are numbered "
+            "in the order each rank made them on this process group). Every rank must call the same tables in "
+            "the same order. No rank looked anything up."
+        )
 
 
 def _raise_if_grad_modes_differ(needs_grad: list[int]) -> None:
@@ -290,10 +305,10 @@ def _raise_input_errors(codes: list[int], values: list[int], num_embeddings: int
             if codes[r] == _NOT_TENSOR:
                 parts.append(f"rank {r} passed something that is not a tensor of indices")
             else:
-                name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "a non-integer dtype"
+                name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "another dtype"
                 parts.append(f"rank {r} passed indices of dtype {name}")
         raise TypeError(
-            "ShardedEmbedding indices must be integers (torch.int64 or torch.int32): "
+            "ShardedEmbedding indices must be torch.int64 or torch.int32 (what nn.Embedding takes): "
             + "; ".join(parts)
             + ". No rank looked anything up."
         )

@@ -46,7 +46,12 @@ def _stop(message: str, code: int = 2) -> int:
     them exits, because torchrun stops the other workers as soon as one has exited.
     """
     if _rank0():
-        print(message, file=sys.stderr, flush=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # inside the job: the console and train.log
+            log.error(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return code
@@ -72,6 +77,16 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def _shared_out_dir(configs) -> str | None:
+    """The out_dir several jobs of a sweep would share (their outputs would overwrite each
+    other), if any; an out_dir with an interpolation (``${hydra:job.num}``) differs per job."""
+    from omegaconf import OmegaConf
+
+    raw = [OmegaConf.to_container(c, resolve=False).get("out_dir") for c in configs]
+    fixed = [r for r in raw if r and "${" not in str(r)]
+    return next((r for r in fixed if fixed.count(r) > 1), None)
+
+
 def _agreed_run_dir(overrides: list[str], multirun: bool) -> list[str]:
     """Hydra overrides that put every rank in one run (or sweep) folder, Hydra's files and
     logs on rank 0 only."""
@@ -92,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if a not in ("-m", "--multirun")]
-    if any(a.startswith("-") for a in overrides):  # --help, --cfg job, ...: Hydra's own, on one process
+    if any(a.startswith("-") for a in overrides):  # --help, --cfg job, ...: Hydra's own, printed once
+        if not _rank0():
+            return 0
         sys.argv = [sys.argv[0], *argv]
         _hydra_entry()
         return 0
@@ -102,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
         init_distributed()
         return _stop(f"configuration error: {e}{cause}")
+    shared = _shared_out_dir(configs) if multirun else None
+    if shared:
+        init_distributed()
+        return _stop(f"configuration error: the jobs of this sweep would all write into out_dir={shared}: leave "
+                     "out_dir unset (each job writes under hydra.sweep.dir) or make it differ per job, e.g. "
+                     "out_dir=/data/sweep/${hydra:job.num}")
     if configs[0].train.bind_cpus:
         bind_local_cpus()
     init_distributed()
@@ -186,11 +209,12 @@ def run(cfg) -> int:
              path, f"{corpus.corpus_words:,}", f"{vocab.size:,}", cfg.data.min_count, world, model.inputs.num_pages,
              sharding.page_size, cfg.sharding.kind)
 
+    progress = _Progress(rank, cfg.train.epochs)
     directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
     checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
     training = SkipGramTraining(cfg, model, corpus.tokens, keep_probability(vocab.counts, cfg.data.sample),
-                                unigram_cdf(vocab.counts), corpus.corpus_words, _progress(rank, cfg.train.epochs),
-                                checkpoints, C.data_order(cfg, world))
+                                unigram_cdf(vocab.counts), corpus.corpus_words, progress,
+                                checkpoints, C.data_order(cfg, world, spec.identity()[0], vocab.digest()))
     try:
         if cfg.train.resume and training.resume() is None:
             log.info("no checkpoint in %s yet: starting from scratch", checkpoints.directory)
@@ -201,9 +225,11 @@ def run(cfg) -> int:
             try:
                 training.run()
             except TrainingDiverged as e:
+                progress.close()
                 last = checkpoints.latest()
                 return _stop(f"{e}. {'The last good checkpoint is ' + str(last) if last else 'No checkpoint was written'}"
                              "; nothing was exported.", code=3)
+        progress.close()
         train_s = training.elapsed()
         with phases.phase("checkpoint", "saving the trained tables"):
             rows = sum(_primary_rows(t) * len(t._row_states()) for t in (model.inputs, model.outputs))
@@ -304,23 +330,29 @@ def _finite(value):
     return value
 
 
-def _progress(rank: int, epochs: int):
-    """Rank 0's progress: a tqdm bar over epochs (words/s, loss, ETA), or nothing elsewhere."""
-    if rank != 0:
-        return lambda *a: None
-    from tqdm import tqdm
+class _Progress:
+    """Rank 0's progress: a tqdm bar over epochs (loss, words/s, ETA), made at the first
+    reading and closed at the end or on an error, so that no message lands on a half bar."""
 
-    bar = tqdm(total=epochs, unit="epoch", bar_format="{l_bar}{bar}| {n:.2f}/{total} epochs [{elapsed}<{remaining}{postfix}]",
-               mininterval=1.0, file=sys.stderr)
+    def __init__(self, rank: int, epochs: int):
+        self.rank, self.epochs, self.bar = rank, epochs, None
 
-    def update(done: float, loss: float, words_per_s: float) -> None:
-        bar.n = done
-        bar.set_postfix_str(f"loss {loss:.4f}, {words_per_s:,.0f} words/s", refresh=False)
-        bar.refresh()
-        if done >= epochs:
-            bar.close()
+    def __call__(self, done: float, loss: float, words_per_s: float) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return update
+            self.bar = tqdm(total=self.epochs, unit="epoch", mininterval=1.0, file=sys.stderr,
+                            bar_format="{l_bar}{bar}| {n:.2f}/{total} epochs [{elapsed}<{remaining}{postfix}]")
+        self.bar.n = done
+        self.bar.set_postfix_str(f"loss {loss:.4f}, {words_per_s:,.0f} words/s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _plot_loss(losses, path: Path) -> None:

@@ -243,19 +243,30 @@ def test_autocast_sparse_table_matches_nn_embedding():
     run_ranks(2, _autocast_without_fused_matches_nn_embedding)
 
 
-def _fp16_wire_overflow():
-    """comm_dtype=float16 cannot carry a gradient row beyond 65504: the row would arrive as inf.
-    Every rank raises before any row changes (bfloat16 on the wire carries it)."""
+def _wire_rounding_past_float32(comm_dtype, weight: float, refused: bool):
+    """A finite float32 gradient that rounding to comm_dtype would carry past float32's largest
+    (bf16: from 3.39618e38; float16, scaled per row: from 3.40199e38) is refused on every rank
+    before any row changes; just below, it arrives finite, as nn.Embedding's gradient."""
     rank, world = rank_world()
-    emb = ShardedEmbedding(20, 3, page_size=5, comm_dtype=torch.float16, fused_optimizer={"name": "adagrad", "lr": 0.1})
-    before = emb.full_table().clone()
+    emb = ShardedEmbedding(20, 3, page_size=5, comm_dtype=comm_dtype)
     ids = torch.tensor([5 if rank == 0 else 0])  # a row the other rank holds: it travels
-    with pytest.raises(NonFiniteGradientError):
-        (emb(ids) * 1e5).sum().backward()
-    assert torch.equal(emb.full_table(), before) and int(emb.optimizer.step) == 0
-    (emb(ids) * 1e3).sum().backward()  # fits in float16
-    assert int(emb.optimizer.step) == 1
+    out = emb(ids)
+    if refused:
+        with pytest.raises(NonFiniteGradientError):
+            (out * weight).sum().backward()
+        assert emb.weight.grad is None
+        return
+    (out * weight).sum().backward()
+    grad = emb.weight.grad.to_dense()
+    assert torch.isfinite(grad).all()
+    want = torch.zeros(10, 3)
+    want[0] = weight  # the other rank's lookup: global row 0 on rank 0, 5 on rank 1, local row 0 of each
+    torch.testing.assert_close(grad, want, rtol=torch.finfo(comm_dtype).eps, atol=0)
 
 
-def test_fp16_wire_overflow_is_caught():
-    run_ranks(2, _fp16_wire_overflow)
+@pytest.mark.parametrize("comm_dtype, weight, refused", [
+    (torch.bfloat16, 3.3961e38, False), (torch.bfloat16, 3.3962e38, True),
+    (torch.float16, 3.4019e38, False), (torch.float16, 3.4020e38, True),
+])
+def test_gradients_that_would_round_to_inf_on_the_wire_are_refused(comm_dtype, weight, refused):
+    run_ranks(2, _wire_rounding_past_float32, comm_dtype, weight, refused)

@@ -3,6 +3,8 @@ updated, and the next call works. Never a hang (the harness would fail the test)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,9 +53,9 @@ def test_non_tensor_input():
     run_ranks(2, _not_a_tensor)
 
 
-def _out_of_range_on_one_rank(bad_rank, bad_value):
+def _out_of_range_on_one_rank(bad_rank, bad_value, transport="auto"):
     rank, world = rank_world()
-    emb = ShardedEmbedding(20, 3, page_size=6, placement=[(0, 1, 2), 1, 2, 0])
+    emb = ShardedEmbedding(20, 3, page_size=6, placement=[(0, 1, 2), 1, 2, 0], transport=transport)
     opt = torch.optim.SGD(emb.parameters(), lr=1.0)
     before = emb.weight.detach().clone()
     ids = torch.tensor([5, bad_value, 7]) if rank == bad_rank else torch.arange(10)
@@ -126,6 +128,8 @@ def _bad_construction(case):
         kwargs["dtype"] = torch.int64
     elif case == "bad_comm_dtype":
         kwargs["comm_dtype"] = torch.int8
+    elif case == "float8_comm_dtype":  # floating point, but no collective or scaled wire carries it
+        kwargs["comm_dtype"] = torch.float8_e4m3fn
     elif case == "fused_unknown":
         kwargs["fused_optimizer"] = {"name": "lion", "lr": 0.1}
     elif case == "fused_bad_key":
@@ -134,6 +138,14 @@ def _bad_construction(case):
         kwargs["fused_optimizer"] = {"name": "sgd", "lr": -1}
     elif case == "fused_differs":
         kwargs["fused_optimizer"] = {"name": "sgd", "lr": 0.1 * (rank + 1)}
+    elif case == "fused_not_a_dict_on_one_rank":
+        kwargs["fused_optimizer"] = "sgd" if rank == 1 else None
+    elif case == "fused_lr_not_a_number":
+        kwargs["fused_optimizer"] = {"name": "adagrad", "lr": "x"}
+    elif case == "meta_device_on_one_rank":  # would fail to allocate on that rank alone
+        kwargs["device"] = "meta" if rank == 1 else None
+    elif case == "cuda_without_cuda":
+        kwargs["device"] = "cuda"
     with pytest.raises(ValueError) as err:
         ShardedEmbedding(n, d, **kwargs)
     # The world is intact: a good table can be built and used right after.
@@ -150,16 +162,23 @@ def _bad_construction(case):
         ("repeated_rank", "page 1: rank 1 is repeated"),
         ("num_devices", "num_devices=3 is out of range"),
         ("one_rank_bad", "rank 1: page 2: rank 9 does not exist"),
-        ("placements_differ", "ranks were given different arguments"),
-        ("sizes_differ", "ranks were given different arguments"),
-        ("dims_differ", "ranks were given different arguments"),
+        ("placements_differ", "ranks were given different arguments: placement/num_devices: rank 0: "),
+        ("sizes_differ", "ranks were given different arguments: num_embeddings: rank 0: 30, rank 1: 31"),
+        ("dims_differ", "ranks were given different arguments: embedding_dim: rank 0: 4, rank 1: 5"),
         ("bad_dim", "embedding_dim must be a positive int"),
         ("bad_dtype", "dtype must be a floating point"),
         ("bad_comm_dtype", "comm_dtype must be a floating point"),
+        ("float8_comm_dtype", "comm_dtype must be a floating point torch.dtype (torch.float32, float64, float16 or "
+                              "bfloat16), got torch.float8_e4m3fn"),
         ("fused_unknown", "fused_optimizer name 'lion' is not one of"),
         ("fused_bad_key", "fused_optimizer 'adagrad' does not take ['momentum']"),
         ("fused_bad_lr", "lr must be a finite number >= 0"),
-        ("fused_differs", "ranks were given different arguments"),
+        ("fused_differs", "ranks were given different arguments: fused_optimizer: rank 0: [('lr', 0.1), ('name', 'sgd')], "
+                          "rank 1: [('lr', 0.2), ('name', 'sgd')]"),
+        ("fused_not_a_dict_on_one_rank", "rank 1: fused_optimizer must be a dict with a 'name'"),
+        ("fused_lr_not_a_number", "fused_optimizer 'adagrad': lr must be a number, got 'x'"),
+        ("meta_device_on_one_rank", "rank 1: device=meta: the pages live on the CPU or on a CUDA device"),
+        ("cuda_without_cuda", "device=cuda but CUDA is not available on this machine"),
     ],
 )
 def test_bad_construction_raises_on_every_rank(case, message):
@@ -189,3 +208,69 @@ def _mirrors_in_a_sub_group():
 
 def test_sub_group_tables():
     run_ranks(4, _mirrors_in_a_sub_group)
+
+
+def _tables_called_out_of_order():
+    rank, _ = rank_world()
+    a, b = ShardedEmbedding(20, 3, page_size=5, seed=1), ShardedEmbedding(20, 3, page_size=5, seed=2)
+    before = (a.full_table(), b.full_table())
+    first, second = (a, b) if rank == 0 else (b, a)
+    with pytest.raises(RuntimeError) as err:
+        first(torch.tensor([3, 17])).sum().backward()
+    assert torch.equal(a.full_table(), before[0]) and torch.equal(b.full_table(), before[1])
+    a(torch.tensor([1])), b(torch.tensor([2]))  # in the same order: fine again
+    return str(err.value)
+
+
+def test_ranks_calling_different_tables_raise_on_every_rank():
+    for message in run_ranks(2, _tables_called_out_of_order):
+        assert "the ranks called the lookups of different tables (rank 0: table #" in message, message
+        assert "No rank looked anything up" in message
+
+
+def _narrow_integer_ids(dtype):
+    emb = ShardedEmbedding(20, 3, page_size=5)
+    with pytest.raises(TypeError) as err:
+        emb(torch.tensor([1, 2], dtype=dtype))
+    emb(torch.tensor([1, 2], dtype=torch.int32))  # what nn.Embedding takes works
+    return str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+def test_ids_of_other_integer_dtypes_are_refused_like_nn_embedding(dtype):
+    for message in run_ranks(2, _narrow_integer_ids, dtype):
+        assert f"must be torch.int64 or torch.int32 (what nn.Embedding takes): rank 0 passed indices of dtype {dtype}" \
+            in message, message
+
+
+def _different_full_tables():
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=5)
+    before = emb.full_table()
+    with pytest.raises(ValueError, match="load_full_table .every rank must pass the same table.: ranks were given"):
+        emb.load_full_table(torch.full((20, 3), float(rank)))
+    assert torch.equal(emb.full_table(), before)  # nothing changed on any rank
+    emb.load_full_table(torch.ones(20, 3))
+    assert torch.equal(emb.full_table(), torch.ones(20, 3))
+
+
+def test_load_full_table_refuses_different_tables_on_different_ranks():
+    run_ranks(2, _different_full_tables)
+
+
+def _export_onto(path: str):
+    emb = ShardedEmbedding(20, 3, page_size=5)
+    with pytest.raises(OSError, match="exists and is not a regular file"):
+        emb.export_table(path)
+
+
+def test_export_onto_something_that_is_not_a_regular_file_leaves_it_alone(tmp_path):
+    import stat
+
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.npy"
+    folder.mkdir()
+    for target in (fifo, folder):
+        run_ranks(2, _export_onto, str(target))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and folder.is_dir() and not list(folder.iterdir())

@@ -131,6 +131,22 @@ def _export(path: str):
     return emb.full_table()
 
 
+def _export_bf16(path: str):
+    emb = ShardedEmbedding(N, D, page_size=10, dtype=torch.bfloat16, seed=5)
+    emb.export_table(path)
+    return emb.full_table()
+
+
+def test_a_bfloat16_table_exports_as_float32_exactly(tmp_path):
+    """.npy has no bfloat16: the export widens to float32, which holds every bf16 value exactly."""
+    import numpy as np
+
+    path = str(tmp_path / "bf16.npy")
+    table = run_ranks(2, _export_bf16, path)[0]
+    saved = np.load(path)
+    assert saved.dtype == np.float32 and torch.equal(torch.from_numpy(saved), table.float())
+
+
 def _import(path: str):
     emb = ShardedEmbedding(N, D, page_size=13, placement=[(0, 1), 1, 0, 1, 0, (1, 0), 0, 1], seed=6)
     emb.import_table(path)
@@ -158,19 +174,92 @@ def _import_fails(path: str, message: str):
     ("foreign", "is not a .npy file"),
     ("shape", r"holds a table of shape \(103, 5\)"),
     ("missing", "No such file"),
+    ("damaged", r"damaged .npy header \(SyntaxError"),
+    ("not_a_size", r"damaged .npy header \(shape \(103.0, 6\) is not a tuple of sizes\)"),
+    ("integers", "dtype '<i4' is not a float table"),
+    ("big_endian", "dtype '>f4' is not a float table"),
+    ("fortran", "Fortran-ordered arrays are not supported"),
+    ("version", "unsupported .npy format version 9"),
 ])
 def test_import_of_a_bad_file_fails_on_every_rank(tmp_path, kind, message):
     import numpy as np
 
     path = tmp_path / "t.npy"
+    table = np.zeros((N, D), dtype=np.float32)
     if kind == "truncated":
-        np.save(path, np.zeros((N, D), dtype=np.float32))
+        np.save(path, table)
         path.write_bytes(path.read_bytes()[:-100])
     elif kind == "foreign":
         path.write_text("word 0.1 0.2\n")
     elif kind == "shape":
         np.save(path, np.zeros((N, 5), dtype=np.float32))
+    elif kind in ("damaged", "not_a_size"):
+        np.save(path, table)
+        data = path.read_bytes()
+        wrong = b"{'descr': '<f4', 'fortran_order': False, 'shape': (103" if kind == "damaged" else \
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (103.0, 6), }"
+        path.write_bytes(data.replace(b"{'descr': '<f4', 'fortran_order': False, 'shape': (103, 6), }", wrong))
+    elif kind == "integers":
+        np.save(path, table.astype(np.int32))
+    elif kind == "big_endian":
+        np.save(path, table.astype(">f4"))
+    elif kind == "fortran":
+        np.save(path, np.asfortranarray(table))
+    elif kind == "version":
+        np.save(path, table)
+        data = bytearray(path.read_bytes())
+        data[6] = 9
+        path.write_bytes(bytes(data))
     run_ranks(2, _import_fails, str(path), message)
+
+
+def _import_narrowing(path: str, fits: bool):
+    """A float64 file into a float32 table: rounded if every value fits float32's range; if one
+    does not, it would become inf: every rank refuses before any row changes."""
+    import numpy as np
+
+    emb = ShardedEmbedding(N, D, page_size=10, seed=4)
+    before = emb.full_table().clone()
+    table = torch.from_numpy(np.load(path))
+    if fits:
+        emb.import_table(path)
+        assert torch.equal(emb.full_table(), table.float())
+        return
+    with pytest.raises(ValueError, match=r"holds torch.float64 values beyond torch.float32's range .* row 97"):
+        emb.import_table(path)
+    assert torch.equal(emb.full_table(), before)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_an_import_that_would_overflow_the_tables_dtype_is_refused(tmp_path, fits):
+    import numpy as np
+
+    table = np.random.default_rng(0).standard_normal((N, D)) * 1e30
+    if not fits:
+        table[97, 2] = 1e39  # a finite float64 beyond float32's 3.4e38
+    np.save(tmp_path / "t.npy", table)
+    run_ranks(2, _import_narrowing, str(tmp_path / "t.npy"), fits)
+
+
+def _export_encoding_the_wrong_size(path: str):
+    """write_pages checks that every page is encoded to the bytes reserved for it (a text
+    encoder whose numbers come out longer than promised would overwrite the next page)."""
+    from sharded_embedding.export import write_pages
+
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(N, D, page_size=10)
+
+    def encode(p, rows):
+        return b"x" * (emb.plan.page_rows(p) + (1 if rank == 1 and p == 5 else 0))
+
+    with pytest.raises(OSError, match="rank 1: page 5 was encoded to 11 bytes, but 10 were reserved for it"):
+        write_pages(emb, path, b"header", lambda p: emb.plan.page_rows(p), encode)
+    dist.barrier()
+    assert not os.path.exists(path) and not os.path.exists(path + ".partial")
+
+
+def test_a_page_encoded_to_another_size_than_promised_fails_on_every_rank(tmp_path):
+    run_ranks(2, _export_encoding_the_wrong_size, str(tmp_path / "t.bin"))
 
 
 class Payload:
@@ -222,8 +311,25 @@ def _manager(directory: str, case: str):
             manager.load(first, {"emb": emb})
     elif case == "missing_state":
         plain = ShardedEmbedding(N, D, page_size=10, fused_optimizer={"name": "adagrad", "lr": 0.1})
+        untouched = plain.full_table().clone()
         with pytest.raises(CheckpointError, match="emb.optimizer.sum.npy"):  # Adagrad's sum is [N, D], not [N]
             manager.load(first, {"emb": plain})
+        assert torch.equal(plain.full_table(), untouched)  # every file is checked before any row changes
+    elif case in ("damaged_marker", "marker_not_a_dict"):
+        if rank == 0:
+            (first / "COMPLETE").write_text('{"step": 1, "wor' if case == "damaged_marker" else "[1]")
+        dist.barrier()
+        with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
+            manager.load(manager.latest(), {"emb": emb})
+    elif case == "rank_file_without_state":
+        torch.save({"optimizer_steps": {"emb": torch.tensor(2)}}, first / f"rank{rank}.pt")
+        untouched = emb.full_table().clone()
+        with torch.no_grad():
+            emb.weight.add_(1.0)
+        changed = emb.full_table().clone()
+        with pytest.raises(CheckpointError, match="unreadable rank files: rank 0: KeyError: 'state'; rank 1: KeyError"):
+            manager.load(first, {"emb": emb})
+        assert torch.equal(emb.full_table(), changed) and not torch.equal(changed, untouched)
     elif case == "other_world":
         (first / "COMPLETE").write_text('{"step": 1, "world_size": 7}') if rank == 0 else None
         dist.barrier()
@@ -232,7 +338,7 @@ def _manager(directory: str, case: str):
 
 
 @pytest.mark.parametrize("case", ["failed_save", "malicious_rank_file", "truncated_data", "missing_state",
-                                  "other_world"])
+                                  "other_world", "damaged_marker", "marker_not_a_dict", "rank_file_without_state"])
 def test_checkpoint_manager(tmp_path, case):
     run_ranks(2, _manager, str(tmp_path / "ckpts"), case)
 
@@ -283,3 +389,63 @@ def test_a_full_disk_is_one_error_on_every_rank_and_leaves_no_file(tmp_path, how
     for text in run_ranks(2, _export_fails, str(path), how):
         assert re.search(message, text), text
     assert path.read_bytes() == b"the previous export"
+
+
+SUBGROUPS = [(0, 1), (2, 3), (1, 3)]
+GROUP_PLACEMENT = [(1, 0), 0, 1, (0, 1), 1, 0, 0, 1, 1, (1, 0), 0]  # group ranks; mirrors over the group
+
+
+def _tables_on_two_groups(directory: str):
+    """World of 4: table "a" on ranks [0, 1], table "b" on [2, 3] (mirrored pages, fused
+    Adagrad). Both save with DCP (each in its group, and both in one world checkpoint), export
+    and checkpoint with CheckpointManager; then load into other groups and layouts."""
+    rank, world = rank_world()
+    groups = {ranks: dist.new_group(list(ranks)) for ranks in SUBGROUPS}  # every rank, same order
+    name, pg = ("a", groups[(0, 1)]) if rank < 2 else ("b", groups[(2, 3)])
+    emb = ShardedEmbedding(N, D, page_size=10, placement=GROUP_PLACEMENT, process_group=pg,
+                           fused_optimizer=ADAGRAD, seed=7 if name == "a" else 8)
+    for step in range(2):
+        ids = make_ids(N, rank, step, 30)
+        (emb(ids) * make_loss_weight(ids, D, rank, step)).sum().backward()
+    saved = {name: (emb.full_table(), emb._full(emb.optimizer.sum))}
+    dcp.save({name: emb.state_dict()}, checkpoint_id=f"{directory}/{name}", process_group=pg)
+    dcp.save({name: emb.state_dict()}, checkpoint_id=f"{directory}/both")  # the world: each rank its key
+    emb.export_table(f"{directory}/{name}.npy")
+    CheckpointManager(f"{directory}/manager-{name}", group=pg).save(1, {name: emb}, {}, {"world_size": 2})
+    got = {}
+    # Both tables into tables on the whole world, another page size and round robin.
+    a, b = (ShardedEmbedding(N, D, page_size=4, fused_optimizer=ADAGRAD, seed=0) for _ in range(2))
+    sd = {"a": a.state_dict(), "b": b.state_dict()}
+    dcp.load(sd, checkpoint_id=f"{directory}/both")
+    a.load_state_dict(sd["a"])
+    b.load_state_dict(sd["b"])
+    got["world"] = {k: (t.full_table(), t._full(t.optimizer.sum)) for k, t in (("a", a), ("b", b))}
+    if rank in (1, 3):  # "b" into a table on [1, 3]: DCP, the .npy export, the manager's checkpoint
+        pg13 = groups[(1, 3)]
+        other = ShardedEmbedding(N, D, page_size=7, placement=[(1, 0)] + [p % 2 for p in range(1, 15)],
+                                 process_group=pg13, fused_optimizer=ADAGRAD, seed=0)
+        sd = {"b": other.state_dict()}
+        dcp.load(sd, checkpoint_id=f"{directory}/b", process_group=pg13)
+        other.load_state_dict(sd["b"])
+        got["dcp"] = (other.full_table(), other._full(other.optimizer.sum))
+        assert_replicas_identical(other)
+        fresh = ShardedEmbedding(N, D, page_size=9, process_group=pg13, seed=0)
+        fresh.import_table(f"{directory}/b.npy")
+        got["npy"] = (fresh.full_table(),)
+        manager = CheckpointManager(f"{directory}/manager-b", group=pg13)
+        manager.load(manager.latest(), {"b": other})
+        got["manager"] = (other.full_table(), other._full(other.optimizer.sum))
+    return saved, got
+
+
+def test_tables_on_two_process_groups_checkpoint_load_and_reshard(tmp_path):
+    results = run_ranks(4, _tables_on_two_groups, str(tmp_path))
+    want = {**results[0][0], **results[2][0]}
+    assert not torch.equal(want["a"][0], want["b"][0])
+    for rank, (_, got) in enumerate(results):
+        for key, (table, state) in got["world"].items():
+            assert torch.equal(table, want[key][0]) and torch.equal(state, want[key][1])
+        if rank in (1, 3):
+            for how in ("dcp", "npy", "manager"):
+                for have, expected in zip(got[how], want["b"]):
+                    assert torch.equal(have, expected), how

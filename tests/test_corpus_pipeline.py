@@ -264,3 +264,22 @@ def test_vocabulary_file_round_trip(tmp_path):
     back = Vocabulary.load(str(tmp_path / "vocab.arrow"))
     assert back.words.to_pylist() == ["the", "é", "日本"] and back.counts.tolist() == [9, 4, 4]
     assert back.total_words == 20 and not (tmp_path / "vocab.arrow.partial").exists()
+
+
+def test_a_token_file_of_another_size_than_the_manifest_says_is_not_reused(tmp_path):
+    """The encoded corpus is reused only if each rank's int32 token file holds exactly the
+    tokens the manifest counted: a truncated one would train on less text, silently."""
+    import json
+
+    from sharded_embedding.word2vec.prepare import _matching
+
+    key = {"format": 1, "world_size": 2}
+    (tmp_path / "manifest.json").write_text(json.dumps({**key, "tokens_per_rank": [3, 5]}))
+    (tmp_path / "vocab.arrow").write_bytes(b"")
+    tokens = tmp_path / "tokens-1-of-2.i32"
+    tokens.write_bytes(b"\0" * 4 * 5)
+    assert _matching(tmp_path / "manifest.json", key, 1, tokens)
+    tokens.write_bytes(b"\0" * (4 * 5 - 2))  # cut inside the last token
+    assert not _matching(tmp_path / "manifest.json", key, 1, tokens)
+    tokens.write_bytes(b"\0" * 4 * 4)
+    assert not _matching(tmp_path / "manifest.json", key, 1, tokens)

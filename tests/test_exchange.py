@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sharded_embedding import ShardedEmbedding, initial_rows
 from tests.harness import run_ranks
@@ -45,6 +49,99 @@ def test_reduced_precision_communication_error_is_bounded(comm_dtype):
     run_ranks(2, _comm_dtype_error, comm_dtype)
 
 
+def _wire_bound(comm_dtype) -> tuple[float, float]:
+    """(u, a): a value x of a row whose largest magnitude is m arrives, scaled per row (see
+    `sharded_embedding.wire`), within u |x| + a m. float16: (2^-11, 2^-39)."""
+    info = torch.finfo(comm_dtype)
+    top = math.frexp(info.max)[1] - 1  # the scaled row's largest lands in [2^(top-1), 2^top)
+    half_subnormal = info.smallest_normal * info.eps / 2
+    return info.eps / 2, half_subnormal * 2.0 ** (1 - top)
+
+
+def _fp16_hot_rows():
+    """Issue 14, case 2: rank 0 looks id 9 (on rank 1) up 20,000 times, rank 1 id 1 (on rank
+    0); the loss is 4 * the sum, so each hot row's gradient is 80,000, beyond float16's 65504.
+    It travels scaled and the fused Adagrad step equals nn.Embedding's; a table holding values
+    near 2e5 comes back within float16's rounding, not inf."""
+    rank, world = rank_world()
+    fused = {"name": "adagrad", "lr": 0.05}
+    emb = ShardedEmbedding(32, 4, page_size=8, comm_dtype=torch.float16, fused_optimizer=fused)
+    oracle = Oracle(32, 4, fused=fused)
+    ids = [torch.full((20_000,), 9), torch.full((20_000,), 1)]
+    want_out, _ = oracle.step(ids, [torch.full((20_000, 4), 4.0)] * world)
+    out = emb(ids[rank])
+    u, a = _wire_bound(torch.float16)
+    x = want_out[rank]
+    assert ((out - x).abs() <= u * x.abs() + a * x.abs().amax(1, keepdim=True)).all()
+    (out * 4.0).sum().backward()
+    # stats() counts what travelled: a header of 6 int64 and the asked row id, then the vector and
+    # the gradient of one row each way, as 4 float16 values and the scale's exponent.
+    assert emb.stats()["bytes_received"] == emb.stats()["bytes_sent"] == 6 * 8 + 8 + 2 * (4 + 1) * 2
+    table = emb.full_table()
+    assert torch.isfinite(table).all() and torch.isfinite(emb._full(emb.optimizer.sum)).all()
+    torch.testing.assert_close(table, oracle.table, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(emb._full(emb.optimizer.sum), oracle.state("sum"), rtol=2 * u, atol=0)
+    big = 2e5 + 1e3 * initial_rows(1, 4, 0, 32)  # values near 2e5
+    emb.load_full_table(big)
+    with torch.no_grad():
+        out = emb(torch.tensor([9, 1, 17, 30]))
+    x = big[[9, 1, 17, 30]]
+    assert ((out - x).abs() <= u * x.abs()).all(), (out, x)
+
+
+def test_fp16_on_the_wire_carries_what_float16_cannot_hold():
+    run_ranks(2, _fp16_hot_rows)
+
+
+def _scaled_wire_against_the_oracle(dtype, comm_dtype, row_exponents, weight_exponents, seed):
+    """Rows of every magnitude (2^e times N(0, 1), e per row) and loss weights of every
+    magnitude travel in a narrower comm_dtype: the forward is the table within u|x| + a m per
+    row, and the SGD step is the oracle's within the same bound on each travelling partial
+    gradient (own rows are exact)."""
+    rank, world = rank_world()
+    n, d = len(row_exponents), 5
+    scale = torch.tensor([2.0**e for e in row_exponents], dtype=dtype).unsqueeze(1)
+    table = initial_rows(seed, d, 0, n, dtype=dtype) * scale
+    emb = ShardedEmbedding(n, d, page_size=3, dtype=dtype, comm_dtype=comm_dtype, seed=seed,
+                           fused_optimizer={"name": "sgd", "lr": 1.0})
+    emb.load_full_table(table)
+    oracle = Oracle(n, d, fused={"name": "sgd", "lr": 1.0})
+    oracle.emb.to(dtype)
+    with torch.no_grad():
+        oracle.emb.weight.copy_(table)
+    ids = [make_ids(n, r, seed, 40, skew="zipf") for r in range(world)]
+    ws = [make_loss_weight(i, d, r, seed).to(dtype) * torch.tensor([2.0**e for e in weight_exponents],
+                                                                    dtype=dtype)[i].unsqueeze(1)
+          for r, i in enumerate(ids)]
+    want_out, _ = oracle.step(ids, ws)
+    u, a = _wire_bound(comm_dtype)
+    out = emb(ids[rank])
+    x = want_out[rank]
+    assert torch.isfinite(out).all()
+    assert ((out - x).abs() <= u * x.abs() + a * x.abs().amax(1, keepdim=True)).all()
+    (out * ws[rank]).sum().backward()
+    bound = torch.zeros(n, d, dtype=dtype)
+    for r in range(world):  # each rank's partial gradient of each row, rounded once if it travels
+        partial = torch.zeros(n, d, dtype=dtype).index_add_(0, ids[r], ws[r])
+        bound += u * partial.abs() + a * partial.abs().amax(1, keepdim=True)
+    err = (emb.full_table() - oracle.table).abs()
+    eps = torch.finfo(dtype).eps
+    assert (err <= bound + 4 * eps * (table.abs() + bound / u)).all(), (err - bound).max()
+
+
+@settings(max_examples=12)
+@given(
+    pair=st.sampled_from([(torch.float32, torch.float16, 40), (torch.float64, torch.float32, 300),
+                          (torch.float64, torch.float16, 300)]),
+    data=st.data(),
+)
+def test_a_narrower_comm_dtype_scales_rows_and_stays_within_its_bound(pair, data):
+    dtype, comm_dtype, span = pair
+    exponents = st.lists(st.integers(-span, span), min_size=12, max_size=12)
+    run_ranks(2, _scaled_wire_against_the_oracle, dtype, comm_dtype, data.draw(exponents), data.draw(exponents),
+              data.draw(st.integers(0, 1000)))
+
+
 def _stats():
     rank, world = rank_world()
     # 4 pages of 5 rows on ranks 0, 1, 0, 1; rank r looks up [0, 0, 5, 6, 10, 15, 15, 15].
@@ -63,7 +160,7 @@ def _stats():
             assert s["local_unique_ids"] == 3 and s["unique_ids_sent_per_rank"] == [2, 0]
     sent = calls[0]["unique_ids_sent_per_rank"][1 - rank]
     served = calls[0]["rows_served_per_rank"][1 - rank]
-    header = 5 * 8  # count, error code, error value, largest count, grad mode
+    header = 6 * 8  # count, error code, error value, largest count, grad mode, table
     # First call: no capacity yet, so the header goes first and the ids follow it; then the
     # vectors (float32 rows of 3) and, backward, the gradients.
     assert calls[0]["bytes_sent"] == header + sent * 8 + served * 12 + sent * 12
@@ -118,3 +215,23 @@ def _varying_batches():
 def test_request_capacity_grows_and_shrinks_with_the_batches():
     caps = run_ranks(3, _varying_batches)
     assert len(set(caps)) == 1  # every rank derived the same capacity
+
+
+def test_routing_keys_widen_to_int64_when_they_would_pass_int32():
+    """The requester packs (serving rank, local row) into rank * stride + row and sorts the keys
+    as int32 when every key fits. A world of 3 ranks holding 2^30 rows each does not fit: the
+    keys stay int64 and every id still reaches its row (no process group needed to sort)."""
+    from sharded_embedding.placement import PagePlan
+    from sharded_embedding.routing import Router
+
+    n, page = 3 * 2**30, 2**30  # metadata only: one page per rank, nothing allocated
+    plan = PagePlan.build(n, page, 3)
+    router = Router(plan.routing_table(0), page_size=page, num_embeddings=n, max_local_rows=2**30, rank=0, world=3,
+                    transport=None, device=torch.device("cpu"))
+    assert router._key_dtype == torch.int64
+    ids = torch.tensor([n - 1, 5, 2**30 + 7, 5, 2**31 + 1])
+    gather_index, _, keys = router._sort(ids)
+    stride = 2**30 + 1
+    decoded = [(int(k) // stride, int(k) % stride) for k in keys]
+    assert decoded == [(1, 7), (2, 1), (2, 2**30 - 1), (3, 5)]  # peers in order; this rank (0) sorts last, as 3
+    assert [decoded[i] for i in gather_index.tolist()] == [(2, 2**30 - 1), (3, 5), (1, 7), (3, 5), (2, 1)]

@@ -36,6 +36,7 @@ def train_against_oracle(
     lr=0.1,
     fused=None,
     rtol=1e-5,
+    transport="auto",
 ):
     """Train the table for ``steps`` and compare, every step: outputs, gradient of the local
     storage, and the updated local rows with the oracle's. ``batch[r]`` is rank r's id count
@@ -44,7 +45,10 @@ def train_against_oracle(
     Returns stats for the caller to check what was exercised."""
     rank, world = rank_world()
     emb = ShardedEmbedding(num_embeddings, dim, page_size=page_size, placement=placement,
-                           num_devices=num_devices, seed=seed, sparse=sparse, fused_optimizer=fused)
+                           num_devices=num_devices, seed=seed, sparse=sparse, fused_optimizer=fused,
+                           transport=transport)
+    if transport != "auto":
+        assert emb.transport.name == transport or world == 1
     assert torch.equal(local_rows_of(emb, initial_rows(seed, dim, 0, num_embeddings)), emb.weight.detach())
     opt = make_optimizer(optimizer, emb.parameters(), lr) if optimizer and not fused else None
     if fused:  # the storage is the one parameter; its gradient is applied, never kept

@@ -465,6 +465,24 @@ def test_clip_grad_norm_over_the_whole_table(sparse, norm_type):
     run_ranks(2, _clip, sparse, norm_type)
 
 
+def _clip_nonfinite_norm():
+    """Finite gradients whose norm is beyond float32 (3e38 on rows of both ranks): with
+    error_if_nonfinite every rank raises, as torch.nn.utils.clip_grad_norm_ does, and no
+    gradient changes."""
+    rank, world = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=5, sparse=False)
+    (emb(torch.tensor([5 * rank])) * 3e38).sum().backward()  # each rank's own row: finite, exact
+    grad = emb.weight.grad.clone()
+    assert torch.isfinite(grad).all()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clip_grad_norm_(emb, 1.0, error_if_nonfinite=True)
+    assert torch.equal(emb.weight.grad, grad)
+
+
+def test_clip_grad_norm_refuses_a_nonfinite_norm_on_every_rank():
+    run_ranks(2, _clip_nonfinite_norm)
+
+
 def _accumulate_and_zero_grad():
     """Two micro-batches before one optimizer step (gradient accumulation), zero_grad with
     set_to_none=False, and a checkpointed lookup (torch.utils.checkpoint re-runs the

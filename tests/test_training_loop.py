@@ -64,3 +64,33 @@ def _train_like_the_doc(steps):
 def test_ddp_training_loop_from_the_docs_matches_the_oracle():
     losses = run_ranks(2, _train_like_the_doc, 5)
     assert len(losses[0]) == 5 and losses[0] != losses[1]  # each rank trained on its own batches
+
+
+def _resume_like_the_doc(ckpt: str):
+    """save_checkpoint after 2 steps, load_checkpoint into a freshly built model and optimizers,
+    2 more steps: the table, the head and both optimizers' states equal the uninterrupted run's."""
+    rank, world = rank_world()
+    doc = _doc_code()
+    torch.manual_seed(0)
+    model, table_opt, dense_opt = doc["build"]()
+    for step in range(2):
+        doc["train_step"](model, table_opt, dense_opt, *_batch(rank, step))
+    doc["save_checkpoint"](ckpt, model, table_opt, dense_opt)
+    for step in range(2, 4):
+        doc["train_step"](model, table_opt, dense_opt, *_batch(rank, step))
+    torch.manual_seed(1 + rank)  # another dense initialization, different on every rank
+    model2, table_opt2, dense_opt2 = doc["build"]()
+    doc["load_checkpoint"](ckpt, model2, table_opt2, dense_opt2)
+    for step in range(2, 4):
+        doc["train_step"](model2, table_opt2, dense_opt2, *_batch(rank, step))
+    table, table2 = model.module.items, model2.module.items
+    assert torch.equal(table2.full_table(), table.full_table())
+    assert torch.equal(table2._full(table_opt2.state[table2.weight]["sum"]),
+                       table._full(table_opt.state[table.weight]["sum"]))
+    for got, want in zip(model2.module.head.parameters(), model.module.head.parameters()):
+        assert torch.equal(got, want)
+        assert torch.equal(dense_opt2.state[got]["exp_avg_sq"], dense_opt.state[want]["exp_avg_sq"])
+
+
+def test_the_docs_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
+    run_ranks(2, _resume_like_the_doc, str(tmp_path / "ckpt"))

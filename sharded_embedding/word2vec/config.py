@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from .text import CorpusError
 
 SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored", "auto")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
@@ -40,7 +43,7 @@ class ShardingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "rowwise_adagrad"
-    lr: float = 0.2
+    lr: float = 0.7
     eps: Optional[float] = None
     lr_decay: Optional[float] = None
     initial_accumulator_value: Optional[float] = None
@@ -49,7 +52,11 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # None: gensim's bundled Wikipedia sample; a file (maybe .gz/.bz2/.xz) or a folder
+    # A file (maybe .gz/.bz2/.xz) or a folder; null: `corpus`, else gensim's sample. Missing (???)
+    # until a data option sets it: data=text leaves it for the command line.
+    path: Optional[str] = MISSING
+    corpus: Optional[str] = None  # a corpus built once from installed packages (corpora.CORPORA)
+    corpus_dir: Optional[str] = None  # where built corpora are kept (default: corpora.default_cache_dir())
     min_count: int = 5
     sample: float = 1e-3
     max_vocab: Optional[int] = None
@@ -69,7 +76,7 @@ class ModelConfig:
     dim: int = 100
     window: int = 5
     negatives: int = 5
-    shared_negatives: int = 16
+    shared_negatives: int = 64
     block: int = 32
     comm_dtype: Optional[str] = None
 
@@ -106,9 +113,15 @@ def register() -> None:
 
 
 def corpus_path(cfg) -> str:
-    """The corpus file: ``data.path``, or gensim's bundled sample."""
-    if cfg.data.path:
+    """The corpus file: ``data.path``; else the built corpus ``data.corpus`` (built into
+    ``data.corpus_dir`` on first use, see `corpora`); else gensim's bundled sample.
+    Raises corpora.CorpusError when ``data.corpus`` cannot be had."""
+    if not OmegaConf.is_missing(cfg.data, "path") and cfg.data.path:
         return os.path.abspath(os.path.expanduser(str(cfg.data.path)))
+    if cfg.data.corpus:
+        from .corpora import cached_corpus
+
+        return cached_corpus(cfg.data.corpus, cfg.data.corpus_dir)
     from gensim.test.utils import datapath
 
     return datapath("head500.noblanks.cor")
@@ -148,8 +161,12 @@ def validate(cfg, world_size: int) -> list[str]:
         errors.append(f"train.min_lr_fraction must be in (0, 1], got {t.min_lr_fraction}")
     if o.name not in OPTIMIZERS:
         errors.append(f"optimizer.name={o.name!r} is not one of {list(OPTIMIZERS)}")
-    if o.lr <= 0:
-        errors.append(f"optimizer.lr must be > 0, got {o.lr}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        errors.append(f"optimizer.lr must be a finite number > 0, got {o.lr}")
+    for key in ("eps", "lr_decay", "initial_accumulator_value"):
+        value = getattr(o, key, None)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            errors.append(f"optimizer.{key} must be a finite number >= 0, got {value}")
     if m.comm_dtype is not None and m.comm_dtype not in COMM_DTYPES:
         errors.append(f"model.comm_dtype={m.comm_dtype!r} is not one of {list(COMM_DTYPES)} or null")
     if s.kind not in SHARDING_KINDS:
@@ -171,16 +188,30 @@ def validate(cfg, world_size: int) -> list[str]:
         else:
             for p, entry in enumerate(s.pages):
                 ranks = list(entry) if isinstance(entry, (list, tuple)) or hasattr(entry, "__iter__") else [entry]
+                if not ranks:
+                    errors.append(f"sharding.pages[{p}] is an empty list: give a rank or a list of ranks")
+                if len(set(map(str, ranks))) < len(ranks):
+                    errors.append(f"sharding.pages[{p}] repeats a rank: {ranks}")
                 for r in ranks:
                     if not isinstance(r, int) or not 0 <= r < world_size:
                         errors.append(f"sharding.pages[{p}] names rank {r!r}, but the world has ranks 0..{world_size - 1}")
+    for key, folder in (("out_dir", cfg.out_dir), ("data.cache_dir", d.cache_dir),
+                        ("train.checkpoint_dir", t.checkpoint_dir)):
+        problem = _folder_problem(folder)
+        if problem:
+            errors.append(f"{key}={folder}: {problem}")
     path = None
+    if OmegaConf.is_missing(d, "path") and not d.corpus:
+        errors.append("data=text needs the corpus: data.path=<a text file, a .gz/.bz2/.xz file or a folder>")
+        return errors
     try:
         path = corpus_path(cfg)
+    except CorpusError as e:
+        errors.append(str(e))
     except ImportError:
         errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
     if path is not None:
-        from .text import CorpusError, CorpusSpec
+        from .text import CorpusSpec
 
         try:
             CorpusSpec.resolve(path, d.encoding, d.decode_errors, d.lowercase)
@@ -189,11 +220,31 @@ def validate(cfg, world_size: int) -> list[str]:
     return errors
 
 
-def data_order(cfg, world_size: int) -> dict:
-    """The settings that decide which batches a run trains, in which order: a resumed run must
-    have the same (the tables alone reshard anywhere; see docs/checkpointing.md)."""
+def _folder_problem(folder) -> str | None:
+    """Why ``folder`` cannot be a folder the job writes into (None: it can, or it is unset)."""
+    if not folder:
+        return None
+    path = os.path.abspath(os.path.expanduser(str(folder)))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing == path and not os.path.isdir(path):
+        return "exists and is not a folder"
+    if existing != path and not os.path.isdir(existing):
+        return f"cannot be created: {existing} is not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"cannot be written: {existing} is not writable"
+    return None
+
+
+def data_order(cfg, world_size: int, corpus_files: list, vocabulary: str) -> dict:
+    """The settings that decide which batches a run trains, in which order, and which word each
+    row is: a resumed run must have the same (the tables alone reshard anywhere; see
+    docs/checkpointing.md). ``corpus_files``: each file with its size and modification time;
+    ``vocabulary``: a digest of the words and counts, row by row."""
     d, m, t = cfg.data, cfg.model, cfg.train
-    return {"data.path": corpus_path(cfg), "data.min_count": d.min_count, "data.max_vocab": d.max_vocab,
+    return {"data.path": corpus_path(cfg), "corpus files (path, bytes, mtime)": corpus_files,
+            "vocabulary (digest)": vocabulary, "data.min_count": d.min_count, "data.max_vocab": d.max_vocab,
             "data.sample": d.sample, "data.lowercase": d.lowercase, "data.encoding": d.encoding,
             "data.decode_errors": d.decode_errors, "model.window": m.window, "model.block": m.block,
             "model.shared_negatives": m.shared_negatives, "train.batch_centers": t.batch_centers,

@@ -33,10 +33,9 @@ class SkipGram(nn.Module):
         super().__init__()
         common = dict(page_size=page_size, placement=placement, fused_optimizer=fused_optimizer, comm_dtype=comm_dtype)
         self.inputs = ShardedEmbedding(vocab_size, dim, seed=seed, **common)
-        self.outputs = ShardedEmbedding(vocab_size, dim, seed=seed + 1, **common)
+        self.outputs = ShardedEmbedding(vocab_size, dim, seed=seed + 1, init="zeros", **common)
         with torch.no_grad():  # word2vec's start: inputs uniform(+-0.5/dim) (here its std), outputs 0
             self.inputs.weight.mul_(0.5 / dim / math.sqrt(3))
-            self.outputs.weight.zero_()
         self.window, self.negatives, self.shared, self.block = window, negatives, shared_negatives, block
         # Distance from each center of a block to each of its candidate context positions.
         span = block + 2 * window

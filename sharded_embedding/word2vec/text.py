@@ -87,6 +87,8 @@ class CorpusSpec:
                 raise CorpusError(f"data.path: the folder {path} holds no files")
         elif p.is_file():
             files = [str(p)]
+        elif p.exists():
+            raise CorpusError(f"data.path: {path} is neither a regular file nor a folder (a device, a pipe?)")
         else:
             raise CorpusError(f"data.path: corpus file {path} does not exist")
         return cls(tuple(files), tuple(_compression(f) for f in files), info.name, errors, lowercase)
@@ -239,11 +241,20 @@ def _offsets(n: int) -> bytes:
 
 def _decode_error(spec: CorpusSpec, path: str, compression: str | None, offset: int, sample: bytes) -> CorpusError:
     line = _line_number(path, compression, offset)
+    if b"\x00" in _head(path, compression):
+        return CorpusError(f"{path} is not text (it holds NUL bytes, line {line} has bytes {sample!r}): "
+                           "point data.path at a text corpus")
     return CorpusError(
         f"{path}, line {line}: bytes {sample!r} are not valid {spec.encoding} text. Set data.encoding to the "
         f"file's encoding (e.g. data.encoding=latin-1), or data.decode_errors=replace (or ignore) to "
         "replace (drop) undecodable bytes"
     )
+
+
+def _head(path: str, compression: str | None, size: int = 1 << 16) -> bytes:
+    opener = _OPENERS[compression] if compression else open
+    with opener(path, "rb") as f:
+        return f.read(size)
 
 
 def _line_number(path: str, compression: str | None, offset: int) -> int:

@@ -19,6 +19,7 @@ phases memory-map, so its words cost no anonymous memory while the tables train.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ class Vocabulary:
     @property
     def size(self) -> int:
         return len(self.words)
+
+    def digest(self) -> str:
+        """A fingerprint of the words and counts in row order (blake2b)."""
+        offsets, data = _string_buffers(self.words)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.diff(offsets).astype("<i8").tobytes())
+        h.update(memoryview(data)[offsets[0] : offsets[-1]])
+        h.update(np.asarray(self.counts, dtype="<i8").tobytes())
+        return h.hexdigest()
 
     def save(self, path: str) -> None:
         """Write ``path`` atomically (a temporary name, fsync, rename). One rank calls it."""

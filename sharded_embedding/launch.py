@@ -1,0 +1,40 @@
+"""torchrun for this package's jobs, keeping their exit codes and their messages.
+
+    python -m sharded_embedding.launch [torchrun options] -m sharded_embedding.train [overrides]
+
+The arguments are exactly torchrun's (``torch.distributed.run``), and so is everything it does
+(rendezvous, restarts, signals). The one difference: when workers fail, torchrun raises
+``ChildFailedError``, which prints a Python traceback and a report block after the job's own
+message and exits 1 whatever the workers' codes. The jobs here report their errors themselves,
+once, on rank 0, and exit with a code that means something (2: configuration or data, 3:
+training diverged, 1: anything else). This prints one line instead of the traceback and exits
+with the largest code a worker exited with (or 128 + the signal that killed one).
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
+        worst = max((c if c > 0 else 128 - c for c in codes.values()), default=1)
+        detail = ", ".join(
+            f"rank {r}: {'code ' + str(c) if c > 0 else 'signal ' + str(-c)}" for r, c in sorted(codes.items())
+        )
+        print(f"{e.name}: stopped ({detail}); its message is above", file=sys.stderr, flush=True)
+        return worst
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

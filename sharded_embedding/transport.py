@@ -1,0 +1,318 @@
+"""How rows travel between the ranks of a group: gloo/nccl, or shared memory on one machine.
+
+`Transport.all_to_all` is the one primitive the lookup needs (``all_to_all_single`` with ragged
+splits, rows along dim 0), split in two so that local work can overlap the transfer: it sends
+and returns a function that receives. An exchange can carry one flag per rank beside the rows
+(whether a rank's gradient rows hold inf/NaN, `amp`): the receiving function then returns the
+ranks whose flag was set, the same list on every rank.
+
+`ProcessGroupTransport` calls ``torch.distributed.all_to_all_single`` (async) on the group's
+backend: any machines, any device.
+
+`SharedMemoryTransport` is for a CPU group whose ranks all run on one machine (checked: same
+host name and boot id). gloo moves a same-host all-to-all through loopback TCP sockets, with a
+thread hand-off per message; here each rank has an *outbox*, an anonymous shared-memory file
+(``memfd_create``) that the other ranks map through ``/proc/<pid>/fd``, and one exchange
+(numbered ``k`` alike on every rank, since every rank makes the same calls in the same order) is:
+
+1. wait until every peer has read this rank's outbox of exchange ``k - 1``;
+2. copy the rows for every peer into the outbox, their byte offsets and sizes into its header,
+   then store ``k`` as the header's *sent* number (x86-64 keeps stores in order, so a peer that
+   reads ``k`` there reads the rows too: the transport is only offered on x86-64);
+3. (the returned function) for each peer: wait until its sent number is ``k``, check the size
+   it wrote for this rank against the split this rank expects (ranks that disagree raise
+   instead of reading garbage), copy the rows out; then store ``k`` as *done*.
+
+Waiting spins briefly, then yields the CPU, then sleeps in short steps; it raises
+`TransportError` after ``timeout`` (like gloo's), or as soon as a peer process has died. Outboxes
+grow as needed (``ftruncate``; peers remap what they see has grown). Nothing is named in
+``/dev/shm``: the memory belongs to the processes and is freed when the last one exits,
+whatever way they exit.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import platform
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .distributed import all_gather_strings
+
+__all__ = ["Transport", "ProcessGroupTransport", "SharedMemoryTransport", "TransportError", "make_transport",
+           "same_host", "close_transports", "TRANSPORTS"]
+
+TRANSPORTS = ("auto", "process_group", "shared_memory")
+
+_SENT, _DONE, _CAPACITY, _PID, _FLAG, _FIXED = 0, 1, 2, 3, 4, 5  # header words; then offsets[world], sizes[world]
+_SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
+
+
+class TransportError(RuntimeError):
+    """A peer did not take part in an exchange in time, died, or sent what was not expected."""
+
+
+class Transport:
+    """``all_to_all(out, inp, out_splits, in_splits, flag=None)``: send ``inp``'s rows
+    (``in_splits[q]`` of them to rank ``q``, in rank order), return a function that receives
+    into ``out`` (``out_splits[q]`` rows from rank ``q``) and returns the ranks whose ``flag``
+    was set (``[]`` without flags). Collective; rows along dim 0."""
+
+    name = ""
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                   flag: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessGroupTransport(Transport):
+    """``torch.distributed.all_to_all_single`` on the group's backend (gloo, nccl)."""
+
+    name = "process_group"
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None):
+        flags = None
+        if flag is not None:  # one-hot rows summed: every rank's flag, beside the rows
+            flags = torch.zeros(self.world, dtype=torch.int32, device=flag.device)
+            flags[self.rank] = flag.to(torch.int32)
+            flag_work = dist.all_reduce(flags, group=self.group, async_op=True)  # flags (SUM)
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)  # rows
+
+        def receive() -> list[int]:
+            work.wait()
+            if flags is None:
+                return []
+            flag_work.wait()
+            return [r for r, f in enumerate(flags.tolist()) if f]
+
+        return receive
+
+
+def same_host(group) -> bool:
+    """Whether every rank of ``group`` runs on this machine (host name and boot id agree;
+    collective: two all-gathers)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    mine = f"{socket.gethostname()}/{boot}"
+    return all(other == mine for other in all_gather_strings(mine, group))
+
+
+_MADE: dict[tuple, Transport] = {}
+
+
+def make_transport(kind: str, group, device: torch.device, timeout: timedelta | None = None) -> Transport:
+    """The transport for ``group``: ``"process_group"``, ``"shared_memory"`` (raises ValueError
+    where it cannot work) or ``"auto"`` (shared memory where it can work: a CPU group on one
+    x86-64 Linux machine; else the process group). Collective over ``group`` the first time;
+    the tables of a group share one transport (their exchanges are numbered in call order,
+    the same on every rank)."""
+    if kind not in TRANSPORTS:
+        raise ValueError(f"transport={kind!r} is not one of {list(TRANSPORTS)}")
+    key = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)), kind, device.type)
+    if key not in _MADE:
+        _MADE[key] = _make(kind, group, device, timeout)
+    return _MADE[key]
+
+
+def close_transports() -> None:
+    """Close every transport this process made (`distributed.finish` does, before leaving)."""
+    for transport in _MADE.values():
+        transport.close()
+    _MADE.clear()
+
+
+def _make(kind: str, group, device: torch.device, timeout: timedelta | None) -> Transport:
+    world = dist.get_world_size(group)
+    if kind == "process_group" or world == 1:
+        return ProcessGroupTransport(group)
+    reason = None
+    if device.type != "cpu":
+        reason = f"the table is on {device}"
+    elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        reason = f"it needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
+    host_ok = same_host(group)  # collective: every rank takes part whatever its own findings
+    if reason is None and not host_ok:
+        reason = "the group's ranks are not all on this machine"
+    if reason is not None:
+        if kind == "shared_memory":
+            raise ValueError(f"transport='shared_memory' cannot work here: {reason}")
+        return ProcessGroupTransport(group)
+    return SharedMemoryTransport(group, timeout=timeout)
+
+
+class SharedMemoryTransport(Transport):
+    """All-to-all between the ranks of a one-machine CPU group (see the module docstring)."""
+
+    name = "shared_memory"
+
+    def __init__(self, group, timeout: timedelta | None = None, capacity: int = 1 << 20):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.timeout = (timeout or timedelta(minutes=10)).total_seconds()
+        self._header_bytes = -(-8 * (_FIXED + 2 * self.world) // 64) * 64
+        self._fd = os.memfd_create(f"sharded_embedding_outbox_{self.rank}", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, self._header_bytes + capacity)
+        self._mine = _Mapping(self._fd, self._header_bytes + capacity, self._header_bytes)
+        self._mine.words[_CAPACITY] = capacity
+        self._mine.words[_PID] = os.getpid()
+        self._step = 0
+        # Every rank learns where the others' outboxes are (one exchange of strings), then maps them.
+        where = all_gather_strings(f"{os.getpid()}:{self._fd}", group)
+        self._pids = [int(w.split(":")[0]) for w in where]
+        self._peers: list[_Mapping | None] = []
+        for q, w in enumerate(where):
+            if q == self.rank:
+                self._peers.append(None)
+                continue
+            pid, fd = w.split(":")
+            peer_fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+            self._peers.append(_Mapping(peer_fd, os.fstat(peer_fd).st_size, self._header_bytes, owns_fd=True))
+        dist.barrier(group=group)  # everyone has mapped everyone before the first exchange
+
+    # ------------------------------------------------------------------ one exchange
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None):
+        self._step += 1
+        k, world, rank = self._step, self.world, self.rank
+        row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
+        sizes = [n * row_bytes for n in in_splits]
+        for q in range(world):  # 1. my outbox of exchange k - 1 has been read by everyone
+            if q != rank:
+                self._wait(q, _DONE, k - 1)
+        send = inp.contiguous().view(torch.uint8).reshape(-1) if inp.numel() else None
+        total = sum(sizes) - sizes[rank]
+        self._ensure_capacity(total)
+        words, data = self._mine.words, self._mine.data
+        offset = start = 0
+        for q in range(world):  # 2. rows for each peer, at offsets peers read from the header
+            n = sizes[q]
+            if q != rank and n:
+                data[offset : offset + n].copy_(send[start : start + n])
+            words[_FIXED + q] = offset if q != rank else -1
+            words[_FIXED + world + q] = n
+            offset += n if q != rank else 0
+            start += n
+        mine = bool(flag) if flag is not None else False
+        words[_FLAG] = int(mine)
+        words[_SENT] = k  # publish: after the rows and the flag (x86-64 store order)
+        own = (sum(sizes[:rank]), sizes[rank])
+
+        def receive():
+            recv = out.view(torch.uint8).reshape(-1) if out.numel() else None
+            out_row = math.prod(out.shape[1:]) * out.element_size()
+            at, flagged = 0, []
+            for q in range(world):  # 3. what each peer left for me
+                n = out_splits[q] * out_row
+                if q == rank:
+                    if n != own[1]:
+                        raise TransportError(f"rank {rank} sends {own[1]} bytes to itself but expects {n}")
+                    if n:
+                        recv[at : at + n].copy_(send[own[0] : own[0] + n])
+                    if mine:
+                        flagged.append(q)
+                else:
+                    peer = self._peer(q, k)
+                    wrote = int(peer.words[_FIXED + world + rank])
+                    if wrote != n:
+                        raise TransportError(
+                            f"exchange {k}: rank {q} sent {wrote} bytes to rank {rank}, which expected {n}: the ranks "
+                            "called the exchange with splits that do not match")
+                    if n:
+                        src = int(peer.words[_FIXED + rank])
+                        recv[at : at + n].copy_(peer.data[src : src + n])
+                    if flag is not None and peer.words[_FLAG]:
+                        flagged.append(q)
+                at += n
+            self._mine.words[_DONE] = k
+            return flagged
+
+        return receive
+
+    # ------------------------------------------------------------------ helpers
+    def _ensure_capacity(self, nbytes: int) -> None:
+        if nbytes <= self._mine.words[_CAPACITY]:
+            return
+        capacity = max(nbytes, 2 * int(self._mine.words[_CAPACITY]))
+        os.ftruncate(self._fd, self._header_bytes + capacity)  # grows; peers' mappings stay valid
+        self._mine = _Mapping(self._fd, self._header_bytes + capacity, self._header_bytes, previous=self._mine)
+        self._mine.words[_CAPACITY] = capacity
+
+    def _peer(self, q: int, k: int) -> _Mapping:
+        """Peer ``q``'s outbox once it has sent exchange ``k``, remapped if it grew."""
+        self._wait(q, _SENT, k)
+        peer = self._peers[q]
+        if peer.words[_CAPACITY] + self._header_bytes > peer.size:
+            self._peers[q] = peer = _Mapping(peer.fd, os.fstat(peer.fd).st_size, self._header_bytes, owns_fd=True,
+                                             previous=peer)
+        return peer
+
+    def _wait(self, q: int, field: int, k: int) -> None:
+        words = self._peers[q].words
+        if words[field] >= k:
+            return
+        polls, deadline = 0, time.monotonic() + self.timeout
+        while words[field] < k:
+            polls += 1
+            if polls < _SPIN:
+                continue
+            if polls < _YIELD:
+                os.sched_yield()
+            else:
+                time.sleep(0.0002)
+            if polls % 1000 == 0:
+                if not _alive(self._pids[q]):
+                    raise TransportError(f"rank {q} of the group (pid {self._pids[q]}) died during an exchange")
+                if time.monotonic() > deadline:
+                    raise TransportError(f"rank {q} did not take part in exchange {k} within {self.timeout:.0f} s")
+
+    def close(self) -> None:
+        for peer in self._peers:
+            if peer is not None:
+                peer.close()
+        self._mine.close()
+        os.close(self._fd)
+
+
+class _Mapping:
+    """A mapped outbox: its header words (int64) and its data (uint8 tensor)."""
+
+    def __init__(self, fd: int, size: int, header_bytes: int, owns_fd: bool = False, previous: _Mapping | None = None):
+        self.fd, self.size, self.owns_fd = fd, size, owns_fd
+        self.mm = mmap.mmap(fd, size)
+        self.words = memoryview(self.mm)[:header_bytes].cast("q")
+        self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=header_bytes, count=size - header_bytes)
+        if previous is not None:
+            previous.close(keep_fd=True)
+
+    def close(self, keep_fd: bool = False) -> None:
+        self.words.release()
+        self.data = None
+        try:
+            self.mm.close()
+        except BufferError:  # a tensor view still alive: the mapping goes with it
+            pass
+        if self.owns_fd and not keep_fd:
+            os.close(self.fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

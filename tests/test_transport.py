@@ -1,0 +1,154 @@
+"""The transports under the lookup: shared memory against the process group (gloo), bit for bit,
+the lookup against the oracle on both, and what happens when a rank dies or never comes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sharded_embedding import ShardedEmbedding
+from sharded_embedding.transport import ProcessGroupTransport, SharedMemoryTransport, TransportError, make_transport
+from tests.harness import run_ranks
+from tests.test_bad_input import _out_of_range_on_one_rank
+from tests.test_lookup import train_against_oracle
+
+TRANSPORTS = ["process_group", "shared_memory"]
+
+
+def _exchanges(trials):
+    """Each trial: per-sender counts, a dtype and a row width; both transports must deliver the
+    same bytes."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shm = make_transport("shared_memory", dist.group.WORLD, torch.device("cpu"))
+    pg = ProcessGroupTransport(dist.group.WORLD)
+    assert isinstance(shm, SharedMemoryTransport)
+    for counts, dtype, width, flags in trials:
+        in_splits = counts[rank][:world]
+        out_splits = [counts[q][rank] for q in range(world)]
+        g = torch.Generator().manual_seed(rank * 1000 + sum(in_splits))
+        inp = (torch.randn(sum(in_splits), *width, generator=g) * 1e3).to(dtype)
+        a, b = torch.empty(sum(out_splits), *width, dtype=dtype), torch.empty(sum(out_splits), *width, dtype=dtype)
+        flag = torch.tensor(bool(flags[rank])) if flags is not None else None
+        got_a = shm.all_to_all(a, inp, out_splits, in_splits, flag)()
+        got_b = pg.all_to_all(b, inp, out_splits, in_splits, flag)()
+        assert torch.equal(a, b) and got_a == got_b
+        assert got_a == ([r for r in range(world) if flags[r]] if flags is not None else [])
+    return True
+
+
+@given(world=st.integers(2, 4), data=st.data())
+def test_shared_memory_delivers_what_gloo_delivers(world, data):
+    trials = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        counts = data.draw(st.lists(st.lists(st.sampled_from([0, 1, 3, 700, 40_000]), min_size=4, max_size=4),
+                                    min_size=4, max_size=4))
+        dtype = data.draw(st.sampled_from([torch.float32, torch.int64, torch.bfloat16, torch.uint8]))
+        width = data.draw(st.sampled_from([(), (1,), (5,), (2, 3)]))
+        flags = data.draw(st.none() | st.lists(st.booleans(), min_size=4, max_size=4))
+        trials.append((counts, dtype, width, flags))
+    run_ranks(world, _exchanges, trials)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_lookups_match_the_oracle_on_both_transports(world, transport):
+    stats = run_ranks(world, train_against_oracle, 103, 8, 10, transport=transport, skew="zipf", batch=(40, 0, 25))
+    assert sum(s["local_rows"] for s in stats) == 103
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fused_rowwise_adagrad_with_mirrors_on_both_transports(transport):
+    run_ranks(3, train_against_oracle, 60, 4, 8, [(0, 1), 1, (2, 0), 2, 0, (1, 2, 0), 1, 2],
+              fused={"name": "rowwise_adagrad", "lr": 0.3}, transport=transport, skew="hot")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bad_input_on_one_rank_on_both_transports(transport):
+    run_ranks(3, _out_of_range_on_one_rank, 1, 20, transport=transport)
+
+
+def _auto_picks_shared_memory():
+    emb = ShardedEmbedding(50, 4, page_size=5)
+    forced = ShardedEmbedding(50, 4, page_size=5, transport="process_group")
+    again = ShardedEmbedding(50, 4, page_size=5)
+    return emb.transport.name, forced.transport.name, again.transport is emb.transport
+
+
+def test_auto_is_shared_memory_on_one_cpu_machine_and_tables_share_it():
+    for name, forced, shared in run_ranks(2, _auto_picks_shared_memory):
+        assert (name, forced, shared) == ("shared_memory", "process_group", True)
+
+
+def _many_tables_leak_nothing():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    ShardedEmbedding(30, 4, page_size=5, transport="shared_memory")(torch.tensor([1, 2]))  # warm up
+    before = fds()
+    for _ in range(20):
+        emb = ShardedEmbedding(30, 4, page_size=5, transport="shared_memory")
+        emb(torch.tensor([0, 29])).sum().backward()
+        del emb
+    return before, fds()
+
+
+def test_tables_made_and_dropped_leave_no_shared_memory_behind():
+    shm_before = set(os.listdir("/dev/shm"))
+    for before, after in run_ranks(2, _many_tables_leak_nothing):
+        assert after <= before  # no file descriptor per table: the group's transport is shared
+    assert set(os.listdir("/dev/shm")) <= shm_before  # nothing named: the memory is the processes'
+
+
+# ---------------------------------------------------------------------------- failures
+def _rank(rank: int, world: int, port: int, how: str, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=False, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=3))
+    transport = SharedMemoryTransport(dist.group.WORLD, timeout=timedelta(seconds=3))
+    inp, out = torch.ones(4, 2), torch.empty(4, 2)
+    try:
+        transport.all_to_all(out, inp, [2, 2], [2, 2])()  # one good exchange
+    except TransportError as e:
+        results.put((f"the first exchange failed on rank {rank}: {e}", 0.0))
+        raise
+    if rank == 1:
+        if how == "dies":
+            os.kill(os.getpid(), 9)  # SIGKILL: no goodbye
+        time.sleep(30)  # never comes
+    start = time.monotonic()
+    try:
+        transport.all_to_all(out, inp, [2, 2], [2, 2])()
+        results.put(("returned", 0.0))
+    except TransportError as e:
+        results.put((str(e), time.monotonic() - start))
+    results.close()
+    results.join_thread()  # the message is out before the process leaves
+    os._exit(0)
+
+
+@pytest.mark.parametrize("how, message, within", [
+    ("dies", "rank 1 of the group (pid ", 2.0),  # noticed at once, not after the timeout
+    ("never_comes", "rank 1 did not take part in exchange 2 within 3 s", 10.0),
+])
+def test_a_rank_that_dies_or_never_comes_raises_on_the_others(how, message, within):
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 2, store.port, how, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        text, seconds = results.get(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
+    assert message in text and seconds < within, (text, seconds)
