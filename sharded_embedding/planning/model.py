@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from ..routing import _HEADER  # int64 columns before the rows in a request
+
 __all__ = ["CostModel", "MemoryModel", "Loads", "state_bytes_per_row", "OPTIMIZER_NAMES"]
 
 OPTIMIZER_NAMES = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-_HEADER = 5  # int64 columns before the rows in a request (routing._HEADER)
 _ALLOCATOR = 1.5  # headroom over the tensors' bytes (docs/planning.md: RSS growth over steps)
 
 

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..routing import _HEADER
+from ..wire import wire_columns
 from .laws import Counts, IdLaw, parse_law
 from .model import OPTIMIZER_NAMES, CostModel, Loads, MemoryModel
 
 __all__ = ["plan_placement", "predict_placement", "PlanningError", "TableLaw"]
 
-_HEADER = 5
 _TIE = 0.002  # plans this close to the cheapest (in time, then in memory) count as equal
 _MAX_PAGES = 1 << 18
 
@@ -355,7 +356,7 @@ class Planner:
         self.optimizer, self.memory, self.cost = optimizer, memory, cost_model
         self.max_pages = max_pages
         self.mem = MemoryModel(dim, dtype.itemsize, (comm_dtype or dtype).itemsize, optimizer)
-        self.wire_row = dim * (comm_dtype or dtype).itemsize
+        self.wire_row = wire_columns(dim, dtype, comm_dtype) * (comm_dtype or dtype).itemsize  # as emb.stats() counts
         self.calls = len(tables)
         self._geometries: dict[int, Geometry] = {}
 
