@@ -4,7 +4,7 @@
     python benchmarks/plan_calibration.py --reps 3 --out docs/plan_calibration.json --json runs.jsonl
 
 1. Real training steps of `ShardedEmbedding` (1M x 64 fp32, fused row-wise Adagrad) on 1 and 2
-   gloo ranks (one per core, pinned), over placements chosen to spread the loads the model
+   ranks (gloo group, one per core, pinned; rows through the default transport: shared memory on one machine), over placements chosen to spread the loads the model
    uses: round robin at several page sizes (balanced to very lopsided), all pages on one rank,
    the hottest pages mirrored (0 to 64 pages), Zipf(1.05) and uniform ids, 2k-32k ids per rank.
    Configurations are interleaved over ``--reps`` repetitions; each run reports the median of

@@ -77,16 +77,17 @@ class CostModel:
     call, ``per_call + per_peer * (world - 1) + (mirror_sync if mirrors) + max over ranks``.
     """
 
-    # Fitted by benchmarks/plan_calibration.py on this project's 2-core machine (docs/planning.md).
-    per_call: float = 0.000263  # fixed per call (Python, kernel launches), without collectives
-    per_peer: float = 0.00485  # latency of a call's collectives per peer (gloo's all-to-all is pairwise)
-    per_id: float = 2.34e-07  # validate, sort, dedup, the output gather, the gradient bag: per id
-    per_unique: float = 1.84e-07  # per distinct id of the requester (gathered buffer, grad rows)
-    per_owned_row: float = 3.13e-07  # gather + update of a row by its owner (local or served)
-    per_wire_byte: float = 2.03e-09  # per byte sent + received in the all-to-alls
-    per_mirror_row: float = 1.95e-06  # per row all-reduced over the mirrors (ids, sum, update)
-    mirror_sync: float = 0.00906  # fixed per call with mirrors: 2 all_gathers + all_reduce
-    source: str = "fitted on this project's 2-core CPU machine, 2026-11-29"
+    # Fitted by benchmarks/plan_calibration.py on this project's 2-core machine (docs/planning.md),
+    # with the shared-memory transport between the ranks (main's default on one CPU machine).
+    per_call: float = 0.000233  # fixed per call (Python, kernel launches), without collectives
+    per_peer: float = 0.00727  # latency of a call's exchanges per peer
+    per_id: float = 3.50e-07  # validate, sort, dedup, the output gather, the gradient bag: per id
+    per_unique: float = 0.0  # per distinct id of the requester (the fit folds it into per_id and per_owned_row)
+    per_owned_row: float = 2.60e-07  # gather + update of a row by its owner (local or served)
+    per_wire_byte: float = 3.94e-09  # per byte sent + received in the all-to-alls
+    per_mirror_row: float = 2.34e-06  # per row all-reduced over the mirrors (ids, sum, update)
+    mirror_sync: float = 0.00794  # fixed per call with mirrors: 2 all_gathers + all_reduce
+    source: str = "fitted on this project's 2-core CPU machine, 2026-11-30"
 
     def rank_seconds(self, loads: Loads) -> np.ndarray:
         wire = loads.bytes_sent + loads.bytes_received
