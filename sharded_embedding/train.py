@@ -257,7 +257,7 @@ def run(cfg) -> int:
         del model, training  # the tables are saved and exported: free them before evaluating
         if cfg.evaluate:
             stage = "evaluation"
-            with phases.phase("evaluation", f"evaluating the {cfg.evaluate_vocab:,} most frequent words"):
+            with phases.phase("evaluation", f"evaluating the {min(cfg.evaluate_vocab, vocab.size):,} most frequent words"):
                 evaluation = _evaluate(written[0], formats[0], cfg.evaluate_vocab, vocab)
         stage = "metrics"
         _write_metrics(cfg, out, world, path, corpus, vocab, state, train_s, words_per_s, evaluation,
