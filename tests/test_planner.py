@@ -52,7 +52,7 @@ def test_a_billion_rows_plan_without_allocating():
     # Every rank holds its share of the table plus the mirrors; row-wise Adagrad keeps 4 bytes a row.
     rows = plan.ranks.table_bytes / (128 * 4)
     assert rows.sum() >= 10**9 and np.allclose(plan.ranks.state_bytes, rows * 4)
-    assert plan.imbalance < plan.baselines["row_split"].imbalance
+    assert plan.imbalance <= 1.10 < plan.baselines["row_split"].imbalance
     assert "contiguous row split" in plan.report()
 
 

@@ -280,7 +280,7 @@ def _assign(d: np.ndarray, pages: np.ndarray, world: int) -> np.ndarray:
         lap = np.concatenate([ranks, ranks[::-1]])
         owner[rest] = lap[np.arange(rest.shape[0]) % (2 * world)]
         load += np.bincount(owner[rest], weights=d[rest], minlength=world)
-    _swap_until_balanced(d, owner, load, world)
+    _swap_until_balanced(d, owner, load, world, rounds=200 + n // 32)  # each swap moves one page pair
     return owner
 
 
