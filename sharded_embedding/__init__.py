@@ -10,6 +10,7 @@ from .initializers import initial_rows
 from .legacy import LargeEmbedding
 from .optim_state import shard_optimizer_state
 from .placement import PagePlan
+from .planning import PlacementPlan, PlanningError, plan_placement
 
 __all__ = [
     "ShardedEmbedding",
@@ -17,6 +18,9 @@ __all__ = [
     "TableConfig",
     "LargeEmbedding",
     "PagePlan",
+    "plan_placement",
+    "PlacementPlan",
+    "PlanningError",
     "exclude_from_ddp",
     "split_parameters",
     "table_parameters",

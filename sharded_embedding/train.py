@@ -69,22 +69,23 @@ def run(cfg) -> int:
         corpus = prepare_corpus(spec, min_count=cfg.data.min_count, max_vocab=cfg.data.max_vocab,
                                 directory=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "corpus",
                                 phases=phases)
-        placement = C.placement(cfg, corpus.vocab.size, world)
+        sharding = C.sharding(cfg, corpus.vocab.counts, world)
     except (CorpusError, C.ConfigError) as e:
         return _stop(f"data error: {e}" if isinstance(e, CorpusError) else f"configuration error:\n  {e}")
     vocab = corpus.vocab
+    log.info("placement (sharding=%s):\n%s", cfg.sharding.kind, sharding.plan.report())
 
     with phases.phase("tables", "allocating the tables"):
         comm_dtype = getattr(torch, cfg.model.comm_dtype) if cfg.model.comm_dtype else None
         model = SkipGram(
-            vocab.size, cfg.model.dim, page_size=cfg.sharding.page_size, placement=placement,
+            vocab.size, cfg.model.dim, page_size=sharding.page_size, placement=sharding.placement,
             fused_optimizer=C.fused_optimizer(cfg), window=cfg.model.window, negatives=cfg.model.negatives,
             shared_negatives=cfg.model.shared_negatives, block=cfg.model.block, comm_dtype=comm_dtype,
             seed=cfg.train.seed,
         )
     log.info("corpus %s: %s words; vocabulary %s words (min_count %s); %s ranks; %s pages of %s rows per table, %s",
              path, f"{corpus.corpus_words:,}", f"{vocab.size:,}", cfg.data.min_count, world, model.inputs.num_pages,
-             cfg.sharding.page_size, cfg.sharding.kind)
+             sharding.page_size, cfg.sharding.kind)
 
     progress = _Progress(rank, cfg.train.epochs)
     directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"

@@ -40,6 +40,9 @@ def _train(tmp_path, *overrides, nproc=2, timeout=300):
         (["data.path=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt does not exist"),
         (["sharding.num_devices=3"], "sharding.num_devices=3 is out of range"),
         (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
+        (["sharding=auto", "sharding.memory_per_rank=lots"], "sharding.memory_per_rank='lots' is not understood"),
+        (["sharding=auto", "sharding.memory_per_rank=1MB"],
+         "sharding=auto: no placement fits: 2 tables of 7,978 x 100 float32 with rowwise_adagrad state needs"),
         (["data=text"], "data=text needs the corpus: data.path=<a text file"),
         (["optimizer.lr=inf"], "optimizer.lr must be a finite number > 0, got inf"),
         (["optimizer.lr=nan"], "optimizer.lr must be a finite number > 0, got nan"),
@@ -80,6 +83,27 @@ def test_short_training_run_on_two_ranks(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]
     assert out.count("trained 2 epochs") == 1 and out.count("WordSim-353 Spearman") == 1
     assert "trained 2 epochs" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_sharding_auto_plans_the_tables_and_prints_the_report_once(tmp_path):
+    done = _train(tmp_path, "sharding=auto", "train.epochs=1", "evaluate=false")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert out.count("Placement plan: 2 tables of 7,978 x 100 float32, optimizer rowwise_adagrad, 2 ranks") == 1
+    assert out.count("imbalance of rows served max/mean") == 1 and "placement (sharding=auto)" in out
+    log = (tmp_path / "run" / "train.log").read_text()
+    page_size = int(log.split("page_size ")[1].split(":")[0].replace(",", ""))
+    assert f"pages of {page_size} rows per table, auto" in log  # the tables were built with the plan's pages
+    lines = (tmp_path / "out" / "vectors.txt").read_text().splitlines()
+    assert lines[0] == "7978 100" and len(lines) == 7979
+
+
+def test_every_sharding_kind_prints_what_its_placement_costs(tmp_path):
+    done = _train(tmp_path, "sharding=hot_mirrored", "train.epochs=1", "evaluate=false")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert out.count("Placement sharding=hot_mirrored: 2 tables of 7,978 x 100") == 1
+    assert "* pages 0 on every rank" in out or "0:*0,1" in out  # the mirrored hot page is marked
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from .text import CorpusError
 
-SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored")
+SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored", "auto")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 COMM_DTYPES = ("float32", "bfloat16", "float16")
 DECODE_ERRORS = ("strict", "replace", "ignore")
@@ -37,6 +37,7 @@ class ShardingConfig:
     num_devices: int = -1  # round_robin: ranks 0..num_devices-1; -1: all
     hot_pages: int = 1  # hot_mirrored: the first pages, mirrored on every rank
     pages: Optional[List[Any]] = None  # explicit: one entry per page, a rank or a list of ranks
+    memory_per_rank: Optional[str] = None  # auto: the budget per rank (e.g. 8GB) for both tables, state, workspace
 
 
 @dataclass
@@ -174,6 +175,13 @@ def validate(cfg, world_size: int) -> list[str]:
         errors.append(f"sharding.num_devices={s.num_devices} is out of range: -1 or 1..{world_size} (the world size)")
     elif s.kind == "hot_mirrored" and s.hot_pages < 0:
         errors.append(f"sharding.hot_pages must be >= 0, got {s.hot_pages}")
+    elif s.kind == "auto" and s.memory_per_rank is not None:
+        from ..planning.search import parse_bytes
+
+        try:
+            parse_bytes(s.memory_per_rank)
+        except ValueError as e:
+            errors.append(f"sharding.{e}")
     elif s.kind == "explicit":
         if not s.pages:
             errors.append("sharding.kind=explicit needs sharding.pages: one entry per page (a rank or a list of ranks)")
@@ -244,8 +252,8 @@ def data_order(cfg, world_size: int, corpus_files: list, vocabulary: str) -> dic
 
 
 def placement(cfg, vocab_size: int, world_size: int):
-    """The table placement for ``vocab_size`` words; ConfigError if an explicit list has the
-    wrong number of pages."""
+    """The table placement for ``vocab_size`` words as configured (not for ``auto``: see
+    `sharding`); ConfigError if an explicit list has the wrong number of pages."""
     s = cfg.sharding
     num_pages = math.ceil(vocab_size / s.page_size)
     if s.kind == "round_robin":
@@ -261,6 +269,60 @@ def placement(cfg, vocab_size: int, world_size: int):
             f"({vocab_size} words in the vocabulary / page_size {s.page_size}, rounded up)"
         )
     return pages
+
+
+@dataclass
+class Sharding:
+    """How the job's two tables are paged and placed, and what that is predicted to cost."""
+
+    page_size: int
+    placement: Any
+    plan: Any  # a sharded_embedding.PlacementPlan: the plan (auto) or the prediction of the placement given
+
+
+def sharding(cfg, counts, world_size: int) -> Sharding:
+    """The tables' page size and placement for a vocabulary with ``counts`` (frequency-sorted),
+    with its `PlacementPlan`. ``sharding=auto`` plans them from the lookups a step makes (see
+    `lookup_laws`); the other kinds are taken as configured and predicted. ConfigError if an
+    explicit list has the wrong number of pages or no placement fits ``memory_per_rank``."""
+    from ..planning import PlanningError, plan_placement, predict_placement
+
+    vocab_size = len(counts)
+    common = dict(tables=lookup_laws(cfg, counts), optimizer=cfg.optimizer.name, comm_dtype=cfg.model.comm_dtype,
+                  memory_per_rank=cfg.sharding.memory_per_rank)
+    if cfg.sharding.kind == "auto":
+        try:
+            plan = plan_placement(vocab_size, cfg.model.dim, world_size, **common)
+        except PlanningError as e:
+            raise ConfigError(f"sharding=auto: {e}") from None
+        return Sharding(plan.page_size, plan.placement, plan)
+    chosen = placement(cfg, vocab_size, world_size)
+    plan = predict_placement(vocab_size, cfg.model.dim, world_size, page_size=cfg.sharding.page_size,
+                             placement=chosen, **common)
+    plan.label = f"sharding={cfg.sharding.kind}"
+    return Sharding(cfg.sharding.page_size, chosen, plan)
+
+
+def lookup_laws(cfg, counts) -> list:
+    """What each table looks up per rank and step, as (expected draws per word, ids): the input
+    table the batch's centers (subsampled words); the output table the centers with their
+    2 x window context positions (subsampled words) and the block negatives (counts^0.75).
+    Both parts of the output lookup are one call, so their expected draws add up per word."""
+    import numpy as np
+
+    from ..planning import Counts
+    from .corpus import keep_probability
+
+    c = np.asarray(counts, dtype=np.float64)
+    kept = c * keep_probability(c, cfg.data.sample).numpy()
+    kept /= kept.sum()
+    negative = c**0.75
+    negative /= negative.sum()
+    centers = cfg.train.batch_centers
+    context = centers + 2 * cfg.model.window
+    negatives = math.ceil(centers / cfg.model.block) * cfg.model.shared_negatives
+    return [(Counts(kept, "input table: centers (subsampled counts)"), centers),
+            (Counts(kept * context + negative * negatives, "output table: contexts and negatives"), context + negatives)]
 
 
 def fused_optimizer(cfg) -> dict:
