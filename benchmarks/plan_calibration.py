@@ -66,7 +66,6 @@ def _placement(cfg: dict, world: int):
 
 
 def _worker(a) -> None:
-    import torch
     import torch.distributed as dist
 
     from sharded_embedding import ShardedEmbedding, finish, init_distributed
@@ -99,7 +98,7 @@ def _worker(a) -> None:
             if rank == 0:
                 emit(dict(world=world, rep=rep, config=i, **cfg, median_step_ms=statistics.median(times) * 1e3,
                           ranks=every))
-            del emb
+            emb = None  # free the table before the next configuration builds its own
     finish()
 
 

@@ -3,7 +3,6 @@ the report and picture, and its predictions against emb.stats() after real steps
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
