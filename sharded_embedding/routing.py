@@ -41,6 +41,11 @@ _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
 # largest count to any peer, the number of the table (or collection) being looked up.
 _COUNT, _LARGEST, _CALLER = 0, 1, 2
 _FIXED = 3
+# A single table's own columns after those (`Router._exchange`: error code, error value, grad
+# mode), so a table's request has TABLE_HEADER int64 values before its rows (the planner's
+# byte model reads it).
+_TABLE_COLUMNS = 3
+TABLE_HEADER = _FIXED + _TABLE_COLUMNS
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
@@ -223,7 +228,7 @@ class Router:
             _raise_if_grad_modes_differ(header[:, 2].tolist())
 
         asked = torch.split(rows[:num_asked], counts[:world])  # peer-major: one piece per peer
-        got = self.requests.exchange(columns.expand(world, 3), [[piece] for piece in asked], check=check,
+        got = self.requests.exchange(columns.expand(world, _TABLE_COLUMNS), [[piece] for piece in asked], check=check,
                                      caller=self.table_id)
         owner_rows = torch.cat([rows[num_asked:], *got.payload])
         return Routing(shape, gather_index, bags, counts[:world], got.served, owner_rows, got.ints_sent,

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from ..routing import _HEADER  # int64 columns before the rows in a request
+from ..routing import TABLE_HEADER as _HEADER  # int64 columns before the rows in a request
 
 __all__ = ["CostModel", "MemoryModel", "Loads", "state_bytes_per_row", "OPTIMIZER_NAMES"]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..routing import _HEADER
+from ..routing import TABLE_HEADER as _HEADER
 from ..wire import wire_columns
 from .laws import Counts, IdLaw, parse_law
 from .model import OPTIMIZER_NAMES, CostModel, Loads, MemoryModel
