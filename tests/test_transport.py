@@ -111,7 +111,9 @@ def test_tables_made_and_dropped_leave_no_shared_memory_behind():
 def _rank(rank: int, world: int, port: int, how: str, results) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=False, timeout=timedelta(seconds=30))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=3))
+    # gloo's own timeout stays long (a loaded machine can take seconds to set the group up); the
+    # transport under test has its own, short one.
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     transport = SharedMemoryTransport(dist.group.WORLD, timeout=timedelta(seconds=3))
     inp, out = torch.ones(4, 2), torch.empty(4, 2)
     try:
