@@ -377,7 +377,7 @@ def _limit_table(results: list[dict], workload: str, dists: list[str], transport
         head += [f"{name} ms", f"{name} / limit"]
     lines = []
     for dist in dists:
-        for opt, system in FUSED.items():
+        for system, opt in FUSED.items():
             limit = by.get((LIMIT[opt], dist))
             cells = [workload, dist, opt, f"{limit['median_step_ms']:.2f}" if limit else "-"]
             found = False
