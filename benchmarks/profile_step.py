@@ -419,7 +419,7 @@ def main(argv=None):
         title = (f"### {wl}: {sizes['rows']:,} x {sizes['dim']} fp32, {sizes['batch']} ids per rank, {a.world} ranks "
                  f"({'pinned, ' if a.bind_cpus else ''}1 thread each), page_size {a.page_size}; {a.repeat} rounds of "
                  f"{a.steps} steps after {a.warmup}; {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}")
-        print(title, flush=True)
+        print(f"profiling {wl} ...", file=sys.stderr, flush=True)
         ours = _launch(a, sizes, "ours")
         parts = [title, "", ours_table(ours)]
         found = [dict(r, workload=wl, **sizes) for r in ours]
