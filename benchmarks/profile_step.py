@@ -21,6 +21,8 @@ without the phases it calls:
     gradient sum          the backward's embedding_bag: sum each unique id's duplicate gradients
     non-finite check      amp.nonfinite_flag over the summed gradient rows
     gradient exchange     the transport's all-to-all of the gradient rows (+ the flags)
+    wait for peer         (shared memory only) of the three exchanges, the time spent waiting for a
+                          peer to publish its rows or to finish reading ours; the rest is copying
     owner duplicate sum   rows.sum_duplicate_rows inside the optimizer (row-wise Adagrad only)
     optimizer update      FusedOptimizer.apply's own work (SGD: index_add_; Adagrad: state, index_add_)
     backward rest         ShardedLookup.backward's own work (work buffer, copy of the bag sums, stats)
@@ -56,7 +58,8 @@ from lookup import WORKLOADS, RowwiseAdagrad  # noqa: E402
 PHASES = [
     "validate ids", "keys -> peers", "sort / dedup", "request build/parse", "request exchange",
     "gather for peers", "vector exchange", "gather own rows", "expand to ids",
-    "gradient sum", "non-finite check", "gradient exchange", "owner duplicate sum", "optimizer update",
+    "gradient sum", "non-finite check", "gradient exchange", "wait for peer", "owner duplicate sum",
+    "optimizer update",
     "mirror all-reduce", "backward rest", "outside the table",
 ]
 SINGLE_PHASES = ["embedding forward", "loss forward", "backward", "coalesce", "optimizer update", "zero_grad"]
@@ -139,6 +142,7 @@ class PhaseTimer:
         self._patch(R.Router, "_exchange", self.wrap("request build/parse", R.Router._exchange))
         for cls in (T.SharedMemoryTransport, T.ProcessGroupTransport):
             self._patch(cls, "all_to_all", self._exchange(cls.all_to_all))
+        self._patch(T.SharedMemoryTransport, "_wait", self.wrap("wait for peer", T.SharedMemoryTransport._wait))
         forward, backward = L.ShardedLookup.forward, L.ShardedLookup.backward
 
         def counted_forward(*args):
