@@ -9,10 +9,11 @@ backward, fused update in the backward). Timers are wrapped around the library's
 outside, in this process only (nothing in the package changes); each phase's time is its own,
 without the phases it calls:
 
-    validate ids          routing._validate: dtype check, flatten, aminmax range check
+    validate ids          routing.validate_ids: dtype check, flatten, aminmax range check
     keys -> peers         Router.route's own work: peer and row of each unique key, bincount
-    sort / dedup          Router._sort: page -> (rank, row) keys, sort, unique_consecutive, inverse
-    request build/parse   Router._exchange's own work: pack the request rows, read headers, owner rows
+    sort / dedup          Router.dedup: page -> (rank, row) keys, sort, unique_consecutive, inverse
+    request build/parse   Router._exchange's and RequestExchange.exchange's own work: pack the
+                          request rows, read the headers, owner rows
     request exchange      the transport's all-to-all of the requests (send, then wait + receive)
     gather for peers      ShardedLookup.forward: index_select of the rows peers asked for
     vector exchange       the transport's all-to-all of the vectors
@@ -136,10 +137,11 @@ class PhaseTimer:
         import sharded_embedding.transport as T
         from sharded_embedding.mirrors import MirrorSync
 
-        self._patch(R, "_validate", self.wrap("validate ids", R._validate))
+        self._patch(R, "validate_ids", self.wrap("validate ids", R.validate_ids))
         self._patch(R.Router, "route", self.wrap("route", R.Router.route))
-        self._patch(R.Router, "_sort", self.wrap("sort / dedup", R.Router._sort))
+        self._patch(R.Router, "dedup", self.wrap("sort / dedup", R.Router.dedup))
         self._patch(R.Router, "_exchange", self.wrap("request build/parse", R.Router._exchange))
+        self._patch(R.RequestExchange, "exchange", self.wrap("request build/parse", R.RequestExchange.exchange))
         for cls in (T.SharedMemoryTransport, T.ProcessGroupTransport):
             self._patch(cls, "all_to_all", self._exchange(cls.all_to_all))
         self._patch(T.SharedMemoryTransport, "_wait", self.wrap("wait for peer", T.SharedMemoryTransport._wait))

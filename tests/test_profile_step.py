@@ -24,8 +24,9 @@ def _load(name: str):
 
 
 # Calls per step of each phase (an exchange: its send and its receive; the request exchange
-# twice that when a request outgrew the capacity; the owner duplicate sum: row-wise Adagrad only).
-EXPECTED_CALLS = {"validate ids": 1, "route": 1, "sort / dedup": 1, "request build/parse": 1,
+# twice that when a request outgrew the capacity; request build/parse: Router._exchange and the
+# RequestExchange it calls; the owner duplicate sum: row-wise Adagrad only).
+EXPECTED_CALLS = {"validate ids": 1, "route": 1, "sort / dedup": 1, "request build/parse": 2,
                   "request exchange": 2, "forward": 1, "gather for peers": 1, "vector exchange": 2,
                   "gather own rows": 1, "backward": 1, "gradient sum": 1, "non-finite check": 1,
                   "gradient exchange": 2, "optimizer update": 1, "mirror all-reduce": 1}
@@ -35,12 +36,12 @@ def _profile_both_transports():
     import sharded_embedding.lookup as L
     import sharded_embedding.routing as R
 
-    before = (R.Router.route, R._validate, L.torch, L.F, L.ShardedLookup.__dict__["forward"])
+    before = (R.Router.route, R.Router.dedup, R.RequestExchange.exchange, R.validate_ids, L.torch, L.F, L.ShardedLookup.__dict__["forward"])
     ps = _load("profile_step")
     results = ps.profile_ours(rows=3000, dim=8, batch=96, page_size=16, dists=["zipf", "uniform"],
                               optimizers=["sgd", "rowwise_adagrad"], transports=["shared_memory", "process_group"],
                               steps=4, warmup=1, repeat=1)
-    after = (R.Router.route, R._validate, L.torch, L.F, L.ShardedLookup.__dict__["forward"])
+    after = (R.Router.route, R.Router.dedup, R.RequestExchange.exchange, R.validate_ids, L.torch, L.F, L.ShardedLookup.__dict__["forward"])
     assert all(x is y for x, y in zip(before, after)), "the profiler left a wrapper installed"
     return results
 
