@@ -134,6 +134,13 @@ class Router:
         self.stride = max_local_rows + 1
         fits32 = (world + 1) * self.stride < 2**31
         self._key_dtype = torch.int32 if fits32 else torch.int64
+        # Where keys fit int32 (so do the ids: num_embeddings < stride * world), `dedup` makes
+        # them in int32 throughout with one table lookup per id: page -> shift + rank * stride.
+        self._offset32 = None
+        if fits32 and num_embeddings < 2**31:
+            offset = self._shift + (self._key * self.stride if world > 1 else 0)
+            self._offset32 = offset.to(torch.int32)
+        self._page_bits = page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else None
         self._arange = torch.arange(0, device=device)
         self.requests = RequestExchange(transport, rank, world, device)
 
@@ -183,6 +190,16 @@ class Router:
             keys.add_(self._key[page], alpha=self.stride)
         return keys
 
+    def _keys32(self, flat: torch.Tensor) -> torch.Tensor:
+        """`keys` in int32 (where they fit): half the bytes per pass, one lookup per id, a shift
+        for a power-of-two page size. The same values as `keys`."""
+        ids = flat.to(torch.int32)
+        if self._page_bits is not None:
+            page = torch.bitwise_right_shift(ids, self._page_bits)
+        else:
+            page = torch.div(ids, self.page_size, rounding_mode="floor")
+        return ids.add_(torch.index_select(self._offset32, 0, page))
+
     def split(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys -> (serving rank, ``world`` for this rank; local row there)."""
         peer = torch.div(keys, self.stride, rounding_mode="floor")
@@ -204,6 +221,8 @@ class Router:
         the layout the exchanges send; and the permutation groups each unique id's positions
         (the bags the backward sums). Returns (gather_index, bags, unique keys in sorted
         order, int64)."""
+        if keys is None and self._offset32 is not None:
+            keys = self._keys32(flat)
         keys, perm = torch.sort((self.keys(flat) if keys is None else keys).to(self._key_dtype))
         keys, dups = torch.unique_consecutive(keys, return_counts=True)
         gather_index = torch.empty_like(perm)
