@@ -1,10 +1,38 @@
-"""Helpers over (rows, values) pairs: the gradient rows an owner receives."""
+"""Helpers over (rows, values) pairs: the gradient rows an owner receives; a fast stable sort."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["sum_duplicate_rows"]
+__all__ = ["sum_duplicate_rows", "stable_sort"]
+
+try:  # numpy sorts int64 with SIMD (x86-simd-sort, Highway's vqsort): 5x torch's CPU sort at 8192 keys
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy comes with the [train] and [dev] extras
+    _np = None
+
+
+def stable_sort(keys: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(keys, stable=True)``: (sorted keys, int64; the permutation, int64), equal
+    keys in the order of their positions. ``keys``: 1-D integers ``>= 0``, below ``bound`` if
+    given (else its max is read).
+
+    On the CPU, each key and its position pack into one int64 (``key << bits | position``) that
+    numpy sorts by value with SIMD (unique values: any sort is stable), 5x faster than
+    ``torch.sort`` with indices at 8192 keys; elsewhere, or when the pack would not fit 63
+    bits, or without numpy, ``torch.sort(stable=True)``: the same result."""
+    n = keys.numel()
+    if keys.device.type == "cpu" and _np is not None and n > 1:
+        bits = (n - 1).bit_length()
+        top = bound if bound is not None else int(keys.max()) + 1
+        if top > 0 and (top - 1).bit_length() + bits <= 63:
+            packed = keys.to(torch.int64, copy=True).bitwise_left_shift_(bits)
+            packed.add_(torch.arange(n, dtype=torch.int64))
+            _np.ndarray.sort(packed.numpy())  # in place
+            perm = packed.bitwise_and((1 << bits) - 1)
+            return packed.bitwise_right_shift_(bits), perm
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    return sorted_keys.to(torch.int64), perm
 
 
 def sum_duplicate_rows(
@@ -12,8 +40,14 @@ def sum_duplicate_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unique ``rows`` and the sum of the ``values`` of each (a row asked by several ranks
     arrives several times). ``sort=False``: rows need not come back sorted, and when none
-    repeats the inputs come back as they are (no copy)."""
-    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    repeats the inputs come back as they are (no copy). ``rows``: int64 local rows (>= 0).
+
+    ``torch.unique(rows, sorted=True, return_inverse=True)`` computed with `stable_sort` and
+    ``unique_consecutive`` (the same unique rows and inverse, at a fraction of the time)."""
+    keys, perm = stable_sort(rows)
+    unique, counts = torch.unique_consecutive(keys, return_counts=True)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.repeat_interleave(torch.arange(unique.numel(), device=rows.device), counts)
     if unique.numel() == rows.numel():
         if not sort:
             return rows, values
