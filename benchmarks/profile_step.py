@@ -25,8 +25,9 @@ without the phases it calls:
     wait for peer         (shared memory only) of the three exchanges, the time spent waiting for a
                           peer to publish its rows or to finish reading ours; the rest is copying
     owner duplicate sum   rows.sum_duplicate_rows inside the optimizer (row-wise Adagrad only)
-    optimizer update      FusedOptimizer.apply's own work (SGD: index_add_; Adagrad: state, index_add_)
-    backward rest         ShardedLookup.backward's own work (work buffer, copy of the bag sums, stats)
+    optimizer update      FusedOptimizer.apply's / apply_parts' own work (SGD: index_add_; Adagrad: state,
+                          index_add_)
+    backward rest         ShardedLookup.backward's own work (buffers, copy of own rows' sums, stats)
     outside the table     the rest of the step: (out * w).sum(), its backward, autograd's own cost
 
 An exchange's time includes waiting for the slower rank. A barrier starts each step on all ranks
@@ -162,6 +163,8 @@ class PhaseTimer:
         self._patch(L, "F", _Proxy(F, embedding_bag=self.wrap("gradient sum", F.embedding_bag)))
         self._patch(L, "nonfinite_flag", self.wrap("non-finite check", L.nonfinite_flag))
         self._patch(O.FusedOptimizer, "apply", self.wrap("optimizer update", O.FusedOptimizer.apply))
+        if "apply_parts" in O.FusedOptimizer.__dict__:  # (absent before the leaner step: to profile older trees)
+            self._patch(O.FusedOptimizer, "apply_parts", self.wrap("optimizer update", O.FusedOptimizer.apply_parts))
         self._patch(O, "sum_duplicate_rows", self.wrap("owner duplicate sum", O.sum_duplicate_rows))
         self._patch(MirrorSync, "all_reduce", self.wrap("mirror all-reduce", MirrorSync.all_reduce))
 
