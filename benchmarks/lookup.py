@@ -4,6 +4,8 @@
     python benchmarks/lookup.py --workload M            # M: 10M x 128, 16384 ids per rank
     python benchmarks/lookup.py --workload S,M --chart docs/benchmarks.png --markdown out.md
     python benchmarks/lookup.py --workload L --systems ours_fused_rowwise_adagrad --dists zipf
+    python benchmarks/lookup.py --workload S,M --repeat 3 --transports shared_memory,process_group \
+        --systems ours_fused_sgd,ours_fused_rowwise_adagrad,single_sparse,single_sparse_rowwise_adagrad
 
 A step is: forward lookup of each rank's ids -> loss = (out * w).sum() -> backward ->
 optimizer step (SGD lr 0.05 on the touched rows unless the system says otherwise). Every
@@ -12,7 +14,8 @@ torchrun on gloo (one thread per rank, each rank pinned to its own core unless
 --no-bind-cpus), single-process ones with plain python. Each prints one JSON line; the
 driver prints a table with median step time, lookups/s over all ranks, bytes exchanged per
 rank and step, peak RSS per rank, and the ratio of each of our systems to each baseline
-measured in the same run.
+measured in the same run, and a summary of each of our fused systems against the
+single-process limit with the same optimizer, per transport (--transports).
 
 Systems (--systems, comma separated):
   ours_sgd                    ShardedEmbedding, sparse gradients + torch.optim.SGD
@@ -20,10 +23,17 @@ Systems (--systems, comma separated):
   ours_fused_rowwise_adagrad  ShardedEmbedding, row-wise Adagrad fused into the backward
   single_sparse               one process, the whole table, nn.Embedding(sparse=True) + SGD,
                               looking up all ranks' ids each step (the no-communication limit)
+  single_sparse_rowwise_adagrad   the same with row-wise Adagrad on the coalesced sparse
+                              gradient (the limit for ours_fused_rowwise_adagrad)
   dtensor_rowwise             nn.Embedding + RowwiseParallel (Shard(0) in and out) on a CPU
                               DeviceMesh, dense gradient of the local shard + SGD
   torchrec_rw_fused_sgd       TorchRec EmbeddingCollection, ROW_WISE, FBGEMM EXACT_SGD fused
   torchrec_rw_fused_rowwise_adagrad   the same with EXACT_ROWWISE_ADAGRAD
+
+Our systems run once per transport in --transports (default: auto, what a table gets by
+default); with more than one, or one other than auto, each is labelled system/shm or
+system/gloo (shared_memory, process_group).
+
 TorchRec needs the optional extra: pip install -e '.[bench]' && pip install --no-deps
 torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0. Its gradient division is turned off so that every
 system applies the same update (lr times the sum of all ranks' gradients).
@@ -49,10 +59,19 @@ WORKLOADS = {
 FUSED = {"ours_fused_sgd": "sgd", "ours_fused_rowwise_adagrad": "rowwise_adagrad"}
 OURS = ["ours_sgd", *FUSED]
 TORCHREC = {"torchrec_rw_fused_sgd": "EXACT_SGD", "torchrec_rw_fused_rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD"}
-SINGLE = ["single_sparse"]
-BASELINES = ["single_sparse", "dtensor_rowwise", *TORCHREC]
+SINGLE = ["single_sparse", "single_sparse_rowwise_adagrad"]
+LIMIT = {"sgd": "single_sparse", "rowwise_adagrad": "single_sparse_rowwise_adagrad"}  # per fused optimizer
+BASELINES = [*SINGLE, "dtensor_rowwise", *TORCHREC]
+TRANSPORT_LABELS = {"auto": "", "shared_memory": "shm", "process_group": "gloo"}
 SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
 DEFAULT_SYSTEMS = [*OURS, *BASELINES]
+
+
+def _label(system: str, transport: str | None, transports: list[str]) -> str:
+    """``system``, or ``system/shm`` etc. when the run compares transports."""
+    if transport is None or transports == ["auto"]:
+        return system
+    return f"{system}/{TRANSPORT_LABELS[transport] or transport}"
 
 
 def _args(argv=None):
@@ -69,6 +88,10 @@ def _args(argv=None):
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--dists", default="zipf,uniform")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
+    ap.add_argument("--transports", default="auto",
+                    help="comma separated, among auto, shared_memory, process_group: our systems run once "
+                         "per transport")
+    ap.add_argument("--transport", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append every result as a JSON line to this file")
     ap.add_argument("--markdown", default=None, help="also write the result table to this file")
@@ -141,7 +164,7 @@ def _worker_ours(a):
     fused = {"name": FUSED[a.worker], "lr": a.lr} if a.worker in FUSED else None
 
     def build():
-        emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size, fused_optimizer=fused)
+        emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size, fused_optimizer=fused, transport=a.transport)
         opt = torch.optim.SGD(emb.parameters(), lr=a.lr) if fused is None else None
         return emb, opt
 
@@ -158,7 +181,8 @@ def _worker_ours(a):
         shard = emb.weight.numel() * emb.weight.element_size()
         opt_state = sum(b.numel() * b.element_size() for b in emb.optimizer.buffers()) if emb.optimizer else 0
         return dict(bytes_sent_per_step=round(s["bytes_sent_per_call"]), shard_mib=round(shard / 2**20, 1),
-                    optimizer_state_mib=round(opt_state / 2**20, 1), page_size=a.page_size)
+                    optimizer_state_mib=round(opt_state / 2**20, 1), page_size=a.page_size,
+                    transport=emb.transport.name)
 
     _run_distributed(a, rank, world, build, step, after=after)
 
@@ -247,7 +271,10 @@ def _worker_single(a):
     w = torch.cat([make_loss_weight(a.batch, a.dim, r, a.seed) for r in range(a.world)])
     rss0 = current_rss_mib()
     emb = torch.nn.Embedding(a.rows, a.dim, sparse=True)
-    opt = torch.optim.SGD(emb.parameters(), lr=a.lr)
+    if a.worker == "single_sparse":
+        opt = torch.optim.SGD(emb.parameters(), lr=a.lr)
+    else:
+        opt = RowwiseAdagrad(emb.weight, lr=a.lr)
 
     def step(i):
         (emb(ids[i]) * w).sum().backward()
@@ -259,15 +286,43 @@ def _worker_single(a):
                  peak_rss_mib_per_rank=[round(peak_rss_mib(), 1)], rss_before_build_mib_per_rank=[round(rss0, 1)]))
 
 
+class RowwiseAdagrad:
+    """Row-wise Adagrad (FBGEMM EXACT_ROWWISE_ADAGRAD, the math of our fused
+    ``rowwise_adagrad``) on the sparse gradient of one ``nn.Embedding(sparse=True)``: coalesce
+    (sum each row's duplicates, as the square needs), then
+    ``s[r] += mean(g[r]^2); w[r] -= lr * g[r] / (sqrt(s[r]) + eps)``. torch has no row-wise
+    Adagrad; this is the leanest single-process form of it."""
+
+    def __init__(self, weight, lr: float, eps: float = 1e-10):
+        import torch
+
+        self.weight, self.lr, self.eps = weight, lr, eps
+        self.sum = torch.zeros(weight.shape[0], dtype=torch.float32)
+
+    def step(self):
+        import torch
+
+        with torch.no_grad():
+            g = self.weight.grad.coalesce()
+            rows, values = g.indices()[0], g.values()
+            acc = self.sum.index_select(0, rows).add_(values.square().mean(1))
+            self.sum.index_copy_(0, rows, acc)
+            scale = acc.sqrt_().add_(self.eps).reciprocal_().mul_(-self.lr)
+            self.weight.index_add_(0, rows, values * scale.unsqueeze(1))
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.weight.grad = None
+
+
 WORKERS = {**{s: _worker_ours for s in OURS}, **{s: _worker_torchrec for s in TORCHREC},
-           "dtensor_rowwise": _worker_dtensor, "single_sparse": _worker_single}
+           "dtensor_rowwise": _worker_dtensor, **{s: _worker_single for s in SINGLE}}
 
 
 # ---------------------------------------------------------------------------------- driver
-def _run_one(a, system: str, dist: str) -> dict:
+def _run_one(a, system: str, dist: str, transport: str | None = None) -> dict:
     common = [f"--rows={a.rows}", f"--dim={a.dim}", f"--batch={a.batch}", f"--world={a.world}",
-              f"--page-size={a.page_size}", f"--steps={a.steps}", f"--warmup={a.warmup}", f"--lr={a.lr}",
-              f"--slow-steps={a.slow_steps}", f"--seed={a.seed}", f"--worker={system}", f"--dist={dist}"]
+              f"--transport={transport or 'auto'}", f"--page-size={a.page_size}", f"--steps={a.steps}",
+              f"--warmup={a.warmup}", f"--lr={a.lr}", f"--slow-steps={a.slow_steps}", f"--seed={a.seed}", f"--worker={system}", f"--dist={dist}"]
     if not a.bind_cpus:
         common.append("--no-bind-cpus")
     script = os.path.abspath(__file__)
@@ -312,6 +367,35 @@ def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _limit_table(results: list[dict], workload: str, dists: list[str], transports: list[str], repeat: int) -> str:
+    """Each fused system of ours against the single-process limit with the same optimizer
+    (limit step time / ours: above 1 is faster than one process), one column pair per transport."""
+    by = {(r["system"], r["dist"]): r for r in results if not r.get("failed")}
+    head = ["workload", "ids", "optimizer", "single-process limit ms"]
+    for t in transports:
+        name = TRANSPORT_LABELS[t] or t
+        head += [f"{name} ms", f"{name} / limit"]
+    lines = []
+    for dist in dists:
+        for system, opt in FUSED.items():
+            limit = by.get((LIMIT[opt], dist))
+            cells = [workload, dist, opt, f"{limit['median_step_ms']:.2f}" if limit else "-"]
+            found = False
+            for t in transports:
+                r = by.get((_label(system, t, transports), dist))
+                found |= r is not None
+                cells.append(f"{r['median_step_ms']:.2f}" if r else "-")
+                ok = r is not None and limit is not None
+                cells.append(f"{limit['median_step_ms'] / r['median_step_ms']:.2f}x" if ok else "-")
+            if found and limit:
+                lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    note = (f"Against the single-process limit (step ms: median step of the median of {repeat} interleaved "
+            "runs; ratio = limit / ours, above 1x is faster than one process):")
+    return "\n".join([note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
+
+
 def _chart(path: str, results: list[dict]) -> None:
     import matplotlib
 
@@ -352,6 +436,11 @@ def main(argv=None):
     unknown = [s for s in systems if s not in WORKERS]
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; known: {sorted(WORKERS)}")
+    transports = [t.strip() for t in a.transports.split(",")]
+    bad = [t for t in transports if t not in TRANSPORT_LABELS]
+    if bad:
+        raise SystemExit(f"unknown transports {bad}; known: {sorted(TRANSPORT_LABELS)}")
+    runs_of = [(_label(s, t, transports), s, t) for s in systems for t in (transports if s in OURS else [None])]
     dists = a.dists.split(",")
     import torch
 
@@ -369,24 +458,28 @@ def main(argv=None):
         print(title, flush=True)
         mine = []
         for dist in dists:
-            runs = {s: [] for s in systems}
+            runs = {label: [] for label, _, _ in runs_of}
             for _ in range(a.repeat):
-                for system in systems:
-                    r = _run_one(run, system, dist)
-                    r.update(workload=wl, rows=run.rows, dim=run.dim, batch=run.batch)
-                    runs[system].append(r)
+                for label, system, transport in runs_of:
+                    r = _run_one(run, system, dist, transport)
+                    r.update(system=label, workload=wl, rows=run.rows, dim=run.dim, batch=run.batch)
+                    runs[label].append(r)
                     if a.json:
                         with open(a.json, "a") as f:
                             f.write(json.dumps(r) + "\n")
-                    status = "FAILED " + str(r.get("error", ""))[-300:] if r.get("failed") else f"{r['median_step_ms']} ms"
-                    print(f"  ran {system} / {dist}: {status}", file=sys.stderr, flush=True)
-            for system in systems:
-                ok = sorted((r for r in runs[system] if not r.get("failed")), key=lambda r: r["median_step_ms"])
-                pick = ok[len(ok) // 2] if ok else runs[system][-1]
+                    failed = "FAILED " + str(r.get("error", ""))[-300:]
+                    status = failed if r.get("failed") else f"{r['median_step_ms']} ms"
+                    print(f"  ran {label} / {dist}: {status}", file=sys.stderr, flush=True)
+            for label in runs:
+                ok = sorted((r for r in runs[label] if not r.get("failed")), key=lambda r: r["median_step_ms"])
+                pick = ok[len(ok) // 2] if ok else runs[label][-1]
                 if len(ok) > 1:
                     pick["median_step_ms_of_runs"] = [r["median_step_ms"] for r in ok]
                 mine.append(pick)
         table = _table(mine, dists, [b for b in BASELINES if b in systems])
+        limits = _limit_table(mine, wl, dists, transports, a.repeat)
+        if limits:
+            table += "\n\n" + limits
         print("\n" + table + "\n", flush=True)
         results += mine
         out.append(title + "\n\n" + table + "\n")

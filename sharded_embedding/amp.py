@@ -19,8 +19,8 @@ alike. `use_grad_scaler` tells it which scaler to answer to:
 Without a scaler, a non-finite gradient row is never applied either: every rank raises
 `NonFiniteGradientError` in that backward, before any row changes.
 
-The check: each rank looks at the gradient rows it computed (one ``aminmax`` pass, also
-catching values that rounding to ``comm_dtype`` would carry past the dtype's largest, see
+The check: each rank looks at the gradient rows it computed (on the CPU one sum, and one
+``aminmax`` pass only where the sum is not finite; see `nonfinite_flag`), also catching values that rounding to ``comm_dtype`` would carry past the dtype's largest, see
 `wire.finite_limit`), and each rank's flag travels with its gradient rows in the gradient
 exchange (`transport.Transport.all_to_all`'s ``flag``), so every rank knows every rank's flag
 before any row changes, at no extra collective. What it does not see: finite rows from several ranks whose
@@ -101,16 +101,33 @@ def nonfinite_flag(rows: torch.Tensor, num_wire: int, wire_limit: float | None) 
     """Whether the gradient rows a requester computed hold inf or NaN, or, among its first
     ``num_wire`` rows (those that travel), a magnitude of at least ``wire_limit``, which would
     arrive as inf after rounding to ``comm_dtype`` (`wire.finite_limit`). A 0-dim bool tensor
-    on ``rows``' device, no host sync. One ``aminmax`` pass: NaN propagates into both ends, an
-    inf shows in one, and the largest magnitude is one of the ends."""
+    on ``rows``' device.
+
+    The exact check is one ``aminmax`` pass (NaN propagates into both ends, an inf shows in
+    one, and the largest magnitude is one of the ends), with no host sync. On the CPU a
+    cheaper test goes first and the exact check runs only where it fails: the sum of a part
+    is finite only if every value is (an inf or NaN makes the sum inf or NaN), and a computed
+    sum of magnitudes is at least the largest of them (rounding is monotone), so a sum of
+    magnitudes below ``wire_limit`` clears the limit too. A finite part whose sum overflows
+    just takes the exact path."""
     flag = torch.zeros((), dtype=torch.bool, device=rows.device)
     parts = [(rows[:num_wire], wire_limit), (rows[num_wire:], None)] if wire_limit is not None else [(rows, None)]
     for part, limit in parts:
-        if part.numel():
-            ends = torch.stack(torch.aminmax(part))
-            bad = ~torch.isfinite(ends).all()
-            flag |= bad if limit is None else bad | (ends.abs() >= limit).any()
+        if not part.numel() or (rows.device.type == "cpu" and _surely_finite(part, limit)):
+            continue
+        ends = torch.stack(torch.aminmax(part))
+        bad = ~torch.isfinite(ends).all()
+        flag |= bad if limit is None else bad | (ends.abs() >= limit).any()
     return flag
+
+
+def _surely_finite(part: torch.Tensor, limit: float | None) -> bool:
+    """The sum test of `nonfinite_flag` (True: every value is finite and, with ``limit``, of a
+    smaller magnitude; False: take the exact check). Half-precision sums accumulate in float32."""
+    acc = torch.float32 if part.element_size() < 4 else None
+    if limit is None:
+        return bool(torch.isfinite(part.sum(dtype=acc)))
+    return bool(torch.linalg.vector_norm(part, 1, dtype=acc) < limit)
 
 
 def nonfinite_message(ranks: list[int]) -> str:

@@ -14,9 +14,12 @@ Backward (the adjoint of the forward, so the gradient is that of the SUM of all 
                  then either a fused optimizer updates the rows in place (no gradient is kept)
                  or the rows become a sparse COO (``sparse=True``) or dense gradient.
 
-Both directions use one buffer layout so nothing is concatenated: the backward work buffer
-is ``[grads of rows asked of peers | grads of own rows | grads from peers]``, and its last two
-parts line up with ``owner_rows`` (see `routing.Routing`). The all-to-alls go through the
+Both directions follow one row layout so nothing is concatenated: the embedding_bag sum is
+``[grads of rows asked of peers | grads of own rows]`` and its first part is sent as it is;
+the owner's rows ``[own | from peers]`` line up with ``owner_rows`` (see `routing.Routing`).
+A linear fused optimizer (SGD) applies the own part and the peers' part one after the other,
+as they lie; otherwise the own part is copied beside the received rows while they travel.
+The all-to-alls go through the
 table's `transport.Transport`: the process group's backend, or shared memory between the ranks
 of one machine.
 """
@@ -52,6 +55,7 @@ class Workspace:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self._filled: dict[str, tuple] = {}
 
     def get(self, name: str, rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -61,6 +65,17 @@ class Workspace:
                 buf = torch.empty(max(rows, grow + grow // 2, 64), dim, dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:rows]
+
+    def filled(self, name: str, n: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``torch.full((n,), value)``, kept filled between calls (refilled when ``value``
+        changes)."""
+        buf = self.get(name, n, 1, dtype, device)
+        whole = self._buffers[name]
+        key = (value, whole.data_ptr(), whole.shape[0])
+        if self._filled.get(name) != key:
+            whole.fill_(value)
+            self._filled[name] = key
+        return buf[:, 0]
 
 
 @dataclass
@@ -141,26 +156,39 @@ class ShardedLookup(torch.autograd.Function):
         routing: Routing = ctx.routing
         exchange: Exchange = ctx.exchange
         dim = grad_out.shape[-1]
-        num_remote, num_unique, num_served = routing.num_remote, routing.num_unique, routing.num_served
+        num_remote, num_self, num_served = routing.num_remote, routing.num_self, routing.num_served
         scale, inv_scale = gradient_scales(exchange)
-        # [grads of rows asked of peers | grads of own rows | grads received from peers]
-        work = exchange.workspace.get("work", num_unique + num_served, dim, grad_out.dtype, grad_out.device)
-        if num_unique:  # one bag per unique id sums the gradients of its duplicates
+        # One row per unique id, [rows asked of peers | own rows]: one bag per unique id sums
+        # the gradients of its duplicates. The peers' part is sent as it is.
+        if routing.num_unique:
             bags = routing.bags
-            weights = None if scale is None else grad_out.new_full((bags.indices.numel(),), scale)
-            work[:num_unique] = F.embedding_bag(
-                bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum", per_sample_weights=weights
-            )
+            weights = None if scale is None else exchange.workspace.filled("scale", bags.indices.numel(), scale,
+                                                                           grad_out.dtype, grad_out.device)
+            summed = F.embedding_bag(bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum",
+                                     per_sample_weights=weights)
+        else:
+            summed = grad_out.new_zeros(0, dim)
+        # [grads of own rows | grads received from peers], lined up with owner_rows
+        owner = exchange.workspace.get("work", num_self + num_served, dim, grad_out.dtype, grad_out.device)
         # Every rank learns, with the gradients, whether any rank computed an inf/NaN row: no
         # row changes anywhere before that is known.
-        flag = nonfinite_flag(work[:num_unique], num_remote, wire.finite_limit(work.dtype, exchange.comm_dtype))
-        receive = exchange.all_to_all(work[num_unique:], work[:num_remote], routing.served_counts,
+        flag = nonfinite_flag(summed, num_remote, wire.finite_limit(summed.dtype, exchange.comm_dtype))
+        receive = exchange.all_to_all(owner[num_self:], summed[:num_remote], routing.served_counts,
                                       routing.requested_counts, flag)  # gradients (+ non-finite flags)
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
+        optimizer = exchange.optimizer
+        in_parts = optimizer is not None and optimizer.linear_scale is not None and not exchange.mirrors.active
+        if not in_parts:
+            owner[:num_self] = summed[num_remote:]  # while the gradients travel
         bad = receive()
         if bad and skip_nonfinite_step([exchange], bad):
             return None, None, None  # the step is skipped everywhere, like scaler.step skips it
-        grad = update_rows(exchange, ctx.weight, routing.owner_rows, work[num_remote:], inv_scale=inv_scale,
+        if in_parts:  # a linear update applies own rows and peers' rows one after the other
+            rows = routing.owner_rows
+            optimizer.apply_parts(ctx.weight, [(rows[:num_self], summed[num_remote:]),
+                                               (rows[num_self:], owner[num_self:])])
+            return None, None, None
+        grad = update_rows(exchange, ctx.weight, routing.owner_rows, owner, inv_scale=inv_scale,
                            storage_shape=ctx.storage_shape, poisoned=bool(bad))
         return grad, None, None
 

@@ -81,6 +81,18 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         self.step += 1
         self.update(weight, rows, grad)
 
+    @torch.no_grad()
+    def apply_parts(self, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimizer step given the rows and their gradient in parts, ``[(rows, grad),
+        ...]``: the same as `apply` of the parts concatenated, for an optimizer with a
+        ``linear_scale`` only (its update of a row is a sum over the row's occurrences, and the
+        parts are applied in order)."""
+        if self.linear_scale is None:
+            raise TypeError(f"fused_optimizer {self.name!r} is not linear in the gradient: apply it in one part")
+        self.step += 1
+        for rows, grad in parts:
+            self.update(weight, rows, grad)
+
     @abstractmethod
     def update(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Apply ``grad`` (already multiplied by ``linear_scale`` if there is one) to ``rows``;

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .placement import RoutingTable
+from .rows import stable_sort
 from .transport import Transport
 
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
@@ -135,10 +136,17 @@ class Router:
         # serving rank's local row.
         self._key = torch.where(table.dest_rank == rank, world, table.dest_rank).to(device)
         self._shift = (table.dest_offset - pages * page_size).to(device)
-        # (serving rank, local row) packs into rank * stride + row; int32 keys sort 2x faster.
+        # (serving rank, local row) packs into rank * stride + row. Where keys fit int32 (so do
+        # the ids: num_embeddings < stride * world), `dedup` makes them in int32 with one table
+        # lookup per id: page -> shift + rank * stride.
         self.stride = max_local_rows + 1
         fits32 = (world + 1) * self.stride < 2**31
         self._key_dtype = torch.int32 if fits32 else torch.int64
+        self._offset32 = None
+        if fits32 and num_embeddings < 2**31:
+            offset = self._shift + (self._key * self.stride if world > 1 else 0)
+            self._offset32 = offset.to(torch.int32)
+        self._page_bits = page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else None
         self._arange = torch.arange(0, device=device)
         self.requests = RequestExchange(transport, rank, world, device)
 
@@ -188,6 +196,16 @@ class Router:
             keys.add_(self._key[page], alpha=self.stride)
         return keys
 
+    def _keys32(self, flat: torch.Tensor) -> torch.Tensor:
+        """`keys` in int32 (where they fit): half the bytes per pass, one lookup per id, a shift
+        for a power-of-two page size. The same values as `keys`."""
+        ids = flat.to(torch.int32)
+        if self._page_bits is not None:
+            page = torch.bitwise_right_shift(ids, self._page_bits)
+        else:
+            page = torch.div(ids, self.page_size, rounding_mode="floor")
+        return ids.add_(torch.index_select(self._offset32, 0, page))
+
     def split(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys -> (serving rank, ``world`` for this rank; local row there)."""
         peer = torch.div(keys, self.stride, rounding_mode="floor")
@@ -207,13 +225,17 @@ class Router:
         """One sort does it all. Each id becomes its key (`keys`; pass them if computed
         already), own rows last; equal keys are duplicate ids; the sorted order is peer-major,
         the layout the exchanges send; and the permutation groups each unique id's positions
-        (the bags the backward sums). Returns (gather_index, bags, unique keys in sorted
-        order, int64)."""
-        keys, perm = torch.sort((self.keys(flat) if keys is None else keys).to(self._key_dtype))
+        (the bags the backward sums). The sort is stable (`rows.stable_sort`): each bag lists
+        its positions in order, so a unique id's gradient is the sum of its duplicates' in the
+        order they were looked up. Returns (gather_index, bags, unique keys in sorted order,
+        int64)."""
+        if keys is None:
+            keys = self._keys32(flat) if self._offset32 is not None else self.keys(flat)
+        keys, perm = stable_sort(keys, bound=(self.world + 1) * self.stride)
         keys, dups = torch.unique_consecutive(keys, return_counts=True)
         gather_index = torch.empty_like(perm)
         gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
-        return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys.long()
+        return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys
 
     def _exchange(self, shape, gather_index, bags, rows, counts: list[int], code: int, value: int,
                   needs_grad: bool) -> Routing:

@@ -1,10 +1,39 @@
-"""Helpers over (rows, values) pairs: the gradient rows an owner receives."""
+"""Helpers over (rows, values) pairs: the gradient rows an owner receives; a fast stable sort."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["sum_duplicate_rows"]
+__all__ = ["sum_duplicate_rows", "stable_sort"]
+
+try:  # numpy sorts int64 with SIMD (x86-simd-sort, Highway's vqsort): 5x torch's CPU sort at 8192 keys
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy comes with the [train] and [dev] extras
+    _np = None
+
+
+def stable_sort(keys: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(keys, stable=True)``: (sorted keys, int64; the permutation, int64), equal
+    keys in the order of their positions. ``keys``: 1-D integers ``>= 0``, below ``bound`` if
+    given (else its max is read).
+
+    On the CPU, each key and its position pack into one int64 (``key << bits | position``) that
+    numpy sorts by value with SIMD (unique values: any sort is stable), 5x faster than
+    ``torch.sort`` with indices at 8192 keys; elsewhere, or when the pack would not fit 63
+    bits, or without numpy, ``torch.sort(stable=True)``: the same result."""
+    n = keys.numel()
+    if keys.device.type == "cpu" and _np is not None and n > 1:
+        bits = (n - 1).bit_length()
+        top = bound if bound is not None else int(keys.max()) + 1
+        if top > 0 and (top - 1).bit_length() + bits <= 63:
+            packed = keys.to(torch.int64, copy=True).bitwise_left_shift_(bits)
+            packed.add_(torch.arange(n, dtype=torch.int64))
+            _np.ndarray.sort(packed.numpy())  # in place
+            perm = packed.bitwise_and((1 << bits) - 1)
+            return packed.bitwise_right_shift_(bits), perm
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    return sorted_keys.to(torch.int64), perm
 
 
 def sum_duplicate_rows(
@@ -12,14 +41,21 @@ def sum_duplicate_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unique ``rows`` and the sum of the ``values`` of each (a row asked by several ranks
     arrives several times). ``sort=False``: rows need not come back sorted, and when none
-    repeats the inputs come back as they are (no copy)."""
-    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    repeats the inputs come back as they are (no copy). ``rows``: int64 local rows (>= 0).
+
+    The result is bitwise that of ``torch.unique(rows, sorted=True, return_inverse=True)`` and
+    ``zeros.index_add_(0, inverse, values)`` (each row's values added in the order they come),
+    at a fraction of the time: one `stable_sort` groups each row's positions in order, and for
+    float32/float64 values one ``embedding_bag`` sums each group (the same sums: it adds a
+    group's rows in order from zero)."""
+    keys, perm = stable_sort(rows)
+    unique, counts = torch.unique_consecutive(keys, return_counts=True)
     if unique.numel() == rows.numel():
-        if not sort:
-            return rows, values
-        order = torch.empty_like(inverse)
-        order[inverse] = torch.arange(inverse.numel(), device=inverse.device)
-        return unique, values[order]
+        return (rows, values) if not sort else (unique, values[perm])
+    if values.dtype in (torch.float32, torch.float64):
+        return unique, F.embedding_bag(perm, values, torch.cumsum(counts, 0) - counts, mode="sum")
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.repeat_interleave(torch.arange(unique.numel(), device=rows.device), counts)
     summed = values.new_zeros(unique.numel(), values.shape[1])
     summed.index_add_(0, inverse, values)
     return unique, summed

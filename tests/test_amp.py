@@ -270,3 +270,41 @@ def _wire_rounding_past_float32(comm_dtype, weight: float, refused: bool):
 ])
 def test_gradients_that_would_round_to_inf_on_the_wire_are_refused(comm_dtype, weight, refused):
     run_ranks(2, _wire_rounding_past_float32, comm_dtype, weight, refused)
+
+
+def _nonfinite_reference(rows, num_wire, limit):
+    bad = not bool(torch.isfinite(rows).all())
+    if limit is not None and num_wire:
+        bad |= bool((rows[:num_wire].double().abs() >= limit).any())
+    return bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nonfinite_flag_matches_an_elementwise_check(dtype):
+    """The flag's sum test (CPU) falls back to the exact check whenever it cannot vouch: finite
+    rows whose sum overflows are not flagged; inf, -inf with inf, NaN, and values at or past the
+    wire limit (in either part, at any position) are."""
+    from sharded_embedding.amp import nonfinite_flag
+    from sharded_embedding.wire import finite_limit
+
+    big = torch.finfo(dtype).max
+    limit = finite_limit(dtype, torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        rows = torch.randn(7, 5, generator=gen).to(dtype)
+        kind = trial % 6
+        at = (int(torch.randint(7, (), generator=gen)), int(torch.randint(5, (), generator=gen)))
+        if kind == 1:
+            rows.fill_(big)  # finite, the sum overflows
+        elif kind == 2:
+            rows[at] = float("inf")
+        elif kind == 3:
+            rows[0, 0], rows[at] = float("inf"), float("-inf")
+        elif kind == 4:
+            rows[at] = float("nan")
+        elif kind == 5 and limit is not None:
+            rows[at] = limit * (1 if trial % 4 else -1)
+        num_wire = int(torch.randint(8, (), generator=gen))
+        for lim in (None, limit):
+            want = _nonfinite_reference(rows, num_wire if lim is not None else 0, lim)
+            assert bool(nonfinite_flag(rows, num_wire, lim)) == want, (dtype, kind, num_wire, lim)

@@ -51,6 +51,7 @@ class _Counter:
                 self._inside = False
 
         transport.all_to_all = all_to_all
+        self._transport = transport  # cached per group and kept by later tests: restore() unwraps it
         self._saved = []
         # torch.distributed's collectives, and the all-gather our modules bound at import
         places = [(dist, name) for name in COLLECTIVES] + [(m, "all_gather_single") for m in (se_distributed, se_mirrors)]
@@ -66,6 +67,7 @@ class _Counter:
             setattr(module, name, wrapper)
 
     def restore(self):
+        del self._transport.all_to_all  # the class's method again
         for module, name, fn in self._saved:
             setattr(module, name, fn)
 

@@ -235,3 +235,30 @@ def test_routing_keys_widen_to_int64_when_they_would_pass_int32():
     decoded = [(int(k) // stride, int(k) % stride) for k in keys]
     assert decoded == [(1, 7), (2, 1), (2, 2**30 - 1), (3, 5)]  # peers in order; this rank (0) sorts last, as 3
     assert [decoded[i] for i in gather_index.tolist()] == [(2, 2**30 - 1), (3, 5), (1, 7), (3, 5), (2, 1)]
+
+
+@pytest.mark.parametrize("page_size", [1, 7, 16, 512])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_int32_routing_keys_equal_the_int64_ones(page_size, world):
+    """Where keys fit int32, `Router.dedup` makes them in int32 with one lookup per id (a shift
+    for a power-of-two page size): the same keys as `Router.keys`, for every rank of round-robin
+    and explicit placements, mirrored pages included."""
+    from sharded_embedding.placement import PagePlan
+    from sharded_embedding.routing import Router
+
+    n = 1000
+    pages = -(-n // page_size)
+    placements = ["round_robin", [(p * 5) % world for p in range(pages)]]
+    if world > 1:
+        placements.append([(0, 1) if p % 3 == 0 else p % world for p in range(pages)])
+    ids = torch.cat([torch.arange(n), torch.randint(0, n, (500,), generator=torch.Generator().manual_seed(world))])
+    for placement in placements:
+        plan = PagePlan.build(n, page_size, world, placement)
+        for rank in range(world):
+            router = Router(plan.routing_table(rank), page_size=page_size, num_embeddings=n,
+                            max_local_rows=max(plan.local_rows(r) for r in range(world)), rank=rank, world=world,
+                            transport=None, device=torch.device("cpu"))
+            assert router._offset32 is not None
+            keys32 = router._keys32(ids)
+            assert keys32.dtype == torch.int32
+            assert torch.equal(keys32.long(), router.keys(ids)), (placement, rank)

@@ -150,3 +150,23 @@ def _state_that_is_not_per_row():
 
 def test_optimizer_state_that_is_not_per_row_is_refused():
     run_ranks(2, _state_that_is_not_per_row)
+
+
+def test_a_linear_update_in_parts_is_the_update_of_the_whole():
+    """`FusedOptimizer.apply_parts` (the backward's SGD path: own rows, then peers' rows as they
+    arrived) changes the rows bitwise as `apply` of the parts concatenated, rows repeated across
+    parts included, and counts one step; an optimizer that is not linear refuses it."""
+    from sharded_embedding.optimizers import build_fused_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=g)
+    rows = [torch.randint(0, 50, (30,), generator=g), torch.randint(0, 50, (40,), generator=g)]
+    grads = [torch.randn(30, 8, generator=g), torch.randn(40, 8, generator=g)]
+    whole, parts = weight.clone(), weight.clone()
+    a, b = build_fused_optimizer({"name": "sgd", "lr": 0.1}, whole), build_fused_optimizer({"name": "sgd", "lr": 0.1}, parts)
+    a.apply(whole, torch.cat(rows), torch.cat(grads))
+    b.apply_parts(parts, list(zip(rows, grads)))
+    assert torch.equal(whole, parts) and int(a.step) == int(b.step) == 1
+    adagrad = build_fused_optimizer({"name": "rowwise_adagrad"}, weight)
+    with pytest.raises(TypeError, match="not linear"):
+        adagrad.apply_parts(weight, list(zip(rows, grads)))

@@ -1,0 +1,98 @@
+"""The step profiler (benchmarks/profile_step.py) still finds every function it times.
+
+Its timers wrap library functions from outside; when the library's internals move, a wrapper
+silently times nothing. These tests run a few tiny steps on 2 ranks, on both transports and
+both optimizers it profiles, and check that every phase ran the expected number of times per
+step, that the phases add up to the step, and that the originals are back afterwards."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+from tests.harness import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Calls per step of each phase (an exchange: its send and its receive; the request exchange
+# twice that when a request outgrew the capacity; request build/parse: Router._exchange and the
+# RequestExchange it calls; the owner duplicate sum: row-wise Adagrad only; the mirror all-reduce:
+# row-wise Adagrad only, as SGD without mirrored pages updates in parts).
+EXPECTED_CALLS = {"validate ids": 1, "route": 1, "sort / dedup": 1, "request build/parse": 2,
+                  "request exchange": 2, "forward": 1, "gather for peers": 1, "vector exchange": 2,
+                  "gather own rows": 1, "backward": 1, "gradient sum": 1, "non-finite check": 1,
+                  "gradient exchange": 2, "optimizer update": 1, "mirror all-reduce": 1}
+
+
+def _profile_both_transports():
+    import sharded_embedding.lookup as L
+    import sharded_embedding.routing as R
+
+    before = (R.Router.route, R.Router.dedup, R.RequestExchange.exchange, R.validate_ids, L.torch, L.F, L.ShardedLookup.__dict__["forward"])
+    ps = _load("profile_step")
+    results = ps.profile_ours(rows=3000, dim=8, batch=96, page_size=16, dists=["zipf", "uniform"],
+                              optimizers=["sgd", "rowwise_adagrad"], transports=["shared_memory", "process_group"],
+                              steps=4, warmup=1, repeat=1)
+    after = (R.Router.route, R.Router.dedup, R.RequestExchange.exchange, R.validate_ids, L.torch, L.F, L.ShardedLookup.__dict__["forward"])
+    assert all(x is y for x, y in zip(before, after)), "the profiler left a wrapper installed"
+    return results
+
+
+def test_profiler_times_every_phase_on_both_transports():
+    ranks = run_ranks(2, _profile_both_transports)
+    ps = _load("profile_step")
+    for results in ranks:
+        assert {(r["transport"], r["optimizer"], r["dist"]) for r in results} == {
+            (t, o, d) for t in ("shared_memory", "process_group") for o in ("sgd", "rowwise_adagrad")
+            for d in ("zipf", "uniform")}
+        for r in results:
+            expected = dict(EXPECTED_CALLS)
+            if r["optimizer"] == "rowwise_adagrad":
+                expected["owner duplicate sum"] = 1
+            else:  # SGD applies own and peers' rows as they lie (no mirrored pages: no all-reduce)
+                del expected["mirror all-reduce"]
+            calls = dict(r["calls_per_step"])
+            assert (calls.pop("wait for peer", 0) >= 3) == (r["transport"] == "shared_memory"), r
+            assert calls.pop("request exchange") in (2, 4), r
+            del expected["request exchange"]
+            assert calls == expected, r
+            phases = r["phases"]
+            assert set(phases) == {*ps.PHASES, "step"}
+            assert math.isclose(sum(v for k, v in phases.items() if k != "step"), phases["step"], rel_tol=1e-9)
+            assert all(v >= 0 for k, v in phases.items() if k != "outside the table")
+
+
+def test_single_process_profile_adds_up():
+    ps = _load("profile_step")
+    results = ps.profile_single(rows=500, dim=4, batch=32, world=2, dists=["zipf"],
+                                optimizers=["sgd", "rowwise_adagrad"], steps=3, warmup=1, repeat=1)
+    assert [r["optimizer"] for r in results] == ["sgd", "rowwise_adagrad"]
+    for r in results:
+        phases = r["phases"]
+        assert set(phases) == {*ps.SINGLE_PHASES, "step"}
+        assert math.isclose(sum(v for k, v in phases.items() if k != "step"), phases["step"], rel_tol=1e-9)
+
+
+def test_limit_table_ratios():
+    lk = _load("lookup")
+    transports = ["shared_memory", "process_group"]
+    results = [dict(system="single_sparse", dist="zipf", median_step_ms=4.0),
+               dict(system="single_sparse_rowwise_adagrad", dist="zipf", median_step_ms=6.0),
+               dict(system="ours_fused_sgd/shm", dist="zipf", median_step_ms=2.0),
+               dict(system="ours_fused_sgd/gloo", dist="zipf", median_step_ms=8.0),
+               dict(system="ours_fused_rowwise_adagrad/shm", dist="zipf", median_step_ms=3.0)]
+    table = lk._limit_table(results, "S", ["zipf"], transports, 3)
+    rows = [line for line in table.splitlines() if line.startswith("| S ")]
+    assert rows == ["| S | zipf | sgd | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x |",
+                    "| S | zipf | rowwise_adagrad | 6.00 | 3.00 | 2.00x | - | - |"]
+    assert lk._label("ours_fused_sgd", "process_group", transports) == "ours_fused_sgd/gloo"
+    assert lk._label("ours_fused_sgd", "auto", ["auto"]) == "ours_fused_sgd"
