@@ -64,6 +64,42 @@ def compose(config_name: str, register, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
+def folder_problem(folder) -> str | None:
+    """Why ``folder`` cannot be a folder an app writes into (None: it can, or it is unset).
+    Probes the nearest existing folder by making and removing a temporary folder in it, so
+    places that look writable but refuse folders (``/proc``, read-only mounts) are caught."""
+    import tempfile
+
+    if not folder:
+        return None
+    path = os.path.abspath(os.path.expanduser(str(folder)))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing == path and not os.path.isdir(path):
+        return "exists and is not a folder"
+    if existing != path and not os.path.isdir(existing):
+        return f"cannot be created: {existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as e:
+        return f"cannot be {'written' if existing == path else 'created'}: {existing} refuses new folders ({e.strerror})"
+    return None
+
+
+def unknown_added_keys(config_name: str, register, overrides: list[str]) -> list[str]:
+    """The ``+key=value`` overrides whose key is not in the app's configuration: Hydra adds
+    them, and the app would silently ignore them (a typo like ``+train.epoch=1``)."""
+    from omegaconf import OmegaConf
+
+    added = [o for o in overrides if o.startswith("+") and "=" in o]
+    if not added:
+        return []
+    base = compose(config_name, register, [o for o in overrides if not o.startswith("+")])
+    missing = object()
+    return [o for o in added if OmegaConf.select(base, o.lstrip("+").split("=", 1)[0], default=missing) is missing]
+
+
 def sweep(overrides: list[str]) -> list[list[str]]:
     """The jobs of a Hydra multirun (``-m``): one override list per combination."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -141,6 +177,11 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
         cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
         init_distributed()
         return stop(f"configuration error: {e}{cause}")
+    added = unknown_added_keys(config_name, register, overrides)
+    if added:
+        init_distributed()
+        return stop(f"configuration error: {', '.join(added)}: not a key of this app's configuration (Hydra's "
+                    "'+' adds a key, which the app would ignore); see docs/configuration.md for the keys")
     shared = shared_out_dir(configs) if multirun else None
     if shared:
         init_distributed()

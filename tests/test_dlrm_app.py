@@ -156,6 +156,8 @@ def test_the_configuration_checks_name_each_bad_value():
         "train.batch_size=0": "train.batch_size must be >= 1, got 0",
         "train.steps=0": "train.steps must be >= 1, got 0",
         "data.pairs=[[C1,C99]]": "data.pairs: ['C1', 'C99'] must name two features of the tables",
+        "train.resume=true": "train.resume=true needs out_dir",
+        "out_dir=/proc/nope": "out_dir=/proc/nope: cannot be created: /proc refuses new folders",
     }
     for override, message in cases.items():
         errors = validate(compose("dlrm", register, [override]))
@@ -165,6 +167,7 @@ def test_the_configuration_checks_name_each_bad_value():
 @pytest.mark.parametrize("overrides, message", [
     (["optim.sparse=lion"], "optim.sparse='lion' is not one of"),
     (["model.dimm=4"], "Key 'dimm' not in 'ModelCfg'"),
+    (["+train.stepz=5"], "+train.stepz=5: not a key of this app's configuration"),
 ])
 def test_configuration_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):
     """Through the launch line: a schema error (Hydra's) and a `validate` error (the others are

@@ -52,6 +52,9 @@ def _train(tmp_path, *overrides, nproc=2, timeout=300):
         (["train.checkpoint_dir=/etc/hostname/ckpt"], "train.checkpoint_dir=/etc/hostname/ckpt: cannot be created: "
                                                       "/etc/hostname is not a folder"),
         (["data.path=/dev/zero"], "data.path: /dev/zero is neither a regular file nor a folder"),
+        (["train.checkpoint_dir=/proc/ckpt"], "train.checkpoint_dir=/proc/ckpt: cannot be created: /proc refuses "
+                                              "new folders"),
+        (["+train.epoch=1"], "+train.epoch=1: not a key of this app's configuration"),
     ],
 )
 def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):

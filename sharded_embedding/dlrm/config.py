@@ -10,6 +10,8 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from ..hydra_app import folder_problem
+
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 COMM_DTYPES = ("float32", "bfloat16", "float16")
@@ -141,4 +143,10 @@ def validate(cfg) -> list[str]:
         errors.append(f"optim.dense={o.dense!r} is not one of {list(DENSE_OPTIMIZERS)}")
     if t.checkpoint_every < 0:
         errors.append(f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    if t.resume and not cfg.out_dir:
+        errors.append("train.resume=true needs out_dir: the default run folder is new at every launch, so there "
+                      "would be nothing to resume from")
+    problem = folder_problem(cfg.out_dir)
+    if problem:
+        errors.append(f"out_dir={cfg.out_dir}: {problem}")
     return errors

@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ..hydra_app import folder_problem
 from .text import CorpusError
 
 SHARDING_KINDS = ("round_robin", "explicit", "hot_mirrored", "auto")
@@ -197,7 +198,7 @@ def validate(cfg, world_size: int) -> list[str]:
                         errors.append(f"sharding.pages[{p}] names rank {r!r}, but the world has ranks 0..{world_size - 1}")
     for key, folder in (("out_dir", cfg.out_dir), ("data.cache_dir", d.cache_dir),
                         ("train.checkpoint_dir", t.checkpoint_dir)):
-        problem = _folder_problem(folder)
+        problem = folder_problem(folder)
         if problem:
             errors.append(f"{key}={folder}: {problem}")
     path = None
@@ -218,23 +219,6 @@ def validate(cfg, world_size: int) -> list[str]:
         except CorpusError as e:
             errors.append(str(e))
     return errors
-
-
-def _folder_problem(folder) -> str | None:
-    """Why ``folder`` cannot be a folder the job writes into (None: it can, or it is unset)."""
-    if not folder:
-        return None
-    path = os.path.abspath(os.path.expanduser(str(folder)))
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if existing == path and not os.path.isdir(path):
-        return "exists and is not a folder"
-    if existing != path and not os.path.isdir(existing):
-        return f"cannot be created: {existing} is not a folder"
-    if not os.access(existing, os.W_OK):
-        return f"cannot be written: {existing} is not writable"
-    return None
 
 
 def data_order(cfg, world_size: int, corpus_files: list, vocabulary: str) -> dict:
