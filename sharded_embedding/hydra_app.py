@@ -176,7 +176,8 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
     except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad configs
         cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
         init_distributed()
-        return stop(f"configuration error: {e}{cause}")
+        text = str(e).split("\nTo append")[0]  # Hydra's '+key' hint: added keys are refused (see below)
+        return stop(f"configuration error: {text}{cause}")
     added = unknown_added_keys(config_name, register, overrides)
     if added:
         init_distributed()

@@ -13,6 +13,7 @@ the smallest world size that would hold it).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,18 @@ def plan_from_config(cfg):
 
     from .planning import plan_placement
 
-    law = np.load(cfg.counts) if cfg.counts else cfg.law
+    law = cfg.law
+    if cfg.counts:
+        try:
+            law = np.load(cfg.counts, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"counts={cfg.counts}: not a .npy array of per-row counts (numpy.save of a 1-D "
+                             "numeric array; object arrays are not read)") from None
+    for key in ("draw", "json"):  # before planning, not after printing the report
+        target = cfg[key]
+        folder = os.path.dirname(os.path.abspath(str(target))) if target else None
+        if folder and not os.path.isdir(folder):
+            raise ValueError(f"{key}={target}: the folder {folder} does not exist")
     common = dict(dtype=cfg.dtype, comm_dtype=cfg.comm_dtype, optimizer=cfg.fused_optimizer, memory_per_rank=cfg.memory,
                   page_size=cfg.page_size, mirrors=cfg.mirrors, max_pages=cfg.max_pages, cost_model=cfg.cost_model)
     if cfg.tables < 1:
@@ -68,7 +80,23 @@ def plan_from_config(cfg):
 def main() -> None:
     import hydra
 
+    from .hydra_app import compose, unknown_added_keys
+
     register()
+    overrides = sys.argv[1:]
+    if not any(a.startswith("-") for a in overrides):  # --help, --cfg: Hydra's own
+        try:  # the schema's errors (unknown keys, wrong types) as one line and exit 2, like the apps
+            compose("plan", register, overrides)
+            added = unknown_added_keys("plan", register, overrides)
+        except Exception as e:  # noqa: BLE001 - Hydra raises several types for bad overrides
+            hint = str(e).split("\nTo append")[0]  # Hydra's '+key' hint: added keys are refused here
+            cause = f"\n  {e.__cause__}" if e.__cause__ is not None else ""
+            print(f"configuration error: {hint}{cause}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        if added:
+            print(f"configuration error: {', '.join(added)}: not a key of the planner's configuration",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="plan")
     def run(cfg) -> None:

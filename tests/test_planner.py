@@ -214,7 +214,11 @@ def test_command_line_prints_the_report_and_writes_picture_and_json(tmp_path):
     (["law=pareto"], "planning error: law 'pareto' is not understood", 2),
     (["tables=0"], "planning error: tables must be >= 1, got 0", 2),
     (["counts=/nonexistent/counts.npy"], "planning error: [Errno 2] No such file or directory", 2),
-    (["dimm=3"], "Key 'dimm' not in 'PlanConfig'", 1),
+    (["dimm=3"], "Key 'dimm' not in 'PlanConfig'", 2),
+    (["+dimm=3"], "configuration error: +dimm=3: not a key of the planner's configuration", 2),
+    (["draw=/nonexistent/plan.png"], "planning error: draw=/nonexistent/plan.png: the folder /nonexistent does "
+                                     "not exist", 2),
+    (["counts=/etc/hostname"], "planning error: counts=/etc/hostname: not a .npy array of per-row counts", 2),
 ])
 def test_command_line_errors(tmp_path, overrides, message, code):
     done = _cli(*overrides, f"hydra.run.dir={tmp_path}")
