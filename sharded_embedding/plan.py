@@ -59,7 +59,7 @@ def plan_from_config(cfg):
     if cfg.counts:
         try:
             law = np.load(cfg.counts, allow_pickle=False)
-        except ValueError as e:
+        except ValueError:
             raise ValueError(f"counts={cfg.counts}: not a .npy array of per-row counts (numpy.save of a 1-D "
                              "numeric array; object arrays are not read)") from None
     for key in ("draw", "json"):  # before planning, not after printing the report
