@@ -51,8 +51,10 @@ class IdLaw(ABC):
 
 
 def _distinct_rows(p: np.ndarray, draws: float) -> np.ndarray:
-    """``1 - (1 - p)^draws`` per row, accurate for tiny ``p``."""
-    return -np.expm1(draws * np.log1p(-np.minimum(p, 1.0)))
+    """``1 - (1 - p)^draws`` per row, accurate for tiny ``p``; a row of ``p = 1`` (a one-row
+    law) gives 1 (log1p(-1) = -inf, silenced)."""
+    with np.errstate(divide="ignore"):
+        return -np.expm1(draws * np.log1p(-np.minimum(p, 1.0)))
 
 
 def _page_sums(values: np.ndarray, first_row: int, page_size: int, num_pages: int) -> np.ndarray:
