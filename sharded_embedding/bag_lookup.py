@@ -175,7 +175,7 @@ def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor)
         return
     rows, first, weights = _decoded(serve, r)
     weights = weights.to(storage.dtype) if weights is not None else None
-    starts = torch.nonzero(first).squeeze(1)
+    starts = torch.nonzero(first).squeeze(1).to(rows.dtype)  # embedding_bag takes one index dtype
     out.copy_(F.embedding_bag(rows, storage, starts, mode="sum", per_sample_weights=weights))
 
 
@@ -251,7 +251,7 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
             continue
         r_ids, first, w = _decoded(serve, r)
         ids.append(r_ids)
-        pair_of.append(torch.cumsum(first, 0).sub_(1 - at))  # the pair of each id, in the pairs of every requester
+        pair_of.append(torch.cumsum(first, 0, dtype=torch.int32).sub_(1 - at))  # each id's pair, of all requesters
         weights.append(w)
         grads.append(block)
         at += block.shape[0]
@@ -261,14 +261,16 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
             w = torch.cat([x if x is not None else torch.ones(i.numel(), device=device) for x, i in zip(weights, ids)])
         ids, pair_of = (ids[0], pair_of[0]) if len(ids) == 1 else (torch.cat(ids), torch.cat(pair_of))
         grads = grads[0].contiguous() if len(grads) == 1 else torch.cat(grads)
-        keys, perm = torch.sort(ids.int())  # local rows < 2^31: packing needs it
+        keys, perm = torch.sort(ids)  # int32 local rows (< 2^31: packing needs it)
         unique, dups = torch.unique_consecutive(keys, return_counts=True)
         w = w[perm].to(dtype) if w is not None else None
-        if scale is not None:
-            w = w * scale if w is not None else torch.full((perm.numel(),), scale, dtype=dtype, device=device)
+        if scale is not None and w is not None:
+            w = w * scale
+        elif scale is not None:  # scale the pairs' gradients, fewer than the ids
+            grads = grads * scale
+        starts = (torch.cumsum(dups, 0) - dups).int()
         rows.append(unique.long())
-        values.append(F.embedding_bag(pair_of[perm], grads, torch.cumsum(dups, 0) - dups, mode="sum",
-                                      per_sample_weights=w))
+        values.append(F.embedding_bag(pair_of[perm], grads, starts, mode="sum", per_sample_weights=w))
     if not rows:
         return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dim, dtype=dtype, device=device)
     if len(rows) == 1:

@@ -120,12 +120,13 @@ class PoolingChoice:
 
 
 def decode(block: torch.Tensor, weighted: bool):
-    """Payload values pooled on the owner -> (local rows int64, first-of-bag flags bool,
-    weights float32 or None)."""
+    """Payload values pooled on the owner -> (local rows int32, first-of-bag flags bool,
+    weights float32 or None). Rows stay int32 (they are below 2^31): the owner's sort and
+    embedding_bags take them as they are."""
     words = block.view(torch.int32).view(-1, 2)  # (low, high) words of each int64 (little-endian)
     low = words[:, 0]
     weights = words[:, 1].view(torch.float32).contiguous() if weighted else None
-    return (low & _ROW).long(), low < 0, weights
+    return low & _ROW, low < 0, weights
 
 
 def _encode(rows: torch.Tensor, first: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -321,7 +322,7 @@ class BagRouter:
         payload = [values.new_empty(0) if q == rank else parts[q] for q in range(world)]
         back = [pairs[world] if q == rank else pairs[q] for q in range(world)]
         mode = ON_OWNER_WEIGHTED if weights is not None else ON_OWNER
-        own = (rows[remote:], first[remote:], weights[remote:] if weights is not None else None)
+        own = (rows[remote:].int(), first[remote:], weights[remote:] if weights is not None else None)
         return TableRequest(mode, bags, back, payload, pair_bag=bag[first], own=own), pairs
 
 
