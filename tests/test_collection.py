@@ -142,3 +142,18 @@ def test_round_robin_starts_each_table_on_the_next_rank(world):
         assert owners[0][f"t{k}"] == [((p + k) % world,) for p in range(5)]
     assert owners[0]["two"] == [((p + 4) % 2,) for p in range(5)]
     assert owners[0]["given"] == [(0,)] * 5
+
+
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_owner_sort_with_and_without_numpy(monkeypatch, with_numpy):
+    """The owner's in-place int64 sort (numpy's on the CPU when present, else torch.sort)."""
+    from sharded_embedding import bag_lookup
+
+    if not with_numpy:
+        monkeypatch.setattr(bag_lookup, "_np", None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2**40, (1000,), generator=g)
+    x[::7] = x[3]  # ties
+    want = torch.sort(x).values
+    bag_lookup._sort_int64(x)
+    assert torch.equal(x, want)
