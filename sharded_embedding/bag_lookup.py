@@ -227,8 +227,8 @@ def _requester_grad(req: TableRequest, grad: torch.Tensor, scale: float | None, 
             at_pair += n
         return grad.index_select(0, req.pair_bag[at_pair:])
     groups, bags = req.dedup, req.bags
-    inputs = bags.bag_of()[groups.indices] if bags.pooled else groups.indices
-    weights = bags.weights[groups.indices].to(grad.dtype) if bags.weights is not None else None
+    inputs = bags.bag_of().index_select(0, groups.indices) if bags.pooled else groups.indices
+    weights = bags.weights.index_select(0, groups.indices).to(grad.dtype) if bags.weights is not None else None
     if scale is not None:
         weights = weights * scale if weights is not None else grad.new_full((inputs.numel(),), scale)
     rows = F.embedding_bag(inputs, grad, groups.offsets, mode="sum", per_sample_weights=weights)
@@ -291,8 +291,8 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
         unique, dups = torch.unique_consecutive(words[:, 1], return_counts=True)
         tags = words[:, 0].contiguous()
         if w is not None:
-            tags = torch.cat(pair_of)[tags] if len(pair_of) > 1 else pair_of[0][tags]
-            w = w[words[:, 0]].to(dtype)
+            w = w.index_select(0, tags).to(dtype)
+            tags = (torch.cat(pair_of) if len(pair_of) > 1 else pair_of[0]).index_select(0, tags)
         if scale is not None and w is not None:
             w = w * scale
         elif scale is not None:  # scale the pairs' gradients, fewer than the ids
