@@ -120,22 +120,26 @@ class PoolingChoice:
 
 
 def decode(block: torch.Tensor, weighted: bool):
-    """Payload values pooled on the owner -> (local rows int64, first-of-bag flags bool,
-    weights float32 or None)."""
+    """Payload values pooled on the owner -> (local rows int32, first-of-bag flags bool,
+    weights float32 or None). Rows stay int32 (they are below 2^31): the owner's sort and
+    embedding_bags take them as they are."""
     words = block.view(torch.int32).view(-1, 2)  # (low, high) words of each int64 (little-endian)
     low = words[:, 0]
     weights = words[:, 1].view(torch.float32).contiguous() if weighted else None
-    return (low & _ROW).long(), low < 0, weights
+    return low & _ROW, low < 0, weights
 
 
 def _encode(rows: torch.Tensor, first: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(int32 local rows, first-of-bag flags, weights or None) -> the int64 payload `decode`
+    reads: low word the row with bit 31 set on a bag's first id, high word the weight's bits
+    (0 when unweighted). Contiguous int32/int64 passes only (strided word writes and a
+    masked or-assignment were 4x slower)."""
+    low = first.to(torch.int32).mul_(_FIRST).bitwise_or_(rows)
+    if weights is None:
+        return low.to(torch.int64).bitwise_and_(0xFFFFFFFF)
     words = torch.empty(rows.numel(), 2, dtype=torch.int32, device=rows.device)
-    words[:, 0] = rows
-    words[:, 0][first] |= _FIRST
-    if weights is not None:
-        words[:, 1] = weights.to(torch.float32).view(torch.int32)
-    else:
-        words[:, 1] = 0
+    words[:, 0] = low
+    words[:, 1] = weights.to(torch.float32).view(torch.int32)
     return words.view(torch.int64).view(-1)
 
 
@@ -299,13 +303,14 @@ class BagRouter:
         world, rank = self.world, self.rank
         n = dest.numel()
         order = torch.argsort(dest, stable=True)  # by serving rank (own last), bags kept in order
-        dest_sorted, bag = dest[order], bags.bag_of()[order]
+        # (index_select: a gather several times faster than indexing with a tensor on the CPU)
+        dest_sorted, bag = dest.index_select(0, order), bags.bag_of().index_select(0, order)
         first = torch.ones(n, dtype=torch.bool, device=self.device)
         if n > 1:
             torch.ne(bag[1:], bag[:-1], out=first[1:])
             first[1:] |= dest_sorted[1:] != dest_sorted[:-1]
-        weights = bags.weights[order] if bags.weights is not None else None
-        rows = row[order]
+        weights = bags.weights.index_select(0, order) if bags.weights is not None else None
+        rows = row.index_select(0, order).int()  # local rows < 2^31 (`_packable`)
         remote = n - ids[world]  # this rank's own ids come last and never travel: kept unpacked
         values = _encode(rows[:remote], first[:remote], weights[:remote] if weights is not None else None)
         ends, at = [], 0  # pairs up to the end of each serving rank's ids

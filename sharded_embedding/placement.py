@@ -99,6 +99,10 @@ class PagePlan:
                 f"placement has {len(placement)} entries but the table has {num_pages} pages "
                 f"({num_embeddings} rows / page_size {page_size}, rounded up)"
             )
+        if all(type(e) is int for e in placement):  # one rank per page: no per-page tensors
+            owners = torch.tensor(list(placement), dtype=torch.int64).reshape(-1, 1)
+            if num_pages == 0 or (int(owners.min()) >= 0 and int(owners.max()) < world_size):
+                return cls(int(num_embeddings), int(page_size), int(world_size), owners)
         entries = [_parse_entry(p, e, world_size) for p, e in enumerate(placement)]
         width = max(len(e) for e in entries)
         owners = torch.full((num_pages, width), -1, dtype=torch.int64)

@@ -214,8 +214,10 @@ class Router:
     def destinations(self, flat: torch.Tensor, dest_of_page: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(serving rank, local row there) of each id of ``flat``, the key of `keys` in two
         parts; ``dest_of_page`` is `page_destinations` in the dtype the caller wants."""
-        page = torch.div(flat, self.page_size, rounding_mode="floor")
-        return dest_of_page[page], flat + self._shift[page]
+        ps = self.page_size  # ids are checked >= 0 by now: a power of two's floor division is a shift
+        page = flat >> (ps.bit_length() - 1) if ps & (ps - 1) == 0 else torch.div(flat, ps, rounding_mode="floor")
+        # index_select: several times faster than indexing with a tensor on the CPU
+        return dest_of_page.index_select(0, page), self._shift.index_select(0, page).add_(flat)
 
     def page_destinations(self) -> torch.Tensor:
         """The serving rank of each page's lookups, this rank counted as ``world`` (int64)."""

@@ -117,3 +117,43 @@ def test_mixed_tables_match_the_oracle(world, pool_on):
                 assert t["calls_pooled_on_requester"] == 3
             else:
                 assert t["calls_pooled_on_owner"] == 3
+
+
+def _round_robin_owners():
+    """Page owners of each table of a collection of round robin tables (and one explicit)."""
+    from sharded_embedding import TableConfig
+
+    rank, world = rank_world()
+    configs = [TableConfig(name=f"t{k}", num_embeddings=23, embedding_dim=4, page_size=5) for k in range(4)]
+    configs.append(TableConfig(name="two", num_embeddings=23, embedding_dim=4, page_size=5, num_devices=2))
+    configs.append(TableConfig(name="given", num_embeddings=23, embedding_dim=4, page_size=5,
+                               placement=[0, 0, 0, 0, 0]))
+    ebc = ShardedEmbeddingBagCollection(configs)
+    return {c.name: [ebc.tables[c.name].page_owners(p) for p in range(5)] for c in configs}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_round_robin_starts_each_table_on_the_next_rank(world):
+    """Table k's page p on rank (p + k) % num_devices: the tables' first pages (the hottest
+    under skewed ids) spread over the ranks; an explicit placement stays as given."""
+    owners = run_ranks(world, _round_robin_owners)
+    assert all(o == owners[0] for o in owners)
+    for k in range(4):
+        assert owners[0][f"t{k}"] == [((p + k) % world,) for p in range(5)]
+    assert owners[0]["two"] == [((p + 4) % 2,) for p in range(5)]
+    assert owners[0]["given"] == [(0,)] * 5
+
+
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_owner_sort_with_and_without_numpy(monkeypatch, with_numpy):
+    """The owner's in-place int64 sort (numpy's on the CPU when present, else torch.sort)."""
+    from sharded_embedding import bag_lookup
+
+    if not with_numpy:
+        monkeypatch.setattr(bag_lookup, "_np", None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2**40, (1000,), generator=g)
+    x[::7] = x[3]  # ties
+    want = torch.sort(x).values
+    bag_lookup._sort_int64(x)
+    assert torch.equal(x, want)
