@@ -109,23 +109,15 @@ def _args(argv=None):
 
 # ---------------------------------------------------------------------------------- workers
 def _setup_distributed(a):
-    import torch.distributed as dist
+    from workload import setup_distributed
 
-    from sharded_embedding import init_distributed
-
-    init_distributed("gloo", bind_cpus=a.bind_cpus)
-    return dist.get_rank(), dist.get_world_size()
+    return setup_distributed(a.bind_cpus)
 
 
 def _gather_floats(value: float) -> list[float]:
-    import torch
-    import torch.distributed as dist
+    from workload import gather_floats
 
-    from sharded_embedding.distributed import all_gather_single
-
-    out = torch.zeros(dist.get_world_size(), dtype=torch.float64)
-    all_gather_single(out, torch.tensor([value], dtype=torch.float64))
-    return [round(float(v), 1) for v in out]
+    return gather_floats(value)
 
 
 def _run_distributed(a, rank, world, build, step, **extra):

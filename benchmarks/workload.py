@@ -85,3 +85,24 @@ def summary(times: list[float], lookups_per_step: int, **extra) -> dict:
 
 def emit(record: dict) -> None:
     print("RESULT " + json.dumps(record), flush=True)
+
+
+def setup_distributed(bind_cpus: bool) -> tuple[int, int]:
+    """A benchmark worker's gloo group under torchrun: (rank, world size)."""
+    import torch.distributed as dist
+
+    from sharded_embedding import init_distributed
+
+    init_distributed("gloo", bind_cpus=bind_cpus)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_floats(value: float) -> list[float]:
+    """Every rank's ``value`` (collective), rounded to 0.1."""
+    import torch.distributed as dist
+
+    from sharded_embedding.distributed import all_gather_single
+
+    out = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    all_gather_single(out, torch.tensor([value], dtype=torch.float64))
+    return [round(float(v), 1) for v in out]
