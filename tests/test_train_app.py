@@ -55,6 +55,7 @@ def _train(tmp_path, *overrides, nproc=2, timeout=300):
         (["train.checkpoint_dir=/proc/ckpt"], "train.checkpoint_dir=/proc/ckpt: cannot be created: /proc refuses "
                                               "new folders"),
         (["+train.epoch=1"], "+train.epoch=1: not a key of this app's configuration"),
+        (["sharding=hot_mirrored", "sharding.hot_pages=100"], "sharding.hot_pages=100, but the tables have 16 pages"),
     ],
 )
 def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):
@@ -261,3 +262,22 @@ def test_relative_paths_are_relative_to_where_the_job_is_launched(tmp_path):
                           timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert (tmp_path / "out" / "vectors.txt").exists() and (tmp_path / "run" / "train.log").exists()
+
+
+def test_sharding_auto_takes_a_page_size_given_and_chooses_one_otherwise():
+    """`sharding=auto sharding.page_size=64` plans the placement of 64-row pages (the key is
+    not ignored); left null, the planner picks the page size. In-process, no launch."""
+    import numpy as np
+
+    from sharded_embedding.hydra_app import compose
+    from sharded_embedding.word2vec.config import register, sharding, validate
+
+    counts = np.sort(np.random.default_rng(0).zipf(1.3, 5000).astype(np.int64))[::-1].copy()
+    fixed = compose("train", register, ["sharding=auto", "sharding.page_size=64"])
+    chosen = compose("train", register, ["sharding=auto"])
+    assert validate(fixed, 2) == [] and validate(chosen, 2) == []
+    got = sharding(fixed, counts, 2)
+    assert got.page_size == 64 and len(got.placement) == -(-5000 // 64)
+    assert chosen.sharding.page_size is None and sharding(chosen, counts, 2).page_size >= 1
+    assert any("sharding.page_size must be >= 1" in e
+               for e in validate(compose("train", register, ["sharding.page_size=null"]), 2))

@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 @dataclass
 class ShardingConfig:
     kind: str = "round_robin"
-    page_size: int = 512
+    page_size: Optional[int] = 512  # auto: null lets the planner choose; a number fixes it
     num_devices: int = -1  # round_robin: ranks 0..num_devices-1; -1: all
     hot_pages: int = 1  # hot_mirrored: the first pages, mirrored on every rank
     pages: Optional[List[Any]] = None  # explicit: one entry per page, a rank or a list of ranks
@@ -137,7 +137,9 @@ def validate(cfg, world_size: int) -> list[str]:
         if value is None or value < 1:
             errors.append(f"{name} must be >= 1, got {value}")
 
-    for name, value in [("sharding.page_size", s.page_size), ("model.dim", m.dim), ("model.window", m.window),
+    if not (s.kind == "auto" and s.page_size is None):  # auto's null: the planner chooses
+        positive("sharding.page_size", s.page_size)
+    for name, value in [("model.dim", m.dim), ("model.window", m.window),
                         ("model.negatives", m.negatives), ("model.shared_negatives", m.shared_negatives),
                         ("model.block", m.block), ("train.epochs", t.epochs), ("train.batch_centers", t.batch_centers),
                         ("train.log_every", t.log_every), ("data.min_count", d.min_count)]:
@@ -243,7 +245,10 @@ def placement(cfg, vocab_size: int, world_size: int):
     if s.kind == "round_robin":
         return "round_robin"
     if s.kind == "hot_mirrored":
-        hot = min(s.hot_pages, num_pages)
+        if s.hot_pages > num_pages:
+            raise ConfigError(f"sharding.hot_pages={s.hot_pages}, but the tables have {num_pages} pages "
+                              f"({vocab_size} words / page_size {s.page_size}, rounded up)")
+        hot = s.hot_pages
         every = tuple(range(world_size))
         return [every if world_size > 1 else 0] * hot + [p % world_size for p in range(hot, num_pages)]
     pages = [tuple(e) if hasattr(e, "__iter__") else int(e) for e in s.pages]
@@ -276,7 +281,7 @@ def sharding(cfg, counts, world_size: int) -> Sharding:
                   memory_per_rank=cfg.sharding.memory_per_rank)
     if cfg.sharding.kind == "auto":
         try:
-            plan = plan_placement(vocab_size, cfg.model.dim, world_size, **common)
+            plan = plan_placement(vocab_size, cfg.model.dim, world_size, page_size=cfg.sharding.page_size, **common)
         except PlanningError as e:
             raise ConfigError(f"sharding=auto: {e}") from None
         return Sharding(plan.page_size, plan.placement, plan)
