@@ -16,13 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .bag_lookup import BagLookup
 from .bag_routing import POOL_ON, BagRouter, BagRouting
 from .bags import EXCEPTIONS, REFUSED, InputError, parse
-from .distributed import agree_or_raise, all_gather_strings, default_device
+from .distributed import agree_or_raise, all_gather_strings, default_device, resolve_group
 from .embedding import ShardedEmbedding, _table_number
 from .lookup import Exchange
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, REFUSALS, STORAGE_REPLACED
@@ -158,13 +157,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                  include_last_offset: bool = False, sparse: bool = True, transport: str = "auto",
                  pool_on: str = "auto"):
         super().__init__()
-        if not dist.is_initialized():
-            raise RuntimeError(
-                "ShardedEmbeddingBagCollection needs torch.distributed: call torch.distributed.init_process_group "
-                "(or sharded_embedding.init_distributed()) first, e.g. under torchrun"
-            )
-        group = process_group if process_group is not None else dist.group.WORLD
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        group, rank, world = resolve_group(process_group, "ShardedEmbeddingBagCollection")
         tables = list(tables) if isinstance(tables, Sequence) and not isinstance(tables, str) else tables
         error, fields = None, {}
         try:  # every argument on every rank, before any table is made (each table then checks its own)

@@ -83,6 +83,18 @@ def bind_local_cpus() -> list[int]:
     return mine
 
 
+def resolve_group(process_group, owner: str):
+    """(group, rank in it, its size) for a module built on ``process_group`` (None: the world).
+    RuntimeError naming ``owner`` if torch.distributed is not initialised."""
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{owner} needs torch.distributed: call torch.distributed.init_process_group "
+            "(or sharded_embedding.init_distributed()) first, e.g. under torchrun"
+        )
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
 def default_device(group) -> torch.device:
     """``cuda:LOCAL_RANK`` when the group runs nccl, else the CPU."""
     if "nccl" in str(dist.get_backend(group)):

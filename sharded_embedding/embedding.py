@@ -18,7 +18,7 @@ from torch import nn
 
 from .amp import ScalerLink
 from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
-from .distributed import agree_or_raise, check_agreement, collective_device, default_device
+from .distributed import agree_or_raise, check_agreement, collective_device, default_device, resolve_group
 from .export import export_table, import_table, tensor_bytes
 from .initializers import fill_initial_rows
 from .lookup import Exchange, ShardedLookup
@@ -104,13 +104,7 @@ class ShardedEmbedding(nn.Module):
         init: str = "normal",
     ):
         super().__init__()
-        if not dist.is_initialized():
-            raise RuntimeError(
-                "ShardedEmbedding needs torch.distributed: call torch.distributed.init_process_group "
-                "(or sharded_embedding.init_distributed()) first, e.g. under torchrun"
-            )
-        group = process_group if process_group is not None else dist.group.WORLD
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        group, rank, world = resolve_group(process_group, "ShardedEmbedding")
         number = _table_number(group)  # tables are made in the same order on every rank
         error = plan = None
         fields: dict = {}
