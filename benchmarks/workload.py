@@ -47,18 +47,33 @@ def make_loss_weight(batch: int, dim: int, rank: int, seed: int = 0) -> torch.Te
 
 
 def time_steps(step, warmup: int, steps: int, sync=None) -> list[float]:
-    """Seconds per step for ``steps`` timed steps after ``warmup`` untimed ones. ``sync`` (a
-    barrier) brackets each step so a step's time is the slowest rank's."""
+    """Seconds per step for ``steps`` timed steps after ``warmup`` untimed ones, run back to
+    back as a training loop runs them. With ``sync`` (a barrier; then collective) the ranks line
+    up once before the timed steps, and step ``i``'s time is the slowest rank's (every rank
+    gets the same list). No barrier runs between steps: its own latency (a gloo barrier is
+    0.1-1 ms) would be counted in every step, and no training loop pays it."""
+    for i in range(warmup):
+        step(i)
+    if sync is not None:
+        sync()
     times = []
-    for i in range(warmup + steps):
-        if sync is not None:
-            sync()
+    for i in range(warmup, warmup + steps):
         t = time.perf_counter()
         step(i)
-        if sync is not None:
-            sync()
         times.append(time.perf_counter() - t)
-    return times[warmup:]
+    return _slowest_rank(times) if sync is not None else times
+
+
+def _slowest_rank(times: list[float]) -> list[float]:
+    """Per step, the largest of every rank's ``times`` (collective: one all-gather)."""
+    import torch.distributed as dist
+
+    from sharded_embedding.distributed import all_gather_single
+
+    mine = torch.tensor(times, dtype=torch.float64)
+    every = torch.zeros(dist.get_world_size() * mine.numel(), dtype=torch.float64)
+    all_gather_single(every, mine)
+    return every.view(dist.get_world_size(), -1).amax(0).tolist()
 
 
 def peak_rss_mib() -> float:
