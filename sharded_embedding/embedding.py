@@ -136,7 +136,7 @@ class ShardedEmbedding(nn.Module):
                     "pages on all ranks of this group"
                 )
             fields = {
-                "num_embeddings": num_embeddings, "page_size": page_size, "placement/num_devices": plan.digest(),
+                "num_embeddings": num_embeddings, "page_size": page_size, "placement/num_devices": plan.describe(),
                 "embedding_dim": embedding_dim, "dtype": str(dtype), "seed": seed, "sparse": sparse,
                 "fused_optimizer": repr(sorted(dict(fused_optimizer).items())) if fused_optimizer else None,
                 "comm_dtype": str(comm_dtype), "transport": transport, "init": init, "device": device.type,

@@ -192,6 +192,17 @@ class PagePlan:
         h.update(ctypes.string_at(owners.data_ptr(), owners.numel() * owners.element_size()))
         return h.hexdigest()
 
+    def describe(self) -> str:
+        """A short text of the plan for error messages: pages per rank, mirrored pages, the
+        first pages' owners and the `digest` (ranks given different placements differ here)."""
+        held = [int((self.owners == r).any(1).sum()) for r in range(self.world_size)]
+        mirrored = int(((self.owners >= 0).sum(1) > 1).sum())
+        head = [self.page_owners(p) for p in range(min(self.num_pages, 4))]
+        head = ", ".join(str(o[0]) if len(o) == 1 else str(o) for o in head)
+        more = ", ..." if self.num_pages > 4 else ""
+        return (f"{self.num_pages} pages on {self.world_size} ranks (pages held per rank {held}, {mirrored} "
+                f"mirrored; owners of the first pages [{head}{more}]; digest {self.digest()[:12]})")
+
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

@@ -162,7 +162,9 @@ def _bad_construction(case):
         ("repeated_rank", "page 1: rank 1 is repeated"),
         ("num_devices", "num_devices=3 is out of range"),
         ("one_rank_bad", "rank 1: page 2: rank 9 does not exist"),
-        ("placements_differ", "ranks were given different arguments: placement/num_devices: rank 0: "),
+        ("placements_differ", "ranks were given different arguments: placement/num_devices: rank 0: 3 pages on 2 "
+                              "ranks (pages held per rank [2, 1], 0 mirrored; owners of the first pages [0, 1, 0]; "
+                              "digest "),
         ("sizes_differ", "ranks were given different arguments: num_embeddings: rank 0: 30, rank 1: 31"),
         ("dims_differ", "ranks were given different arguments: embedding_dim: rank 0: 4, rank 1: 5"),
         ("bad_dim", "embedding_dim must be a positive int"),
