@@ -38,18 +38,20 @@ def stop(message: str, code: int = 2) -> int:
     """Report an error every rank found alike once (rank 0) and return its exit code (2: a
     configuration or data error) on every rank.
 
-    Inside a job, the message goes through logging (the console and the job's log file);
-    before Hydra runs, to stderr. All ranks found the same error; they wait for rank 0's
+    The message goes to stderr (Hydra's console logging writes to stdout) and, inside a job,
+    into the job's log file too. All ranks found the same error; they wait for rank 0's
     message to be out before any of them exits, because torchrun stops the other workers as
     soon as one has exited.
     """
     if rank0():
         from hydra.core.hydra_config import HydraConfig
 
-        if HydraConfig.initialized():  # inside the job: the console and the job's log file
-            log.error(message)
-        else:
-            print(message, file=sys.stderr, flush=True)
+        if HydraConfig.initialized():  # inside the job: its log file as well
+            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
+        print(message, file=sys.stderr, flush=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return code
