@@ -49,9 +49,11 @@ def make_loss_weight(batch: int, dim: int, rank: int, seed: int = 0) -> torch.Te
 def time_steps(step, warmup: int, steps: int, sync=None) -> list[float]:
     """Seconds per step for ``steps`` timed steps after ``warmup`` untimed ones, run back to
     back as a training loop runs them. With ``sync`` (a barrier; then collective) the ranks line
-    up once before the timed steps, and step ``i``'s time is the slowest rank's (every rank
-    gets the same list). No barrier runs between steps: its own latency (a gloo barrier is
-    0.1-1 ms) would be counted in every step, and no training loop pays it."""
+    up once before the timed steps, and the list returned (on every rank) is the slowest rank's:
+    the rank whose median step is the longest. No barrier runs between steps: its own latency
+    (a gloo barrier is 0.1-1 ms) would be counted in every step, and no training loop pays it.
+    (Per step, the largest of the ranks' times would count each rank's jitter: ranks coupled
+    by exchanges take turns at waiting for each other.)"""
     for i in range(warmup):
         step(i)
     if sync is not None:
@@ -65,7 +67,7 @@ def time_steps(step, warmup: int, steps: int, sync=None) -> list[float]:
 
 
 def _slowest_rank(times: list[float]) -> list[float]:
-    """Per step, the largest of every rank's ``times`` (collective: one all-gather)."""
+    """The ``times`` of the rank whose median is the largest (collective: one all-gather)."""
     import torch.distributed as dist
 
     from sharded_embedding.distributed import all_gather_single
@@ -73,7 +75,8 @@ def _slowest_rank(times: list[float]) -> list[float]:
     mine = torch.tensor(times, dtype=torch.float64)
     every = torch.zeros(dist.get_world_size() * mine.numel(), dtype=torch.float64)
     all_gather_single(every, mine)
-    return every.view(dist.get_world_size(), -1).amax(0).tolist()
+    every = every.view(dist.get_world_size(), -1)
+    return every[int(every.median(1).values.argmax())].tolist()
 
 
 def peak_rss_mib() -> float:
