@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - numpy ships with nearly every torch in
     _np = None
 
 from .amp import nonfinite_flag
-from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode
+from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode, flat_nonzero
 from .lookup import Exchange, gradient_scales, skip_nonfinite_step, update_rows
 from .wire import finite_limit
 
@@ -189,7 +189,7 @@ def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor)
         return
     rows, first, weights = _decoded(serve, r)
     weights = weights.to(storage.dtype) if weights is not None else None
-    starts = torch.nonzero(first).squeeze(1).to(rows.dtype)  # embedding_bag takes one index dtype
+    starts = flat_nonzero(first, rows.dtype)  # embedding_bag takes one index dtype
     out.copy_(F.embedding_bag(rows, storage, starts, mode="sum", per_sample_weights=weights))
 
 
