@@ -37,11 +37,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+try:  # optional: a faster stable argsort on the CPU (`_stable_order`)
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy ships with nearly every torch install
+    _np = None
+
 from .bags import InputError, TableBags
 from .routing import RequestExchange, Router, _Bags
 
 __all__ = ["BagRouter", "BagRouting", "TableRequest", "TableServe", "ON_REQUESTER", "ON_OWNER",
-           "ON_OWNER_WEIGHTED", "REMEASURE", "decode"]
+           "ON_OWNER_WEIGHTED", "REMEASURE", "decode", "flat_nonzero"]
 
 ON_REQUESTER, ON_OWNER, ON_OWNER_WEIGHTED = 0, 1, 2  # pooling modes, as they travel in the header
 REMEASURE = 16  # calls pooled on the owners between two counts of unique ids
@@ -302,32 +307,48 @@ class BagRouter:
         (partial sums coming back) per serving rank."""
         world, rank = self.world, self.rank
         n = dest.numel()
-        order = torch.argsort(dest, stable=True)  # by serving rank (own last), bags kept in order
+        order = _stable_order(dest)  # by serving rank (own last), bags kept in order
         # (index_select: a gather several times faster than indexing with a tensor on the CPU)
-        dest_sorted, bag = dest.index_select(0, order), bags.bag_of().index_select(0, order)
-        first = torch.ones(n, dtype=torch.bool, device=self.device)
+        bag = bags.bag_of().index_select(0, order)
+        first = torch.ones(n, dtype=torch.bool, device=self.device)  # a bag's first id at each serving rank
         if n > 1:
             torch.ne(bag[1:], bag[:-1], out=first[1:])
-            first[1:] |= dest_sorted[1:] != dest_sorted[:-1]
+        ends, at = [], 0  # the end of each serving rank's ids (their first id starts a pair too)
+        for c in ids:
+            if c:
+                first[at] = True
+            at += c
+            ends.append(at)
         weights = bags.weights.index_select(0, order) if bags.weights is not None else None
         rows = row.index_select(0, order).int()  # local rows < 2^31 (`_packable`)
         remote = n - ids[world]  # this rank's own ids come last and never travel: kept unpacked
         values = _encode(rows[:remote], first[:remote], weights[:remote] if weights is not None else None)
-        ends, at = [], 0  # pairs up to the end of each serving rank's ids
-        for c in ids:
-            at += c
-            ends.append(at)
-        upto = torch.cumsum(first, 0)[torch.tensor([e - 1 for e in ends if e], dtype=torch.int64, device=self.device)]
-        upto, totals = upto.tolist(), []
-        for e in ends:
-            totals.append(upto.pop(0) if e else 0)
-        pairs = [t - (totals[q - 1] if q else 0) if ids[q] else 0 for q, t in enumerate(totals)]
+        pairs = torch.stack([first[e - c : e].sum() for c, e in zip(ids, ends)]).tolist() if n else [0] * (world + 1)
         parts = list(torch.split(values, ids[:world]))
         payload = [values.new_empty(0) if q == rank else parts[q] for q in range(world)]
         back = [pairs[world] if q == rank else pairs[q] for q in range(world)]
         mode = ON_OWNER_WEIGHTED if weights is not None else ON_OWNER
         own = (rows[remote:], first[remote:], weights[remote:] if weights is not None else None)
-        return TableRequest(mode, bags, back, payload, pair_bag=bag[first], own=own), pairs
+        return TableRequest(mode, bags, back, payload, pair_bag=bag.index_select(0, flat_nonzero(first)),
+                            own=own), pairs
+
+
+def _stable_order(dest: torch.Tensor) -> torch.Tensor:
+    """The stable argsort of a uint8 / int32 vector (int64): numpy's on the CPU when numpy is
+    there (a radix sort for 8-bit keys: measured 1.4-2.9 ms against torch's 2.5-4.9 ms for
+    400k ids, one thread), else torch's."""
+    if dest.device.type == "cpu" and _np is not None:
+        return torch.from_numpy(_np.argsort(dest.numpy(), kind="stable"))
+    return torch.argsort(dest, stable=True)
+
+
+def flat_nonzero(mask: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The positions of a bool vector's True values, in ``dtype``: numpy's flatnonzero on the
+    CPU when numpy is there (measured 0.6 ms against torch.nonzero's 2.2 ms for 700k flags,
+    one thread), else torch.nonzero."""
+    if mask.device.type == "cpu" and _np is not None:
+        return torch.from_numpy(_np.flatnonzero(mask.numpy())).to(dtype)
+    return torch.nonzero(mask).squeeze(1).to(dtype)
 
 
 def _signature(grad_tables: list[bool]) -> int:

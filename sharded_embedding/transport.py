@@ -23,6 +23,10 @@ thread hand-off per message; here each rank has an *outbox*, an anonymous shared
    it wrote for this rank against the split this rank expects (ranks that disagree raise
    instead of reading garbage), copy the rows out; then store ``k`` as *done*.
 
+A caller can build its input in the outbox itself: `Transport.send_buffer` waits for step 1
+ahead of time and lends the outbox's bytes; an exchange whose input lies there publishes the
+offsets it lies at instead of copying it (step 2 without the copy).
+
 Waiting spins briefly, then yields the CPU, then sleeps in short steps; it raises
 `TransportError` after ``timeout`` (like gloo's), or as soon as a peer process has died. Outboxes
 grow as needed (``ftruncate``; peers remap what they see has grown). Nothing is named in
@@ -70,6 +74,14 @@ class Transport:
                    flag: torch.Tensor | None = None):
         raise NotImplementedError
 
+    def send_buffer(self, nbytes: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """``nbytes`` bytes on ``device`` (uint8, contiguous, 64-byte aligned) to build the input of this
+        rank's *next* exchange in: an exchange whose ``inp`` is (a view of) them sends it without
+        a copy where the transport can. Valid until that exchange; its content is undefined
+        after it. Local (no collective), but on the shared-memory transport it waits until
+        every peer has read this rank's previous exchange (`TransportError` as an exchange)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -82,6 +94,17 @@ class ProcessGroupTransport(Transport):
     def __init__(self, group):
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self._send: dict[torch.device, torch.Tensor] = {}
+
+    def send_buffer(self, nbytes, device=torch.device("cpu")):
+        """A workspace reused across exchanges, grown as needed (the process group reads the
+        input where it lies)."""
+        buf = self._send.get(device)
+        if buf is None or buf.numel() < nbytes:
+            grown = buf.numel() * 3 // 2 if buf is not None else 0
+            with torch.inference_mode(False):
+                buf = self._send[device] = torch.empty(max(nbytes, grown, 64), dtype=torch.uint8, device=device)
+        return buf[:nbytes]
 
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None):
         flags = None
@@ -172,6 +195,11 @@ class SharedMemoryTransport(Transport):
         self._mine.words[_CAPACITY] = capacity
         self._mine.words[_PID] = os.getpid()
         self._step = 0
+        self._lent: list[tuple[torch.Tensor, int]] = []  # outbox views lent for the next exchange, their base
+        # Mappings of the outbox replaced by a bigger one while views of them were lent: unmapped
+        # only once the exchange that sent from them is over (at the start of the next one).
+        self._retired: list[_Mapping] = []
+        self._retiring: list[_Mapping] = []
         # Every rank learns where the others' outboxes are (one exchange of strings), then maps them.
         where = all_gather_strings(f"{os.getpid()}:{self._fd}", group)
         self._pids = [int(w.split(":")[0]) for w in where]
@@ -186,27 +214,51 @@ class SharedMemoryTransport(Transport):
         dist.barrier(group=group)  # everyone has mapped everyone before the first exchange
 
     # ------------------------------------------------------------------ one exchange
+    def send_buffer(self, nbytes, device=torch.device("cpu")):
+        """The outbox's first ``nbytes`` data bytes, once every peer has read exchange ``k - 1``
+        (grown if needed). Views lent for one exchange stay valid when a later call grows the
+        outbox (the file keeps its bytes, the old mapping stays while they live)."""
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"SharedMemoryTransport.send_buffer: the outbox is CPU memory, not {device}")
+        self._unmap_retiring()
+        self._wait_read(self._step)
+        self._ensure_capacity(nbytes)
+        view = self._mine.data[:nbytes]
+        self._lent.append((view, self._mine.data.data_ptr()))
+        return view
+
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None):
-        self._step += 1
-        k, world, rank = self._step, self.world, self.rank
         row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
         sizes = [n * row_bytes for n in in_splits]
-        for q in range(world):  # 1. my outbox of exchange k - 1 has been read by everyone
-            if q != rank:
-                self._wait(q, _DONE, k - 1)
+        lent = self._in_outbox(inp, sum(sizes))  # (raises before anything changes)
+        self._unmap_retiring()
+        self._step += 1
+        k, world, rank = self._step, self.world, self.rank
+        self._wait_read(k - 1)  # 1. my outbox of exchange k - 1 has been read by everyone
         send = inp.contiguous().view(torch.uint8).reshape(-1) if inp.numel() else None
-        total = sum(sizes) - sizes[rank]
-        self._ensure_capacity(total)
-        words, data = self._mine.words, self._mine.data
-        offset = start = 0
-        for q in range(world):  # 2. rows for each peer, at offsets peers read from the header
-            n = sizes[q]
-            if q != rank and n:
-                data[offset : offset + n].copy_(send[start : start + n])
-            words[_FIXED + q] = offset if q != rank else -1
-            words[_FIXED + world + q] = n
-            offset += n if q != rank else 0
-            start += n
+        words = self._mine.words
+        if lent is not None:  # 2. built in the outbox: publish where each peer's rows lie
+            offset = lent
+            for q in range(world):
+                words[_FIXED + q] = offset if q != rank else -1
+                words[_FIXED + world + q] = sizes[q]
+                offset += sizes[q]
+        else:  # 2. rows for each peer, at offsets peers read from the header
+            total = sum(sizes) - sizes[rank]
+            self._ensure_capacity(total)
+        self._lent.clear()
+        self._retiring, self._retired = self._retired, []  # `send` may lie there: kept until the next exchange
+        if lent is None:
+            words, data = self._mine.words, self._mine.data
+            offset = start = 0
+            for q in range(world):
+                n = sizes[q]
+                if q != rank and n:
+                    data[offset : offset + n].copy_(send[start : start + n])
+                words[_FIXED + q] = offset if q != rank else -1
+                words[_FIXED + world + q] = n
+                offset += n if q != rank else 0
+                start += n
         mine = bool(flag) if flag is not None else False
         words[_FLAG] = int(mine)
         words[_SENT] = k  # publish: after the rows and the flag (x86-64 store order)
@@ -244,12 +296,44 @@ class SharedMemoryTransport(Transport):
         return receive
 
     # ------------------------------------------------------------------ helpers
+    def _unmap_retiring(self) -> None:
+        for mapping in self._retiring:
+            mapping.close(keep_fd=True)
+        self._retiring = []
+
+    def _wait_read(self, k: int) -> None:
+        """Until every peer has read this rank's outbox of exchange ``k``."""
+        for q in range(self.world):
+            if q != self.rank:
+                self._wait(q, _DONE, k)
+
+    def _in_outbox(self, inp: torch.Tensor, nbytes: int) -> int | None:
+        """The outbox data offset of ``inp`` if it lies in a view lent for this exchange, else
+        None; ValueError if it overlaps the outbox otherwise (a view lent for an earlier
+        exchange, or reaching past the one lent): copying it into the outbox would overwrite it."""
+        if not nbytes:
+            return None
+        ptr, end = inp.data_ptr(), inp.data_ptr() + nbytes
+        for view, base in self._lent:
+            start = view.data_ptr()
+            if start <= ptr and end <= start + view.numel() and inp.is_contiguous():
+                return ptr - base
+        data = self._mine.data
+        if any(ptr < v.data_ptr() + v.numel() and v.data_ptr() < end for v in [data] + [v for v, _ in self._lent]):
+            raise ValueError("SharedMemoryTransport: the input lies in the outbox but not in a send_buffer lent for "
+                             "this exchange (a send buffer is valid for the next exchange only)")
+        return None
+
     def _ensure_capacity(self, nbytes: int) -> None:
         if nbytes <= self._mine.words[_CAPACITY]:
             return
         capacity = max(nbytes, 2 * int(self._mine.words[_CAPACITY]))
         os.ftruncate(self._fd, self._header_bytes + capacity)  # grows; peers' mappings stay valid
-        self._mine = _Mapping(self._fd, self._header_bytes + capacity, self._header_bytes, previous=self._mine)
+        if self._lent:  # views of the old mapping are lent: it stays mapped while they may be used
+            self._retired.append(self._mine)
+            self._mine = _Mapping(self._fd, self._header_bytes + capacity, self._header_bytes)
+        else:
+            self._mine = _Mapping(self._fd, self._header_bytes + capacity, self._header_bytes, previous=self._mine)
         self._mine.words[_CAPACITY] = capacity
 
     def _peer(self, q: int, k: int) -> _Mapping:
@@ -281,6 +365,9 @@ class SharedMemoryTransport(Transport):
                     raise TransportError(f"rank {q} did not take part in exchange {k} within {self.timeout:.0f} s")
 
     def close(self) -> None:
+        self._lent.clear()
+        for mapping in self._retired + self._retiring:
+            mapping.close(keep_fd=True)
         for peer in self._peers:
             if peer is not None:
                 peer.close()

@@ -144,16 +144,26 @@ def test_round_robin_starts_each_table_on_the_next_rank(world):
     assert owners[0]["given"] == [(0,)] * 5
 
 
+@pytest.mark.parametrize("tagged", [True, False])
 @pytest.mark.parametrize("with_numpy", [True, False])
-def test_owner_sort_with_and_without_numpy(monkeypatch, with_numpy):
-    """The owner's in-place int64 sort (numpy's on the CPU when present, else torch.sort)."""
+def test_owner_grouping_by_row_with_and_without_numpy(monkeypatch, with_numpy, tagged):
+    """The owner's grouping of ids by row (numpy's sort on the CPU when present, else
+    torch.sort): rows ascending, ties in tag order, each row's first position."""
     from sharded_embedding import bag_lookup
 
     if not with_numpy:
         monkeypatch.setattr(bag_lookup, "_np", None)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 2**40, (1000,), generator=g)
-    x[::7] = x[3]  # ties
-    want = torch.sort(x).values
-    bag_lookup._sort_int64(x)
-    assert torch.equal(x, want)
+    ids = [torch.randint(0, 2**31 - 1, (n,), generator=g, dtype=torch.int32) for n in (600, 1, 399)]
+    ids[0][::7] = ids[2][3]  # ties, across requesters too
+    ids[0][1] = 2**31 - 1  # the largest local row
+    tags = [torch.randint(0, 2**31 - 1, (i.numel(),), generator=g, dtype=torch.int32) for i in ids] if tagged \
+        else None
+    unique, got_tags, starts = bag_lookup._group_by_row(ids, tags, 1000, torch.device("cpu"))
+    rows = torch.cat(ids).long()
+    tag = torch.cat(tags).long() if tagged else torch.arange(1000)
+    order = torch.sort(rows * 2**32 + tag).indices
+    want_unique, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    assert unique.dtype == torch.int64 and got_tags.dtype == torch.int32 and starts.dtype == torch.int32
+    assert torch.equal(unique, want_unique) and torch.equal(got_tags.long(), tag[order])
+    assert torch.equal(starts.long(), torch.cumsum(counts, 0) - counts)

@@ -57,6 +57,71 @@ def test_shared_memory_delivers_what_gloo_delivers(world, data):
     run_ranks(world, _exchanges, trials)
 
 
+def _outbox_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("sharded_embedding_outbox" in line for line in f)
+
+
+def _zero_copy_exchanges(trials):
+    """Each trial: the input built in each transport's send buffer (a smaller one asked for
+    first: the second grows the outbox while the first is still held), sent without a copy on
+    shared memory; the same bytes as an ordinary exchange of the same rows on gloo."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fds, mappings = len(os.listdir("/proc/self/fd")), _outbox_mappings()
+    shm = SharedMemoryTransport(dist.group.WORLD, timeout=timedelta(seconds=60))  # its own: it breaks below
+    pg = ProcessGroupTransport(dist.group.WORLD)
+    for counts, width, grow in trials:
+        in_splits = counts[rank][:world]
+        out_splits = [counts[q][rank] for q in range(world)]
+        g = torch.Generator().manual_seed(rank * 1000 + sum(in_splits))
+        rows = torch.randn(sum(in_splits), width, generator=g)
+        expected = torch.empty(sum(out_splits), width)
+        pg.all_to_all(expected, rows, out_splits, in_splits)()
+        for transport in (shm, pg):
+            held = transport.send_buffer(rows.numel() * 4)
+            transport.send_buffer(rows.numel() * 4 * grow)  # a second call may grow the outbox: held stays valid
+            inp = held.view(torch.float32).view(-1, width)
+            inp.copy_(rows)
+            out = torch.full((sum(out_splits), width), float("nan"))
+            transport.all_to_all(out, inp, out_splits, in_splits)()
+            assert torch.equal(out, expected), transport.name
+            del held, inp
+    # A view lent for an earlier exchange is refused (on every rank alike), not copied over itself.
+    stale = shm.send_buffer(64)
+    shm.all_to_all(torch.empty(0), torch.empty(0), [0] * world, [0] * world)()
+    with pytest.raises(ValueError, match="send_buffer lent for this exchange"):
+        shm.all_to_all(torch.empty(world, 4), stale.view(torch.float32)[: 4 * world].view(world, 4), [1] * world,
+                       [1] * world)
+    del stale
+    # Bad splits: every rank raises, also when the rows are sent from the send buffer (the last
+    # exchange: a transport that raised is not used again).
+    inp = shm.send_buffer(2 * world * 16).view(torch.float32).view(-1, 4)
+    inp.fill_(1)
+    errors = []
+    try:
+        shm.all_to_all(torch.empty(world, 4), inp, [1] * world, [2] * world)()
+    except TransportError as e:
+        errors.append(str(e))
+    del inp
+    retired = len(shm._retired) + len(shm._retiring)
+    shm.close()
+    return errors, retired, fds, len(os.listdir("/proc/self/fd")), mappings, _outbox_mappings()
+
+
+@given(world=st.integers(2, 4), data=st.data())
+def test_rows_built_in_the_send_buffer_arrive_as_gloo_delivers_them(world, data):
+    trials = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        counts = data.draw(st.lists(st.lists(st.sampled_from([0, 1, 3, 700, 300_000]), min_size=4, max_size=4),
+                                    min_size=4, max_size=4))
+        trials.append((counts, data.draw(st.sampled_from([1, 4, 12])), data.draw(st.sampled_from([1, 2, 8]))))
+    for errors, retired, fds_before, fds_after, maps_before, maps_after in run_ranks(world, _zero_copy_exchanges,
+                                                                                       trials):
+        assert len(errors) == 1 and ("do not match" in errors[0] or "to itself" in errors[0]), errors
+        assert retired == 0  # outgrown mappings are unmapped once their exchange is over
+        assert fds_after == fds_before and maps_after == maps_before, (fds_before, fds_after, maps_before, maps_after)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("world", [2, 3])
 def test_lookups_match_the_oracle_on_both_transports(world, transport):
@@ -108,7 +173,7 @@ def test_tables_made_and_dropped_leave_no_shared_memory_behind():
 
 
 # ---------------------------------------------------------------------------- failures
-def _rank(rank: int, world: int, port: int, how: str, results) -> None:
+def _rank(rank: int, world: int, port: int, how: str, zero_copy: bool, results) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=False, timeout=timedelta(seconds=30))
     # gloo's own timeout stays long (a loaded machine can take seconds to set the group up); the
@@ -127,6 +192,9 @@ def _rank(rank: int, world: int, port: int, how: str, results) -> None:
         time.sleep(30)  # never comes
     start = time.monotonic()
     try:
+        if zero_copy:  # the rows built in the outbox (waits for the dead rank's reading of exchange 1: done)
+            inp = transport.send_buffer(inp.numel() * 4).view(torch.float32).view(4, 2)
+            inp.fill_(1)
         transport.all_to_all(out, inp, [2, 2], [2, 2])()
         results.put(("returned", 0.0))
     except TransportError as e:
@@ -140,11 +208,12 @@ def _rank(rank: int, world: int, port: int, how: str, results) -> None:
     ("dies", "rank 1 of the group (pid ", 2.0),  # noticed at once, not after the timeout
     ("never_comes", "rank 1 did not take part in exchange 2 within 3 s", 10.0),
 ])
-def test_a_rank_that_dies_or_never_comes_raises_on_the_others(how, message, within):
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_a_rank_that_dies_or_never_comes_raises_on_the_others(how, message, within, zero_copy):
     store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, store.port, how, results), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, store.port, how, zero_copy, results), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     try:
