@@ -89,10 +89,13 @@ def test_limit_table_ratios():
                dict(system="single_sparse_rowwise_adagrad", dist="zipf", median_step_ms=6.0),
                dict(system="ours_fused_sgd/shm", dist="zipf", median_step_ms=2.0),
                dict(system="ours_fused_sgd/gloo", dist="zipf", median_step_ms=8.0),
-               dict(system="ours_fused_rowwise_adagrad/shm", dist="zipf", median_step_ms=3.0)]
+               dict(system="ours_fused_rowwise_adagrad/shm", dist="zipf", median_step_ms=3.0),
+               # one-process ShardedEmbedding: slower than single_sparse for SGD, faster for Adagrad
+               dict(system="single_fused_sgd", dist="zipf", median_step_ms=5.0),
+               dict(system="single_fused_rowwise_adagrad", dist="zipf", median_step_ms=4.5)]
     table = lk._limit_table(results, "S", ["zipf"], transports, 3)
     rows = [line for line in table.splitlines() if line.startswith("| S ")]
-    assert rows == ["| S | zipf | sgd | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x |",
-                    "| S | zipf | rowwise_adagrad | 6.00 | 3.00 | 2.00x | - | - |"]
+    assert rows == ["| S | zipf | sgd | single_sparse | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x |",
+                    "| S | zipf | rowwise_adagrad | single_fused_rowwise_adagrad | 4.50 | 3.00 | 1.50x | - | - |"]
     assert lk._label("ours_fused_sgd", "process_group", transports) == "ours_fused_sgd/gloo"
     assert lk._label("ours_fused_sgd", "auto", ["auto"]) == "ours_fused_sgd"
