@@ -272,6 +272,7 @@ class SharedMemoryTransport(Transport):
                 n = out_splits[q] * out_row
                 if q == rank:
                     if n != own[1]:
+                        self._mine.words[_DONE] = k  # abandoned: the next exchange must not wait for it
                         raise TransportError(f"rank {rank} sends {own[1]} bytes to itself but expects {n}")
                     if n:
                         recv[at : at + n].copy_(send[own[0] : own[0] + n])
@@ -281,6 +282,9 @@ class SharedMemoryTransport(Transport):
                     peer = self._peer(q, k)
                     wrote = int(peer.words[_FIXED + world + rank])
                     if wrote != n:
+                        # Abandoned here (the peer finds its own mismatch and raises too): mark it
+                        # read, so that the group's next exchange does not wait for it forever.
+                        self._mine.words[_DONE] = k
                         raise TransportError(
                             f"exchange {k}: rank {q} sent {wrote} bytes to rank {rank}, which expected {n}: the ranks "
                             "called the exchange with splits that do not match")
@@ -360,6 +364,8 @@ class SharedMemoryTransport(Transport):
                 time.sleep(0.0002)
             if polls % 1000 == 0:
                 if not _alive(self._pids[q]):
+                    if words[field] >= k:  # it did its part, then exited: its mapping is still ours to read
+                        return
                     raise TransportError(f"rank {q} of the group (pid {self._pids[q]}) died during an exchange")
                 if time.monotonic() > deadline:
                     raise TransportError(f"rank {q} did not take part in exchange {k} within {self.timeout:.0f} s")
