@@ -155,11 +155,8 @@ def _feature(name: str, x, include_last_offset: bool, device: torch.device):
 
 
 def _integers(name: str, what: str, x, device: torch.device) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError):
-            raise InputError(NOT_TYPE, f"feature {name!r}: {what} is not a tensor ({type(x).__name__})") from None
+    if not isinstance(x, torch.Tensor):  # as torch.nn.EmbeddingBag: no lists, no numpy arrays
+        raise InputError(NOT_TYPE, f"feature {name!r}: {what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.int64, torch.int32):  # what torch.nn.EmbeddingBag takes
         raise InputError(NOT_TYPE, f"feature {name!r}: {what} of dtype {x.dtype}; they must be torch.int64 or "
                                    "torch.int32 (what torch.nn.EmbeddingBag takes)")
@@ -197,8 +194,9 @@ def _weights(name: str, weights, n: int, device: torch.device) -> torch.Tensor:
     where = f"feature {name!r}: per_sample_weights"
     if not isinstance(weights, torch.Tensor):
         raise InputError(NOT_TYPE, f"{where} must be a tensor, got {type(weights).__name__}")
-    if not weights.dtype.is_floating_point:
-        raise InputError(NOT_TYPE, f"{where} of dtype {weights.dtype}; they must be floating point")
+    if weights.dtype != torch.float32:  # torch.nn.EmbeddingBag: the dtype of the table's rows
+        raise InputError(NOT_TYPE, f"{where} of dtype {weights.dtype}; they must be torch.float32, the dtype of "
+                                   "the table's rows (as torch.nn.EmbeddingBag requires)")
     if weights.requires_grad:
         raise InputError(NOT_VALID, f"{where} require grad, and gradients with respect to per_sample_weights "
                                     "are not supported: pass weights.detach()")

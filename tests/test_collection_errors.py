@@ -62,6 +62,12 @@ def _bad(case: str, features: dict) -> dict:
         f["history"] = (*f["history"][:2], torch.tensor([1.0, 2.0]))
     elif case == "weights_dtype":
         f["history"] = (*f["history"][:2], torch.tensor([1, 2, 3]))
+    elif case == "weights_float64":
+        f["history"] = (*f["history"][:2], torch.ones(3, dtype=torch.float64))
+    elif case == "list_values":
+        f["user"] = ([1, 2, 3], o)
+    elif case == "empty_list_values":
+        f["user"] = ([], o)
     elif case == "weights_nan":
         f["history"] = (*f["history"][:2], torch.tensor([1.0, float("nan"), 3.0]))
     elif case == "weights_grad":
@@ -103,6 +109,9 @@ CASES = [
     ("offsets_and_lengths", ValueError, "'offsets' or 'lengths' (one of them)"),
     ("weights_shape", ValueError, "one weight per value is (3,)"),
     ("weights_dtype", TypeError, "per_sample_weights of dtype torch.int64"),
+    ("weights_float64", TypeError, "per_sample_weights of dtype torch.float64; they must be torch.float32"),
+    ("list_values", TypeError, "feature 'user': values must be a torch.Tensor, got list"),
+    ("empty_list_values", TypeError, "feature 'user': values must be a torch.Tensor, got list"),
     ("weights_nan", ValueError, "per_sample_weights hold inf or NaN"),
     ("weights_grad", ValueError, "pass weights.detach()"),
     ("weights_on_mean", ValueError, "table 'users' has pooling='mean': weights need pooling='sum'"),
