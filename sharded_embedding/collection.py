@@ -12,6 +12,8 @@ fewer bytes.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -168,7 +170,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
             if error is None and pool_on not in POOL_ON:
                 error = f"pool_on={pool_on!r} is not one of {list(POOL_ON)}"
             if error is None:
-                fields = {"tables": repr(tables), "include_last_offset": include_last_offset, "sparse": sparse,
+                fields = {**_table_fields(tables), "include_last_offset": include_last_offset, "sparse": sparse,
                           "comm_dtype": str(comm_dtype), "transport": transport, "pool_on": pool_on,
                           "device": device.type}
         except (ValueError, TypeError, RuntimeError) as e:
@@ -389,3 +391,38 @@ def _check_configs(tables) -> str | None:
         if c.fused_optimizer is not None and not isinstance(c.fused_optimizer, Mapping):
             return f"table {c.name!r}: fused_optimizer must be a dict, got {type(c.fused_optimizer).__name__}"
     return None
+
+
+def _table_fields(tables) -> dict:
+    """The tables' arguments as ``{"tables[k] field": text}`` for the ranks' agreement check,
+    so that an error names the field that differs and each rank's value. Equal arguments
+    written differently compare equal: a placement list or tuple, an optimizer's keys in any
+    order, ``1`` or ``1.0``."""
+    import dataclasses
+    import hashlib
+
+    def number(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    def placement(p):
+        if isinstance(p, str):
+            return p
+        entries = [list(e) if isinstance(e, (list, tuple)) else e for e in p]
+        text = json.dumps(entries, default=str)
+        if len(entries) <= 8:
+            return text
+        return f"{len(entries)} pages, starting {json.dumps(entries[:4], default=str)[:-1]}, ...] " \
+               f"(digest {hashlib.blake2b(text.encode(), digest_size=6).hexdigest()})"
+
+    out = {"number of tables": len(tables)}
+    for k, c in enumerate(tables):
+        for f in dataclasses.fields(c):
+            v = getattr(c, f.name)
+            if f.name == "placement":
+                v = placement(v)
+            elif f.name == "fused_optimizer" and v is not None:
+                v = json.dumps({str(key): number(x) for key, x in sorted(dict(v).items())}, default=str)
+            elif f.name == "feature_names" and v is not None:
+                v = list(v)
+            out[f"tables[{k}] {f.name}"] = v if isinstance(v, (int, float, str, list, type(None))) else repr(v)
+    return out

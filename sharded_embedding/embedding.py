@@ -138,7 +138,8 @@ class ShardedEmbedding(nn.Module):
             fields = {
                 "num_embeddings": num_embeddings, "page_size": page_size, "placement/num_devices": plan.describe(),
                 "embedding_dim": embedding_dim, "dtype": str(dtype), "seed": seed, "sparse": sparse,
-                "fused_optimizer": repr(sorted(dict(fused_optimizer).items())) if fused_optimizer else None,
+                "fused_optimizer": repr(sorted((k, float(v) if type(v) is int else v)  # 1 and 1.0 agree
+                                                for k, v in dict(fused_optimizer).items())) if fused_optimizer else None,
                 "comm_dtype": str(comm_dtype), "transport": transport, "init": init, "device": device.type,
                 "table number": number,
             }

@@ -270,7 +270,7 @@ def _bad_construction(case: str):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("dims_differ", "ranks were given different arguments"),
+    ("dims_differ", "ranks were given different arguments: tables[1] embedding_dim: rank 0: 2, rank 1: 3"),
     ("feature_twice", "feature 'y' is read by tables 'a' and 'b': a feature reads one table"),
     ("table_twice", "two tables are named 'a'"),
     ("pooling", "pooling='max' is not one of ['sum', 'mean', None]"),
@@ -345,3 +345,19 @@ def test_ranks_calling_different_collections_raise_on_every_rank():
                       messages[0])
     assert found and int(found[2]) - int(found[1]) == 2, messages[0]
     assert "No rank looked anything up" in messages[0]
+
+
+def _equal_written_differently():
+    rank = dist.get_rank()
+    placement = [0, 1, 0, 1] if rank == 0 else (0, 1, 0, 1)
+    fused = {"name": "sgd", "lr": 1} if rank == 0 else {"lr": 1.0, "name": "sgd"}
+    specs = [TableConfig(name="a", num_embeddings=12, embedding_dim=2, page_size=3, placement=placement,
+                         fused_optimizer=fused)]
+    ShardedEmbeddingBagCollection(specs)
+    return True
+
+
+def test_equal_arguments_written_differently_agree():
+    """A placement list or tuple, an optimizer's keys in another order, 1 or 1.0: the same
+    collection on every rank, not 'different arguments' (a fresh user's report)."""
+    assert run_ranks(2, _equal_written_differently) == [True, True]
