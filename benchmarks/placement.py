@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -84,14 +83,9 @@ def _worker(a) -> None:
 
 
 def _launch(a, world: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           os.path.abspath(__file__), "--worker", *sys.argv[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
-    rows = [json.loads(ln[len("RESULT "):]) for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not rows:
-        raise SystemExit(f"world {world} failed:\n{done.stderr[-3000:]}")
-    return rows
+    from workload import launch_workers
+
+    return launch_workers(__file__, ["--worker", *sys.argv[1:]], world, a.timeout, f"world {world}")
 
 
 def _table(a, world: int, runs: list[dict]) -> str:

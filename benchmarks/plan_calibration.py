@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -103,15 +102,10 @@ def _worker(a) -> None:
 
 
 def _launch(a, world: int, worker: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           os.path.abspath(__file__), f"--worker={worker}", f"--reps={a.reps}", f"--steps={a.steps}",
-           f"--warmup={a.warmup}", f"--seed={a.seed}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
-    rows = [json.loads(ln[len("RESULT "):]) for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not rows:
-        raise SystemExit(f"world {world} ({worker}) failed:\n{done.stderr[-3000:]}")
-    return rows
+    from workload import launch_workers
+
+    args = [f"--worker={worker}", f"--reps={a.reps}", f"--steps={a.steps}", f"--warmup={a.warmup}", f"--seed={a.seed}"]
+    return launch_workers(__file__, args, world, a.timeout, f"world {world} ({worker})")
 
 
 def features(run: dict):

@@ -12,7 +12,10 @@ serves exactly the same lookups; single-process baselines concatenate all ranks'
 from __future__ import annotations
 
 import json
+import os
 import resource
+import subprocess
+import sys
 import statistics
 import time
 
@@ -99,6 +102,19 @@ def summary(times: list[float], lookups_per_step: int, **extra) -> dict:
         lookups_per_s=round(lookups_per_step / med, 1),
         **extra,
     )
+
+
+def launch_workers(script: str, args: list[str], world: int, timeout: float, label: str) -> list[dict]:
+    """Run ``script args`` under torchrun on ``world`` local ranks (one thread each) and return
+    the records its workers `emit`; SystemExit naming ``label`` with stderr's tail if none came."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           os.path.abspath(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    rows = [json.loads(ln[len("RESULT "):]) for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not rows:
+        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
+    return rows
 
 
 def emit(record: dict) -> None:

@@ -42,6 +42,7 @@ import os
 import platform
 import socket
 import time
+from abc import ABC, abstractmethod
 from datetime import timedelta
 
 import torch
@@ -62,7 +63,7 @@ class TransportError(RuntimeError):
     """A peer did not take part in an exchange in time, died, or sent what was not expected."""
 
 
-class Transport:
+class Transport(ABC):
     """``all_to_all(out, inp, out_splits, in_splits, flag=None)``: send ``inp``'s rows
     (``in_splits[q]`` of them to rank ``q``, in rank order), return a function that receives
     into ``out`` (``out_splits[q]`` rows from rank ``q``) and returns the ranks whose ``flag``
@@ -70,17 +71,18 @@ class Transport:
 
     name = ""
 
+    @abstractmethod
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                    flag: torch.Tensor | None = None):
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def send_buffer(self, nbytes: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """``nbytes`` bytes on ``device`` (uint8, contiguous, 64-byte aligned) to build the input of this
         rank's *next* exchange in: an exchange whose ``inp`` is (a view of) them sends it without
         a copy where the transport can. Valid until that exchange; its content is undefined
         after it. Local (no collective), but on the shared-memory transport it waits until
         every peer has read this rank's previous exchange (`TransportError` as an exchange)."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass
