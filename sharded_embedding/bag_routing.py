@@ -157,7 +157,7 @@ class BagRouter:
             raise ValueError(f"pool_on={pool_on!r} is not one of {list(POOL_ON)}")
         self.routers, self.dims, self.pooled, self.pool_on = routers, dims, pooled, pool_on
         self.rank, self.world, self.device, self.table_id = rank, world, device, table_id
-        self.requests = RequestExchange(transport, rank, world, device)
+        self.requests = RequestExchange.shared(transport, rank, world, device)
         self.choices = [PoolingChoice() for _ in routers]
         # Packing a row with its weight needs local rows below 2^31.
         self._packable = [r.stride <= 2**31 for r in routers]

@@ -4,29 +4,31 @@ Every rank of the group runs `Router.route` once per lookup call, in the same or
 
 1. validate the ids, translate them to (serving rank, local row on it) -- the requester
    knows the plan -- and deduplicate them with one sort, which also orders them by peer;
-2. ``all_to_all_single`` of one int64 *request* per peer: a header (how many rows this rank
-   asks of that peer, the most it asks of any peer, the table's number, this rank's error
-   code and value, and whether it will backpropagate through this lookup) followed by up to
-   ``capacity`` of the requested rows. Ranks looking up different tables, bad input on any
-   rank (float ids, an id out of range), a lookup the table refuses on some rank (see
-   `REFUSALS`), or ranks that disagree on running the backward (a collective) reach every
-   rank in this exchange, and all ranks raise the same error together
-   before anything else moves; the good path pays no extra collective for it;
-3. only if some rank asked some peer for more than ``capacity`` rows (every rank can tell,
-   from the headers): ``all_to_all_single`` of the rows that did not fit, with ragged splits.
+2. ``all_to_all_single`` of one int64 *request* per peer: a header (how many values follow,
+   the most this rank sends any peer, the table's number) and a body -- this rank's error
+   code and value and whether it will backpropagate through this lookup, then the rows it
+   asks of that peer -- up to ``capacity`` values. Ranks looking up different tables, bad
+   input on any rank (float ids, an id out of range), a lookup the table refuses on some rank
+   (see `REFUSALS`), or ranks that disagree on running the backward (a collective) reach every
+   rank in this exchange, and all ranks raise the same error together before anything else
+   moves; the good path pays no extra collective for it;
+3. only if some rank's body was longer than ``capacity`` (every rank can tell, from the
+   headers): ``all_to_all_single`` of the values that did not fit, with ragged splits.
 
-``capacity`` is the same on every rank: each derives it from the largest request of the last
+``capacity`` is the same on every rank: each derives it from the longest request of the last
 call (all ranks see it in the headers), with headroom, so in steady state a lookup costs one
-small exchange before the vectors move instead of TorchRec's two (splits, then ids).
-Requests for pages this rank holds never leave it. The vectors travel in `lookup`.
+small exchange before the vectors move instead of TorchRec's two (splits, then ids). It is
+shared by all the tables and collections of a group, so a request is as wide whatever a rank
+calls. Requests for pages this rank holds never leave it. The vectors travel in `lookup`.
 
-`RequestExchange` is steps 2-3 on their own (a header of the caller's columns per peer, then
-int64 payload under the adaptive capacity): `Router` uses it for one table's lookups, and
+`RequestExchange` is steps 2-3 on their own (a header, then the caller's columns and int64
+payload under the adaptive capacity): `Router` uses it for one table's lookups, and
 `bag_routing` for all the tables of a `ShardedEmbeddingBagCollection` at once.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +40,13 @@ from .transport import Transport
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
-# The request columns `RequestExchange` adds before the caller's: payload count, the sender's
-# largest count to any peer, the number of the table (or collection) being looked up.
-_COUNT, _LARGEST, _CALLER = 0, 1, 2
-_FIXED = 3
-# A single table's own columns after those (`Router._exchange`: error code, error value, grad
-# mode), so a table's request has TABLE_HEADER int64 values before its rows (the planner's
+# The header `RequestExchange` puts before the body of a request: the body's length, the
+# sender's longest body to any peer, the number of the table (or collection) being looked up,
+# how many of the body's values are the caller's columns.
+_COUNT, _LARGEST, _CALLER, _COLUMNS = 0, 1, 2, 3
+_FIXED = 4
+# A single table's own columns, first in the body (`Router._exchange`: error code, error value,
+# grad mode), so a table's request has TABLE_HEADER int64 values before its rows (the planner's
 # byte model reads it).
 _TABLE_COLUMNS = 3
 TABLE_HEADER = _FIXED + _TABLE_COLUMNS
@@ -148,7 +151,7 @@ class Router:
             self._offset32 = offset.to(torch.int32)
         self._page_bits = page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else None
         self._arange = torch.arange(0, device=device)
-        self.requests = RequestExchange(transport, rank, world, device)
+        self.requests = RequestExchange.shared(transport, rank, world, device)
 
     def _positions(self, n: int) -> torch.Tensor:
         """``arange(n)``, a view of a cache grown as needed. The cache is made outside inference
@@ -273,46 +276,73 @@ class Received:
 
 
 class RequestExchange:
-    """One ``all_to_all_single`` of an int64 request per peer: a header (the payload count, the
-    sender's largest count to any peer, the number of the table or collection it is looking
-    up, then the caller's columns) followed by up to ``capacity`` payload values; when some
-    request outgrew the capacity (every rank can tell from the headers), a second, ragged
-    all-to-all with the rest.
+    """One ``all_to_all_single`` of an int64 request per peer: a fixed header (the body's
+    length, the sender's longest body to any peer, the number of the table or collection it is
+    looking up, how many of the body's values are the caller's columns), then the body -- the
+    caller's columns and its payload -- up to ``capacity`` values; when some body outgrew the
+    capacity (every rank can tell from the headers), a second, ragged all-to-all with the rest.
 
-    ``capacity`` is the same on every rank: each derives it from the largest request of the
-    last call, seen by all in the headers, with 25% headroom, halving at most per call. So in
-    steady state a request costs one exchange, and the header rides with the payload.
+    Every table and collection of one transport (one process group) shares one exchange
+    (`shared`), so a request has the same width whatever a rank is calling: a rank that calls
+    one table while another calls a different table or a collection sends as many bytes as the
+    others expect, and every rank raises the same RuntimeError from the headers. (With widths
+    of their own, gloo aborted the process whose peer sent more than it expected.)
+
+    ``capacity`` is the same on every rank: per caller, the longest body of its last call, seen
+    by all in the headers, with 25% headroom, halving at most per call; the width is the
+    largest of the callers seen in the last `_FORGET` calls. So in steady state a request
+    costs one exchange, and the header rides with the payload.
     """
 
-    def __init__(self, transport: Transport, rank: int, world: int, device: torch.device):
+    _FORGET = 64
+
+    @classmethod
+    def shared(cls, transport: Transport | None, rank: int, world: int, device: torch.device) -> "RequestExchange":
+        """The request exchange of ``transport`` on ``device`` (made on first use)."""
+        if transport is None:  # a router built without a group (tests of its local steps)
+            return cls(transport, rank, world, device)
+        per_device = _SHARED.setdefault(transport, {})
+        key = str(torch.device(device))
+        if key not in per_device:
+            per_device[key] = cls(transport, rank, world, device)
+        return per_device[key]
+
+    def __init__(self, transport: Transport | None, rank: int, world: int, device: torch.device):
         self.transport, self.rank, self.world, self.device = transport, rank, world, device
-        self.capacity = 0
+        self._capacities: dict[int, tuple[int, int]] = {}  # caller -> (body capacity, call it was last seen)
+        self._calls = 0
+
+    @property
+    def capacity(self) -> int:
+        """Body values every request row holds in the next call (the same on every rank)."""
+        return max((c for c, _ in self._capacities.values()), default=0)
 
     def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None,
                  caller: int = 0) -> Received:
         """Send ``columns[q]`` (int64 ``[world, k]``) and the payload ``pieces[q]`` (int64
         tensors, one after the other) to each peer ``q`` (``pieces[rank]`` must be empty: a
         rank's own requests never travel). ``caller``: the number of the table (or collection)
-        this rank is looking up; ranks that differ raise RuntimeError together. Then
-        ``check(header)`` is called on every rank with every peer's columns (host, ``[world,
-        k]``) before any payload is read: raise there and every rank raises together, before
-        the overflow exchange.
+        this rank is looking up; ranks that differ raise RuntimeError together, before any
+        body is read. Then ``check(header)`` is called on every rank with every peer's columns
+        (host, ``[world, k]``) before any payload is used: raise there and every rank raises
+        together.
 
-        Collective: one ``all_to_all_single``, two when a request outgrew the capacity."""
+        Collective: one ``all_to_all_single``, two when a body outgrew the capacity."""
         world, device, cap = self.world, self.device, self.capacity
-        base = _FIXED + columns.shape[1]
-        width = base + cap
-        counts = [sum(t.numel() for t in parts) for parts in pieces]
+        width = _FIXED + cap
+        num_columns = columns.shape[1]
+        bodies = [[columns[q], *parts] for q, parts in enumerate(pieces)]
+        counts = [sum(t.numel() for t in parts) for parts in bodies]
         request = torch.empty(world, width, dtype=torch.int64, device=device)
         request[:, _COUNT] = torch.tensor(counts, dtype=torch.int64)
         request[:, _LARGEST] = max(counts)
         request[:, _CALLER] = caller
-        request[:, _FIXED:base] = columns
+        request[:, _COLUMNS] = num_columns
         if cap:
-            request[:, base:] = 0
+            request[:, _FIXED:] = 0
         rest = []  # what did not fit, peer after peer
-        for q, parts in enumerate(pieces):  # each piece is copied once, into the request row
-            at = base
+        for q, parts in enumerate(bodies):  # each piece is copied once, into the request row
+            at = _FIXED
             for t in parts:
                 n = t.numel()
                 fit = max(0, min(n, width - at))
@@ -323,29 +353,46 @@ class RequestExchange:
                 at += n
         received = torch.empty_like(request)
         self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first values
-        header = received[:, :base].cpu()  # one device sync
-        _raise_if_tables_differ(header[:, _CALLER].tolist())
-        if check is not None:
-            check(header[:, _FIXED:])
-        served = header[:, _COUNT].tolist()
-        largest = max(header[:, _LARGEST].tolist())
-        self.capacity = max(-(-largest * 5 // 4), cap // 2)  # identical on every rank
+        header = received[:, :_FIXED].cpu()  # one device sync
+        sizes, callers = header[:, _COUNT].tolist(), header[:, _CALLER].tolist()
+        self._remember(callers, header[:, _LARGEST].tolist())  # before raising: every rank alike
+        _raise_if_tables_differ(callers)
         wire = (world - 1) * width  # int64s each way in the request exchange
-        if largest <= cap:
-            return Received(header[:, _FIXED:], [received[r, base : base + served[r]] for r in range(world)], served,
-                            wire, wire)
-        # Some request outgrew the capacity: the rest follows.
-        extra_in = [max(c - cap, 0) for c in served]
-        extra_out = [max(c - cap, 0) for c in counts]
-        extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
-        send = torch.cat(rest) if rest else extra.new_empty(0)
-        self.transport.all_to_all(extra, send, extra_in, extra_out)()  # overflow
-        at, payload = 0, []
-        for r in range(world):  # O(world), only on calls where the capacity grows
-            first = received[r, base : base + min(served[r], cap)]
-            payload.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
-            at += extra_in[r]
-        return Received(header[:, _FIXED:], payload, served, wire + sum(extra_out), wire + sum(extra_in))
+        if max(header[:, _LARGEST].tolist()) <= cap:
+            bodies_in = [received[r, _FIXED : _FIXED + sizes[r]] for r in range(world)]
+            sent, got = wire, wire
+        else:  # some body outgrew the capacity: the rest follows (splits known to all from the headers)
+            extra_in = [max(c - cap, 0) for c in sizes]
+            extra_out = [max(c - cap, 0) for c in counts]
+            extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
+            send = torch.cat(rest) if rest else extra.new_empty(0)
+            self.transport.all_to_all(extra, send, extra_in, extra_out)()  # overflow
+            at, bodies_in = 0, []
+            for r in range(world):  # O(world), only on calls where the capacity grows
+                first = received[r, _FIXED : _FIXED + min(sizes[r], cap)]
+                bodies_in.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
+                at += extra_in[r]
+            sent = wire + sum(n for q, n in enumerate(extra_out) if q != self.rank)  # what left this rank
+            got = wire + sum(n for q, n in enumerate(extra_in) if q != self.rank)
+        columns_in = torch.stack([b[:num_columns] for b in bodies_in]).cpu()  # one device sync
+        if check is not None:
+            check(columns_in)
+        served = [n - num_columns for n in sizes]
+        return Received(columns_in, [b[num_columns:] for b in bodies_in], served, sent, got)
+
+    def _remember(self, callers: list[int], largest: list[int]) -> None:
+        """Each caller's capacity after a call (from every rank's header: the same everywhere)."""
+        self._calls += 1
+        for c in set(callers):
+            longest = max(n for r, n in enumerate(largest) if callers[r] == c)
+            before = self._capacities.get(c, (0, 0))[0]
+            self._capacities[c] = (max(-(-longest * 5 // 4), before // 2), self._calls)
+        for c, (_, seen) in list(self._capacities.items()):
+            if self._calls - seen >= self._FORGET:
+                del self._capacities[c]
+
+
+_SHARED: "weakref.WeakKeyDictionary[Transport, dict[str, RequestExchange]]" = weakref.WeakKeyDictionary()
 
 
 def validate_ids(indices, num_embeddings: int, device: torch.device):

@@ -347,6 +347,37 @@ def test_ranks_calling_different_collections_raise_on_every_rank():
     assert "No rank looked anything up" in messages[0]
 
 
+def _table_beside_its_collection(transport):
+    """Rank 0 calls the collection, rank 1 one of its tables on its own, after both have been
+    used (their requests had different widths when each kept its own capacity: gloo aborted
+    rank 1, which received more than it expected)."""
+    rank, _ = rank_world()
+    tables = [TableConfig(name="a", num_embeddings=1000, embedding_dim=4, page_size=16, feature_names=["f"]),
+              TableConfig(name="b", num_embeddings=500, embedding_dim=4, page_size=16, feature_names=["g"])]
+    ebc = ShardedEmbeddingBagCollection(tables, transport=transport)
+    big = torch.arange(0, 1000, 3)
+    features = {"f": (big, torch.tensor([0, 100])), "g": (big % 500, torch.tensor([0, 7]))}
+    ebc(features)
+    ebc.tables["a"](torch.tensor([1, 2]))
+    before = {n: ebc.tables[n].full_table() for n in ("a", "b")}
+    with pytest.raises(RuntimeError) as err:
+        if rank == 0:
+            sum(v.sum() for v in ebc(features).values()).backward()
+        else:
+            ebc.tables["a"](torch.tensor([5, 900, 17])).sum().backward()
+    assert all(torch.equal(ebc.tables[n].full_table(), before[n]) for n in before)
+    out = ebc(features)  # the same call on every rank: the group goes on
+    assert out["f"].shape == (2, 4)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("transport", ["process_group", "shared_memory"])
+def test_a_table_called_beside_its_collection_raises_on_every_rank(transport):
+    messages = run_ranks(2, _table_beside_its_collection, transport)
+    assert messages[0] == messages[1]
+    assert "the ranks called the lookups of different tables" in messages[0], messages[0]
+
+
 def _equal_written_differently():
     rank = dist.get_rank()
     placement = [0, 1, 0, 1] if rank == 0 else (0, 1, 0, 1)

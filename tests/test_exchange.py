@@ -69,14 +69,17 @@ def _fp16_hot_rows():
     oracle = Oracle(32, 4, fused=fused)
     ids = [torch.full((20_000,), 9), torch.full((20_000,), 1)]
     want_out, _ = oracle.step(ids, [torch.full((20_000, 4), 4.0)] * world)
+    cap = emb._router.requests.capacity  # shared with the tables made before on this group
     out = emb(ids[rank])
     u, a = _wire_bound(torch.float16)
     x = want_out[rank]
     assert ((out - x).abs() <= u * x.abs() + a * x.abs().amax(1, keepdim=True)).all()
     (out * 4.0).sum().backward()
-    # stats() counts what travelled: a header of 6 int64 and the asked row id, then the vector and
-    # the gradient of one row each way, as 4 float16 values and the scale's exponent.
-    assert emb.stats()["bytes_received"] == emb.stats()["bytes_sent"] == 6 * 8 + 8 + 2 * (4 + 1) * 2
+    # stats() counts what travelled: a request of a 4-int64 header and a body of 3 columns and the
+    # asked row id (padded to the capacity), then the vector and the gradient of one row each way,
+    # as 4 float16 values and the scale's exponent.
+    want = (4 + max(cap, 3 + 1)) * 8 + 2 * (4 + 1) * 2
+    assert emb.stats()["bytes_received"] == emb.stats()["bytes_sent"] == want
     table = emb.full_table()
     assert torch.isfinite(table).all() and torch.isfinite(emb._full(emb.optimizer.sum)).all()
     torch.testing.assert_close(table, oracle.table, rtol=1e-6, atol=1e-6)
@@ -147,8 +150,9 @@ def _stats():
     # 4 pages of 5 rows on ranks 0, 1, 0, 1; rank r looks up [0, 0, 5, 6, 10, 15, 15, 15].
     emb = ShardedEmbedding(20, 3, page_size=5)
     ids = torch.tensor([0, 0, 5, 6, 10, 15, 15, 15])
-    calls = []
+    calls, capacities = [], []
     for _ in range(2):
+        capacities.append(emb._router.requests.capacity)  # shared with the tables made before on this group
         emb(ids).sum().backward()
         calls.append(emb.stats(reset=True))
     for s in calls:
@@ -160,14 +164,15 @@ def _stats():
             assert s["local_unique_ids"] == 3 and s["unique_ids_sent_per_rank"] == [2, 0]
     sent = calls[0]["unique_ids_sent_per_rank"][1 - rank]
     served = calls[0]["rows_served_per_rank"][1 - rank]
-    header = 6 * 8  # count, error code, error value, largest count, grad mode, table
-    # First call: no capacity yet, so the header goes first and the ids follow it; then the
-    # vectors (float32 rows of 3) and, backward, the gradients.
-    assert calls[0]["bytes_sent"] == header + sent * 8 + served * 12 + sent * 12
-    assert calls[0]["bytes_received"] == header + served * 8 + sent * 12 + served * 12
-    # Then the ids ride in the header exchange, padded to a capacity of ceil(1.25 * 3) = 4.
-    assert calls[1]["bytes_sent"] == header + 4 * 8 + served * 12 + sent * 12
-    assert calls[1]["bytes_received"] == header + 4 * 8 + sent * 12 + served * 12
+    # A request is a header of 4 int64 (body length, longest body, table, columns) and a body of
+    # 3 columns (error code, error value, grad mode) and the asked ids, padded to the capacity or
+    # beyond it in a second exchange; then the vectors (float32 rows of 3) and, backward, the
+    # gradients.
+    for s, cap in zip(calls, capacities):
+        assert s["bytes_sent"] == (4 + max(cap, 3 + sent)) * 8 + served * 12 + sent * 12, (s, cap)
+        assert s["bytes_received"] == (4 + max(cap, 3 + served)) * 8 + sent * 12 + served * 12
+    # After the first call the ids ride in the header exchange: capacity >= ceil(1.25 * 6)
+    assert capacities[1] >= 8
     assert emb.stats()["calls"] == 0  # reset
     return calls[1]
 
