@@ -73,15 +73,24 @@ LIMIT = {"sgd": ["single_sparse", "single_fused_sgd"],  # per fused optimizer: t
          "rowwise_adagrad": ["single_sparse_rowwise_adagrad", "single_fused_rowwise_adagrad"]}
 BASELINES = [*SINGLE, *SINGLE_FUSED, "dtensor_rowwise", *TORCHREC]
 TRANSPORT_LABELS = {"auto": "", "shared_memory": "shm", "process_group": "gloo"}
+# glibc malloc as it comes, or kept from handing big blocks back to the OS between steps (every
+# step otherwise takes fresh pages for its multi-MiB temporaries, in torch's ops and ours: page
+# faults, 10-20% of a step at M); "tuned" is what a user gets from these environment variables
+# (jemalloc or tcmalloc via LD_PRELOAD do the same, the usual advice for PyTorch on CPUs).
+ALLOCATORS = {"default": {}, "tuned": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+                                       "MALLOC_TOP_PAD_": str(64 << 20)}}
 SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
 DEFAULT_SYSTEMS = [*OURS, *BASELINES]
 
 
-def _label(system: str, transport: str | None, transports: list[str]) -> str:
-    """``system``, or ``system/shm`` etc. when the run compares transports."""
-    if transport is None or transports == ["auto"]:
-        return system
-    return f"{system}/{TRANSPORT_LABELS[transport] or transport}"
+def _label(system: str, transport: str | None, transports: list[str], allocator: str = "default",
+           allocators: tuple[str, ...] = ("default",)) -> str:
+    """``system``, or ``system/shm`` etc. when the run compares transports, and ``@tuned`` etc.
+    when it compares allocators."""
+    label = system
+    if transport is not None and transports != ["auto"]:
+        label = f"{system}/{TRANSPORT_LABELS[transport] or transport}"
+    return label if list(allocators) == ["default"] else f"{label}@{allocator}"
 
 
 def _args(argv=None):
@@ -102,6 +111,9 @@ def _args(argv=None):
                     help="comma separated, among auto, shared_memory, process_group: our systems run once "
                          "per transport")
     ap.add_argument("--transport", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--allocators", default="default",
+                    help="comma separated, among default (glibc malloc as it comes) and tuned (glibc kept from "
+                         "returning memory to the OS between steps): every system runs under each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append every result as a JSON line to this file")
     ap.add_argument("--markdown", default=None, help="also write the result table to this file")
@@ -340,14 +352,14 @@ WORKERS = {**{s: _worker_ours for s in [*OURS, *SINGLE_FUSED]}, **{s: _worker_to
 
 
 # ---------------------------------------------------------------------------------- driver
-def _run_one(a, system: str, dist: str, transport: str | None = None) -> dict:
+def _run_one(a, system: str, dist: str, transport: str | None = None, allocator: str = "default") -> dict:
     common = [f"--rows={a.rows}", f"--dim={a.dim}", f"--batch={a.batch}", f"--world={a.world}",
               f"--transport={transport or 'auto'}", f"--page-size={a.page_size}", f"--steps={a.steps}",
               f"--warmup={a.warmup}", f"--lr={a.lr}", f"--slow-steps={a.slow_steps}", f"--seed={a.seed}", f"--worker={system}", f"--dist={dist}"]
     if not a.bind_cpus:
         common.append("--no-bind-cpus")
     script = os.path.abspath(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **ALLOCATORS[allocator])
     if system in SINGLE:
         cmd = [sys.executable, script, *common]
     else:
@@ -371,15 +383,17 @@ def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
                                "peak RSS MiB per rank"]) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for dist in dists:
-        base = {r["system"]: r for r in results if r["dist"] == dist and not r.get("failed")}
+        base = {(r.get("base_system", r["system"]), r.get("allocator", "default")): r
+                for r in results if r["dist"] == dist and not r.get("failed")}  # baselines: no transport
         for r in (r for r in results if r["dist"] == dist):
             if r.get("failed"):
                 lines.append(f"| {r['system']} | {dist} | failed ({r['rc']}) |" + " |" * (len(baselines) + 4))
                 continue
             ratios = []
-            for b in baselines:
-                ok = r["system"].startswith("ours") and b in base
-                ratios.append(f"{r['lookups_per_s'] / base[b]['lookups_per_s']:.2f}x" if ok else "")
+            for b in baselines:  # against the baseline under the same allocator
+                key = (b, r.get("allocator", "default"))
+                ok = r["system"].startswith("ours") and key in base
+                ratios.append(f"{r['lookups_per_s'] / base[key]['lookups_per_s']:.2f}x" if ok else "")
             sent = r.get("bytes_sent_per_step")
             lines.append(
                 f"| {r['system']} | {dist} | {r['median_step_ms']:.2f} | {r['p10_step_ms']:.2f}-{r['p90_step_ms']:.2f} "
@@ -389,30 +403,32 @@ def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _limit_table(results: list[dict], workload: str, dists: list[str], transports: list[str], repeat: int) -> str:
-    """Each fused system of ours against the single-process limit with the same optimizer
-    (limit step time / ours: above 1 is faster than one process), one column pair per transport."""
-    by = {(r["system"], r["dist"]): r for r in results if not r.get("failed")}
-    head = ["workload", "ids", "optimizer", "single-process limit", "limit ms"]
+def _limit_table(results: list[dict], workload: str, dists: list[str], transports: list[str], repeat: int,
+                 allocators: list[str] = ("default",)) -> str:
+    """Each fused system of ours against the single-process limit with the same optimizer and
+    allocator (limit step time / ours: above 1 is faster than one process), one column pair per
+    transport, one row per allocator."""
+    by = {(r["base_system"], r.get("transport"), r.get("allocator", "default"), r["dist"]): r
+          for r in results if not r.get("failed")}
+    head = ["workload", "ids", "optimizer", "allocator", "single-process limit", "limit ms"]
     for t in transports:
         name = TRANSPORT_LABELS[t] or t
         head += [f"{name} ms", f"{name} / limit"]
     lines = []
-    for dist in dists:
-        for system, opt in FUSED.items():
-            candidates = [by[(c, dist)] for c in LIMIT[opt] if (c, dist) in by]
-            limit = min(candidates, key=lambda r: r["median_step_ms"]) if candidates else None
-            cells = [workload, dist, opt, limit["system"] if limit else "-",
-                     f"{limit['median_step_ms']:.2f}" if limit else "-"]
-            found = False
-            for t in transports:
-                r = by.get((_label(system, t, transports), dist))
-                found |= r is not None
-                cells.append(f"{r['median_step_ms']:.2f}" if r else "-")
-                ok = r is not None and limit is not None
-                cells.append(f"{limit['median_step_ms'] / r['median_step_ms']:.2f}x" if ok else "-")
-            if found and limit:
-                lines.append("| " + " | ".join(cells) + " |")
+    for dist, (system, opt), alloc in ((d, f, al) for d in dists for f in FUSED.items() for al in allocators):
+        candidates = [by[(c, None, alloc, dist)] for c in LIMIT[opt] if (c, None, alloc, dist) in by]
+        limit = min(candidates, key=lambda r: r["median_step_ms"]) if candidates else None
+        cells = [workload, dist, opt, alloc, limit["base_system"] if limit else "-",
+                 f"{limit['median_step_ms']:.2f}" if limit else "-"]
+        found = False
+        for t in transports:
+            r = by.get((system, t, alloc, dist))
+            found |= r is not None
+            cells.append(f"{r['median_step_ms']:.2f}" if r else "-")
+            ok = r is not None and limit is not None
+            cells.append(f"{limit['median_step_ms'] / r['median_step_ms']:.2f}x" if ok else "-")
+        if found and limit:
+            lines.append("| " + " | ".join(cells) + " |")
     if not lines:
         return ""
     note = (f"Against the single-process limit (step ms: median step of the median of {repeat} interleaved "
@@ -464,7 +480,12 @@ def main(argv=None):
     bad = [t for t in transports if t not in TRANSPORT_LABELS]
     if bad:
         raise SystemExit(f"unknown transports {bad}; known: {sorted(TRANSPORT_LABELS)}")
-    runs_of = [(_label(s, t, transports), s, t) for s in systems for t in (transports if s in OURS else [None])]
+    allocators = [x.strip() for x in a.allocators.split(",")]
+    bad = [x for x in allocators if x not in ALLOCATORS]
+    if bad:
+        raise SystemExit(f"unknown allocators {bad}; known: {sorted(ALLOCATORS)}")
+    runs_of = [(_label(s, t, transports, al, allocators), s, t, al) for s in systems
+               for t in (transports if s in OURS else [None]) for al in allocators]
     dists = a.dists.split(",")
     import torch
 
@@ -482,11 +503,12 @@ def main(argv=None):
         print(title, flush=True)
         mine = []
         for dist in dists:
-            runs = {label: [] for label, _, _ in runs_of}
+            runs = {label: [] for label, *_ in runs_of}
             for _ in range(a.repeat):
-                for label, system, transport in runs_of:
-                    r = _run_one(run, system, dist, transport)
-                    r.update(system=label, workload=wl, rows=run.rows, dim=run.dim, batch=run.batch)
+                for label, system, transport, alloc in runs_of:
+                    r = _run_one(run, system, dist, transport, alloc)
+                    r.update(system=label, base_system=system, transport=transport, allocator=alloc, dist=dist,
+                             workload=wl, rows=run.rows, dim=run.dim, batch=run.batch)
                     runs[label].append(r)
                     if a.json:
                         with open(a.json, "a") as f:
@@ -501,7 +523,7 @@ def main(argv=None):
                     pick["median_step_ms_of_runs"] = [r["median_step_ms"] for r in ok]
                 mine.append(pick)
         table = _table(mine, dists, [b for b in BASELINES if b in systems])
-        limits = _limit_table(mine, wl, dists, transports, a.repeat)
+        limits = _limit_table(mine, wl, dists, transports, a.repeat, allocators)
         if limits:
             table += "\n\n" + limits
         print("\n" + table + "\n", flush=True)

@@ -85,17 +85,24 @@ def test_single_process_profile_adds_up():
 def test_limit_table_ratios():
     lk = _load("lookup")
     transports = ["shared_memory", "process_group"]
-    results = [dict(system="single_sparse", dist="zipf", median_step_ms=4.0),
-               dict(system="single_sparse_rowwise_adagrad", dist="zipf", median_step_ms=6.0),
-               dict(system="ours_fused_sgd/shm", dist="zipf", median_step_ms=2.0),
-               dict(system="ours_fused_sgd/gloo", dist="zipf", median_step_ms=8.0),
-               dict(system="ours_fused_rowwise_adagrad/shm", dist="zipf", median_step_ms=3.0),
+
+    def run(system, ms, transport=None, allocator="default"):
+        return dict(system=lk._label(system, transport, transports, allocator, ("default", "tuned")),
+                    base_system=system, transport=transport, allocator=allocator, dist="zipf", median_step_ms=ms)
+
+    results = [run("single_sparse", 4.0), run("single_sparse_rowwise_adagrad", 6.0),
+               run("ours_fused_sgd", 2.0, "shared_memory"), run("ours_fused_sgd", 8.0, "process_group"),
+               run("ours_fused_rowwise_adagrad", 3.0, "shared_memory"),
                # one-process ShardedEmbedding: slower than single_sparse for SGD, faster for Adagrad
-               dict(system="single_fused_sgd", dist="zipf", median_step_ms=5.0),
-               dict(system="single_fused_rowwise_adagrad", dist="zipf", median_step_ms=4.5)]
-    table = lk._limit_table(results, "S", ["zipf"], transports, 3)
+               run("single_fused_sgd", 5.0), run("single_fused_rowwise_adagrad", 4.5),
+               # under the tuned allocator, each against the limit under the same allocator
+               run("single_sparse", 3.0, allocator="tuned"), run("ours_fused_sgd", 2.5, "shared_memory", "tuned")]
+    table = lk._limit_table(results, "S", ["zipf"], transports, 3, ["default", "tuned"])
     rows = [line for line in table.splitlines() if line.startswith("| S ")]
-    assert rows == ["| S | zipf | sgd | single_sparse | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x |",
-                    "| S | zipf | rowwise_adagrad | single_fused_rowwise_adagrad | 4.50 | 3.00 | 1.50x | - | - |"]
+    assert rows == ["| S | zipf | sgd | default | single_sparse | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x |",
+                    "| S | zipf | sgd | tuned | single_sparse | 3.00 | 2.50 | 1.20x | - | - |",
+                    "| S | zipf | rowwise_adagrad | default | single_fused_rowwise_adagrad | 4.50 | 3.00 | 1.50x | - | - |"]
     assert lk._label("ours_fused_sgd", "process_group", transports) == "ours_fused_sgd/gloo"
+    assert lk._label("ours_fused_sgd", "process_group", transports, "tuned", ("default", "tuned")) \
+        == "ours_fused_sgd/gloo@tuned"
     assert lk._label("ours_fused_sgd", "auto", ["auto"]) == "ours_fused_sgd"
