@@ -73,12 +73,10 @@ LIMIT = {"sgd": ["single_sparse", "single_fused_sgd"],  # per fused optimizer: t
          "rowwise_adagrad": ["single_sparse_rowwise_adagrad", "single_fused_rowwise_adagrad"]}
 BASELINES = [*SINGLE, *SINGLE_FUSED, "dtensor_rowwise", *TORCHREC]
 TRANSPORT_LABELS = {"auto": "", "shared_memory": "shm", "process_group": "gloo"}
-# glibc malloc as it comes, or kept from handing big blocks back to the OS between steps (every
-# step otherwise takes fresh pages for its multi-MiB temporaries, in torch's ops and ours: page
-# faults, 10-20% of a step at M); "tuned" is what a user gets from these environment variables
-# (jemalloc or tcmalloc via LD_PRELOAD do the same, the usual advice for PyTorch on CPUs).
-ALLOCATORS = {"default": {}, "tuned": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
-                                       "MALLOC_TOP_PAD_": str(64 << 20)}}
+# glibc malloc as it comes, or kept from handing big blocks back to the OS between steps by
+# `sharded_embedding.tune_malloc()`, called first in the worker (every step otherwise takes fresh
+# pages for its multi-MiB temporaries, torch's and ours: page faults, 10-25% of our step at M).
+ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}}
 SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
 DEFAULT_SYSTEMS = [*OURS, *BASELINES]
 
@@ -112,8 +110,8 @@ def _args(argv=None):
                          "per transport")
     ap.add_argument("--transport", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--allocators", default="default",
-                    help="comma separated, among default (glibc malloc as it comes) and tuned (glibc kept from "
-                         "returning memory to the OS between steps): every system runs under each")
+                    help="comma separated, among default (glibc malloc as it comes) and tuned "
+                         "(sharded_embedding.tune_malloc() first): every system runs under each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append every result as a JSON line to this file")
     ap.add_argument("--markdown", default=None, help="also write the result table to this file")
@@ -465,6 +463,11 @@ def _chart(path: str, results: list[dict]) -> None:
 def main(argv=None):
     a = _args(argv)
     if a.worker:
+        if os.environ.get("SHARDED_EMBEDDING_BENCH_TUNE_MALLOC"):
+            from sharded_embedding import tune_malloc
+
+            if not tune_malloc():
+                raise SystemExit("--allocators tuned: this C library has no mallopt")
         WORKERS[a.worker](a)
         if a.worker not in SINGLE:
             from sharded_embedding import finish

@@ -4,7 +4,7 @@ from .amp import NonFiniteGradientError, use_grad_scaler
 from .clipping import clip_grad_norm_
 from .collection import ShardedEmbeddingBagCollection, TableConfig
 from .ddp import exclude_from_ddp, split_parameters, table_parameters
-from .distributed import finish, init_distributed
+from .distributed import finish, init_distributed, tune_malloc
 from .embedding import ShardedEmbedding
 from .initializers import initial_rows
 from .legacy import LargeEmbedding
@@ -29,6 +29,7 @@ __all__ = [
     "clip_grad_norm_",
     "shard_optimizer_state",
     "init_distributed",
+    "tune_malloc",
     "finish",
     "initial_rows",
 ]
