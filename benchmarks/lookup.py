@@ -74,8 +74,8 @@ LIMIT = {"sgd": ["single_sparse", "single_fused_sgd"],  # per fused optimizer: t
 BASELINES = [*SINGLE, *SINGLE_FUSED, "dtensor_rowwise", *TORCHREC]
 TRANSPORT_LABELS = {"auto": "", "shared_memory": "shm", "process_group": "gloo"}
 # glibc malloc as it comes, or kept from handing big blocks back to the OS between steps by
-# `sharded_embedding.tune_malloc()`, called first in the worker (every step otherwise takes fresh
-# pages for its multi-MiB temporaries, torch's and ours: page faults, 10-25% of our step at M).
+# `sharded_embedding.tune_malloc()`, called first in the worker (otherwise every step takes fresh
+# pages, page faults, for its multi-MiB temporaries, torch's and ours).
 ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}}
 SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
 DEFAULT_SYSTEMS = [*OURS, *BASELINES]

@@ -99,8 +99,9 @@ def tune_malloc() -> bool:
     A training step allocates and frees tensors of several MiB (the looked-up rows, the loss,
     autograd's gradients, the exchanges' rows). Under glibc's default, adaptive thresholds such
     blocks keep going back to the OS and coming back as fresh pages, each page a fault: at
-    10M x 128 and 16,384 ids per rank a rank of ours took 500-3,500 page faults and 1-5 ms of
-    system time per 9-14 ms step (docs/benchmarks.md). This sets, with ``mallopt``: blocks
+    10M x 128 and 16,384 ids per rank a rank of ours took 450-3,500 page faults and 1-5 ms of
+    system time per 12-14 ms step, and its steps were 6-26% faster with this
+    (docs/benchmarks.md). This sets, with ``mallopt``: blocks
     below 32 MiB come from the heap (``M_MMAP_THRESHOLD``), the heap keeps up to 1 GiB free at
     its top (``M_TRIM_THRESHOLD``) and grows 64 MiB at a time (``M_TOP_PAD``) -- what the
     environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
