@@ -26,7 +26,9 @@ into it (SGD lr 0.05, or --optimizer rowwise_adagrad) on every system:
                              does offer on CPU
 
 Each (system) run is its own torchrun on gloo (one thread per rank, pinned), one after another
-(--repeat N interleaves N rounds and keeps each system's median run). Bytes sent per rank and
+(--repeat N interleaves N rounds and keeps each system's median run; --allocators default,tuned
+runs each system under glibc's malloc as it comes and after `sharded_embedding.tune_malloc()`,
+and compares within the same allocator). Bytes sent per rank and
 step: ours from ``stats()``; TorchRec's measured at its torch.distributed collectives (the
 bytes of the tensors it hands them, less what a rank sends itself). TorchRec needs the
 optional extra: pip install -e '.[bench]' && pip install --no-deps torchrec==1.8.0
@@ -44,6 +46,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workload.py, and the package of this checkout
+
+from workload import ALLOCATORS, apply_allocator, parse_allocators  # noqa: E402
 
 # (name, rows, dim, features reading it)
 TABLES = [
@@ -74,6 +78,9 @@ def _args(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--allocators", default="default",
+                    help="comma separated, among default (glibc malloc as it comes) and tuned "
+                         "(sharded_embedding.tune_malloc() first): every system runs under each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--json", default=None, help="append every result as a JSON line to this file")
@@ -345,14 +352,14 @@ WORKERS = {**{s: _worker_collection for s in OURS}, "ours_per_table": _worker_pe
 
 
 # ---------------------------------------------------------------------------------- driver
-def _run_one(a, system: str) -> dict:
+def _run_one(a, system: str, allocator: str = "default") -> dict:
     argv = [f"--world={a.world}", f"--batch={a.batch}", f"--min-len={a.min_len}", f"--max-len={a.max_len}",
             f"--hot-pages={a.hot_pages}",
             f"--scale={a.scale}", f"--page-size={a.page_size}", f"--dist={a.dist}", f"--optimizer={a.optimizer}",
             f"--lr={a.lr}", f"--steps={a.steps}", f"--warmup={a.warmup}", f"--seed={a.seed}", f"--worker={system}"]
     if not a.bind_cpus:
         argv.append("--no-bind-cpus")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **ALLOCATORS[allocator])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
            os.path.abspath(__file__), *argv]
     try:
@@ -367,7 +374,8 @@ def _run_one(a, system: str) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    base = {r["system"]: r for r in results if not r.get("failed")}
+    base = {(r.get("base_system", r["system"]), r.get("allocator", "default")): r
+            for r in results if not r.get("failed")}
     head = ["system", "median step ms", "p10-p90 ms", "steps/s", *(f"ours / {b}" for b in BASELINES),
             "CPU ms per rank-step", "MiB sent per rank-step", "peak RSS MiB per rank"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -376,9 +384,10 @@ def _table(results: list[dict]) -> str:
             lines.append(f"| {r['system']} | failed ({r['rc']}) |" + " |" * (len(head) - 2))
             continue
         ratios = []
-        for b in BASELINES:
-            ok = r["system"].startswith("ours_collection") and b in base
-            ratios.append(f"{base[b]['median_step_ms'] / r['median_step_ms']:.2f}x" if ok else "")
+        for b in BASELINES:  # against the baseline under the same allocator
+            key = (b, r.get("allocator", "default"))
+            ok = r["system"].startswith("ours_collection") and key in base
+            ratios.append(f"{base[key]['median_step_ms'] / r['median_step_ms']:.2f}x" if ok else "")
         sent = ", ".join(f"{v / 2**20:.1f}" for v in r["bytes_sent_per_rank_step"])
         cpu = ", ".join(f"{v:.0f}" for v in r["cpu_ms_per_rank_step"])
         lines.append(f"| {r['system']} | {r['median_step_ms']:.1f} | {r['p10_step_ms']:.1f}-{r['p90_step_ms']:.1f} | "
@@ -390,6 +399,7 @@ def _table(results: list[dict]) -> str:
 def main(argv=None):
     a = _args(argv)
     if a.worker:
+        apply_allocator()
         WORKERS[a.worker](a)
         from sharded_embedding import finish
 
@@ -411,20 +421,23 @@ def main(argv=None):
              f"{a.steps} timed steps after {a.warmup}; {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{os.cpu_count()} CPUs")
     print(title, flush=True)
-    runs = {s: [] for s in systems}
+    allocators = parse_allocators(a.allocators)
+    labels = {(f"{s}@{al}" if allocators != ["default"] else s): (s, al) for s in systems for al in allocators}
+    runs = {label: [] for label in labels}
     for _ in range(a.repeat):
-        for system in systems:
-            r = _run_one(a, system)
-            runs[system].append(r)
+        for label, (system, alloc) in labels.items():
+            r = _run_one(a, system, alloc)
+            r.update(system=label, base_system=system, allocator=alloc)
+            runs[label].append(r)
             if a.json:
                 with open(a.json, "a") as f:
                     f.write(json.dumps(r) + "\n")
             status = "FAILED " + str(r.get("error", ""))[-600:] if r.get("failed") else f"{r['median_step_ms']} ms"
-            print(f"  ran {system}: {status}", file=sys.stderr, flush=True)
+            print(f"  ran {label}: {status}", file=sys.stderr, flush=True)
     picked = []
-    for system in systems:
-        ok = sorted((r for r in runs[system] if not r.get("failed")), key=lambda r: r["median_step_ms"])
-        pick = ok[len(ok) // 2] if ok else runs[system][-1]
+    for label in labels:
+        ok = sorted((r for r in runs[label] if not r.get("failed")), key=lambda r: r["median_step_ms"])
+        pick = ok[len(ok) // 2] if ok else runs[label][-1]
         if len(ok) > 1:
             pick["median_step_ms_of_runs"] = [r["median_step_ms"] for r in ok]
         picked.append(pick)

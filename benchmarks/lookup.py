@@ -57,6 +57,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workload.py, and the package of this checkout
 
+from workload import ALLOCATORS, apply_allocator, parse_allocators  # noqa: E402
+
 WORKLOADS = {
     "S": dict(rows=1_000_000, dim=64, batch=8192),
     "M": dict(rows=10_000_000, dim=128, batch=16384),
@@ -73,10 +75,6 @@ LIMIT = {"sgd": ["single_sparse", "single_fused_sgd"],  # per fused optimizer: t
          "rowwise_adagrad": ["single_sparse_rowwise_adagrad", "single_fused_rowwise_adagrad"]}
 BASELINES = [*SINGLE, *SINGLE_FUSED, "dtensor_rowwise", *TORCHREC]
 TRANSPORT_LABELS = {"auto": "", "shared_memory": "shm", "process_group": "gloo"}
-# glibc malloc as it comes, or kept from handing big blocks back to the OS between steps by
-# `sharded_embedding.tune_malloc()`, called first in the worker (otherwise every step takes fresh
-# pages, page faults, for its multi-MiB temporaries, torch's and ours).
-ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}}
 SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
 DEFAULT_SYSTEMS = [*OURS, *BASELINES]
 
@@ -463,11 +461,7 @@ def _chart(path: str, results: list[dict]) -> None:
 def main(argv=None):
     a = _args(argv)
     if a.worker:
-        if os.environ.get("SHARDED_EMBEDDING_BENCH_TUNE_MALLOC"):
-            from sharded_embedding import tune_malloc
-
-            if not tune_malloc():
-                raise SystemExit("--allocators tuned: this C library has no mallopt")
+        apply_allocator()
         WORKERS[a.worker](a)
         if a.worker not in SINGLE:
             from sharded_embedding import finish
@@ -483,10 +477,7 @@ def main(argv=None):
     bad = [t for t in transports if t not in TRANSPORT_LABELS]
     if bad:
         raise SystemExit(f"unknown transports {bad}; known: {sorted(TRANSPORT_LABELS)}")
-    allocators = [x.strip() for x in a.allocators.split(",")]
-    bad = [x for x in allocators if x not in ALLOCATORS]
-    if bad:
-        raise SystemExit(f"unknown allocators {bad}; known: {sorted(ALLOCATORS)}")
+    allocators = parse_allocators(a.allocators)
     runs_of = [(_label(s, t, transports, al, allocators), s, t, al) for s in systems
                for t in (transports if s in OURS else [None]) for al in allocators]
     dists = a.dists.split(",")

@@ -23,6 +23,31 @@ import numpy as np
 import torch
 
 
+# glibc malloc as it comes, or kept from handing big blocks back to the OS between steps by
+# `sharded_embedding.tune_malloc()`, called first in each worker (otherwise every step takes
+# fresh pages, page faults, for its multi-MiB temporaries, torch's and ours). A driver passes
+# the environment of the allocator it wants to the workers it starts.
+ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}}
+
+
+def parse_allocators(text: str) -> list[str]:
+    """``--allocators`` (comma separated names of `ALLOCATORS`); SystemExit on an unknown one."""
+    names = [x.strip() for x in text.split(",")]
+    bad = [x for x in names if x not in ALLOCATORS]
+    if bad:
+        raise SystemExit(f"unknown allocators {bad}; known: {sorted(ALLOCATORS)}")
+    return names
+
+
+def apply_allocator() -> None:
+    """In a worker, before anything else: `tune_malloc()` if its driver asked for "tuned"."""
+    if os.environ.get("SHARDED_EMBEDDING_BENCH_TUNE_MALLOC"):
+        from sharded_embedding import tune_malloc
+
+        if not tune_malloc():
+            raise SystemExit("--allocators tuned: this C library has no mallopt")
+
+
 def make_ids(rows: int, batch: int, steps: int, rank: int, dist: str, zipf_s: float = 1.05, seed: int = 0):
     rng = np.random.default_rng([seed, 7919, rank, 0 if dist == "uniform" else 1])
     out = []
