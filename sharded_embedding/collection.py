@@ -224,6 +224,21 @@ class ShardedEmbeddingBagCollection(nn.Module):
         raise KeyError(f"no table reads feature {feature!r}")
 
     # ------------------------------------------------------------------ lookup
+    def __deepcopy__(self, memo):
+        """An independent collection (its tables copied as `ShardedEmbedding.__deepcopy__`
+        copies a table), numbered after its tables like a new one: every rank must copy in the
+        same order, and a rank calling the copy while another calls the original raises."""
+        import copy
+
+        for obj in (self.process_group, self._wire.transport, self._router.requests):  # the group's
+            memo[id(obj)] = obj
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():  # the tables (in _modules) first, then the rest
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._table_id = new._router.table_id = _table_number(self.process_group)
+        return new
+
     def forward(self, features) -> dict[str, torch.Tensor]:
         """Look up every feature's bags; returns ``{feature: [bags, dim] or [ids, dim]}``.
 

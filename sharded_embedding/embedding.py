@@ -305,10 +305,14 @@ class ShardedEmbedding(nn.Module):
     def __deepcopy__(self, memo):
         """An independent table with the same layout, rows and optimizer state, on the same
         process group (no communication): what ``copy.deepcopy(model)`` does for EMA/SWA
-        copies. Like the original, every rank must call the copy's lookups."""
+        copies. Like the original, every rank must call the copy's lookups; and, as tables are
+        made, every rank must copy the same tables in the same order: the copy gets the next
+        table number of the group, so that a rank calling the copy while another calls the
+        original raises on every rank."""
         import copy
 
-        shared = [self.process_group, self.transport] + [pg for _, pg in self._exchange.mirrors._sets]
+        shared = [self.process_group, self.transport, self._router.requests]  # the group's, not the table's
+        shared += [pg for _, pg in self._exchange.mirrors._sets]
         if self._exchange.scaler is not None and self._exchange.scaler.scaler is not None:
             shared.append(self._exchange.scaler.scaler)  # the copy answers to the same scaler
         for obj in shared:
@@ -318,6 +322,7 @@ class ShardedEmbedding(nn.Module):
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
+        new._table_id = new._router.table_id = _table_number(self.process_group)
         register_table(new)
         return new
 

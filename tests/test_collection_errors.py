@@ -3,6 +3,7 @@ every rank raises the same clear error in the same call, nothing is updated, the
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -374,6 +375,34 @@ def _table_beside_its_collection(transport):
 @pytest.mark.parametrize("transport", ["process_group", "shared_memory"])
 def test_a_table_called_beside_its_collection_raises_on_every_rank(transport):
     messages = run_ranks(2, _table_beside_its_collection, transport)
+    assert messages[0] == messages[1]
+    assert "the ranks called the lookups of different tables" in messages[0], messages[0]
+
+
+def _copy_beside_its_original(transport):
+    """copy.deepcopy of a collection (an EMA copy) is a collection of its own on the group: a
+    rank calling the copy while another calls the original raises on every rank, also after
+    the original's requests outgrew the copy's; nothing changes and both go on."""
+    rank, _ = rank_world()
+    tables = [TableConfig(name="a", num_embeddings=1000, embedding_dim=4, page_size=16, feature_names=["f"],
+                          fused_optimizer={"name": "sgd", "lr": 0.1})]
+    ebc = ShardedEmbeddingBagCollection(tables, transport=transport)
+    ema = copy.deepcopy(ebc)
+    big = {"f": (torch.arange(0, 1000), torch.tensor([0, 600]))}
+    sum(v.sum() for v in ebc(big).values()).backward()
+    before = (ebc.tables["a"].full_table(), ema.tables["a"].full_table())
+    small = {"f": (torch.tensor([1, 500, 999]), torch.tensor([0, 1]))}
+    with pytest.raises(RuntimeError) as err:
+        sum(v.sum() for v in (ebc if rank == 0 else ema)(small).values()).backward()
+    assert torch.equal(ebc.tables["a"].full_table(), before[0]) and torch.equal(ema.tables["a"].full_table(), before[1])
+    out = ema(small)["f"]  # the same call on every rank: fine again, the copy's own rows
+    assert torch.equal(out, torch.stack([before[1][1], before[1][500] + before[1][999]]))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("transport", ["process_group", "shared_memory"])
+def test_a_copy_called_beside_its_original_raises_on_every_rank(transport):
+    messages = run_ranks(2, _copy_beside_its_original, transport)
     assert messages[0] == messages[1]
     assert "the ranks called the lookups of different tables" in messages[0], messages[0]
 

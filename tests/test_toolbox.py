@@ -366,6 +366,15 @@ def _deepcopy_and_ema():
         torch.testing.assert_close(model.emb.full_table(), ref.weight.detach())
         torch.testing.assert_close(ema.module.emb.full_table(), ref_ema)
     assert torch.equal(twin.emb.full_table(), initial_rows(0, d, 0, n))
+    # The copy is a table of its own on the group: a rank calling it while another calls the
+    # original raises on every rank (it used to share the original's number and mix their rows),
+    # also after the original's requests grew; nothing changes, and both go on.
+    model(torch.arange(n).repeat(20)).sum().backward()
+    before = (model.emb.full_table(), twin.emb.full_table())
+    with pytest.raises(RuntimeError, match="the ranks called the lookups of different tables"):
+        (model if rank == 0 else twin)(torch.arange(n)).sum().backward()
+    assert torch.equal(model.emb.full_table(), before[0]) and torch.equal(twin.emb.full_table(), before[1])
+    assert torch.equal(twin.emb(torch.arange(n)), before[1])
     with pytest.raises(TypeError, match=r"cannot be pickled.*state_dict"):
         pickle.dumps(model)
     with pytest.raises(TypeError, match="cannot be pickled"):
