@@ -145,27 +145,37 @@ def make_transport(kind: str, group, device: torch.device, timeout: timedelta | 
     """The transport for ``group``: ``"process_group"``, ``"shared_memory"`` (raises ValueError
     where it cannot work) or ``"auto"`` (shared memory where it can work: a CPU group on one
     x86-64 Linux machine; else the process group). Collective over ``group`` the first time;
-    the tables of a group share one transport (their exchanges are numbered in call order,
-    the same on every rank)."""
+    the tables of a group share one transport of each kind (their exchanges are numbered in
+    call order, the same on every rank), and ``"auto"`` shares the one of the kind it chose,
+    so that a rank calling one table while another calls another meets it in the same
+    exchange. (Tables of one group built with *different* kinds exchange over different
+    transports: calling them out of step on different ranks waits until the timeout.)"""
     if kind not in TRANSPORTS:
         raise ValueError(f"transport={kind!r} is not one of {list(TRANSPORTS)}")
-    key = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)), kind, device.type)
-    if key not in _MADE:
-        _MADE[key] = _make(kind, group, device, timeout)
-    return _MADE[key]
+    base = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)), device.type)
+    if (*base, kind) in _MADE:
+        return _MADE[(*base, kind)]
+    concrete = _choose(kind, group, device)  # collective
+    if (*base, concrete) not in _MADE:
+        _MADE[(*base, concrete)] = (SharedMemoryTransport(group, timeout=timeout) if concrete == "shared_memory"
+                                    else ProcessGroupTransport(group))
+    _MADE[(*base, kind)] = _MADE[(*base, concrete)]
+    return _MADE[(*base, kind)]
 
 
 def close_transports() -> None:
     """Close every transport this process made (`distributed.finish` does, before leaving)."""
-    for transport in _MADE.values():
+    for transport in {id(t): t for t in _MADE.values()}.values():  # "auto" shares a concrete one
         transport.close()
     _MADE.clear()
 
 
-def _make(kind: str, group, device: torch.device, timeout: timedelta | None) -> Transport:
+def _choose(kind: str, group, device: torch.device) -> str:
+    """The kind of transport ``kind`` means for ``group``: ``"auto"`` resolved (collective:
+    the host check), ``"shared_memory"`` checked (ValueError where it cannot work)."""
     world = dist.get_world_size(group)
     if kind == "process_group" or world == 1:
-        return ProcessGroupTransport(group)
+        return "process_group"
     reason = None
     if device.type != "cpu":
         reason = f"the table is on {device}"
@@ -177,8 +187,8 @@ def _make(kind: str, group, device: torch.device, timeout: timedelta | None) -> 
     if reason is not None:
         if kind == "shared_memory":
             raise ValueError(f"transport='shared_memory' cannot work here: {reason}")
-        return ProcessGroupTransport(group)
-    return SharedMemoryTransport(group, timeout=timeout)
+        return "process_group"
+    return "shared_memory"
 
 
 class SharedMemoryTransport(Transport):

@@ -230,6 +230,26 @@ def test_ranks_calling_different_tables_raise_on_every_rank():
         assert "No rank looked anything up" in message
 
 
+def _auto_and_explicit_transport_out_of_order():
+    """transport="auto" shares the group's transport of the kind it chooses: a table built
+    with "auto" and one built with that kind by name meet in one exchange, so calling them out
+    of order raises on every rank (with a transport each, both waited until the timeout)."""
+    from sharded_embedding.transport import make_transport
+
+    rank, _ = rank_world()
+    a = ShardedEmbedding(20, 3, page_size=5, seed=1, transport="auto")
+    b = ShardedEmbedding(20, 3, page_size=5, seed=2, transport=a.transport.name)
+    assert a.transport is b.transport
+    assert make_transport("auto", dist.group.WORLD, torch.device("cpu")) is a.transport
+    with pytest.raises(RuntimeError, match="the ranks called the lookups of different tables"):
+        (a if rank == 0 else b)(torch.tensor([3, 17])).sum().backward()
+    a(torch.tensor([1])), b(torch.tensor([2]))  # in the same order: fine again
+
+
+def test_auto_and_the_kind_it_chooses_share_one_transport():
+    run_ranks(2, _auto_and_explicit_transport_out_of_order)
+
+
 def _narrow_integer_ids(dtype):
     emb = ShardedEmbedding(20, 3, page_size=5)
     with pytest.raises(TypeError) as err:
