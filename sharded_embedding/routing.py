@@ -352,7 +352,7 @@ class RequestExchange:
                     rest.append(t[fit:])
                 at += n
         received = torch.empty_like(request)
-        self.transport.all_to_all(received, request, [1] * world, [1] * world)()  # requests: header + first values
+        self.transport.all_to_all(received, request, [1] * world, [1] * world, tag="requests")()  # header + values
         header = received[:, :_FIXED].cpu()  # one device sync
         sizes, callers = header[:, _COUNT].tolist(), header[:, _CALLER].tolist()
         self._remember(callers, header[:, _LARGEST].tolist())  # before raising: every rank alike
@@ -366,7 +366,7 @@ class RequestExchange:
             extra_out = [max(c - cap, 0) for c in counts]
             extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
             send = torch.cat(rest) if rest else extra.new_empty(0)
-            self.transport.all_to_all(extra, send, extra_in, extra_out)()  # overflow
+            self.transport.all_to_all(extra, send, extra_in, extra_out, tag="overflow")()  # overflow
             at, bodies_in = 0, []
             for r in range(world):  # O(world), only on calls where the capacity grows
                 first = received[r, _FIXED : _FIXED + min(sizes[r], cap)]

@@ -55,7 +55,12 @@ __all__ = ["Transport", "ProcessGroupTransport", "SharedMemoryTransport", "Trans
 
 TRANSPORTS = ("auto", "process_group", "shared_memory")
 
-_SENT, _DONE, _CAPACITY, _PID, _FLAG, _FIXED = 0, 1, 2, 3, 4, 5  # header words; then offsets[world], sizes[world]
+_SENT, _DONE, _CAPACITY, _PID, _FLAG, _TAG, _FIXED = 0, 1, 2, 3, 4, 5, 6  # header words; offsets[world], sizes[world]
+# What an exchange carries (`Transport.all_to_all`'s ``tag``): ranks in exchanges of different
+# kinds (one in a lookup's request exchange, another in a backward's gradient exchange) are not
+# making the same calls; the shared-memory transport tells them so on both sides.
+TAGS = {"requests": 1, "overflow": 2, "vectors": 3, "gradients": 4}
+_TAG_NAMES = {v: k for k, v in TAGS.items()}
 _SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
@@ -64,16 +69,18 @@ class TransportError(RuntimeError):
 
 
 class Transport(ABC):
-    """``all_to_all(out, inp, out_splits, in_splits, flag=None)``: send ``inp``'s rows
+    """``all_to_all(out, inp, out_splits, in_splits, flag=None, tag=None)``: send ``inp``'s rows
     (``in_splits[q]`` of them to rank ``q``, in rank order), return a function that receives
     into ``out`` (``out_splits[q]`` rows from rank ``q``) and returns the ranks whose ``flag``
-    was set (``[]`` without flags). Collective; rows along dim 0."""
+    was set (``[]`` without flags). ``tag``: what the exchange carries (a key of `TAGS`); a
+    transport that can see its peers' tags raises `TransportError` on every rank whose peers
+    are in an exchange of another kind. Collective; rows along dim 0."""
 
     name = ""
 
     @abstractmethod
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                   flag: torch.Tensor | None = None):
+                   flag: torch.Tensor | None = None, tag: str | None = None):
         """See the class docstring."""
 
     @abstractmethod
@@ -108,7 +115,7 @@ class ProcessGroupTransport(Transport):
                 buf = self._send[device] = torch.empty(max(nbytes, grown, 64), dtype=torch.uint8, device=device)
         return buf[:nbytes]
 
-    def all_to_all(self, out, inp, out_splits, in_splits, flag=None):
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None):  # gloo/nccl: tags unseen
         flags = None
         if flag is not None:  # one-hot rows summed: every rank's flag, beside the rows
             flags = torch.zeros(self.world, dtype=torch.int32, device=flag.device)
@@ -239,7 +246,7 @@ class SharedMemoryTransport(Transport):
         self._lent.append((view, self._mine.data.data_ptr()))
         return view
 
-    def all_to_all(self, out, inp, out_splits, in_splits, flag=None):
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None):
         row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
         sizes = [n * row_bytes for n in in_splits]
         lent = self._in_outbox(inp, sum(sizes))  # (raises before anything changes)
@@ -273,7 +280,8 @@ class SharedMemoryTransport(Transport):
                 start += n
         mine = bool(flag) if flag is not None else False
         words[_FLAG] = int(mine)
-        words[_SENT] = k  # publish: after the rows and the flag (x86-64 store order)
+        my_tag = words[_TAG] = TAGS[tag] if tag is not None else 0
+        words[_SENT] = k  # publish: after the rows, the flag and the tag (x86-64 store order)
         own = (sum(sizes[:rank]), sizes[rank])
 
         def receive():
@@ -292,6 +300,15 @@ class SharedMemoryTransport(Transport):
                         flagged.append(q)
                 else:
                     peer = self._peer(q, k)
+                    theirs = int(peer.words[_TAG])
+                    if my_tag and theirs and theirs != my_tag:
+                        self._mine.words[_DONE] = k  # abandoned, as below
+                        places = sorted([(rank, my_tag), (q, theirs)])
+                        raise TransportError(
+                            f"exchange {k}: " + ", ".join(f"rank {r} is in a {_TAG_NAMES.get(t, t)} exchange"
+                                                          for r, t in places)
+                            + ": the ranks are not making the same calls (every rank must run the same lookups "
+                            "and the same backward passes, in the same order). Nothing was received.")
                     wrote = int(peer.words[_FIXED + world + rank])
                     if wrote != n:
                         # Abandoned here (the peer finds its own mismatch and raises too): mark it

@@ -274,3 +274,46 @@ def _mismatch_then_recover():
 
 def test_splits_that_do_not_match_raise_on_both_ranks_and_the_group_goes_on():
     assert run_ranks(2, _mismatch_then_recover) == [True, True]
+
+
+def _kinds_differ_then_recover():
+    """Rank 0 is in a gradient exchange while rank 1 is in a request exchange of the same byte
+    count (a rank that skipped a backward): both raise, naming both, before anything is read,
+    and the next exchange of one kind works."""
+    rank = dist.get_rank()
+    shm = make_transport("shared_memory", dist.group.WORLD, torch.device("cpu"))
+    inp, out = torch.ones(4, 2), torch.empty(4, 2)
+    with pytest.raises(TransportError) as err:
+        shm.all_to_all(out, inp, [2, 2], [2, 2], tag="gradients" if rank == 0 else "requests")()
+    inp, out = torch.full((4, 3), float(rank)), torch.empty(4, 3)
+    shm.all_to_all(out, inp, [2, 2], [2, 2], tag="vectors")()
+    assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    return str(err.value)
+
+
+def test_exchanges_of_different_kinds_raise_on_both_ranks_and_the_group_goes_on():
+    for message in run_ranks(2, _kinds_differ_then_recover):
+        assert "rank 0 is in a gradients exchange, rank 1 is in a requests exchange" in message, message
+        assert "not making the same calls" in message
+
+
+def _one_rank_skips_its_backward():
+    """The "skip a step whose loss is NaN" pattern done on one rank only: its next lookup
+    meets the other rank's backward; on shared memory both raise in that call, naming both
+    exchanges, before any row changes."""
+    rank = dist.get_rank()
+    emb = ShardedEmbedding(40, 4, page_size=5, transport="shared_memory", fused_optimizer={"name": "sgd", "lr": 0.1})
+    before = emb.full_table()
+    ids = torch.arange(40)
+    out = emb(ids)
+    with pytest.raises(TransportError, match="not making the same calls"):
+        if rank == 0:
+            out.sum().backward()  # rank 1 skips it and looks up again
+        else:
+            emb(ids)
+    assert torch.equal(emb.full_table(), before)
+    return True
+
+
+def test_a_rank_that_skips_its_backward_raises_on_both_ranks():
+    assert run_ranks(2, _one_rank_skips_its_backward) == [True, True]
