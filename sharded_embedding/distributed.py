@@ -44,15 +44,20 @@ def init_distributed(
     tune_malloc: bool = False,
 ) -> None:
     """Join the process group that torchrun describes in the environment, or make a
-    single-process group when not launched by torchrun. Does nothing if already joined.
+    single-process group when not launched by torchrun.
 
     The backend defaults to ``cpu:gloo,cuda:nccl`` when CUDA is available (tables on
     ``cuda:LOCAL_RANK`` exchange over nccl; small host-side agreements use gloo) and to gloo
-    otherwise. ``bind_cpus`` first calls `bind_local_cpus`; ``tune_malloc`` calls
-    `tune_malloc` (process-wide, see there).
+    otherwise. ``bind_cpus`` first calls `bind_local_cpus` (only when joining: gloo's threads
+    must inherit it). ``tune_malloc`` calls `tune_malloc` (process-wide, see there), also when
+    the group already exists, and warns if it could not be applied. Otherwise does nothing if
+    already joined.
     """
-    if tune_malloc:
-        _tune_malloc()
+    if tune_malloc and not _tune_malloc():
+        import warnings
+
+        warnings.warn("init_distributed(tune_malloc=True): this C library has no mallopt, or refused a setting; "
+                      "malloc keeps its defaults", RuntimeWarning, stacklevel=2)
     if dist.is_initialized():
         return
     if bind_cpus:
@@ -101,18 +106,24 @@ def tune_malloc() -> bool:
     blocks keep going back to the OS and coming back as fresh pages, each page a fault: at
     10M x 128 and 16,384 ids per rank a rank of ours took 450-3,500 page faults and 1-5 ms of
     system time per 12-14 ms step, and its steps were 6-26% faster with this
-    (docs/benchmarks.md). This sets, with ``mallopt``: blocks
-    below 32 MiB come from the heap (``M_MMAP_THRESHOLD``), the heap keeps up to 1 GiB free at
-    its top (``M_TRIM_THRESHOLD``) and grows 64 MiB at a time (``M_TOP_PAD``) -- what the
-    environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
-    MALLOC_TOP_PAD_=67108864`` do before a process starts (an allocator such as jemalloc or
-    tcmalloc, preloaded with ``LD_PRELOAD``, has the same effect: the usual advice for PyTorch
-    on CPUs).
+    (docs/benchmarks.md, "The allocator").
 
-    Process-wide and lasting: memory freed stays with the process (its resident size does not
-    shrink back after a peak), which suits a training process. Call it once, early (e.g.
-    ``init_distributed(tune_malloc=True)``). Returns True where it was applied, False where the
-    C library has no ``mallopt`` (not glibc: nothing changes). Local, no collective.
+    It calls glibc's ``mallopt``: blocks below 32 MiB come from the heap (``M_MMAP_THRESHOLD``),
+    the heap keeps up to 1 GiB free at its top (``M_TRIM_THRESHOLD``) and grows 64 MiB at a time
+    (``M_TOP_PAD``) -- what ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
+    MALLOC_TOP_PAD_=67108864`` in the environment do before a process starts (this overrides
+    those variables if set).
+
+    Costs: process-wide, lasting and not undone; memory a process freed stays with it (up to
+    1 GiB of free heap plus 64 MiB of padding per process, so per rank on a machine), and
+    processes forked later (DataLoader workers) inherit the setting. Call it once, early
+    (``init_distributed(tune_malloc=True)`` calls it, also when the group already exists).
+
+    Returns True when glibc accepted all three settings; False where the C library has no
+    ``mallopt`` (nothing changed) or refused one (the others stay applied). True says nothing
+    about another allocator preloaded with ``LD_PRELOAD`` (jemalloc, tcmalloc): glibc's
+    settings do not reach it; tune that allocator instead (jemalloc, e.g.:
+    ``MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1``). Local, no collective.
     """
     if not sys.platform.startswith("linux"):
         return False

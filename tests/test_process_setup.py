@@ -49,3 +49,13 @@ def test_init_distributed_calls_tune_malloc_when_asked(monkeypatch):
         assert calls == [1]
     finally:
         dist.destroy_process_group()
+
+
+def test_init_distributed_warns_when_tune_malloc_cannot_apply(monkeypatch):
+    monkeypatch.setattr(se_distributed, "_tune_malloc", lambda: False)
+    assert not dist.is_initialized()
+    try:
+        with pytest.warns(RuntimeWarning, match="malloc keeps its defaults"):
+            se_distributed.init_distributed("gloo", tune_malloc=True)
+    finally:
+        dist.destroy_process_group()
