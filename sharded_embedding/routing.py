@@ -35,7 +35,7 @@ import torch
 
 from .placement import RoutingTable
 from .rows import stable_sort
-from .transport import Transport
+from .transport import Transport, TransportError
 
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
@@ -354,6 +354,7 @@ class RequestExchange:
         received = torch.empty_like(request)
         self.transport.all_to_all(received, request, [1] * world, [1] * world, tag="requests")()  # header + values
         header = received[:, :_FIXED].cpu()  # one device sync
+        _raise_if_not_requests(header)
         sizes, callers = header[:, _COUNT].tolist(), header[:, _CALLER].tolist()
         self._remember(callers, header[:, _LARGEST].tolist())  # before raising: every rank alike
         _raise_if_tables_differ(callers)
@@ -413,6 +414,20 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
         if hi >= num_embeddings:
             return None, None, _OUT_OF_RANGE, hi
     return flat, indices.shape, _OK, 0
+
+
+def _raise_if_not_requests(header: torch.Tensor) -> None:
+    """What arrived must be request headers (a peer in another kind of exchange, which a transport
+    that cannot tell exchanges apart delivers, sends rows): refuse values no request can hold
+    before they set the group's capacity."""
+    count, largest, caller, columns = (header[:, i] for i in (_COUNT, _LARGEST, _CALLER, _COLUMNS))
+    sane = ((count >= 0) & (count <= largest) & (largest < 2**40) & (caller >= 0) & (caller < 2**31)
+            & (columns >= 0) & (columns <= 1 << 16) & (columns <= count))
+    if not bool(sane.all()):
+        bad = [r for r, ok in enumerate(sane.tolist()) if not ok]
+        raise TransportError(
+            f"the request exchange received something that is not a request from ranks {bad}: the ranks are not "
+            "making the same calls (every rank must run the same lookups and backward passes, in the same order)")
 
 
 def _raise_if_tables_differ(tables: list[int]) -> None:

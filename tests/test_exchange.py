@@ -267,3 +267,29 @@ def test_int32_routing_keys_equal_the_int64_ones(page_size, world):
             keys32 = router._keys32(ids)
             assert keys32.dtype == torch.int32
             assert torch.equal(keys32.long(), router.keys(ids)), (placement, rank)
+
+
+class _Delivers:
+    """A transport of one peer that delivers ``rows`` whatever was sent (a peer in another kind
+    of exchange, on a transport that cannot tell exchanges apart)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None):
+        out.copy_(self.rows.reshape(out.shape))
+        return lambda: []
+
+
+def test_what_is_not_a_request_is_refused_before_it_sets_the_capacity():
+    """Gradient rows read as a request header (their bytes as int64) are refused with a
+    TransportError, and the group's request capacity keeps its value (it used to become
+    5.7e18, and every later lookup failed to allocate)."""
+    from sharded_embedding.routing import RequestExchange
+    from sharded_embedding.transport import TransportError
+
+    grads = torch.tensor([[1.5e-3, -2.25, 7.0e5, 3.0, 1e-30, 2.0, 0.5, 8.0]], dtype=torch.float32)
+    exchange = RequestExchange(_Delivers(grads.view(torch.int64)), rank=0, world=1, device=torch.device("cpu"))
+    with pytest.raises(TransportError, match="not a request from ranks \\[0\\]"):
+        exchange.exchange(torch.zeros(1, 0, dtype=torch.int64), [[]], caller=0)
+    assert exchange.capacity == 0
