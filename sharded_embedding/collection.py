@@ -196,6 +196,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
                                  [c.pooling is not None for c in self.configs], rank=rank, world=world,
                                  transport=first.transport, device=device, pool_on=pool_on,
                                  table_id=self._table_id)
+        names = self._router.requests.names  # for errors: what each number of the group is
+        names[self._table_id] = f"a ShardedEmbeddingBagCollection of tables {', '.join(c.name for c in self.configs)}"
+        for c, t in zip(self.configs, self._table_list):
+            names[t._table_id] = f"table {c.name!r} of collection #{self._table_id}"
         # The collection's wire: its all-to-alls (in comm_dtype) and their workspace.
         self._wire = Exchange(group=group, rank=rank, world=world, mirrors=None, sparse=sparse, optimizer=None,
                               comm_dtype=comm_dtype, stats=ExchangeStats(world), transport=first.transport)
@@ -237,6 +241,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         for key, value in self.__dict__.items():  # the tables (in _modules) first, then the rest
             new.__dict__[key] = copy.deepcopy(value, memo)
         new._table_id = new._router.table_id = _table_number(self.process_group)
+        new._router.requests.names[new._table_id] = f"a copy of collection #{self._table_id}"
         return new
 
     def forward(self, features) -> dict[str, torch.Tensor]:

@@ -186,6 +186,7 @@ class ShardedEmbedding(nn.Module):
             device=device,
             table_id=self._table_id,
         )
+        self._router.requests.names[self._table_id] = f"a ShardedEmbedding of {num_embeddings} x {embedding_dim}"
         self._exchange = Exchange(
             group=group,
             rank=rank,
@@ -323,6 +324,7 @@ class ShardedEmbedding(nn.Module):
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
         new._table_id = new._router.table_id = _table_number(self.process_group)
+        new._router.requests.names[new._table_id] = f"a copy of table #{self._table_id}"
         register_table(new)
         return new
 

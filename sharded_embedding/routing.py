@@ -311,6 +311,7 @@ class RequestExchange:
         self.transport, self.rank, self.world, self.device = transport, rank, world, device
         self._capacities: dict[int, tuple[int, int]] = {}  # caller -> (body capacity, call it was last seen)
         self._calls = 0
+        self.names: dict[int, str] = {}  # caller -> what it is, for errors (set by the caller's owner)
 
     @property
     def capacity(self) -> int:
@@ -357,7 +358,7 @@ class RequestExchange:
         _raise_if_not_requests(header)
         sizes, callers = header[:, _COUNT].tolist(), header[:, _CALLER].tolist()
         self._remember(callers, header[:, _LARGEST].tolist())  # before raising: every rank alike
-        _raise_if_tables_differ(callers)
+        _raise_if_tables_differ(callers, self.names)
         wire = (world - 1) * width  # int64s each way in the request exchange
         if max(header[:, _LARGEST].tolist()) <= cap:
             bodies_in = [received[r, _FIXED : _FIXED + sizes[r]] for r in range(world)]
@@ -430,16 +431,20 @@ def _raise_if_not_requests(header: torch.Tensor) -> None:
             "making the same calls (every rank must run the same lookups and backward passes, in the same order)")
 
 
-def _raise_if_tables_differ(tables: list[int]) -> None:
+def _raise_if_tables_differ(tables: list[int], names: dict[int, str] | None = None) -> None:
     """Every rank must be looking up the same table in this exchange (the tables of a group
     share its transport, so a rank calling table A while another calls table B would otherwise
-    mix their rows)."""
+    mix their rows). ``names``: what each number is (the same on every rank: numbers follow
+    construction, which every rank does alike)."""
     if len(set(tables)) > 1:
-        by_rank = ", ".join(f"rank {r}: table #{t}" for r, t in enumerate(tables))
+        names = names or {}
+        by_rank = ", ".join(f"rank {r}: table #{t}" + (f" ({names[t]})" if t in names else "")
+                            for r, t in enumerate(tables))
         raise RuntimeError(
-            f"ShardedEmbedding: the ranks called the lookups of different tables ({by_rank}; tables are numbered "
+            f"sharded-embedding: the ranks called the lookups of different tables ({by_rank}; tables are numbered "
             "in the order each rank made them on this process group, a ShardedEmbeddingBagCollection after its "
-            "tables). Every rank must call the same tables in the same order. No rank looked anything up."
+            "tables, a copy when it is made). Every rank must call the same tables in the same order. No rank "
+            "looked anything up."
         )
 
 

@@ -342,7 +342,8 @@ def test_ranks_calling_different_collections_raise_on_every_rank():
     assert messages[0] == messages[1]
     # each collection is numbered after its table (a's table n, a n + 1, b's table n + 2, b n + 3;
     # n counts the tables this worker process made before)
-    found = re.search(r"the ranks called the lookups of different tables \(rank 0: table #(\d+), rank 1: table #(\d+)",
+    found = re.search(r"the ranks called the lookups of different tables \(rank 0: table #(\d+) \(a "
+                      r"ShardedEmbeddingBagCollection of tables t\), rank 1: table #(\d+) \(a ShardedEmbeddingBag",
                       messages[0])
     assert found and int(found[2]) - int(found[1]) == 2, messages[0]
     assert "No rank looked anything up" in messages[0]
@@ -377,6 +378,9 @@ def test_a_table_called_beside_its_collection_raises_on_every_rank(transport):
     messages = run_ranks(2, _table_beside_its_collection, transport)
     assert messages[0] == messages[1]
     assert "the ranks called the lookups of different tables" in messages[0], messages[0]
+    found = re.search(r"rank 0: table #(\d+) \(a ShardedEmbeddingBagCollection of tables a, b\), "
+                      r"rank 1: table #(\d+) \(table 'a' of collection #(\d+)\)", messages[0])
+    assert found and found[1] == found[3], messages[0]
 
 
 def _copy_beside_its_original(transport):
@@ -404,7 +408,9 @@ def _copy_beside_its_original(transport):
 def test_a_copy_called_beside_its_original_raises_on_every_rank(transport):
     messages = run_ranks(2, _copy_beside_its_original, transport)
     assert messages[0] == messages[1]
-    assert "the ranks called the lookups of different tables" in messages[0], messages[0]
+    found = re.search(r"rank 0: table #(\d+) \(a ShardedEmbeddingBagCollection of tables a\), "
+                      r"rank 1: table #(\d+) \(a copy of collection #(\d+)\)", messages[0])
+    assert found and found[1] == found[3], messages[0]
 
 
 def _equal_written_differently():
