@@ -202,7 +202,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
             names[t._table_id] = f"table {c.name!r} of collection #{self._table_id}"
         # The collection's wire: its all-to-alls (in comm_dtype) and their workspace.
         self._wire = Exchange(group=group, rank=rank, world=world, mirrors=None, sparse=sparse, optimizer=None,
-                              comm_dtype=comm_dtype, stats=ExchangeStats(world), transport=first.transport)
+                              comm_dtype=comm_dtype, stats=ExchangeStats(world), transport=first.transport,
+                              caller=self._table_id)
         self._stats = self._new_stats()
 
     # ------------------------------------------------------------------ structure
@@ -240,7 +241,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         memo[id(self)] = new
         for key, value in self.__dict__.items():  # the tables (in _modules) first, then the rest
             new.__dict__[key] = copy.deepcopy(value, memo)
-        new._table_id = new._router.table_id = _table_number(self.process_group)
+        new._table_id = new._router.table_id = new._wire.caller = _table_number(self.process_group)
         new._router.requests.names[new._table_id] = f"a copy of collection #{self._table_id}"
         return new
 

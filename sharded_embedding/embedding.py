@@ -197,6 +197,7 @@ class ShardedEmbedding(nn.Module):
             comm_dtype=comm_dtype,
             stats=ExchangeStats(world),
             transport=self.transport,
+            caller=self._table_id,
         )
         register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
 
@@ -323,7 +324,7 @@ class ShardedEmbedding(nn.Module):
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
-        new._table_id = new._router.table_id = _table_number(self.process_group)
+        new._table_id = new._router.table_id = new._exchange.caller = _table_number(self.process_group)
         new._router.requests.names[new._table_id] = f"a copy of table #{self._table_id}"
         register_table(new)
         return new

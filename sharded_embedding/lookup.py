@@ -93,6 +93,7 @@ class Exchange:
     transport: Transport
     scaler: ScalerLink | None = None  # set by ShardedEmbedding.use_grad_scaler
     workspace: Workspace = field(default_factory=Workspace)
+    caller: int = 0  # the table's (or collection's) number on the group: tags its exchanges
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                    flag: torch.Tensor | None = None, tag: str | None = None):
@@ -103,7 +104,7 @@ class Exchange:
         if self.world == 1:
             return lambda: [0] if flag is not None and bool(flag) else []
         if self.comm_dtype is None or self.comm_dtype == inp.dtype:
-            return self.transport.all_to_all(out, inp, out_splits, in_splits, flag, tag)
+            return self.transport.all_to_all(out, inp, out_splits, in_splits, flag, tag, self.caller)
         ws, scale = self.workspace, wire.scaled(inp.dtype, self.comm_dtype)
         width = wire.wire_columns(inp.shape[1], inp.dtype, self.comm_dtype)
         send = ws.get("wire_send", inp.shape[0], width, self.comm_dtype, inp.device)
@@ -112,7 +113,7 @@ class Exchange:
             wire.encode(inp, send)
         else:
             send.copy_(inp)
-        receive = self.transport.all_to_all(recv, send, out_splits, in_splits, flag, tag)
+        receive = self.transport.all_to_all(recv, send, out_splits, in_splits, flag, tag, self.caller)
 
         def finish():
             flagged = receive()

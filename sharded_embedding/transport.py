@@ -61,6 +61,12 @@ _SENT, _DONE, _CAPACITY, _PID, _FLAG, _TAG, _FIXED = 0, 1, 2, 3, 4, 5, 6  # head
 # making the same calls; the shared-memory transport tells them so on both sides.
 TAGS = {"requests": 1, "overflow": 2, "vectors": 3, "gradients": 4}
 _TAG_NAMES = {v: k for k, v in TAGS.items()}
+_KINDS = 8  # a header's tag word: kind + _KINDS * the caller's number
+
+
+def _describe(tag: int) -> str:
+    kind, caller = _TAG_NAMES.get(tag % _KINDS, "another"), tag // _KINDS
+    return f"a {kind} exchange" + (f" of table #{caller}" if kind in ("vectors", "gradients") else "")
 _SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
@@ -69,18 +75,19 @@ class TransportError(RuntimeError):
 
 
 class Transport(ABC):
-    """``all_to_all(out, inp, out_splits, in_splits, flag=None, tag=None)``: send ``inp``'s rows
-    (``in_splits[q]`` of them to rank ``q``, in rank order), return a function that receives
-    into ``out`` (``out_splits[q]`` rows from rank ``q``) and returns the ranks whose ``flag``
-    was set (``[]`` without flags). ``tag``: what the exchange carries (a key of `TAGS`); a
-    transport that can see its peers' tags raises `TransportError` on every rank whose peers
-    are in an exchange of another kind. Collective; rows along dim 0."""
+    """``all_to_all(out, inp, out_splits, in_splits, flag=None, tag=None, caller=0)``: send
+    ``inp``'s rows (``in_splits[q]`` of them to rank ``q``, in rank order), return a function
+    that receives into ``out`` (``out_splits[q]`` rows from rank ``q``) and returns the ranks
+    whose ``flag`` was set (``[]`` without flags). ``tag``: what the exchange carries (a key of
+    `TAGS`), ``caller``: for which table or collection (its number on the group); a transport
+    that can see its peers' tags raises `TransportError` on every rank whose peers are in
+    another exchange. Collective; rows along dim 0."""
 
     name = ""
 
     @abstractmethod
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                   flag: torch.Tensor | None = None, tag: str | None = None):
+                   flag: torch.Tensor | None = None, tag: str | None = None, caller: int = 0):
         """See the class docstring."""
 
     @abstractmethod
@@ -115,7 +122,7 @@ class ProcessGroupTransport(Transport):
                 buf = self._send[device] = torch.empty(max(nbytes, grown, 64), dtype=torch.uint8, device=device)
         return buf[:nbytes]
 
-    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None):  # gloo/nccl: tags unseen
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):  # gloo/nccl: tags unseen
         flags = None
         if flag is not None:  # one-hot rows summed: every rank's flag, beside the rows
             flags = torch.zeros(self.world, dtype=torch.int32, device=flag.device)
@@ -246,7 +253,7 @@ class SharedMemoryTransport(Transport):
         self._lent.append((view, self._mine.data.data_ptr()))
         return view
 
-    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None):
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):
         row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
         sizes = [n * row_bytes for n in in_splits]
         lent = self._in_outbox(inp, sum(sizes))  # (raises before anything changes)
@@ -280,7 +287,7 @@ class SharedMemoryTransport(Transport):
                 start += n
         mine = bool(flag) if flag is not None else False
         words[_FLAG] = int(mine)
-        my_tag = words[_TAG] = TAGS[tag] if tag is not None else 0
+        my_tag = words[_TAG] = TAGS[tag] + _KINDS * caller if tag is not None else 0
         words[_SENT] = k  # publish: after the rows, the flag and the tag (x86-64 store order)
         own = (sum(sizes[:rank]), sizes[rank])
 
@@ -305,8 +312,7 @@ class SharedMemoryTransport(Transport):
                         self._mine.words[_DONE] = k  # abandoned, as below
                         places = sorted([(rank, my_tag), (q, theirs)])
                         raise TransportError(
-                            f"exchange {k}: " + ", ".join(f"rank {r} is in a {_TAG_NAMES.get(t, t)} exchange"
-                                                          for r, t in places)
+                            f"exchange {k}: " + ", ".join(f"rank {r} is in {_describe(t)}" for r, t in places)
                             + ": the ranks are not making the same calls (every rank must run the same lookups "
                             "and the same backward passes, in the same order). Nothing was received.")
                     wrote = int(peer.words[_FIXED + world + rank])

@@ -293,7 +293,7 @@ def _kinds_differ_then_recover():
 
 def test_exchanges_of_different_kinds_raise_on_both_ranks_and_the_group_goes_on():
     for message in run_ranks(2, _kinds_differ_then_recover):
-        assert "rank 0 is in a gradients exchange, rank 1 is in a requests exchange" in message, message
+        assert "rank 0 is in a gradients exchange of table #0, rank 1 is in a requests exchange" in message, message
         assert "not making the same calls" in message
 
 
@@ -317,3 +317,26 @@ def _one_rank_skips_its_backward():
 
 def test_a_rank_that_skips_its_backward_raises_on_both_ranks():
     assert run_ranks(2, _one_rank_skips_its_backward) == [True, True]
+
+
+def _backward_order_differs(fused):
+    """Two tables, both looked up; rank 0 runs A's backward first, rank 1 B's (same sizes: the
+    byte counts agree). On shared memory both raise in the first backward, naming both tables,
+    before any gradient is applied (it used to exchange A's gradients for B's silently)."""
+    rank = dist.get_rank()
+    opt = {"name": "sgd", "lr": 0.1} if fused else None
+    a, b = (ShardedEmbedding(200, 4, page_size=8, transport="shared_memory", fused_optimizer=opt) for _ in range(2))
+    ids = torch.tensor([0, 1, 100, 150 + rank])
+    before = (a.full_table(), b.full_table())
+    oa, ob = a(ids), b(ids)
+    with pytest.raises(TransportError, match=r"gradients exchange of table #\d+, rank 1 is in a gradients "
+                                             r"exchange of table #\d+: the ranks are not making the same calls"):
+        (oa if rank == 0 else ob).sum().backward()
+    assert torch.equal(a.full_table(), before[0]) and torch.equal(b.full_table(), before[1])
+    assert a.weight.grad is None and b.weight.grad is None
+    return True
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sparse", "fused_sgd"])
+def test_backward_passes_in_another_order_raise_on_both_ranks(fused):
+    assert run_ranks(2, _backward_order_differs, fused) == [True, True]
