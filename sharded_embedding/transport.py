@@ -64,9 +64,22 @@ _TAG_NAMES = {v: k for k, v in TAGS.items()}
 _KINDS = 8  # a header's tag word: kind + _KINDS * the caller's number
 
 
+def _tag_word(tag: str | None, caller: int) -> int:
+    """An exchange's kind and its table's number in one int64 (0: not tagged)."""
+    return TAGS[tag] + _KINDS * caller if tag is not None else 0
+
+
 def _describe(tag: int) -> str:
     kind, caller = _TAG_NAMES.get(tag % _KINDS, "another"), tag // _KINDS
     return f"a {kind} exchange" + (f" of table #{caller}" if kind in ("vectors", "gradients") else "")
+
+
+def _out_of_step(k: int | None, places: list[tuple[int, int]]) -> str:
+    """The error of ranks found in different exchanges (``places``: (rank, tag word))."""
+    where = f"exchange {k}: " if k is not None else ""
+    return (where + ", ".join(f"rank {r} is in {_describe(t)}" for r, t in places)
+            + ": the ranks are not making the same calls (every rank must run the same lookups and the same "
+            "backward passes, in the same order). Nothing was received.")
 _SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
@@ -122,20 +135,27 @@ class ProcessGroupTransport(Transport):
                 buf = self._send[device] = torch.empty(max(nbytes, grown, 64), dtype=torch.uint8, device=device)
         return buf[:nbytes]
 
-    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):  # gloo/nccl: tags unseen
+    def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):
         flags = None
-        if flag is not None:  # one-hot rows summed: every rank's flag, beside the rows
-            flags = torch.zeros(self.world, dtype=torch.int32, device=flag.device)
-            flags[self.rank] = flag.to(torch.int32)
-            flag_work = dist.all_reduce(flags, group=self.group, async_op=True)  # flags (SUM)
+        if flag is not None:
+            # An exchange with flags (gradients) first all-reduces one-hot rows of (flag, tag):
+            # every rank's flag, and whether every rank is moving the same table's rows (backward
+            # passes in another order on another rank would otherwise swap tables' gradients
+            # where the byte counts agree). Waited for before the rows move: ranks that differ
+            # raise together. Exchanges without flags are not checked (gloo cannot tell them).
+            flags = torch.zeros(self.world, 2, dtype=torch.int64, device=flag.device)
+            flags[self.rank, 0] = flag.to(torch.int64)
+            flags[self.rank, 1] = _tag_word(tag, caller)
+            dist.all_reduce(flags, group=self.group)  # flags and tags (SUM of one-hot rows)
+            flags = flags.tolist()
+            tags = [t for _, t in flags]
+            if tag is not None and len(set(tags)) > 1:
+                raise TransportError(_out_of_step(None, list(enumerate(tags))))
         work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)  # rows
 
         def receive() -> list[int]:
             work.wait()
-            if flags is None:
-                return []
-            flag_work.wait()
-            return [r for r, f in enumerate(flags.tolist()) if f]
+            return [r for r, (f, _) in enumerate(flags) if f] if flags is not None else []
 
         return receive
 
@@ -287,7 +307,7 @@ class SharedMemoryTransport(Transport):
                 start += n
         mine = bool(flag) if flag is not None else False
         words[_FLAG] = int(mine)
-        my_tag = words[_TAG] = TAGS[tag] + _KINDS * caller if tag is not None else 0
+        my_tag = words[_TAG] = _tag_word(tag, caller)
         words[_SENT] = k  # publish: after the rows, the flag and the tag (x86-64 store order)
         own = (sum(sizes[:rank]), sizes[rank])
 
@@ -310,11 +330,7 @@ class SharedMemoryTransport(Transport):
                     theirs = int(peer.words[_TAG])
                     if my_tag and theirs and theirs != my_tag:
                         self._mine.words[_DONE] = k  # abandoned, as below
-                        places = sorted([(rank, my_tag), (q, theirs)])
-                        raise TransportError(
-                            f"exchange {k}: " + ", ".join(f"rank {r} is in {_describe(t)}" for r, t in places)
-                            + ": the ranks are not making the same calls (every rank must run the same lookups "
-                            "and the same backward passes, in the same order). Nothing was received.")
+                        raise TransportError(_out_of_step(k, sorted([(rank, my_tag), (q, theirs)])))
                     wrote = int(peer.words[_FIXED + world + rank])
                     if wrote != n:
                         # Abandoned here (the peer finds its own mismatch and raises too): mark it

@@ -319,13 +319,13 @@ def test_a_rank_that_skips_its_backward_raises_on_both_ranks():
     assert run_ranks(2, _one_rank_skips_its_backward) == [True, True]
 
 
-def _backward_order_differs(fused):
+def _backward_order_differs(fused, transport):
     """Two tables, both looked up; rank 0 runs A's backward first, rank 1 B's (same sizes: the
-    byte counts agree). On shared memory both raise in the first backward, naming both tables,
-    before any gradient is applied (it used to exchange A's gradients for B's silently)."""
+    byte counts agree). Both raise in the first backward, naming both tables, before any
+    gradient is applied (both transports used to exchange A's gradients for B's silently)."""
     rank = dist.get_rank()
     opt = {"name": "sgd", "lr": 0.1} if fused else None
-    a, b = (ShardedEmbedding(200, 4, page_size=8, transport="shared_memory", fused_optimizer=opt) for _ in range(2))
+    a, b = (ShardedEmbedding(200, 4, page_size=8, transport=transport, fused_optimizer=opt) for _ in range(2))
     ids = torch.tensor([0, 1, 100, 150 + rank])
     before = (a.full_table(), b.full_table())
     oa, ob = a(ids), b(ids)
@@ -337,6 +337,7 @@ def _backward_order_differs(fused):
     return True
 
 
+@pytest.mark.parametrize("transport", ["shared_memory", "process_group"])
 @pytest.mark.parametrize("fused", [False, True], ids=["sparse", "fused_sgd"])
-def test_backward_passes_in_another_order_raise_on_both_ranks(fused):
-    assert run_ranks(2, _backward_order_differs, fused) == [True, True]
+def test_backward_passes_in_another_order_raise_on_both_ranks(fused, transport):
+    assert run_ranks(2, _backward_order_differs, fused, transport) == [True, True]
