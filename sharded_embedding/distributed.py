@@ -56,8 +56,9 @@ def init_distributed(
     if tune_malloc and not _tune_malloc():
         import warnings
 
-        warnings.warn("init_distributed(tune_malloc=True): this C library has no mallopt, or refused a setting; "
-                      "malloc keeps its defaults", RuntimeWarning, stacklevel=2)
+        warnings.warn("init_distributed(tune_malloc=True): this C library has no mallopt, or refused a setting: "
+                      "malloc keeps its defaults, or some of them (see sharded_embedding.tune_malloc)",
+                      RuntimeWarning, stacklevel=2)
     if dist.is_initialized():
         return
     if bind_cpus:
@@ -114,9 +115,10 @@ def tune_malloc() -> bool:
     MALLOC_TOP_PAD_=67108864`` in the environment do before a process starts (this overrides
     those variables if set).
 
-    Costs: process-wide, lasting and not undone; memory a process freed stays with it (up to
-    1 GiB of free heap plus 64 MiB of padding per process, so per rank on a machine), and
-    processes forked later (DataLoader workers) inherit the setting. Call it once, early
+    Costs: process-wide, lasting and not undone; memory a process freed stays with it, so its
+    resident size stays near its peak (per rank on a machine; the 1 GiB trim threshold bounds
+    only the free top of the main heap: blocks freed below a live one, and other threads'
+    arenas, stay too), and processes forked later (DataLoader workers) inherit the setting. Call it once, early
     (``init_distributed(tune_malloc=True)`` calls it, also when the group already exists).
 
     Returns True when glibc accepted all three settings; False where the C library has no
