@@ -79,7 +79,7 @@ def _out_of_step(k: int | None, places: list[tuple[int, int]]) -> str:
     where = f"exchange {k}: " if k is not None else ""
     return (where + ", ".join(f"rank {r} is in {_describe(t)}" for r, t in places)
             + ": the ranks are not making the same calls (every rank must run the same lookups and the same "
-            "backward passes, in the same order). Nothing was received.")
+            "backward passes, in the same order). Nothing was applied.")
 _SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
@@ -138,24 +138,26 @@ class ProcessGroupTransport(Transport):
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):
         flags = None
         if flag is not None:
-            # An exchange with flags (gradients) first all-reduces one-hot rows of (flag, tag):
-            # every rank's flag, and whether every rank is moving the same table's rows (backward
-            # passes in another order on another rank would otherwise swap tables' gradients
-            # where the byte counts agree). Waited for before the rows move: ranks that differ
-            # raise together. Exchanges without flags are not checked (gloo cannot tell them).
+            # One-hot rows of (flag, tag) summed beside the rows: every rank's non-finite flag, and
+            # whether every rank moved the same table's rows (backward passes in another order
+            # on another rank would swap tables' gradients where the byte counts agree; where
+            # they differ, gloo aborts). Checked when the rows have arrived, before the caller
+            # uses them: ranks that differ raise together. Untagged exchanges are not checked.
             flags = torch.zeros(self.world, 2, dtype=torch.int64, device=flag.device)
             flags[self.rank, 0] = flag.to(torch.int64)
             flags[self.rank, 1] = _tag_word(tag, caller)
-            dist.all_reduce(flags, group=self.group)  # flags and tags (SUM of one-hot rows)
-            flags = flags.tolist()
-            tags = [t for _, t in flags]
-            if tag is not None and len(set(tags)) > 1:
-                raise TransportError(_out_of_step(None, list(enumerate(tags))))
+            flag_work = dist.all_reduce(flags, group=self.group, async_op=True)  # flags and tags (SUM)
         work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)  # rows
 
         def receive() -> list[int]:
             work.wait()
-            return [r for r, (f, _) in enumerate(flags) if f] if flags is not None else []
+            if flags is None:
+                return []
+            flag_work.wait()
+            rows = flags.tolist()
+            if tag is not None and len({t for _, t in rows}) > 1:
+                raise TransportError(_out_of_step(None, [(r, t) for r, (_, t) in enumerate(rows)]))
+            return [r for r, (f, _) in enumerate(rows) if f]
 
         return receive
 
