@@ -24,7 +24,7 @@ from .bag_lookup import BagLookup
 from .bag_routing import POOL_ON, BagRouter, BagRouting
 from .bags import EXCEPTIONS, REFUSED, InputError, parse
 from .distributed import agree_or_raise, all_gather_strings, default_device, resolve_group
-from .embedding import ShardedEmbedding, _table_number
+from .embedding import ShardedEmbedding, _table_number, copy_on_group
 from .lookup import Exchange
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, REFUSALS, STORAGE_REPLACED
 from .stats import ExchangeStats
@@ -233,16 +233,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """An independent collection (its tables copied as `ShardedEmbedding.__deepcopy__`
         copies a table), numbered after its tables like a new one: every rank must copy in the
         same order, and a rank calling the copy while another calls the original raises."""
-        import copy
-
-        for obj in (self.process_group, self._wire.transport, self._router.requests):  # the group's
-            memo[id(obj)] = obj
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():  # the tables (in _modules) first, then the rest
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        new._table_id = new._router.table_id = new._wire.caller = _table_number(self.process_group)
-        new._router.requests.names[new._table_id] = f"a copy of collection #{self._table_id}"
+        new = copy_on_group(self, memo, [self._wire.transport], f"a copy of collection #{self._table_id}")
+        new._wire.caller = new._table_id
         return new
 
     def forward(self, features) -> dict[str, torch.Tensor]:

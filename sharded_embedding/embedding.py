@@ -311,21 +311,11 @@ class ShardedEmbedding(nn.Module):
         made, every rank must copy the same tables in the same order: the copy gets the next
         table number of the group, so that a rank calling the copy while another calls the
         original raises on every rank."""
-        import copy
-
-        shared = [self.process_group, self.transport, self._router.requests]  # the group's, not the table's
-        shared += [pg for _, pg in self._exchange.mirrors._sets]
+        shared = [pg for _, pg in self._exchange.mirrors._sets]
         if self._exchange.scaler is not None and self._exchange.scaler.scaler is not None:
             shared.append(self._exchange.scaler.scaler)  # the copy answers to the same scaler
-        for obj in shared:
-            if obj is not None:
-                memo[id(obj)] = obj
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        new._table_id = new._router.table_id = new._exchange.caller = _table_number(self.process_group)
-        new._router.requests.names[new._table_id] = f"a copy of table #{self._table_id}"
+        new = copy_on_group(self, memo, [self.transport, *shared], f"a copy of table #{self._table_id}")
+        new._exchange.caller = new._table_id
         register_table(new)
         return new
 
@@ -490,6 +480,25 @@ def _group_timeout(group, device: torch.device):
 
 
 _TABLES_MADE: dict[tuple, int] = {}
+
+
+def copy_on_group(module, memo: dict, shared: list, description: str):
+    """``copy.deepcopy`` of a table or collection (``module``) that shares ``shared``, its
+    process group and its request exchange with the original (they belong to the group), and
+    takes the group's next table number, as a module made now would (``description`` names it
+    in mismatch errors). The caller retags what else carries the number."""
+    import copy
+
+    for obj in (module.process_group, module._router.requests, *shared):
+        if obj is not None:
+            memo[id(obj)] = obj
+    new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new
+    for key, value in module.__dict__.items():  # a collection's tables (in _modules) first
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    new._table_id = new._router.table_id = _table_number(module.process_group)
+    new._router.requests.names[new._table_id] = description
+    return new
 
 
 def _table_number(group) -> int:

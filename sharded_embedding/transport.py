@@ -62,6 +62,7 @@ _SENT, _DONE, _CAPACITY, _PID, _FLAG, _TAG, _FIXED = 0, 1, 2, 3, 4, 5, 6  # head
 TAGS = {"requests": 1, "overflow": 2, "vectors": 3, "gradients": 4}
 _TAG_NAMES = {v: k for k, v in TAGS.items()}
 _KINDS = 8  # a header's tag word: kind + _KINDS * the caller's number
+_SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
 def _tag_word(tag: str | None, caller: int) -> int:
@@ -80,7 +81,6 @@ def _out_of_step(k: int | None, places: list[tuple[int, int]]) -> str:
     return (where + ", ".join(f"rank {r} is in {_describe(t)}" for r, t in places)
             + ": the ranks are not making the same calls (every rank must run the same lookups and the same "
             "backward passes, in the same order). Nothing was applied.")
-_SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
 class TransportError(RuntimeError):
