@@ -17,7 +17,10 @@ for the vectors (and as much again of gradients); on the owners, ``ids x 8 + pai
 bytes`` (and again for gradients). Ids and pairs are counted every call (O(ids)); unique ids
 need the sort, so they are counted on every call pooled on the requester and, while a table is
 pooled on its owners, every `REMEASURE` calls, with the ratio of unique to all ids assumed
-in between. The choice only changes speed, never results; it is made by each requester on its
+in between. A call whose ids are all served by this rank (nothing travels either way: a group
+of one, a table held here) pools on the owner, the way that computes less (no gather of the
+unique rows; one process, the collection benchmark's workload: 127.2 against 149.8 ms per
+step, median of 3 interleaved runs). The choice only changes speed, never results; it is made by each requester on its
 own and travels in the request header, so ranks may choose differently.
 
 The request exchange (`routing.RequestExchange`: one ``all_to_all_single`` in steady state)
@@ -233,11 +236,13 @@ class BagRouter:
             ids, choice, row_bytes = counts[t], self.choices[t], self.dims[t] * wire_bytes
             owner_ok = self.pooled[t] and self._packable[t] and self.pool_on != "requester"
             due = choice.ratio is None or choice.since + 1 >= REMEASURE
-            if owner_ok and (self.pool_on == "owner" or (choice.prefer_owner and not due)):
+            local = sum(ids[:world]) == 0  # nothing travels either way: the owner's way computes less
+            if owner_ok and (self.pool_on == "owner" or local or (choice.prefer_owner and not due)):
                 req, pairs = self._pooled_on_owner(t, b, dests[t], rows[t], ids)
-                if self.pool_on == "owner":
+                if self.pool_on == "owner" or local:
                     choice.last = {"pooled_on": "owner"}
-                if self.pool_on == "owner" or not self._on_requester(t, ids, pairs, None, row_bytes, needs_grad):
+                if self.pool_on == "owner" or local or not self._on_requester(t, ids, pairs, None, row_bytes,
+                                                                               needs_grad):
                     choice.since += 1
                     choice.on_owner += 1
                     out.append(req)

@@ -126,11 +126,12 @@ def test_mirrored_pages_add_their_all_reduces_only():
 
 # Two tables that call for different pooling: "wide" gets long bags of uniform ids over many
 # rows (few duplicates: partial sums per bag are fewer bytes than the rows), "hot" short bags
-# of a handful of ids (deduplicated rows are fewer bytes than the ids alone).
+# of a handful of ids (deduplicated rows are fewer bytes than the ids alone), ids 0-2 on pages
+# of one row: some on each rank, so every rank sends some.
 CHOICE = [
     dict(name="wide", num_embeddings=5000, embedding_dim=16, page_size=50, pooling="sum", feature_names=["w"],
          fused_optimizer={"name": "sgd", "lr": 0.05}),
-    dict(name="hot", num_embeddings=60, embedding_dim=16, page_size=5, pooling="mean", feature_names=["h"],
+    dict(name="hot", num_embeddings=60, embedding_dim=16, page_size=1, pooling="mean", feature_names=["h"],
          fused_optimizer={"name": "adagrad", "lr": 0.05}),
 ]
 
@@ -145,3 +146,19 @@ def test_each_table_is_pooled_where_it_sends_fewer_bytes():
         assert hot["calls_pooled_on_requester"] == 20 and hot["last"]["pooled_on"] == "requester"
         assert hot["last"]["bytes_if_pooled_on_requester"] <= hot["last"]["bytes_if_pooled_on_owner"]
         assert wide["last"]["unique_ids_measured"] is False  # counted every REMEASURE calls only
+
+
+def test_a_call_served_here_alone_is_pooled_on_the_owner():
+    # "hot" ids 0-2 are on page 0 (of 5 rows): one rank serves all its own ids, nothing
+    # travels either way, and it pools on the owner (less work); the other rank's go by bytes.
+    local = [dict(CHOICE[1], page_size=5)]
+    stats = run_ranks(2, train_collection_against_oracle, local, steps=6, batch=(40,), max_len=30, weighted=(),
+                      skew="hot", pool_on="auto")
+    pooled = sorted((s["tables"]["hot"]["calls_pooled_on_owner"], s["tables"]["hot"]["calls_pooled_on_requester"])
+                    for s in stats)
+    assert pooled == [(0, 6), (6, 0)], pooled
+    (alone,) = run_ranks(1, train_collection_against_oracle, CHOICE, steps=3, batch=(40,), max_len=30,
+                         weighted=(), skew={"h": "hot"}, pool_on="auto")
+    for name in ("wide", "hot"):
+        assert alone["tables"][name]["calls_pooled_on_owner"] == 3, alone
+        assert alone["tables"][name]["last"]["pooled_on"] == "owner"
