@@ -20,8 +20,9 @@ pooled on its owners, every `REMEASURE` calls, with the ratio of unique to all i
 in between. A call whose ids are all served by this rank (nothing travels either way: a group
 of one, a table held here) pools on the owner, the way that computes less (no gather of the
 unique rows; one process, the collection benchmark's workload: 127.2 against 149.8 ms per
-step, median of 3 interleaved runs). The choice only changes speed, never results; it is made by each requester on its
-own and travels in the request header, so ranks may choose differently.
+step, median of 3 interleaved runs). The choice only changes speed, never results; it is
+made by each requester on its own and travels in the request header, so ranks may choose
+differently.
 
 The request exchange (`routing.RequestExchange`: one ``all_to_all_single`` in steady state)
 carries, per peer: the collection's number on the group (ranks calling different tables or
