@@ -69,10 +69,12 @@ class BagLookup(torch.autograd.Function):
             n, total = req.back[rank], sum(req.back)
             if req.mode == ON_REQUESTER:  # the tail of [peers' rows | own rows]
                 buf = ws.get(f"bag_answers{t}", total, dims[t], dtype, device)[total - n :]
+                if n:
+                    _answer(storages[t], routing.serves[t], rank, buf)
+            elif n:  # own partial sums, kept as embedding_bag made them
+                buf = _answer(storages[t], routing.serves[t], rank)
             else:
-                buf = torch.empty(n, dims[t], dtype=dtype, device=device)
-            if n:
-                _answer(storages[t], routing.serves[t], rank, buf)
+                buf = torch.empty(0, dims[t], dtype=dtype, device=device)
             own.append(buf)
         wait()
         outputs = []
@@ -180,18 +182,20 @@ def _decoded(serve: TableServe, r: int):
     return serve.decoded[r]
 
 
-def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor) -> None:
-    """Owner: requester ``r``'s rows (pooled there) or partial sums (pooled here) into ``out``."""
+def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Owner: requester ``r``'s rows (pooled there) or partial sums (pooled here) into ``out``
+    (returned), or, pooled here and without ``out``, as a new tensor."""
     if serve.modes[r] == ON_REQUESTER:
         if out.dtype == storage.dtype:
             torch.index_select(storage, 0, serve.blocks[r], out=out)
         else:
             out.copy_(storage.index_select(0, serve.blocks[r]))
-        return
+        return out
     rows, first, weights = _decoded(serve, r)
     weights = weights.to(storage.dtype) if weights is not None else None
     starts = flat_nonzero(first, rows.dtype)  # embedding_bag takes one index dtype
-    out.copy_(F.embedding_bag(rows, storage, starts, mode="sum", per_sample_weights=weights))
+    sums = F.embedding_bag(rows, storage, starts, mode="sum", per_sample_weights=weights)
+    return sums if out is None else out.copy_(sums)
 
 
 def _pool(req: TableRequest, from_peers: list, own: torch.Tensor, rank: int, ws, t: int) -> torch.Tensor:
