@@ -335,10 +335,8 @@ class RequestExchange:
         bodies = [[columns[q], *parts] for q, parts in enumerate(pieces)]
         counts = [sum(t.numel() for t in parts) for parts in bodies]
         request = torch.empty(world, width, dtype=torch.int64, device=device)
-        request[:, _COUNT] = torch.tensor(counts, dtype=torch.int64)
-        request[:, _LARGEST] = max(counts)
-        request[:, _CALLER] = caller
-        request[:, _COLUMNS] = num_columns
+        largest = max(counts)
+        request[:, :_FIXED] = torch.tensor([[n, largest, caller, num_columns] for n in counts], dtype=torch.int64)
         if cap:
             request[:, _FIXED:] = 0
         rest = []  # what did not fit, peer after peer
@@ -354,13 +352,13 @@ class RequestExchange:
                 at += n
         received = torch.empty_like(request)
         self.transport.all_to_all(received, request, [1] * world, [1] * world, tag="requests")()  # header + values
-        header = received[:, :_FIXED].cpu()  # one device sync
+        header = received[:, :_FIXED].tolist()  # one device sync; [world][_FIXED] ints
         _raise_if_not_requests(header)
-        sizes, callers = header[:, _COUNT].tolist(), header[:, _CALLER].tolist()
-        self._remember(callers, header[:, _LARGEST].tolist())  # before raising: every rank alike
+        sizes, largests, callers = ([h[i] for h in header] for i in (_COUNT, _LARGEST, _CALLER))
+        self._remember(callers, largests)  # before raising: every rank alike
         _raise_if_tables_differ(callers, self.names)
         wire = (world - 1) * width  # int64s each way in the request exchange
-        if max(header[:, _LARGEST].tolist()) <= cap:
+        if max(largests) <= cap:
             bodies_in = [received[r, _FIXED : _FIXED + sizes[r]] for r in range(world)]
             sent, got = wire, wire
         else:  # some body outgrew the capacity: the rest follows (splits known to all from the headers)
@@ -417,15 +415,15 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     return flat, indices.shape, _OK, 0
 
 
-def _raise_if_not_requests(header: torch.Tensor) -> None:
-    """What arrived must be request headers (a peer in another kind of exchange, which a transport
-    that cannot tell exchanges apart delivers, sends rows): refuse values no request can hold
-    before they set the group's capacity."""
-    count, largest, caller, columns = (header[:, i] for i in (_COUNT, _LARGEST, _CALLER, _COLUMNS))
-    sane = ((count >= 0) & (count <= largest) & (largest < 2**40) & (caller >= 0) & (caller < 2**31)
-            & (columns >= 0) & (columns <= 1 << 16) & (columns <= count))
-    if not bool(sane.all()):
-        bad = [r for r, ok in enumerate(sane.tolist()) if not ok]
+def _raise_if_not_requests(header: list[list[int]]) -> None:
+    """What arrived must be request headers (``header[r]``: rank ``r``'s fixed columns; a peer in
+    another kind of exchange, which a transport that cannot tell exchanges apart delivers, sends
+    rows): refuse values no request can hold before they set the group's capacity. Plain Python
+    over the ranks: a handful of tensor ops on so few values cost more (measured)."""
+    bad = [r for r, h in enumerate(header)
+           if not (0 <= h[_COUNT] <= h[_LARGEST] < 2**40 and 0 <= h[_CALLER] < 2**31
+                   and 0 <= h[_COLUMNS] <= min(1 << 16, h[_COUNT]))]
+    if bad:
         raise TransportError(
             f"the request exchange received something that is not a request from ranks {bad}: the ranks are not "
             "making the same calls (every rank must run the same lookups and backward passes, in the same order)")
