@@ -80,7 +80,7 @@ def _table_shards_class():
             The shards are views of the storage: torch.save writes that storage once."""
 
             def __reduce_ex__(self, protocol):
-                shards = self.local_shards()
+                shards = [sh for sh in self.local_shards() if sh.metadata.shard_sizes[0]]  # not the empty one
                 ranges = torch.tensor([[sh.metadata.shard_offsets[0], sh.metadata.shard_sizes[0]] for sh in shards],
                                       dtype=torch.int64).reshape(-1, 2)
                 items = [("format", ROWS_FORMAT), ("size", list(self.metadata().size)), ("row_ranges", ranges),
@@ -97,7 +97,12 @@ _TABLE_SHARDS = None
 def sharded_rows(emb, storage: torch.Tensor):
     """``storage`` (laid out like ``emb``'s local rows: ``[rows]`` or ``[rows, dim]``) as a
     ShardedTensor (`TableShards`) of the global shape, one shard per run of primary pages,
-    each placed on the global rank of its owner (the table's group may be part of the world)."""
+    each placed on the global rank of its owner (the table's group may be part of the world).
+    A rank without primary rows holds one empty shard (0 rows, at the end): torch's DCP
+    (2.13, `_flatten_sharded_tensors`) drops a ShardedTensor with no local shard from the
+    rank's load plan, counts its key missing and retries with its pre-2.4 key format, which
+    fails on any list in the state dict ("Missing key in checkpoint state_dict:
+    optim.param_groups"; pytorch/pytorch#163480 proposed the fix there)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -111,12 +116,14 @@ def sharded_rows(emb, storage: torch.Tensor):
     shards_md, local = [], []
     for r in range(emb.world_size):
         where = f"rank:{global_rank[r]}/{device}" if r == rank else f"rank:{global_rank[r]}/{device.type}"
-        for first, stop in _primary_runs(plan, r):
-            start, rows = _run_rows(plan, first, stop)
+        runs = [(_run_rows(plan, first, stop), slot_of.get(first)) for first, stop in _primary_runs(plan, r)]
+        # No primary rows: one empty shard, at the end (DCP keys a chunk by its offset: at row 0
+        # it would stand for the real shard that starts there and drop it from the checkpoint).
+        for (start, rows), slot in runs or [((plan.num_embeddings, 0), None)]:
             md = ShardMetadata(shard_offsets=[start] + [0] * len(tail), shard_sizes=[rows] + tail, placement=where)
             shards_md.append(md)
             if r == rank:
-                at = slot_of[first] * plan.page_size
+                at = slot * plan.page_size if rows else 0
                 local.append(Shard(storage[at : at + rows], md))
     meta = ShardedTensorMetadata(
         shards_metadata=shards_md,
@@ -149,6 +156,8 @@ def loaded_rows_copier(emb, storage: torch.Tensor, loaded, name: str):
         parts = []
         for shard in loaded.local_shards():
             start, rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+            if rows == 0:  # a rank without primary rows holds an empty shard
+                continue
             page = start // plan.page_size
             if page not in slot_of or plan.page_owners(page)[0] != emb.rank:
                 raise ValueError(f"{name}: rows {start}.. are not a primary page of rank {emb.rank} here: "

@@ -449,3 +449,47 @@ def test_tables_on_two_process_groups_checkpoint_load_and_reshard(tmp_path):
             for how in ("dcp", "npy", "manager"):
                 for have, expected in zip(got[how], want["b"]):
                     assert torch.equal(have, expected), how
+
+
+def _rank_without_pages(directory: str, reload: bool):
+    """Table "a" lives whole on rank 1, so rank 0 holds none of it; the state dict beside it
+    holds a torch optimizer's state (its ``param_groups`` list), as a training loop's does."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    rank, world = rank_world()
+    torch.manual_seed(0)
+    a = ShardedEmbedding(40, 4, page_size=10, placement=[1] * 4, fused_optimizer=ADAGRAD, seed=1 if reload else 5)
+    b = ShardedEmbedding(30, 4, page_size=10, fused_optimizer=ADAGRAD, seed=2 if reload else 6)
+    dense = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(dense.parameters(), lr=0.1 if reload else 0.2)
+    if reload:  # train, save; then load into tables that start elsewhere
+        ids = torch.arange(rank, 40, 3)
+        (dense(a(ids) + b(ids % 30)).sum()).backward()
+        opt.step()
+    state = {"a": a.state_dict(), "b": b.state_dict(), "dense": dense.state_dict(),
+             "opt": get_optimizer_state_dict(dense, opt)}
+    if reload:
+        dcp.save(state, checkpoint_id=directory)
+        torch.save(a.state_dict(), f"{directory}.rank{rank}.pt")  # per-rank file: rank 0's holds no rows
+    else:
+        dcp.load(state, checkpoint_id=directory)
+        a.load_state_dict(state["a"])
+        b.load_state_dict(state["b"])
+        set_optimizer_state_dict(dense, opt, optim_state_dict=state["opt"])
+        c = ShardedEmbedding(40, 4, page_size=10, placement=[1] * 4, fused_optimizer=ADAGRAD, seed=7)
+        c.load_state_dict(torch.load(f"{directory}.rank{rank}.pt", weights_only=True))
+        assert torch.equal(c.full_table(), a.full_table())
+    return a.full_table(), a._full(a.optimizer.sum), b.full_table(), opt.param_groups[0]["lr"]
+
+
+def test_a_rank_that_holds_none_of_a_table_saves_and_loads_beside_an_optimizer(tmp_path):
+    """torch's DCP drops a ShardedTensor with no local shard from a rank's load plan, counts it
+    missing, and falls back to its pre-2.4 key format, which fails on any list in the state
+    ("Missing key in checkpoint state_dict: opt.param_groups"): the DLRM app's resume on 2 ranks
+    failed so. A rank without pages of a table now holds an empty shard of it."""
+    saved = run_ranks(2, _rank_without_pages, str(tmp_path / "ckpt"), True)
+    loaded = run_ranks(2, _rank_without_pages, str(tmp_path / "ckpt"), False)
+    for got in loaded:
+        for have, want in zip(got[:3], saved[0][:3]):
+            assert torch.equal(have, want)
+        assert got[3] == 0.1
