@@ -82,7 +82,18 @@ class TableBags:
 def parse(features, tables, include_last_offset: bool, device: torch.device) -> list[TableBags]:
     """Check one rank's ``features`` against ``tables`` (each with ``name``,
     ``num_embeddings``, ``pooling``, ``feature_names``) and concatenate them per table.
-    Raises `InputError` (never anything else) for what is wrong."""
+    Raises `InputError` (never anything else) for what is wrong: an exception of the input's
+    own (a malformed KeyedJaggedTensor, a tensor that cannot move to ``device``) becomes a
+    ValueError-kind `InputError` naming it, so that it travels to every rank too."""
+    try:
+        return _parse(features, tables, include_last_offset, device)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything the input raises must reach every rank alike
+        raise InputError(NOT_VALID, f"the input could not be read: {type(e).__name__}: {e}") from e
+
+
+def _parse(features, tables, include_last_offset: bool, device: torch.device) -> list[TableBags]:
     given = _as_dict(features)
     known = [f for t in tables for f in t.feature_names]
     unknown = sorted(set(given) - set(known), key=str)
@@ -114,6 +125,13 @@ def _as_dict(features) -> dict:
     if isinstance(features, Mapping):
         return dict(features)
     if callable(getattr(features, "to_dict", None)) and callable(getattr(features, "keys", None)):
+        lengths = features.lengths() if callable(getattr(features, "lengths", None)) else None
+        if lengths is not None and lengths.numel() == 0 and features.values().numel() == 0:
+            # an empty batch: torchrec's to_dict fails on it (IndexError)
+            values, none = features.values(), torch.zeros(0, dtype=lengths.dtype, device=lengths.device)
+            weights = features.weights_or_none() if callable(getattr(features, "weights_or_none", None)) else None
+            return {k: {"values": values[:0], "lengths": none, **({"weights": weights[:0]} if weights is not None
+                                                                    else {})} for k in features.keys()}
         return dict(features.to_dict())  # a KeyedJaggedTensor: {key: JaggedTensor}
     raise InputError(NOT_TYPE, "features must be a mapping {feature name: (values, offsets[, weights])} or a "
                                f"torchrec KeyedJaggedTensor, got {type(features).__name__}")

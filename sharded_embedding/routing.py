@@ -405,9 +405,12 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
-    flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
+    try:  # a tensor without data (the meta device) must not raise on this rank alone
+        flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
+    except NotImplementedError:
+        return None, None, _NOT_TENSOR, 0
     if flat.numel():
-        lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist())
         if lo < 0:
             return None, None, _OUT_OF_RANGE, lo
         if hi >= num_embeddings:
@@ -476,7 +479,8 @@ def _raise_input_errors(codes: list[int], values: list[int], num_embeddings: int
         parts = []
         for r, v in bad_type:
             if codes[r] == _NOT_TENSOR:
-                parts.append(f"rank {r} passed something that is not a tensor of indices")
+                parts.append(f"rank {r} passed something that is not a tensor of indices it can read (a tensor "
+                             "on the table's device, or one that can move there)")
             else:
                 name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "another dtype"
                 parts.append(f"rank {r} passed indices of dtype {name}")

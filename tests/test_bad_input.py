@@ -53,6 +53,23 @@ def test_non_tensor_input():
     run_ranks(2, _not_a_tensor)
 
 
+def _ids_without_data_on_one_rank():
+    """Ids on the meta device (no data to read: torch raises on that rank alone) are refused on
+    every rank like any input that is not a readable tensor of indices; nothing changes."""
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=6)
+    before = emb.weight.detach().clone()
+    ids = torch.tensor([1, 2], device="meta") if rank == 1 else torch.tensor([3, 4])
+    with pytest.raises(TypeError, match="rank 1 passed something that is not a tensor of indices it can read"):
+        emb(ids)
+    assert torch.equal(emb.weight, before) and emb.weight.grad is None
+    _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
+
+
+def test_ids_without_data_on_one_rank():
+    run_ranks(2, _ids_without_data_on_one_rank)
+
+
 def _out_of_range_on_one_rank(bad_rank, bad_value, transport="auto"):
     rank, world = rank_world()
     emb = ShardedEmbedding(20, 3, page_size=6, placement=[(0, 1, 2), 1, 2, 0], transport=transport)

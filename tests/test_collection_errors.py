@@ -89,6 +89,10 @@ def _bad(case: str, features: dict) -> dict:
         f["user"] = (v.view(3, 1), o)
     elif case == "values_without_bags":
         f["user"] = (v, torch.tensor([], dtype=torch.int64))
+    elif case == "meta_values":  # no data to read: raised by torch on this rank alone, before
+        f["user"] = (v.to("meta"), o)
+    elif case == "malformed_kjt":  # a KeyedJaggedTensor whose own to_dict raises (lengths past the values)
+        return _MalformedKJT(list(f))
     else:
         raise ValueError(case)
     return f
@@ -123,7 +127,29 @@ CASES = [
     ("bad_tuple", TypeError, "feature 'user': expected (values, offsets)"),
     ("two_dim_values", ValueError, "feature 'user': values must be 1-D, got shape (3, 1)"),
     ("values_without_bags", ValueError, "offsets are empty (no bags) but there are 3 values"),
+    ("meta_values", ValueError, "the input could not be read: NotImplementedError"),
+    ("malformed_kjt", ValueError, "the input could not be read: RuntimeError: split_with_sizes expects"),
 ]
+
+
+class _MalformedKJT:
+    """What torchrec's KeyedJaggedTensor does when its lengths add up to more than its values."""
+
+    def __init__(self, keys):
+        self._keys = keys
+
+    def keys(self):
+        return self._keys
+
+    def lengths(self):
+        return torch.tensor([3] * len(self._keys))
+
+    def values(self):
+        return torch.tensor([1, 2])
+
+    def to_dict(self):
+        raise RuntimeError("split_with_sizes expects split_sizes to sum exactly to 2 (input tensor's size at "
+                           "dimension 0), but got split_sizes=[3, 3, 3, 3]")
 
 
 def _state(ebc) -> list[torch.Tensor]:

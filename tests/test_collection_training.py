@@ -53,7 +53,8 @@ class StandInJaggedTensor:
 
 
 class StandInKeyedJaggedTensor:
-    """TorchRec's KeyedJaggedTensor as the collection reads it (keys, to_dict)."""
+    """TorchRec's KeyedJaggedTensor as the collection reads it (keys, values, lengths,
+    weights_or_none, to_dict)."""
 
     def __init__(self, keys, values, lengths, weights=None):
         self._keys, self._v, self._l, self._w = list(keys), values, lengths, weights
@@ -61,7 +62,18 @@ class StandInKeyedJaggedTensor:
     def keys(self):
         return self._keys
 
+    def values(self):
+        return self._v
+
+    def lengths(self):
+        return self._l
+
+    def weights_or_none(self):
+        return self._w
+
     def to_dict(self):
+        if self._l.numel() == 0:  # as torchrec 1.8's does on an empty batch
+            raise IndexError("tuple index out of range")
         out, at, stride = {}, 0, self._l.numel() // len(self._keys)
         for i, k in enumerate(self._keys):
             lengths = self._l[i * stride : (i + 1) * stride]
@@ -125,6 +137,38 @@ def _kjt_matches_the_dict_form(kind: str):
 @pytest.mark.parametrize("kind", _kjt_classes())
 def test_keyed_jagged_tensor_input(kind):
     run_ranks(2, _kjt_matches_the_dict_form, kind)
+
+
+def _empty_kjt_batch_on_one_rank(kind: str):
+    """Rank 1's KeyedJaggedTensor holds no bags (an epoch's last, empty batch); torchrec's own
+    ``to_dict`` raises IndexError on it, which used to stop that rank alone."""
+    rank, _ = rank_world()
+    configs = table_configs(MIXED)
+    ebc = ShardedEmbeddingBagCollection(configs)
+    table_of = {f: c for c in configs for f in c.feature_names}
+    keys = ebc.feature_names
+    batch = 4 if rank == 0 else 0
+    bags = {f: make_bags(table_of[f].num_embeddings, rank, 0, i, batch=batch, max_len=3)
+            for i, f in enumerate(keys)}
+    values = torch.cat([bags[f][0] for f in keys])
+    lengths = torch.cat([torch.diff(torch.cat([bags[f][1], torch.tensor([bags[f][0].numel()])])) for f in keys])
+    if kind == "torchrec":
+        from torchrec import KeyedJaggedTensor as KJT
+    else:
+        KJT = StandInKeyedJaggedTensor
+    kjt = KJT(keys=keys, values=values, lengths=lengths)
+    with torch.no_grad():
+        want = ebc({f: as_input((b[0], b[1], None)) for f, b in bags.items()})
+    got = ebc(kjt)
+    for f in keys:
+        assert got[f].shape == want[f].shape
+        torch.testing.assert_close(got[f], want[f])
+    sum(v.sum() for v in got.values()).backward()
+
+
+@pytest.mark.parametrize("kind", _kjt_classes())
+def test_an_empty_keyed_jagged_tensor_batch_on_one_rank(kind):
+    run_ranks(2, _empty_kjt_batch_on_one_rank, kind)
 
 
 # --------------------------------------------------------------------------- reduced precision
