@@ -156,7 +156,10 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
         def task(cfg) -> None:  # once per job: the worst exit code of a sweep is the process's
             try:
                 code = run(cfg)
-            except Exception:  # noqa: BLE001 - every failing rank reports (other ranks log nothing)
+            except BaseException as e:  # noqa: BLE001 - every failing rank reports (other ranks log nothing)
+                if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                    raise
+                # (torch's DCP raises CheckpointException, a BaseException: it must not skip finish())
                 if dist.get_rank() == 0:
                     log.exception(failed)
                 else:

@@ -186,3 +186,16 @@ def test_configuration_errors_stop_every_rank_with_one_message(tmp_path, overrid
     assert done.returncode == 2  # the configuration-error code, through the launcher
     assert "Traceback" not in out and "ChildFailedError" not in out  # no launcher noise after the message
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_checkpoint_that_fails_to_load_ends_the_run_with_exit_code_1(tmp_path):
+    """torch's DCP raises CheckpointException, a BaseException: it escaped the app's handler,
+    skipped the clean shutdown, and torchrun reported SIGABRT / SIGTERM (exit 143) instead of 1."""
+    done = _launch(tmp_path, "train.steps=10", "train.eval_every=10")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    (tmp_path / "out" / "checkpoints" / "step_000000010" / ".metadata").write_bytes(b"not a checkpoint")
+    done = _launch(tmp_path, "train.steps=20", "train.eval_every=10", "train.resume=true", run="run2")
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-4000:]
+    assert "training the click model failed" in out and "CheckpointException" in out, out[-4000:]
+    assert "terminate called" not in out and "signal" not in out, out[-4000:]
