@@ -20,9 +20,9 @@ pooled on its owners, every `REMEASURE` calls, with the ratio of unique to all i
 in between. A call whose ids are all served by this rank (nothing travels either way: a group
 of one, a table held here) pools on the owner, the way that computes less (no gather of the
 unique rows; one process, the collection benchmark's workload: 127.2 against 149.8 ms per
-step, median of 3 interleaved runs). The choice only changes speed, never results; it is
-made by each requester on its own and travels in the request header, so ranks may choose
-differently.
+step, median of 3 interleaved runs). The choice changes speed, and results only by rounding
+(the order of a bag's additions); it is made by each requester on its own and travels in the
+request header, so ranks may choose differently.
 
 The request exchange (`routing.RequestExchange`: one ``all_to_all_single`` in steady state)
 carries, per peer: the collection's number on the group (ranks calling different tables or
@@ -240,8 +240,11 @@ class BagRouter:
             local = sum(ids[:world]) == 0  # nothing travels either way: the owner's way computes less
             if owner_ok and (self.pool_on == "owner" or local or (choice.prefer_owner and not due)):
                 req, pairs = self._pooled_on_owner(t, b, dests[t], rows[t], ids)
-                if self.pool_on == "owner" or local:
+                if self.pool_on == "owner":
                     choice.last = {"pooled_on": "owner"}
+                elif local:
+                    choice.last = {"pooled_on": "owner", "bytes_if_pooled_on_requester": 0,
+                                   "bytes_if_pooled_on_owner": 0, "unique_ids_measured": False}
                 if self.pool_on == "owner" or local or not self._on_requester(t, ids, pairs, None, row_bytes,
                                                                                needs_grad):
                     choice.since += 1

@@ -97,11 +97,19 @@ class BagStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     ids: dict = field(default_factory=dict)
+    served: dict = field(default_factory=dict)  # table -> values served to each requester rank
 
     def record_requests(self, routing: BagRouting) -> None:
         self.calls += 1
         self.bytes_sent += routing.ints_sent * 8
         self.bytes_received += routing.ints_received * 8
+        for serve, name in zip(routing.serves, self.ids):
+            per_rank = self.served.setdefault(name, [0] * self.world)
+            for r, block in enumerate(serve.blocks):
+                if r in serve.decoded:  # this rank's own ids pooled here: kept unpacked, not in a payload
+                    per_rank[r] += serve.decoded[r][0].numel()
+                elif block is not None:
+                    per_rank[r] += block.numel()
 
     def record_vectors(self, routing: BagRouting, sent: int, received: int) -> None:
         """``sent`` / ``received``: bytes of the vector all-to-all."""
@@ -328,17 +336,24 @@ class ShardedEmbeddingBagCollection(nn.Module):
         table's bags were pooled. No communication.
 
         ``calls``, ``bytes_sent`` / ``bytes_received`` (requests, vectors and gradients of all
-        tables), per call; ``tables[name]``: ``ids`` looked up, ``calls_pooled_on_requester`` /
+        tables), per call; ``tables[name]``: ``ids`` looked up, ``served_per_rank`` (what each
+        requester rank, this one included, asked this rank for: ids pooled here, or unique rows
+        sent; comparing ranks shows load imbalance), ``calls_pooled_on_requester`` /
         ``calls_pooled_on_owner``, and ``last``: the last call's choice (``pooled_on``) with the
-        bytes each way would have sent (``bytes_if_pooled_on_requester``/``_owner``; unique ids
-        are counted on calls pooled on the requester and every `bag_routing.REMEASURE` calls,
-        estimated in between: ``unique_ids_measured``)."""
+        bytes each way would have sent (``bytes_if_pooled_on_requester``/``_owner``, 0 and 0
+        when this rank served every id itself; unique ids are counted on calls pooled on the
+        requester and every `bag_routing.REMEASURE` calls, estimated in between:
+        ``unique_ids_measured``). A sequence table's ids are always gathered on the requester.
+        The collection's lookups are counted here, not in its tables' own ``stats()`` (which
+        count lookups of a table called on its own)."""
         s = self._stats
         calls = max(s.calls, 1)
         tables = {}
         for c, choice in zip(self.configs, self._router.choices):
             last = dict(choice.last) if c.pooling is not None else {"pooled_on": "requester (sequence table)"}
-            tables[c.name] = {"ids": s.ids[c.name], "calls_pooled_on_requester": choice.on_requester,
+            served = list(s.served.get(c.name, [0] * self.world_size))
+            tables[c.name] = {"ids": s.ids[c.name], "served_per_rank": served,
+                              "calls_pooled_on_requester": choice.on_requester,
                               "calls_pooled_on_owner": choice.on_owner, "last": last}
         out = {"calls": s.calls, "backward_calls": s.backward_calls, "bytes_sent": s.bytes_sent,
                "bytes_received": s.bytes_received, "bytes_sent_per_call": s.bytes_sent / calls,

@@ -161,4 +161,26 @@ def test_a_call_served_here_alone_is_pooled_on_the_owner():
                          weighted=(), skew={"h": "hot"}, pool_on="auto")
     for name in ("wide", "hot"):
         assert alone["tables"][name]["calls_pooled_on_owner"] == 3, alone
-        assert alone["tables"][name]["last"]["pooled_on"] == "owner"
+        assert alone["tables"][name]["last"] == {"pooled_on": "owner", "bytes_if_pooled_on_requester": 0,
+                                                 "bytes_if_pooled_on_owner": 0, "unique_ids_measured": False}
+
+
+def _served_counts(pool_on: str):
+    """``served_per_rank`` of each table: what each requester asked this rank for."""
+    from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
+
+    rank, world = rank_world()
+    ebc = ShardedEmbeddingBagCollection([TableConfig(name="t", num_embeddings=40, embedding_dim=4, page_size=10,
+                                                     feature_names=["f"])], pool_on=pool_on)
+    ids = torch.tensor([0, 1, 1, 10, 11, 20, 35, 35]) if rank == 0 else torch.tensor([10, 30])
+    ebc({"f": (ids, torch.tensor([0, 3]) if rank == 0 else torch.tensor([0]))})
+    return ebc.stats()["tables"]["t"]
+
+
+def test_stats_count_what_each_rank_served_to_each_requester():
+    # pages 0, 2 on rank 0; 1, 3 on rank 1 (round robin). Rank 0 asks rank 0 for ids 0 1 1 20,
+    # rank 1 for 10 11 35 35; rank 1 asks rank 0 for none, itself for 10 30.
+    owner = run_ranks(2, _served_counts, "owner")
+    assert [t["served_per_rank"] for t in owner] == [[4, 0], [4, 2]]  # ids, pooled on the owner
+    requester = run_ranks(2, _served_counts, "requester")
+    assert [t["served_per_rank"] for t in requester] == [[3, 0], [3, 2]]  # unique rows
