@@ -130,9 +130,9 @@ def _surely_finite(part: torch.Tensor, limit: float | None) -> bool:
     return bool(torch.linalg.vector_norm(part, 1, dtype=acc) < limit)
 
 
-def nonfinite_message(ranks: list[int]) -> str:
+def nonfinite_message(ranks: list[int], what: str = "ShardedEmbedding: the gradient of the table") -> str:
     return (
-        f"ShardedEmbedding: the gradient of the table holds inf or NaN (from the lookups of rank(s) {ranks}); "
+        f"{what} holds inf or NaN (from the lookups of rank(s) {ranks}); "
         "no rank updated any row. The loss or its gradient overflowed: lower the learning rate, "
         "or look for inf/NaN in the loss. Under torch.autocast with a torch.amp.GradScaler, attach the "
         "scaler so that overflowing steps are skipped on every rank, as scaler.step skips them: "

@@ -117,7 +117,9 @@ class BagLookup(torch.autograd.Function):
         row_bytes = wire.row_bytes(unit, dtype)
         ctx.stats.record_gradients(send_layout.total * row_bytes, recv_layout.total * row_bytes)
         bad = receive()
-        if bad and skip_nonfinite_step([exchanges[t] for t in live], bad):
+        # (one flag per rank covers every table: the message cannot name the table)
+        if bad and skip_nonfinite_step([exchanges[t] for t in live], bad,
+                                       "ShardedEmbeddingBagCollection: the gradient of one or more of its tables"):
             return (None,) * (4 + len(storages))  # skipped everywhere, like scaler.step skips it
         blocks = {t: [None] * world for t in live}
         for t in live:

@@ -208,7 +208,7 @@ def gradient_scales(exchange: Exchange) -> tuple[float | None, float]:
     return None, inv_scale
 
 
-def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int]) -> bool:
+def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int], what: str | None = None) -> bool:
     """Some rank's gradient rows (``bad``: those ranks) hold inf/NaN. Without an enabled
     GradScaler on every table involved, raise `NonFiniteGradientError` (every rank does, in the
     same backward, before any row changed). Otherwise tell each scaler (``scaler.update()``
@@ -216,7 +216,7 @@ def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int]) -> bool:
     ``scaler.step``); tables without a fused optimizer then get a NaN gradient (`update_rows`
     with ``poisoned``) so that the scaler skips their optimizer's step too."""
     if any(e.scaler is None or not e.scaler.active for e in exchanges):
-        raise NonFiniteGradientError(nonfinite_message(bad))
+        raise NonFiniteGradientError(nonfinite_message(bad, what) if what else nonfinite_message(bad))
     for e in exchanges:
         e.scaler.record_overflow()
     return all(e.optimizer is not None for e in exchanges)
