@@ -52,24 +52,16 @@ class StandInJaggedTensor:
         return self._w
 
 
-class StandInKeyedJaggedTensor:
-    """TorchRec's KeyedJaggedTensor as the collection reads it (keys, values, lengths,
-    weights_or_none, to_dict)."""
+class StandInKeyedJaggedTensor(StandInJaggedTensor):
+    """TorchRec's KeyedJaggedTensor as the collection reads it (keys, to_dict; values, lengths
+    and weights_or_none of every key, one after the other)."""
 
     def __init__(self, keys, values, lengths, weights=None):
-        self._keys, self._v, self._l, self._w = list(keys), values, lengths, weights
+        super().__init__(values, lengths, weights)
+        self._keys = list(keys)
 
     def keys(self):
         return self._keys
-
-    def values(self):
-        return self._v
-
-    def lengths(self):
-        return self._l
-
-    def weights_or_none(self):
-        return self._w
 
     def to_dict(self):
         if self._l.numel() == 0:  # as torchrec 1.8's does on an empty batch
