@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,6 +80,16 @@ def _table_shards_class():
             allow-list) and `ShardedEmbedding.load_state_dict` takes back on the same layout.
             The shards are views of the storage: torch.save writes that storage once."""
 
+            def local_shards(self):
+                # torch.distributed.checkpoint.state_dict's full_state_dict=True gathers a
+                # ShardedTensor as if rank r held rows [r * c, (r + 1) * c) in its first shard
+                # (`_all_gather_sharded_tensor`): with pages it returned wrong rows or broke gloo.
+                # Every rank reaches it for the same key in the same order: refuse there, before
+                # its all-gather.
+                if sys._getframe(1).f_code.co_name == "_all_gather_sharded_tensor":
+                    raise RuntimeError(FULL_STATE_DICT_REFUSED)
+                return super().local_shards()
+
             def __reduce_ex__(self, protocol):
                 shards = [sh for sh in self.local_shards() if sh.metadata.shard_sizes[0]]  # not the empty one
                 ranges = torch.tensor([[sh.metadata.shard_offsets[0], sh.metadata.shard_sizes[0]] for sh in shards],
@@ -92,6 +103,15 @@ def _table_shards_class():
 
 
 _TABLE_SHARDS = None
+
+FULL_STATE_DICT_REFUSED = (
+    "sharded-embedding: a table's state dict cannot be gathered with torch's "
+    "StateDictOptions(full_state_dict=True): torch's gather assumes that rank r holds rows "
+    "[r * c, (r + 1) * c) of every ShardedTensor, and a table's pages are laid out otherwise (it would "
+    "return wrong rows). For full tensors use emb.full_table() (collective, every rank gets the table), "
+    "or dcp.save the sharded state dict and read it with dcp.load(..., no_dist=True). Nothing was "
+    "gathered."
+)
 
 
 def sharded_rows(emb, storage: torch.Tensor):

@@ -493,3 +493,25 @@ def test_a_rank_that_holds_none_of_a_table_saves_and_loads_beside_an_optimizer(t
         for have, want in zip(got[:3], saved[0][:3]):
             assert torch.equal(have, want)
         assert got[3] == 0.1
+
+
+def _full_state_dict_is_refused():
+    """torch's full_state_dict=True gathers a ShardedTensor as if rank r held rows [r*c, (r+1)*c):
+    with pages it returned another table (or broke gloo). Refused on every rank, before its
+    all-gather; the group keeps working."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank, _ = rank_world()
+    model = torch.nn.ModuleDict({"t": ShardedEmbedding(40, 3, page_size=20, placement=[1, 0], seed=4)})
+    with pytest.raises(RuntimeError, match="cannot be gathered with torch's StateDictOptions"):
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    sharded = get_model_state_dict(model)  # the default (sharded) form still works
+    assert set(sharded) == {"t.weight"}
+    table = model["t"].full_table()
+    assert torch.equal(model["t"](torch.tensor([0, 39])), table[[0, 39]])
+    return table
+
+
+def test_a_full_state_dict_of_a_table_is_refused_on_every_rank():
+    tables = run_ranks(2, _full_state_dict_is_refused)
+    assert torch.equal(tables[0], tables[1])
