@@ -40,6 +40,9 @@ from .transport import Transport, TransportError
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
+_SPARSE, _NESTED, _NO_DATA = 1, 2, 3  # the value of a _NOT_TENSOR error: what the tensor is instead
+_NOT_DENSE = {_SPARSE: "a sparse tensor (pass ids.to_dense() or its values)", _NESTED: "a nested tensor",
+              _NO_DATA: "a tensor without data (the meta device)"}
 # The header `RequestExchange` puts before the body of a request: the body's length, the
 # sender's longest body to any peer, the number of the table (or collection) being looked up,
 # how many of the body's values are the caller's columns.
@@ -402,14 +405,16 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
             indices = torch.as_tensor(indices)
         except (TypeError, ValueError, RuntimeError):
             return None, None, _NOT_TENSOR, 0
+    # A tensor that is not dense or holds no data raises in reshape / aminmax: on this rank alone.
+    kind = _SPARSE if indices.layout != torch.strided else _NESTED if indices.is_nested else \
+        _NO_DATA if indices.is_meta else 0
+    if kind:
+        return None, None, _NOT_TENSOR, kind
     if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
-    try:  # a tensor without data (the meta device) must not raise on this rank alone
-        flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
-        lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
-    except NotImplementedError:
-        return None, None, _NOT_TENSOR, 0
+    flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
     if flat.numel():
         if lo < 0:
             return None, None, _OUT_OF_RANGE, lo
@@ -479,13 +484,13 @@ def _raise_input_errors(codes: list[int], values: list[int], num_embeddings: int
         parts = []
         for r, v in bad_type:
             if codes[r] == _NOT_TENSOR:
-                parts.append(f"rank {r} passed something that is not a tensor of indices it can read (a tensor "
-                             "on the table's device, or one that can move there)")
+                parts.append(f"rank {r} passed {_NOT_DENSE.get(v, 'something that is not a tensor of indices')}")
             else:
                 name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "another dtype"
                 parts.append(f"rank {r} passed indices of dtype {name}")
         raise TypeError(
-            "ShardedEmbedding indices must be torch.int64 or torch.int32 (what nn.Embedding takes): "
+            "ShardedEmbedding indices must be a dense tensor of torch.int64 or torch.int32 (what nn.Embedding "
+            "takes): "
             + "; ".join(parts)
             + ". No rank looked anything up."
         )

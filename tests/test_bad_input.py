@@ -53,21 +53,26 @@ def test_non_tensor_input():
     run_ranks(2, _not_a_tensor)
 
 
-def _ids_without_data_on_one_rank():
-    """Ids on the meta device (no data to read: torch raises on that rank alone) are refused on
-    every rank like any input that is not a readable tensor of indices; nothing changes."""
+def _ids_that_are_not_dense_on_one_rank(kind: str):
+    """Sparse, nested or meta (no data) ids: torch raised on that rank alone (in reshape or
+    aminmax) and its peers waited for the timeout. Refused on every rank, naming what was
+    passed; nothing changes."""
     rank, _ = rank_world()
     emb = ShardedEmbedding(20, 3, page_size=6)
     before = emb.weight.detach().clone()
-    ids = torch.tensor([1, 2], device="meta") if rank == 1 else torch.tensor([3, 4])
-    with pytest.raises(TypeError, match="rank 1 passed something that is not a tensor of indices it can read"):
-        emb(ids)
+    ids = torch.tensor([1, 2, 3])
+    bad = {"sparse": ids.to_sparse(), "nested": torch.nested.nested_tensor([ids, ids[:2]]),
+           "meta": ids.to("meta")}[kind]
+    said = {"sparse": "a sparse tensor", "nested": "a nested tensor", "meta": "a tensor without data"}[kind]
+    with pytest.raises(TypeError, match=f"must be a dense tensor .* rank 1 passed {said}"):
+        emb(bad if rank == 1 else torch.tensor([3, 4]))
     assert torch.equal(emb.weight, before) and emb.weight.grad is None
     _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
 
 
-def test_ids_without_data_on_one_rank():
-    run_ranks(2, _ids_without_data_on_one_rank)
+@pytest.mark.parametrize("kind", ["sparse", "nested", "meta"])
+def test_ids_that_are_not_dense_on_one_rank(kind):
+    run_ranks(2, _ids_that_are_not_dense_on_one_rank, kind)
 
 
 def _out_of_range_on_one_rank(bad_rank, bad_value, transport="auto"):
@@ -278,8 +283,8 @@ def _narrow_integer_ids(dtype):
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
 def test_ids_of_other_integer_dtypes_are_refused_like_nn_embedding(dtype):
     for message in run_ranks(2, _narrow_integer_ids, dtype):
-        assert f"must be torch.int64 or torch.int32 (what nn.Embedding takes): rank 0 passed indices of dtype {dtype}" \
-            in message, message
+        assert ("must be a dense tensor of torch.int64 or torch.int32 (what nn.Embedding takes): rank 0 passed "
+                f"indices of dtype {dtype}") in message, message
 
 
 def _different_full_tables():
