@@ -76,6 +76,8 @@ def run(cfg) -> int:
             training.resume()
         except ResumeError as e:  # every rank read the same checkpoint and found the same
             return stop(f"configuration error: {e}")
+        except UnreadableCheckpoint as e:  # DCP raises on every rank together
+            return stop(str(e), code=1)
     training.train()
     training.finish()
     return 0
@@ -83,6 +85,21 @@ def run(cfg) -> int:
 
 class ResumeError(ValueError):
     """The newest checkpoint was trained with settings that differ from this run's."""
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """The newest checkpoint could not be read (a damaged or partly deleted folder)."""
+
+
+def _unreadable(done: list[Path], error: BaseException) -> str:
+    """One message for a checkpoint that could not be read: which, why (the first line of the
+    first cause DCP reports), and what to do."""
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: {rank: exception}
+    cause = next(iter(failures.values()))[0] if failures else error  # (exception, traceback) by rank
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    before = f"resume from {done[-2].name}, the one before" if len(done) > 1 else "start afresh"
+    return (f"cannot resume from {done[-1]}: it could not be read ({type(cause).__name__}: {first}). Remove or "
+            f"rename that folder to {before}, or start afresh in another out_dir")
 
 
 # The settings a checkpoint's run must share with a run that resumes it: the dataset (the
@@ -214,7 +231,10 @@ class ClickTraining:
             if self.rank == 0:
                 log.info("no checkpoint in %s yet: starting from scratch", root)
             return
-        curves = json.loads((done[-1] / "curves.json").read_text())
+        try:
+            curves = json.loads((done[-1] / "curves.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UnreadableCheckpoint(_unreadable(done, e)) from e
         saved, now = curves.get("settings", {}), resume_settings(self.cfg)
         differ = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
         if differ:
@@ -222,7 +242,12 @@ class ClickTraining:
             raise ResumeError(f"cannot resume from {done[-1]}: it was trained with other settings: {detail}. Use "
                               "the checkpoint's settings, or another out_dir to start afresh")
         state = self._state()
-        dcp.load(state, checkpoint_id=str(done[-1]))
+        try:
+            dcp.load(state, checkpoint_id=str(done[-1]))  # collective: raises on every rank together
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise UnreadableCheckpoint(_unreadable(done, e)) from e
         self.model.module.load_state_dict(state["model"])
         set_optimizer_state_dict(self.model.module, self.dense_opt, optim_state_dict=state["dense_optimizer"])
         self.step = int(state["loop"]["step"])
