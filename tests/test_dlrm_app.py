@@ -126,6 +126,7 @@ def test_a_short_run_trains_plots_checkpoints_and_resumes_on_another_world_size(
     assert "resumed from" in out and "step_000000040 at step 40" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 60 and [s for s, _ in metrics["auc_curve"]] == [20, 40, 60]
+    assert metrics["samples"] == 256 * (40 * 2 + 20 * 1)  # trained on 2 ranks, then on 1
     assert (tmp_path / "out" / "checkpoints" / "step_000000060").is_dir()
     # And back on two ranks, where each rank holds none of some tables (DCP used to fail there:
     # "Missing key in checkpoint state_dict: dense_optimizer.param_groups").
@@ -133,7 +134,8 @@ def test_a_short_run_trains_plots_checkpoints_and_resumes_on_another_world_size(
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "step_000000060 at step 60" in out
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 70
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 70 and metrics["samples"] == 256 * (40 * 2 + 20 * 1 + 10 * 2)
     # A resume with another dataset or model is refused, naming what differs; nothing is written.
     done = _launch(tmp_path, "train.steps=80", "train.resume=true", "model.dim=8", "data.seed=1", nproc=1, run="run3")
     out = done.stdout + done.stderr

@@ -131,6 +131,7 @@ class ClickTraining:
         self.losses: list[tuple[int, float]] = []  # (step, mean loss over ranks since the last point)
         self.aucs: list[tuple[int, float]] = []  # (step, test AUC)
         self.train_seconds = 0.0
+        self.samples = 0  # trained, over all ranks (a resume on another world size changes the rate)
         self.bayes_test: float | None = None
         self.bar = None
 
@@ -151,6 +152,7 @@ class ClickTraining:
             loss.backward()
             self.dense_opt.step()
             self.step += 1
+            self.samples += cfg.batch_size * self.world
             total, count = total + float(loss.detach()), count + 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 mean = float(all_reduce_host(torch.tensor([total / count], dtype=torch.float64))) / self.world
@@ -212,6 +214,7 @@ class ClickTraining:
         if self.rank == 0:
             (partial / "curves.json").write_text(json.dumps({"losses": self.losses, "aucs": self.aucs,
                                                              "bayes_auc_test_set": self.bayes_test,
+                                                             "samples": self.samples,
                                                              "settings": resume_settings(self.cfg)}))
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
@@ -255,6 +258,8 @@ class ClickTraining:
         self.losses = [tuple(x) for x in curves["losses"]]
         self.aucs = [tuple(x) for x in curves["aucs"]]
         self.bayes_test = curves["bayes_auc_test_set"]
+        # (checkpoints written before the count: as if every step ran at this world size)
+        self.samples = int(curves.get("samples", self.step * self.cfg.train.batch_size * self.world))
         if self.rank == 0:
             log.info("resumed from %s at step %d", done[-1], self.step)
 
@@ -264,7 +269,7 @@ class ClickTraining:
         final = self.save()
         cfg = self.cfg
         if self.rank == 0:
-            samples = self.step * cfg.train.batch_size * self.world
+            samples = self.samples
             bayes = self.data.bayes_auc(cfg.data.bayes_samples)
             stats = self.sparse.stats()
             metrics = {
