@@ -47,9 +47,42 @@ def _states_of(module: nn.Module | None) -> list[str]:
     return list(module.__dict__.get(_OURS, ())) if module is not None else []
 
 
+def _is_wrapper(module: nn.Module, name: str) -> bool:
+    """Whether ``name`` is the wrapped module of ``module``: DDP's ``module``, torch.compile's
+    ``_orig_mod`` (OptimizedModule, told by name: importing torch._dynamo here costs seconds)."""
+    return (name == "module" and isinstance(module, DistributedDataParallel)) or \
+        (name == "_orig_mod" and type(module).__name__ == "OptimizedModule")
+
+
+def _restore_wrapper_prefix(wrapper: nn.Module, state_dict, prefix: str, *_) -> None:
+    """Load pre-hook of a DDP / torch.compile wrapper: give the fused optimizer state of its
+    tables the wrapper's prefix back. torch.distributed.checkpoint.state_dict's ``set_*``
+    strip the prefix on the way out and put it back only on parameters and buffers; a table's
+    fused state (``optimizer.*``, not a registered module, so that DDP never sees it) came
+    back without it, and loaded nowhere: strict loads raised after the rows had been loaded,
+    and ``strict=False`` left mirrored pages' state out of step."""
+    for path, table in wrapper.named_modules():
+        if not isinstance(table, ShardedEmbedding) or table.optimizer is None:
+            continue
+        bare, obj = [], wrapper
+        for part in path.split("."):  # the path without the wrappers' own names
+            if not _is_wrapper(obj, part):
+                bare.append(part)
+            obj = obj._modules[part]
+        full, stripped = f"{prefix}{path}.optimizer.", f"{prefix}{'.'.join(bare)}.optimizer."
+        for key in [k for k in state_dict if k.startswith(stripped)]:
+            if full + key[len(stripped):] not in state_dict:
+                state_dict[full + key[len(stripped):]] = state_dict.pop(key)
+
+
 def _on_register(parent: nn.Module, name: str, child: nn.Module | None):
     """Module registration hook: keep ``parent``'s DDP ignore list in step with the tables
-    under it; refuse a DDP wrap that would touch a table. Returns None (keeps ``child``)."""
+    under it; refuse a DDP wrap that would touch a table; give DDP and torch.compile wrappers
+    the load pre-hook that puts their prefix back on the tables' fused state
+    (`_restore_wrapper_prefix`). Returns None (keeps ``child``)."""
+    if child is not None and _is_wrapper(parent, name) and not parent.__dict__.get("_sharded_embedding_prefix"):
+        parent.__dict__["_sharded_embedding_prefix"] = True
+        parent.register_load_state_dict_pre_hook(_restore_wrapper_prefix)
     if isinstance(parent, DistributedDataParallel):
         if name == "module" and child is not None:
             _check_ddp_wrap(parent, child)
