@@ -403,10 +403,10 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     if not isinstance(indices, torch.Tensor):
         try:
             indices = torch.as_tensor(indices)
-        except (TypeError, ValueError, RuntimeError):
+        except Exception:  # noqa: BLE001 - whatever the object raises, on this rank alone
             return None, None, _NOT_TENSOR, 0
     # A tensor that is not dense or holds no data raises in reshape / aminmax: on this rank alone.
-    kind = _SPARSE if indices.layout != torch.strided else _NESTED if indices.is_nested else \
+    kind = _NESTED if indices.is_nested else _SPARSE if indices.layout != torch.strided else \
         _NO_DATA if indices.is_meta else 0
     if kind:
         return None, None, _NOT_TENSOR, kind

@@ -201,5 +201,11 @@ def test_a_checkpoint_that_fails_to_load_ends_the_run_with_exit_code_1(tmp_path)
     out = done.stdout + done.stderr
     assert done.returncode == 1, out[-4000:]
     assert out.count("cannot resume from ") == 1 and "step_000000010: it could not be read" in out, out[-4000:]
-    assert "Remove or rename that folder" in out, out[-4000:]
+    assert "Remove it (or rename it" in out, out[-4000:]
     assert "terminate called" not in out and "signal" not in out, out[-4000:]
+    # Renamed aside as the message says, it is no longer a checkpoint: the run starts afresh.
+    ckpt = tmp_path / "out" / "checkpoints" / "step_000000010"
+    ckpt.rename(ckpt.with_name("step_000000010.damaged"))
+    done = _launch(tmp_path, "train.steps=10", "train.eval_every=10", "train.resume=true", run="run3")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "no checkpoint in" in out, out[-4000:]

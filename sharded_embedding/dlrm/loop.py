@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 import time
@@ -97,9 +98,10 @@ def _unreadable(done: list[Path], error: BaseException) -> str:
     failures = getattr(error, "failures", None)  # DCP's CheckpointException: {rank: exception}
     cause = next(iter(failures.values()))[0] if failures else error  # (exception, traceback) by rank
     first = (str(cause).strip().splitlines() or [""])[0][:300]
-    before = f"resume from {done[-2].name}, the one before" if len(done) > 1 else "start afresh"
-    return (f"cannot resume from {done[-1]}: it could not be read ({type(cause).__name__}: {first}). Remove or "
-            f"rename that folder to {before}, or start afresh in another out_dir")
+    before = f"resume from {done[-2].name}, the one before," if len(done) > 1 else "start afresh"
+    return (f"cannot resume from {done[-1]}: it could not be read ({type(cause).__name__}: {first}). Remove it "
+            f"(or rename it to something other than step_ and nine digits) to {before} or start afresh in another "
+            "out_dir")
 
 
 # The settings a checkpoint's run must share with a run that resumes it: the dataset (the
@@ -228,7 +230,9 @@ class ClickTraining:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         root = self.out / "checkpoints"
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")) \
+        # Complete checkpoints only (step_ and nine digits; not .partial, nor a folder renamed
+        # aside), oldest first by step.
+        done = sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{9}", p.name)) \
             if root.is_dir() else []
         if not done:
             if self.rank == 0:
@@ -236,6 +240,9 @@ class ClickTraining:
             return
         try:
             curves = json.loads((done[-1] / "curves.json").read_text())
+            if not (isinstance(curves, dict) and isinstance(curves.get("losses"), list)
+                    and isinstance(curves.get("aucs"), list) and isinstance(curves.get("settings"), dict)):
+                raise ValueError("curves.json is not the curves and settings this app writes")
         except (OSError, ValueError) as e:
             raise UnreadableCheckpoint(_unreadable(done, e)) from e
         saved, now = curves.get("settings", {}), resume_settings(self.cfg)
