@@ -47,15 +47,21 @@ def _states_of(module: nn.Module | None) -> list[str]:
     return list(module.__dict__.get(_OURS, ())) if module is not None else []
 
 
+_CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"  # torch.distributed.algorithms._checkpoint's wrapper
+
+
 def _is_wrapper(module: nn.Module, name: str) -> bool:
-    """Whether ``name`` is the wrapped module of ``module``: DDP's ``module``, torch.compile's
-    ``_orig_mod`` (OptimizedModule, told by name: importing torch._dynamo here costs seconds)."""
+    """Whether ``name`` is the wrapped module of ``module``, a wrapper whose name
+    torch.distributed.checkpoint.state_dict leaves out of the keys: DDP's ``module``,
+    torch.compile's ``_orig_mod`` (OptimizedModule, told by name: importing torch._dynamo here
+    costs seconds), activation checkpointing's ``_checkpoint_wrapped_module``."""
     return (name == "module" and isinstance(module, DistributedDataParallel)) or \
-        (name == "_orig_mod" and type(module).__name__ == "OptimizedModule")
+        (name == "_orig_mod" and type(module).__name__ == "OptimizedModule") or \
+        name == _CHECKPOINT_WRAPPED
 
 
 def _restore_wrapper_prefix(wrapper: nn.Module, state_dict, prefix: str, *_) -> None:
-    """Load pre-hook of a DDP / torch.compile wrapper: give the fused optimizer state of its
+    """Load pre-hook of a wrapper (`_is_wrapper`): give the fused optimizer state of its
     tables the wrapper's prefix back. torch.distributed.checkpoint.state_dict's ``set_*``
     strip the prefix on the way out and put it back only on parameters and buffers; a table's
     fused state (``optimizer.*``, not a registered module, so that DDP never sees it) came
@@ -64,12 +70,14 @@ def _restore_wrapper_prefix(wrapper: nn.Module, state_dict, prefix: str, *_) -> 
     for path, table in wrapper.named_modules():
         if not isinstance(table, ShardedEmbedding) or table.optimizer is None:
             continue
-        bare, obj = [], wrapper
+        bare, kept, obj = [], [], wrapper
         for part in path.split("."):  # the path without the wrappers' own names
             if not _is_wrapper(obj, part):
                 bare.append(part)
+            if part != _CHECKPOINT_WRAPPED:  # that wrapper's own pre-hook adds its name itself
+                kept.append(part)
             obj = obj._modules[part]
-        full, stripped = f"{prefix}{path}.optimizer.", f"{prefix}{'.'.join(bare)}.optimizer."
+        full, stripped = f"{prefix}{'.'.join(kept)}.optimizer.", f"{prefix}{'.'.join(bare)}.optimizer."
         for key in [k for k in state_dict if k.startswith(stripped)]:
             if full + key[len(stripped):] not in state_dict:
                 state_dict[full + key[len(stripped):]] = state_dict.pop(key)

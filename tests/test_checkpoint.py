@@ -536,13 +536,17 @@ def _wrapped_model_resumes_with_set_state_dict(directory: str, wrapper: str, str
     table = ShardedEmbedding(60, 4, page_size=10, placement=[0, (0, 1), 1, 0, (1, 0), 1],
                              fused_optimizer={"name": "adagrad", "lr": 0.3}, seed=2)
     inner = nn.ModuleDict({"femb": table, "dense": nn.Linear(4, 1)})
-    model = DDP(inner) if wrapper == "ddp" else torch.compile(inner)
+    if wrapper == "checkpoint_wrapper":  # activation checkpointing's wrapper, under DDP
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        model = DDP(checkpoint_wrapper(inner))
+    else:
+        model = DDP(inner) if wrapper == "ddp" else torch.compile(inner)
     opt = torch.optim.Adam(inner["dense"].parameters(), lr=0.01)
 
     def step(i):
         ids = make_ids(60, rank, i, 20, skew="zipf")
-        inner["dense"](table(ids)).sum().backward() if wrapper == "compile" else \
-            model.module["dense"](table(ids)).sum().backward()
+        inner["dense"](table(ids)).sum().backward()
         opt.step()
         opt.zero_grad()
 
@@ -563,6 +567,7 @@ def _wrapped_model_resumes_with_set_state_dict(directory: str, wrapper: str, str
     assert_replicas_identical(table, table.optimizer.sum)
 
 
-@pytest.mark.parametrize("wrapper, strict", [("ddp", True), ("ddp", False), ("compile", True)])
+@pytest.mark.parametrize("wrapper, strict", [("ddp", True), ("ddp", False), ("compile", True),
+                                             ("checkpoint_wrapper", True), ("checkpoint_wrapper", False)])
 def test_a_wrapped_model_resumes_with_torch_set_state_dict(tmp_path, wrapper, strict):
     run_ranks(2, _wrapped_model_resumes_with_set_state_dict, str(tmp_path / "ckpt"), wrapper, strict)

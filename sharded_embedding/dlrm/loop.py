@@ -98,10 +98,9 @@ def _unreadable(done: list[Path], error: BaseException) -> str:
     failures = getattr(error, "failures", None)  # DCP's CheckpointException: {rank: exception}
     cause = next(iter(failures.values()))[0] if failures else error  # (exception, traceback) by rank
     first = (str(cause).strip().splitlines() or [""])[0][:300]
-    before = f"resume from {done[-2].name}, the one before," if len(done) > 1 else "start afresh"
+    then = f"resume from {done[-2].name}, the one before" if len(done) > 1 else "start afresh"
     return (f"cannot resume from {done[-1]}: it could not be read ({type(cause).__name__}: {first}). Remove it "
-            f"(or rename it to something other than step_ and nine digits) to {before} or start afresh in another "
-            "out_dir")
+            f"(or rename it to something other than step_ and nine digits) to {then}, or use another out_dir")
 
 
 # The settings a checkpoint's run must share with a run that resumes it: the dataset (the
