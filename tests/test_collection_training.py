@@ -84,6 +84,17 @@ def _kjt_classes() -> list[str]:
         return ["stand-in"]
 
 
+def _kjt_parts(kind: str, keys, bags):
+    """(the KeyedJaggedTensor class of ``kind``, values, lengths) of ``bags`` ({key: (values,
+    bag starts, weights)}), keys one after the other."""
+    values = torch.cat([bags[f][0] for f in keys])
+    lengths = torch.cat([torch.diff(torch.cat([bags[f][1], torch.tensor([bags[f][0].numel()])])) for f in keys])
+    if kind == "torchrec":
+        from torchrec import KeyedJaggedTensor
+        return KeyedJaggedTensor, values, lengths
+    return StandInKeyedJaggedTensor, values, lengths
+
+
 def _kjt_matches_the_dict_form(kind: str):
     rank, _ = rank_world()
     configs = table_configs(MIXED)
@@ -95,12 +106,7 @@ def _kjt_matches_the_dict_form(kind: str):
     for f in keys:  # weights only where the table sums; ones elsewhere are dropped below
         if table_of[f].pooling != "sum":
             bags[f] = (bags[f][0], bags[f][1], None)
-    values = torch.cat([bags[f][0] for f in keys])
-    lengths = torch.cat([torch.diff(torch.cat([bags[f][1], torch.tensor([bags[f][0].numel()])])) for f in keys])
-    if kind == "torchrec":
-        from torchrec import KeyedJaggedTensor as KJT
-    else:
-        KJT = StandInKeyedJaggedTensor
+    KJT, values, lengths = _kjt_parts(kind, keys, bags)
     # A KeyedJaggedTensor has weights for every key or none: one without, one with weights
     # only on a table that sums.
     plain = KJT(keys=keys, values=values, lengths=lengths)
@@ -142,12 +148,7 @@ def _empty_kjt_batch_on_one_rank(kind: str):
     batch = 4 if rank == 0 else 0
     bags = {f: make_bags(table_of[f].num_embeddings, rank, 0, i, batch=batch, max_len=3)
             for i, f in enumerate(keys)}
-    values = torch.cat([bags[f][0] for f in keys])
-    lengths = torch.cat([torch.diff(torch.cat([bags[f][1], torch.tensor([bags[f][0].numel()])])) for f in keys])
-    if kind == "torchrec":
-        from torchrec import KeyedJaggedTensor as KJT
-    else:
-        KJT = StandInKeyedJaggedTensor
+    KJT, values, lengths = _kjt_parts(kind, keys, bags)
     kjt = KJT(keys=keys, values=values, lengths=lengths)
     with torch.no_grad():
         want = ebc({f: as_input((b[0], b[1], None)) for f, b in bags.items()})
