@@ -245,6 +245,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         new._wire.caller = new._table_id
         return new
 
+    @torch.compiler.disable  # collectives and host-side checks: one graph break, not a trace of them
     def forward(self, features) -> dict[str, torch.Tensor]:
         """Look up every feature's bags; returns ``{feature: [bags, dim] or [ids, dim]}``.
 

@@ -548,6 +548,17 @@ def _hooks_and_compile():
             opt.zero_grad()
     torch.testing.assert_close(model.emb.full_table(), eager.emb.full_table())
     torch.testing.assert_close(model.head.weight, eager.head.weight)
+    traced = set()  # files of the package whose code dynamo puts into a graph: none (a graph break)
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            for line in (node.meta.get("stack_trace") or "").splitlines():
+                if "sharded_embedding" in line and line.strip().startswith("File"):
+                    traced.add(line.split('"')[1].rsplit("/", 1)[-1])
+        return gm.forward
+
+    torch.compile(model, backend=backend)(make_ids(n, rank, 2, 5)).sum().backward()
+    assert not traced, traced
 
 
 def test_forward_hooks_and_torch_compile():
