@@ -85,8 +85,8 @@ def _restore_wrapper_prefix(wrapper: nn.Module, state_dict, prefix: str, *_) -> 
 
 def _on_register(parent: nn.Module, name: str, child: nn.Module | None):
     """Module registration hook: keep ``parent``'s DDP ignore list in step with the tables
-    under it; refuse a DDP wrap that would touch a table; give DDP and torch.compile wrappers
-    the load pre-hook that puts their prefix back on the tables' fused state
+    under it; refuse a DDP wrap that would touch a table; give every wrapper (`_is_wrapper`)
+    the load pre-hook that puts its prefix back on the tables' fused state
     (`_restore_wrapper_prefix`). Returns None (keeps ``child``)."""
     if child is not None and _is_wrapper(parent, name) and not parent.__dict__.get("_sharded_embedding_prefix"):
         parent.__dict__["_sharded_embedding_prefix"] = True

@@ -118,8 +118,9 @@ def tune_malloc() -> bool:
     Costs: process-wide, lasting and not undone; memory a process freed stays with it, so its
     resident size stays near its peak (per rank on a machine; the 1 GiB trim threshold bounds
     only the free top of the main heap: blocks freed below a live one, and other threads'
-    arenas, stay too), and processes forked later (DataLoader workers) inherit the setting. Call it once, early
-    (``init_distributed(tune_malloc=True)`` calls it, also when the group already exists).
+    arenas, stay too), and processes forked later (DataLoader workers) inherit the setting.
+    Call it once, early (``init_distributed(tune_malloc=True)`` calls it, also when the group
+    already exists).
 
     Returns True when glibc accepted all three settings; False where the C library has no
     ``mallopt`` (nothing changed) or refused one (the others stay applied). True says nothing

@@ -143,3 +143,18 @@ def local_rows_of(emb, table: torch.Tensor) -> torch.Tensor:
     """The rows of ``table`` (global) that ``emb`` stores on this rank, in storage order."""
     parts = [table[emb.plan.page_start(p) : emb.plan.page_start(p) + v.shape[0]] for p, v in emb.local_pages.items()]
     return torch.cat(parts) if parts else table.new_empty(0, table.shape[1])
+
+
+def recording_backend():
+    """(a torch.compile backend that runs graphs as they are, the set it fills with the file
+    names of the package's code that dynamo put into a graph): to check what is a graph break."""
+    traced: set[str] = set()
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            for line in (node.meta.get("stack_trace") or "").splitlines():
+                if "sharded_embedding" in line and line.strip().startswith("File"):
+                    traced.add(line.split('"')[1].rsplit("/", 1)[-1])
+        return gm.forward
+
+    return backend, traced

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
 from tests.bag_oracle import BagOracle, as_input, make_bags, table_configs
 from tests.harness import run_ranks
-from tests.oracle import assert_replicas_identical, rank_world
+from tests.oracle import assert_replicas_identical, rank_world, recording_backend
 from tests.test_collection import MIXED, train_collection_against_oracle
 
 
@@ -351,14 +351,7 @@ def _compiled_model_trains_as_eager():
         def forward(self, features):
             return self.head(self.ebc.concat(self.ebc(features)))
 
-    traced = set()  # files of the package whose code dynamo put into a graph
-
-    def backend(gm, example_inputs):
-        for node in gm.graph.nodes:
-            for line in (node.meta.get("stack_trace") or "").splitlines():
-                if "sharded_embedding" in line and line.strip().startswith("File"):
-                    traced.add(line.split('"')[1].rsplit("/", 1)[-1])
-        return gm.forward
+    backend, traced = recording_backend()  # what of the package dynamo puts into graphs
 
     torch.manual_seed(0)
     eager = Model()

@@ -24,7 +24,8 @@ from sharded_embedding import (
     table_parameters,
 )
 from tests.harness import run_ranks
-from tests.oracle import Oracle, RowwiseAdagradReference, local_rows_of, make_ids, make_loss_weight, rank_world
+from tests.oracle import (Oracle, RowwiseAdagradReference, local_rows_of, make_ids, make_loss_weight, rank_world,
+                          recording_backend)
 
 
 class TableAndHead(nn.Module):
@@ -548,14 +549,7 @@ def _hooks_and_compile():
             opt.zero_grad()
     torch.testing.assert_close(model.emb.full_table(), eager.emb.full_table())
     torch.testing.assert_close(model.head.weight, eager.head.weight)
-    traced = set()  # files of the package whose code dynamo puts into a graph: none (a graph break)
-
-    def backend(gm, example_inputs):
-        for node in gm.graph.nodes:
-            for line in (node.meta.get("stack_trace") or "").splitlines():
-                if "sharded_embedding" in line and line.strip().startswith("File"):
-                    traced.add(line.split('"')[1].rsplit("/", 1)[-1])
-        return gm.forward
+    backend, traced = recording_backend()  # what of the package dynamo puts into graphs
 
     torch.compile(model, backend=backend)(make_ids(n, rank, 2, 5)).sum().backward()
     assert not traced, traced
