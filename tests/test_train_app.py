@@ -28,34 +28,21 @@ def _train(tmp_path, *overrides, nproc=2, timeout=300):
     )
 
 
+# One launch per place a configuration error is found (each ends every rank with one message,
+# exit code 2): Hydra's composition, a '+key' the app lacks, `validate`, the corpus's path, the
+# placement (needs the vocabulary), the planner. The other messages of those places are checked
+# in-process below (a launch costs ~7 s; the path to the exit code is the same).
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["model.dimm=50"], "Key 'dimm' not in 'ModelConfig'"),
-        (["model.dim=wide"], "Value 'wide' of type 'str' could not be converted to Integer"),
-        (["sharding=explicit", "sharding.pages=[0,1,[0,2],1]"],
-         "sharding.pages[2] names rank 2, but the world has ranks 0..1"),
+        (["+train.epoch=1"], "+train.epoch=1: not a key of this app's configuration"),
+        (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
+        (["data.path=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt does not exist"),
         (["sharding=explicit", "sharding.pages=[0,1]"],
          "sharding.pages has 2 entries but the tables have 4 pages (7978 words in the vocabulary / page_size 2048"),
-        (["data.path=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt does not exist"),
-        (["sharding.num_devices=3"], "sharding.num_devices=3 is out of range"),
-        (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
-        (["sharding=auto", "sharding.memory_per_rank=lots"], "sharding.memory_per_rank='lots' is not understood"),
         (["sharding=auto", "sharding.memory_per_rank=1MB"],
          "sharding=auto: no placement fits: 2 tables of 7,978 x 100 float32 with rowwise_adagrad state needs"),
-        (["data=text"], "data=text needs the corpus: data.path=<a text file"),
-        (["optimizer.lr=inf"], "optimizer.lr must be a finite number > 0, got inf"),
-        (["optimizer.lr=nan"], "optimizer.lr must be a finite number > 0, got nan"),
-        (["sharding=explicit", "sharding.pages=[[0,0],1,0,1]"], "sharding.pages[0] repeats a rank: [0, 0]"),
-        (["sharding=explicit", "sharding.pages=[[],1,0,1]"], "sharding.pages[0] is an empty list"),
-        (["data.cache_dir=/etc/hostname"], "data.cache_dir=/etc/hostname: exists and is not a folder"),
-        (["train.checkpoint_dir=/etc/hostname/ckpt"], "train.checkpoint_dir=/etc/hostname/ckpt: cannot be created: "
-                                                      "/etc/hostname is not a folder"),
-        (["data.path=/dev/zero"], "data.path: /dev/zero is neither a regular file nor a folder"),
-        (["train.checkpoint_dir=/proc/ckpt"], "train.checkpoint_dir=/proc/ckpt: cannot be created: /proc refuses "
-                                              "new folders"),
-        (["+train.epoch=1"], "+train.epoch=1: not a key of this app's configuration"),
-        (["sharding=hot_mirrored", "sharding.hot_pages=100"], "sharding.hot_pages=100, but the tables have 16 pages"),
     ],
 )
 def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):
@@ -67,6 +54,50 @@ def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, mes
     assert done.returncode == 2  # the configuration-error code, through the launcher
     assert "Traceback" not in out and "ChildFailedError" not in out  # no launcher noise after the message
     assert not (tmp_path / "out" / "vectors.txt").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sharding=explicit", "sharding.pages=[0,1,[0,2],1]"],
+         "sharding.pages[2] names rank 2, but the world has ranks 0..1"),
+        (["sharding.num_devices=3"], "sharding.num_devices=3 is out of range"),
+        (["sharding=auto", "sharding.memory_per_rank=lots"], "sharding.memory_per_rank='lots' is not understood"),
+        (["data=text"], "data=text needs the corpus: data.path=<a text file"),
+        (["optimizer.lr=inf"], "optimizer.lr must be a finite number > 0, got inf"),
+        (["optimizer.lr=nan"], "optimizer.lr must be a finite number > 0, got nan"),
+        (["sharding=explicit", "sharding.pages=[[0,0],1,0,1]"], "sharding.pages[0] repeats a rank: [0, 0]"),
+        (["sharding=explicit", "sharding.pages=[[],1,0,1]"], "sharding.pages[0] is an empty list"),
+        (["data.cache_dir=/etc/hostname"], "data.cache_dir=/etc/hostname: exists and is not a folder"),
+        (["train.checkpoint_dir=/etc/hostname/ckpt"], "train.checkpoint_dir=/etc/hostname/ckpt: cannot be created: "
+                                                      "/etc/hostname is not a folder"),
+        (["data.path=/dev/zero"], "data.path: /dev/zero is neither a regular file nor a folder"),
+        (["train.checkpoint_dir=/proc/ckpt"], "train.checkpoint_dir=/proc/ckpt: cannot be created: /proc refuses "
+                                              "new folders"),
+    ],
+)
+def test_config_errors_found_by_validate_name_the_key(overrides, message):
+    """What `validate` finds on every rank before any work (the launched test above shows how
+    one of its findings ends the run). In-process, for 2 ranks."""
+    from sharded_embedding.hydra_app import compose
+    from sharded_embedding.word2vec.config import register, validate
+
+    problems = validate(compose("train", register, overrides), 2)
+    assert sum(message in p for p in problems) == 1, problems
+
+
+def test_config_errors_found_at_composition_or_placement_name_the_key():
+    """Hydra's type check and the placement's page count (after the vocabulary), in-process."""
+    from sharded_embedding.hydra_app import compose
+    from sharded_embedding.word2vec.config import ConfigError, placement, register
+
+    with pytest.raises(Exception, match="Error merging override model.dim=wide") as raised:
+        compose("train", register, ["model.dim=wide"])
+    # (the app's message adds the cause: hydra_app.main)
+    assert "Value 'wide' of type 'str' could not be converted to Integer" in str(raised.value.__cause__)
+    cfg = compose("train", register, ["sharding=hot_mirrored", "sharding.hot_pages=100"])
+    with pytest.raises(ConfigError, match=r"sharding.hot_pages=100, but the tables have 16 pages"):
+        placement(cfg, 7978, 2)
 
 
 def test_short_training_run_on_two_ranks(tmp_path):
