@@ -203,9 +203,34 @@ def test_a_checkpoint_that_fails_to_load_ends_the_run_with_exit_code_1(tmp_path)
     assert out.count("cannot resume from ") == 1 and "step_000000010: it could not be read" in out, out[-4000:]
     assert "Remove it (or rename it" in out, out[-4000:]
     assert "terminate called" not in out and "signal" not in out, out[-4000:]
+    assert "Traceback" not in out and "metadata is not found" not in out, out[-4000:]  # DCP's warnings held back
     # Renamed aside as the message says, it is no longer a checkpoint: the run starts afresh.
     ckpt = tmp_path / "out" / "checkpoints" / "step_000000010"
     ckpt.rename(ckpt.with_name("step_000000010.damaged"))
     done = _launch(tmp_path, "train.steps=10", "train.eval_every=10", "train.resume=true", run="run3")
     out = done.stdout + done.stderr
     assert done.returncode == 0 and "no checkpoint in" in out, out[-4000:]
+
+
+def test_dcp_warnings_are_held_back_while_a_checkpoint_loads(caplog):
+    """What DCP logs during a load is dropped if the load fails and logged if it succeeds;
+    other records pass as usual."""
+    import logging
+
+    from sharded_embedding.dlrm.loop import _held_dcp_warnings
+
+    def dcp_warning(text):
+        logging.getLogger().handle(logging.makeLogRecord(
+            {"name": "root", "levelno": logging.WARNING, "levelname": "WARNING", "msg": text,
+             "pathname": "/x/torch/distributed/checkpoint/state_dict_loader.py"}))
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(RuntimeError):
+        with _held_dcp_warnings():
+            dcp_warning("dropped")
+            logging.getLogger("app").info("passes")
+            raise RuntimeError("load failed")
+    with _held_dcp_warnings():
+        dcp_warning("kept")
+        assert "kept" not in caplog.text  # held until the load is over
+    assert "dropped" not in caplog.text and "passes" in caplog.text and "kept" in caplog.text

@@ -103,6 +103,31 @@ def _unreadable(done: list[Path], error: BaseException) -> str:
             f"(or rename it to something other than step_ and nine digits) to {then}, or use another out_dir")
 
 
+class _held_dcp_warnings:
+    """Holds back what torch's DCP logs to the root logger while it reads a checkpoint (on a
+    damaged ``.metadata``: two warnings with full tracebacks, before it raises): dropped if
+    the load fails (the app's one message names the cause), logged as usual if it succeeds."""
+
+    def __enter__(self):
+        self.held = []
+        logging.getLogger().addFilter(self._hold)
+        return self
+
+    def _hold(self, record: logging.LogRecord) -> bool:
+        if "torch/distributed/checkpoint" in record.pathname.replace("\\", "/"):
+            self.held.append(record)
+            return False
+        return True
+
+    def __exit__(self, kind, error, tb):
+        root = logging.getLogger()
+        root.removeFilter(self._hold)
+        if kind is None:
+            for record in self.held:
+                root.handle(record)
+        return False
+
+
 # The settings a checkpoint's run must share with a run that resumes it: the dataset (the
 # planted model and its batches) and the model's and optimizers' shapes. The world size, page
 # size, batch size, steps and evaluation may change.
@@ -252,7 +277,8 @@ class ClickTraining:
                               "the checkpoint's settings, or another out_dir to start afresh")
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=str(done[-1]))  # collective: raises on every rank together
+            with _held_dcp_warnings():
+                dcp.load(state, checkpoint_id=str(done[-1]))  # collective: raises on every rank together
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
