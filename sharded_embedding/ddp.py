@@ -114,18 +114,24 @@ def _on_register(parent: nn.Module, name: str, child: nn.Module | None):
 
 def _check_ddp_wrap(ddp: DistributedDataParallel, model: nn.Module) -> None:
     """Raise if DDP is about to manage a table's storage. Runs when DDP's constructor assigns
-    ``self.module``, before it verifies shapes or broadcasts anything."""
+    ``self.module``, before it verifies shapes or broadcasts anything. The storage is found
+    inside tables and, by its mark, loose in a container: torch's composable ``replicate()``
+    builds its DDP over an ``nn.ParameterList`` of the model's parameters, at the first forward."""
     ignored = ddp.__dict__.get("parameters_to_ignore")
     if ignored is None:
         ignored = set(model.__dict__.get("_ddp_params_and_buffers_to_ignore", ()))
     exposed = [n for n in _table_state_names(model) if n not in ignored]
+    if not exposed:
+        exposed = [n for n, p in model.named_parameters() if getattr(p, "is_table_storage", False) and n not in ignored]
     if exposed:
         raise ValueError(
             f"DistributedDataParallel would manage the ShardedEmbedding storage {exposed}: its start-up "
             "broadcast would copy rank 0's pages over every other rank's, and its all-reduce would average "
             "unrelated pages. Call sharded_embedding.exclude_from_ddp(model) before DDP(model) (tables "
             "put into a sub-module after that sub-module joined the model are not seen otherwise), or "
-            "wrap only the dense sub-modules. Nothing was changed"
+            "wrap only the dense sub-modules; with torch.distributed._composable.replicate, pass the tables "
+            "as ignored_modules: replicate(model, ignored_modules=[m for m in model.modules() if "
+            "isinstance(m, ShardedEmbedding)]). Nothing was changed"
         )
 
 

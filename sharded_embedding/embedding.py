@@ -161,6 +161,7 @@ class ShardedEmbedding(nn.Module):
             # where the optimizer works, runs only then, and freezing the table is
             # requires_grad_(False).
             self.weight = nn.Parameter(storage)
+            self.weight.is_table_storage = True  # told apart by DDP's wrap check (`ddp`) in any container
             self.__dict__["_storage"] = self.weight  # what the pages are, whatever replaces .weight
             # The fused optimizer is not a registered sub-module: its state is per-rank rows that
             # state_dict() exposes as sharded tensors itself, and DDP must never see it.

@@ -208,6 +208,48 @@ def test_ddp_refuses_before_broadcasting_a_table_it_would_manage():
     run_ranks(2, _ddp_refuses_a_table_it_cannot_see)
 
 
+def _replicate(ignore: bool):
+    """torch's composable replicate() builds its DDP over a ParameterList of the model's
+    parameters at the first forward: its broadcast copied rank 0's pages over the others'.
+    Now that DDP refuses on every rank before broadcasting; with the tables as
+    ignored_modules, training matches the oracle."""
+    from torch.distributed._composable.replicate import replicate
+
+    rank, world = rank_world()
+    n, d = 48, 4
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 8)
+    rows = model.emb.weight.detach().clone()
+    ref_table, ref_head = _reference(n, d), copy.deepcopy(model.head)
+    if not ignore:
+        replicate(model)
+        with pytest.raises(ValueError, match=r"would manage the ShardedEmbedding storage.*ignored_modules"):
+            model(torch.tensor([1, 2]))
+        assert torch.equal(model.emb.weight.detach(), rows)  # nothing was broadcast
+        return
+    replicate(model, ignored_modules=[m for m in model.modules() if isinstance(m, ShardedEmbedding)])
+    tables, dense = split_parameters(model)
+    opts = [torch.optim.SGD(tables, lr=0.1), torch.optim.SGD(dense, lr=0.1)]
+    ref_opts = [torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)]
+    for step in range(2):
+        ids = [make_ids(n, r, step, 8) for r in range(world)]
+        model(ids[rank]).sum().backward()
+        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
+        for p in ref_head.parameters():
+            p.grad /= world  # DDP's mean
+        for o in opts + ref_opts:
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+        for got, want in zip(model.head.parameters(), ref_head.parameters()):
+            torch.testing.assert_close(got.detach(), want.detach())
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_composable_replicate_refuses_a_table_or_trains_beside_it(ignore):
+    run_ranks(2, _replicate, ignore)
+
+
 # ---------------------------------------------------------------- FSDP2
 
 
