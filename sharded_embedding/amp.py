@@ -48,7 +48,7 @@ class ScalerLink:
             raise TypeError(f"use_grad_scaler expects a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.scaler = scaler
         self._device = device
-        self._probe = None
+        self._probes = {}  # one-element probe optimizers: "inf" and "finite"
 
     @property
     def active(self) -> bool:
@@ -64,15 +64,25 @@ class ScalerLink:
     def record_overflow(self) -> None:
         """Make ``scaler.update()`` see an inf/NaN this iteration (lower the scale), as if an
         optimizer's gradients had overflowed. Uses only the scaler's public ``unscale_``."""
+        self._record("inf")
+
+    def record_step(self) -> None:
+        """Make ``scaler.update()`` see a finite step this iteration, as ``scaler.step`` of an
+        optimizer would: a model whose only trainable part is a fused table has no optimizer
+        to hand ``scaler.step``, and ``update()`` asserts that some inf check was recorded. (A
+        finite record beside an overflow record still lowers the scale: update() adds them.)"""
+        self._record("finite")
+
+    def _record(self, kind: str) -> None:
         if not self.active:
             return
-        if self._probe is None:
-            param = nn.Parameter(torch.zeros(1, device=self._device))
-            self._probe = torch.optim.SGD([param], lr=0.0)
-        param = self._probe.param_groups[0]["params"][0]
-        param.grad = torch.full_like(param, float("inf"))
+        if kind not in self._probes:
+            self._probes[kind] = torch.optim.SGD([nn.Parameter(torch.zeros(1, device=self._device))], lr=0.0)
+        probe = self._probes[kind]
+        param = probe.param_groups[0]["params"][0]
+        param.grad = torch.full_like(param, float("inf") if kind == "inf" else 0.0)
         try:
-            self.scaler.unscale_(self._probe)
+            self.scaler.unscale_(probe)
         except RuntimeError as e:  # already recorded since the last update(): nothing to add
             if "already been called" not in str(e):
                 raise

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - numpy ships with nearly every torch in
 
 from .amp import nonfinite_flag
 from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode, flat_nonzero
-from .lookup import Exchange, gradient_scales, skip_nonfinite_step, update_rows
+from .lookup import Exchange, gradient_scales, record_fused_steps, skip_nonfinite_step, update_rows
 from .wire import finite_limit
 
 __all__ = ["BagLookup"]
@@ -121,6 +121,8 @@ class BagLookup(torch.autograd.Function):
         if bad and skip_nonfinite_step([exchanges[t] for t in live], bad,
                                        "ShardedEmbeddingBagCollection: the gradient of one or more of its tables"):
             return (None,) * (4 + len(storages))  # skipped everywhere, like scaler.step skips it
+        if not bad:
+            record_fused_steps([exchanges[t] for t in live])
         blocks = {t: [None] * world for t in live}
         for t in live:
             blocks[t][rank] = own[t]

@@ -185,6 +185,7 @@ class ShardedLookup(torch.autograd.Function):
         bad = receive()
         if bad and skip_nonfinite_step([exchange], bad):
             return None, None, None  # the step is skipped everywhere, like scaler.step skips it
+        record_fused_steps([exchange])
         if in_parts:  # a linear update applies own rows and peers' rows one after the other
             rows = routing.owner_rows
             optimizer.apply_parts(ctx.weight, [(rows[:num_self], summed[num_remote:]),
@@ -220,6 +221,15 @@ def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int], what: str | N
     for e in exchanges:
         e.scaler.record_overflow()
     return all(e.optimizer is not None for e in exchanges)
+
+
+def record_fused_steps(exchanges: list[Exchange]) -> None:
+    """Tell the GradScaler of each fused table about to step that its step is finite, as
+    ``scaler.step(optimizer)`` would (`amp.ScalerLink.record_step`): ``scaler.update()`` then
+    works in a model with no optimizer of the user's."""
+    for e in exchanges:
+        if e.optimizer is not None and e.scaler is not None:
+            e.scaler.record_step()
 
 
 def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor, *,
