@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - numpy ships with nearly every torch in
 
 from .amp import nonfinite_flag
 from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode, flat_nonzero
-from .lookup import Exchange, gradient_scales, record_fused_steps, skip_nonfinite_step, update_rows
+from .lookup import Exchange, gradient_scales, once_differentiable, record_fused_steps, skip_nonfinite_step, update_rows
 from .wire import finite_limit
 
 __all__ = ["BagLookup"]
@@ -88,6 +88,7 @@ class BagLookup(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable("ShardedEmbeddingBagCollection")
     def backward(ctx, *grads):
         routing: BagRouting = ctx.routing
         wire: Exchange = ctx.wire

@@ -26,6 +26,7 @@ of one machine.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,38 @@ class Exchange:
         return wire.wire_columns(dim, dtype, self.comm_dtype) * (self.comm_dtype or dtype).itemsize
 
 
+_TWICE = (
+    "{what}: a gradient that a table's backward made cannot be differentiated again (a second-order "
+    "gradient: backward or autograd.grad with create_graph=True, then a backward through the gradient it "
+    "made, e.g. a penalty on the table's gradient). The backward exchanges rows between ranks outside "
+    "autograd, so the result would be wrong; nn.Embedding would give it. Penalties on the dense part's "
+    "gradients, and first-order gradients through the lookup, work."
+)
+
+
+def once_differentiable(what: str):
+    """``torch.autograd.function.once_differentiable`` with a message naming ``what``: the
+    backward runs under no_grad, and when its incoming gradients require grad
+    (``create_graph=True``), its outputs raise this message if autograd ever differentiates
+    them (otherwise a second-order gradient would silently miss every term that crosses
+    ranks). Uses torch's own ``DelayedError`` node, as that decorator does."""
+    from torch._C import _functions
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+                return outputs
+            error = _functions.DelayedError(_TWICE.format(what=what).encode(), len(outputs))
+            return error(*[None if o is None else o.detach().requires_grad_() for o in outputs])
+
+        return wrapper
+
+    return decorate
+
+
 class ShardedLookup(torch.autograd.Function):
     """``out[i] = table[ids[i]]`` for this rank's ids, over the table's owners.
 
@@ -154,6 +187,7 @@ class ShardedLookup(torch.autograd.Function):
         return gathered.index_select(0, routing.gather_index)
 
     @staticmethod
+    @once_differentiable("ShardedEmbedding")
     def backward(ctx, grad_out):
         routing: Routing = ctx.routing
         exchange: Exchange = ctx.exchange

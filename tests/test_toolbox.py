@@ -250,6 +250,38 @@ def test_composable_replicate_refuses_a_table_or_trains_beside_it(ignore):
     run_ranks(2, _replicate, ignore)
 
 
+def _second_order():
+    """A penalty on the table's own gradient (create_graph=True, then a backward through it)
+    silently missed every term that crosses ranks; now it raises on every rank, rows
+    unchanged. A penalty on the dense head's gradient (first order through the lookup) gives
+    the table nn.Embedding's gradient."""
+    rank, world = rank_world()
+    n, d = 32, 3
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 8, sparse=False)
+    ref_table, ref_head = _reference(n, d, sparse=False), copy.deepcopy(model.head)
+    ids = [make_ids(n, r, 0, 6) for r in range(world)]
+    rows = model.emb.weight.detach().clone()
+    (g,) = torch.autograd.grad(model(ids[rank]).pow(3).sum(), [model.emb.weight], create_graph=True)
+    with pytest.raises(RuntimeError, match="ShardedEmbedding: a gradient that a table's backward made cannot be "
+                                           "differentiated again"):
+        g.pow(2).sum().backward()
+    assert torch.equal(model.emb.weight.detach(), rows) and model.emb.weight.grad is None
+
+    def penalized(table, head, i):
+        loss = head(table(i)).squeeze(-1).pow(2).sum()
+        grads = torch.autograd.grad(loss, list(head.parameters()), create_graph=True)
+        return loss + sum(x.pow(2).sum() for x in grads)
+
+    penalized(model.emb, model.head, ids[rank]).backward()
+    sum(penalized(ref_table, ref_head, i) for i in ids).backward()
+    torch.testing.assert_close(model.emb.weight.grad, local_rows_of(model.emb, ref_table.weight.grad))
+
+
+def test_second_order_gradients_through_a_table_raise_or_match_nn_embedding():
+    run_ranks(2, _second_order)
+
+
 # ---------------------------------------------------------------- FSDP2
 
 
