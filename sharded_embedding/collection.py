@@ -26,6 +26,7 @@ from .bags import EXCEPTIONS, REFUSED, InputError, parse
 from .distributed import agree_or_raise, all_gather_strings, default_device, resolve_group
 from .embedding import ShardedEmbedding, _table_number, copy_on_group
 from .lookup import Exchange
+from .placement import plain_int
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, REFUSALS, STORAGE_REPLACED
 from .stats import ExchangeStats
 from .transport import TRANSPORTS
@@ -63,6 +64,8 @@ class TableConfig:
     num_devices: int = -1
 
     def __post_init__(self):
+        for key in ("num_embeddings", "embedding_dim", "page_size", "seed", "num_devices"):  # numpy's ints too
+            object.__setattr__(self, key, plain_int(getattr(self, key)))
         names = self.feature_names if self.feature_names is not None else [self.name]
         object.__setattr__(self, "feature_names", tuple(names) if not isinstance(names, str) else (names,))
 

@@ -25,7 +25,7 @@ from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
 from .optim_state import register_table
 from .optimizers import build_fused_optimizer
-from .placement import PagePlan
+from .placement import PagePlan, plain_int
 from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
 from .stats import ExchangeStats
 from .storage import allocate
@@ -109,6 +109,9 @@ class ShardedEmbedding(nn.Module):
         error = plan = None
         fields: dict = {}
         try:  # every argument, on every rank; nothing is allocated before all ranks agree
+            # (numpy's integers, as nn.Embedding takes them: ids.max() + 1)
+            num_embeddings, embedding_dim, page_size, num_devices, seed = map(
+                plain_int, (num_embeddings, embedding_dim, page_size, num_devices, seed))
             device = torch.device(device) if device is not None else default_device(group)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device={device} but CUDA is not available on this machine")

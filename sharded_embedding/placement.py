@@ -204,6 +204,15 @@ class PagePlan:
                 f"mirrored; owners of the first pages [{head}{more}]; digest {self.digest()[:12]})")
 
 
+def plain_int(value):
+    """``value`` as a Python int if it is an integer of another kind (numpy's, a 0-d integer
+    tensor's ``__index__`` is not taken: only ``numbers.Integral``), else as it is (a bool,
+    a float, ...: the argument checks name it)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    return value
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -318,3 +318,25 @@ def test_export_onto_something_that_is_not_a_regular_file_leaves_it_alone(tmp_pa
     for target in (fifo, folder):
         run_ranks(2, _export_onto, str(target))
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and folder.is_dir() and not list(folder.iterdir())
+
+
+def _numpy_sizes():
+    """Sizes as numpy integers (``ids.max() + 1``), on one rank only: nn.Embedding takes them;
+    they raised 'int64 is not JSON serializable' on that rank while the other waited. Now the
+    same table as with ints, and a TableConfig alike."""
+    import numpy as np
+
+    from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
+
+    rank, _ = rank_world()
+    size = np.array([3, 41]).max() + 1 if rank == 1 else 42
+    emb = ShardedEmbedding(size, np.int64(4) if rank == 1 else 4, page_size=np.int32(8) if rank == 1 else 8)
+    assert type(emb.num_embeddings) is int and type(emb.embedding_dim) is int and emb.num_embeddings == 42
+    torch.testing.assert_close(emb.full_table(), initial_rows(0, 4, 0, 42))
+    config = TableConfig(name="t", num_embeddings=size, embedding_dim=4, page_size=np.int64(8), seed=np.int64(0))
+    ebc = ShardedEmbeddingBagCollection([config])
+    torch.testing.assert_close(ebc.tables["t"].full_table(), initial_rows(0, 4, 0, 42))
+
+
+def test_numpy_integer_sizes_build_the_same_table():
+    run_ranks(2, _numpy_sizes)
