@@ -27,7 +27,7 @@ from .distributed import agree_or_raise, all_gather_strings, default_device, res
 from .embedding import ShardedEmbedding, _table_number, copy_on_group
 from .lookup import Exchange
 from .placement import plain_int
-from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, REFUSALS, STORAGE_REPLACED
+from .routing import REFUSALS
 from .stats import ExchangeStats
 from .transport import TRANSPORTS
 
@@ -297,12 +297,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
     def _refusal(self, tables, grad_tables) -> InputError | None:
         """A lookup this rank refuses (carried like bad input, so every rank raises)."""
         for c, t, g in zip(self.configs, tables, grad_tables):
-            code = 0
-            if t._parameters.get("weight") is not t._storage:
-                code = STORAGE_REPLACED
-            elif (g and t.optimizer is not None and t._exchange.scaler is None
-                  and torch.is_autocast_enabled(t._storage.device.type)):
-                code = AUTOCAST_WITHOUT_SCALER_POLICY
+            code = t._storage_refusal() or t._autocast_refusal(g)
             if code:
                 return InputError(REFUSED, f"table {c.name!r}: {REFUSALS[code]}")
         return None

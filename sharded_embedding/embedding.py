@@ -26,7 +26,7 @@ from .mirrors import MirrorSync
 from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan, plain_int
-from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, Router
+from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, STORAGE_RESHAPED, Router
 from .stats import ExchangeStats
 from .storage import allocate
 from .transport import TRANSPORTS, make_transport
@@ -205,6 +205,21 @@ class ShardedEmbedding(nn.Module):
         )
         register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
 
+    def _storage_refusal(self) -> int:
+        """A `routing.REFUSALS` code if something took the storage over (0: it is the table's):
+        its rows reshaped away (FSDP1's flat parameter), or ``weight`` replaced (FSDP2)."""
+        if self._storage.shape != (self.plan.local_rows(self.rank), self.embedding_dim):
+            return STORAGE_RESHAPED
+        return STORAGE_REPLACED if self._parameters.get("weight") is not self._storage else 0
+
+    def _autocast_refusal(self, needs_grad: bool) -> int:
+        """`AUTOCAST_WITHOUT_SCALER_POLICY` if a fused update would run under autocast without
+        knowing whether a GradScaler scales the loss (0: fine)."""
+        if (needs_grad and self.optimizer is not None and self._exchange.scaler is None
+                and torch.is_autocast_enabled(self._storage.device.type)):
+            return AUTOCAST_WITHOUT_SCALER_POLICY
+        return 0
+
     # ------------------------------------------------------------------ sizes
     @property
     def num_embeddings(self) -> int:
@@ -264,12 +279,7 @@ class ShardedEmbedding(nn.Module):
         """
         storage = self._storage
         needs_grad = torch.is_grad_enabled() and storage.requires_grad
-        refusal = 0
-        if self._parameters.get("weight") is not storage:
-            refusal = STORAGE_REPLACED
-        elif (needs_grad and self.optimizer is not None and self._exchange.scaler is None
-              and torch.is_autocast_enabled(storage.device.type)):
-            refusal = AUTOCAST_WITHOUT_SCALER_POLICY
+        refusal = self._storage_refusal() or self._autocast_refusal(needs_grad)
         routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad)
         out = ShardedLookup.apply(storage, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)

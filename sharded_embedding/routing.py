@@ -56,7 +56,7 @@ TABLE_HEADER = _FIXED + _TABLE_COLUMNS
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
-STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY = 1, 2
+STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_RESHAPED = 1, 2, 3
 REFUSALS = {
     STORAGE_REPLACED: (
         "the table's storage parameter `weight` was replaced by another tensor (torch.distributed.fsdp's "
@@ -64,6 +64,14 @@ REFUSALS = {
         "the table put them. Leave the table out of FSDP: fully_shard(model, ignored_params="
         "set(sharded_embedding.table_parameters(model))), or shard only the dense sub-modules. "
         "The table's own rows are unchanged"
+    ),
+    STORAGE_RESHAPED: (
+        "the table's storage no longer has the shape of its rows (FullyShardedDataParallel with "
+        "use_orig_params=True flattens it into its own parameter): this rank's rows are no longer in the "
+        "table. Rebuild the table (or load a checkpoint) and leave it out of FSDP: "
+        "FullyShardedDataParallel(model, ignored_states=sharded_embedding.table_parameters(model)), "
+        "fully_shard(model, ignored_params=set(sharded_embedding.table_parameters(model))), or shard only "
+        "the dense sub-modules"
     ),
     AUTOCAST_WITHOUT_SCALER_POLICY: (
         "a table with a fused optimizer is trained under torch.autocast, but nobody said whether a "

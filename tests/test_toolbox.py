@@ -329,6 +329,47 @@ def test_fsdp2_fully_shard(ignore):
     run_ranks(2, _fully_shard, ignore)
 
 
+def _fsdp1(mode: str):
+    """FullyShardedDataParallel (FSDP1) flattens the table's storage into its own parameter
+    when it wraps the model (use_orig_params=True: the storage itself becomes a flat shard).
+    The refusal said the rows were unchanged; now it says they left the table. With the
+    tables as ignored_states, training matches the oracle."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, world = rank_world()
+    n, d = 48, 4
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 8)
+    ref_table, ref_head = _reference(n, d), copy.deepcopy(model.head)
+    if mode == "orig_params":
+        wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+        with pytest.raises(RuntimeError, match="no longer has the shape of its rows.*ignored_states"):
+            wrapped(torch.tensor([1, 2]))
+        return
+    wrapped = FSDP(model, device_id=torch.device("cpu"), ignored_states=table_parameters(model))
+    opt_t = torch.optim.SGD(table_parameters(model), lr=0.1)
+    opt_h = torch.optim.SGD([p for p in wrapped.parameters() if p is not model.emb.weight], lr=0.1)
+    ref_t, ref_h = torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)
+    for step in range(2):
+        ids = [make_ids(n, r, step, 8) for r in range(world)]
+        wrapped(ids[rank]).sum().backward()
+        for o in (opt_t, opt_h):
+            o.step()
+            o.zero_grad()
+        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
+        for p in ref_head.parameters():
+            p.grad /= world  # FSDP averages, as DDP
+        for o in (ref_t, ref_h):
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+
+
+@pytest.mark.parametrize("mode", ["orig_params", "ignored_states"])
+def test_fsdp1_refuses_a_flattened_table_or_trains_beside_it(mode):
+    run_ranks(2, _fsdp1, mode)
+
+
 # ---------------------------------------------------------------- saving and loading state
 
 
