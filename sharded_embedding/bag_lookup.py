@@ -63,7 +63,8 @@ class BagLookup(torch.autograd.Function):
         recv = ws.get("bag_recv", recv_layout.total, unit, dtype, device)
         for r, t, n, at in send_layout.blocks():  # owners: what each peer asked for, table after table
             _answer(storages[t], routing.serves[t], r, _rows(send, at, n, dims[t], unit))
-        wait = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, tag="vectors")  # vectors
+        wait = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, tag="vectors",
+                                call=routing.call)  # vectors
         own = []
         for t, req in enumerate(routing.requests):  # own requests while they travel
             n, total = req.back[rank], sum(req.back)
@@ -114,7 +115,7 @@ class BagLookup(torch.autograd.Function):
         for t in live:
             flag |= nonfinite_flag(own[t], 0, None)
         receive = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, flag,
-                                  tag="gradients")  # gradients + flags
+                                  tag="gradients", call=routing.call)  # gradients + flags
         row_bytes = wire.row_bytes(unit, dtype)
         ctx.stats.record_gradients(send_layout.total * row_bytes, recv_layout.total * row_bytes)
         bad = receive()

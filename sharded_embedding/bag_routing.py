@@ -105,6 +105,7 @@ class BagRouting:
     grad_tables: list[bool]
     ints_sent: int
     ints_received: int
+    call: int = 0  # the collection's lookup number (alike on every rank): tags its exchanges
 
     def rows_from(self, q: int) -> list[int]:
         """Rows rank ``q`` sends this rank in the vector exchange, by table."""

@@ -203,6 +203,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         # The collection's own number on the group, after its tables': a rank calling the
         # collection while another calls one of its tables (or another table) raises.
         self._table_id = _table_number(group)
+        self._lookups = 0  # lookups so far, alike on every rank: tags each one's exchanges
         self._router = BagRouter([t._router for t in self._table_list], [c.embedding_dim for c in self.configs],
                                  [c.pooling is not None for c in self.configs], rank=rank, world=world,
                                  transport=first.transport, device=device, pool_on=pool_on,
@@ -271,6 +272,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         text = error.text if error is not None else ""
         routing = self._router.route(bags, error, grad_tables, self._stats.wire_bytes,
                                      lambda kinds, signatures: self._check(kinds, signatures, text))
+        self._lookups = routing.call = self._lookups + 1
         self._stats.record_requests(routing)
         exchanges = [t._exchange for t in tables]
         if any(grad_tables):

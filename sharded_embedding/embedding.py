@@ -178,6 +178,7 @@ class ShardedEmbedding(nn.Module):
         # DDP reads this on the model it wraps; `ddp` copies it up to every module holding us.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self._table_id = number
+        self._lookups = 0  # lookups so far, alike on every rank: tags each one's exchanges
         self.transport = make_transport(transport, group, device, _group_timeout(group, device))  # collective
         self._router = Router(
             plan.routing_table(rank),
@@ -281,6 +282,7 @@ class ShardedEmbedding(nn.Module):
         needs_grad = torch.is_grad_enabled() and storage.requires_grad
         refusal = self._storage_refusal() or self._autocast_refusal(needs_grad)
         routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad)
+        self._lookups = routing.call = self._lookups + 1
         out = ShardedLookup.apply(storage, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)
 

@@ -39,7 +39,7 @@ from .optimizers import FusedOptimizer
 from .rows import sum_duplicate_rows
 from .routing import Routing
 from .stats import ExchangeStats
-from .transport import Transport
+from .transport import Transport, lookup_word
 
 __all__ = ["Exchange", "ShardedLookup", "Workspace", "gradient_scales", "skip_nonfinite_step", "update_rows"]
 
@@ -97,7 +97,7 @@ class Exchange:
     caller: int = 0  # the table's (or collection's) number on the group: tags its exchanges
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                   flag: torch.Tensor | None = None, tag: str | None = None):
+                   flag: torch.Tensor | None = None, tag: str | None = None, call: int = 0):
         """Start a ragged all-to-all of rows (`transport`), in ``comm_dtype`` on the wire if one
         is set (float16 for float32 rows: with a power-of-two scale per row, see `wire`), with
         this rank's ``flag`` beside them; returns a function that waits for the rows (so local
@@ -105,7 +105,7 @@ class Exchange:
         if self.world == 1:
             return lambda: [0] if flag is not None and bool(flag) else []
         if self.comm_dtype is None or self.comm_dtype == inp.dtype:
-            return self.transport.all_to_all(out, inp, out_splits, in_splits, flag, tag, self.caller)
+            return self.transport.all_to_all(out, inp, out_splits, in_splits, flag, tag, lookup_word(self.caller, call))
         ws, scale = self.workspace, wire.scaled(inp.dtype, self.comm_dtype)
         width = wire.wire_columns(inp.shape[1], inp.dtype, self.comm_dtype)
         send = ws.get("wire_send", inp.shape[0], width, self.comm_dtype, inp.device)
@@ -114,7 +114,7 @@ class Exchange:
             wire.encode(inp, send)
         else:
             send.copy_(inp)
-        receive = self.transport.all_to_all(recv, send, out_splits, in_splits, flag, tag, self.caller)
+        receive = self.transport.all_to_all(recv, send, out_splits, in_splits, flag, tag, lookup_word(self.caller, call))
 
         def finish():
             flagged = receive()
@@ -177,7 +177,7 @@ class ShardedLookup(torch.autograd.Function):
         torch.index_select(weight, 0, routing.owner_rows[num_self:], out=served)
         gathered = ws.get("gathered", routing.num_unique, dim, weight.dtype, weight.device)  # [remote | own]
         wait = exchange.all_to_all(gathered[:num_remote], served, routing.requested_counts, routing.served_counts,
-                                   tag="vectors")  # vectors
+                                   tag="vectors", call=routing.call)  # vectors
         torch.index_select(weight, 0, routing.owner_rows[:num_self], out=gathered[num_remote:])  # while they travel
         wait()
         ctx.routing, ctx.exchange = routing, exchange
@@ -210,7 +210,8 @@ class ShardedLookup(torch.autograd.Function):
         # row changes anywhere before that is known.
         flag = nonfinite_flag(summed, num_remote, wire.finite_limit(summed.dtype, exchange.comm_dtype))
         receive = exchange.all_to_all(owner[num_self:], summed[:num_remote], routing.served_counts,
-                                      routing.requested_counts, flag, tag="gradients")  # gradients (+ flags)
+                                      routing.requested_counts, flag, tag="gradients",
+                                      call=routing.call)  # gradients (+ flags)
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
         optimizer = exchange.optimizer
         in_parts = optimizer is not None and optimizer.linear_scale is not None and not exchange.mirrors.active

@@ -119,6 +119,7 @@ class Routing:
     owner_rows: torch.Tensor
     ints_sent: int  # int64 values this rank sent / received while routing (headers, rows)
     ints_received: int
+    call: int = 0  # the table's lookup number (alike on every rank): tags its exchanges
 
     @property
     def num_remote(self) -> int:

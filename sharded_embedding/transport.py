@@ -61,7 +61,8 @@ _SENT, _DONE, _CAPACITY, _PID, _FLAG, _TAG, _FIXED = 0, 1, 2, 3, 4, 5, 6  # head
 # making the same calls; the shared-memory transport tells them so on both sides.
 TAGS = {"requests": 1, "overflow": 2, "vectors": 3, "gradients": 4}
 _TAG_NAMES = {v: k for k, v in TAGS.items()}
-_KINDS = 8  # a header's tag word: kind + _KINDS * the caller's number
+_KINDS = 8  # a header's tag word: kind + _KINDS * the caller word (`lookup_word`)
+_CALLERS = 1 << 24  # a caller word: the table's number + _CALLERS * its lookup's number
 _SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
 
 
@@ -70,9 +71,19 @@ def _tag_word(tag: str | None, caller: int) -> int:
     return TAGS[tag] + _KINDS * caller if tag is not None else 0
 
 
+def lookup_word(caller: int, call: int) -> int:
+    """The caller word of an exchange of lookup ``call`` (counted per table, alike on every
+    rank) of table or collection ``caller``: two lookups of one table whose backward passes
+    would pair up across ranks (one rank skipped one) are told apart."""
+    return caller % _CALLERS + _CALLERS * (call % (1 << 30))
+
+
 def _describe(tag: int) -> str:
-    kind, caller = _TAG_NAMES.get(tag % _KINDS, "another"), tag // _KINDS
-    return f"a {kind} exchange" + (f" of table #{caller}" if kind in ("vectors", "gradients") else "")
+    kind, word = _TAG_NAMES.get(tag % _KINDS, "another"), tag // _KINDS
+    caller, call = word % _CALLERS, word // _CALLERS
+    if kind not in ("vectors", "gradients"):
+        return f"a {kind} exchange"
+    return f"a {kind} exchange of table #{caller}" + (f", lookup #{call}" if call else "")
 
 
 def _out_of_step(k: int | None, places: list[tuple[int, int]]) -> str:

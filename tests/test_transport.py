@@ -329,8 +329,9 @@ def _backward_order_differs(fused, transport):
     ids = torch.tensor([0, 1, 100, 150 + rank])
     before = (a.full_table(), b.full_table())
     oa, ob = a(ids), b(ids)
-    with pytest.raises(TransportError, match=r"gradients exchange of table #\d+, rank 1 is in a gradients "
-                                             r"exchange of table #\d+: the ranks are not making the same calls"):
+    with pytest.raises(TransportError, match=r"gradients exchange of table #\d+, lookup #1, rank 1 is in a gradients "
+                                             r"exchange of table #\d+, lookup #1: the ranks are not making the same "
+                                             r"calls"):
         (oa if rank == 0 else ob).sum().backward()
     assert torch.equal(a.full_table(), before[0]) and torch.equal(b.full_table(), before[1])
     assert a.weight.grad is None and b.weight.grad is None
@@ -341,3 +342,24 @@ def _backward_order_differs(fused, transport):
 @pytest.mark.parametrize("fused", [False, True], ids=["sparse", "fused_sgd"])
 def test_backward_passes_in_another_order_raise_on_both_ranks(fused, transport):
     assert run_ranks(2, _backward_order_differs, fused, transport) == [True, True]
+
+
+def _one_of_two_lookups_skipped(transport):
+    """Two lookups of one table; rank 1 detaches the second (its backward skips it). Rank 0's
+    gradients of lookup 2 met rank 1's of lookup 1: rows moved on both ranks, and the next
+    exchange said "Nothing was applied". Now each lookup's exchanges carry its number: both
+    raise in that backward, naming both lookups, before any row changes."""
+    rank = dist.get_rank()
+    emb = ShardedEmbedding(40, 4, page_size=8, transport=transport, fused_optimizer={"name": "sgd", "lr": 1.0})
+    before = emb.full_table()
+    a, b = emb(torch.tensor([1, 9])), emb(torch.tensor([3, 11]))
+    with pytest.raises(TransportError, match=r"rank 0 is in a gradients exchange of table #\d+, lookup #2, rank 1 is "
+                                             r"in a gradients exchange of table #\d+, lookup #1"):
+        (a.sum() + (b.sum() if rank == 0 else b.detach().sum())).backward()
+    assert torch.equal(emb.full_table(), before)
+    return True
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "process_group"])
+def test_a_lookup_skipped_by_one_ranks_backward_raises_before_any_row_changes(transport):
+    assert run_ranks(2, _one_of_two_lookups_skipped, transport) == [True, True]
