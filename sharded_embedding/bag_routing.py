@@ -236,7 +236,9 @@ class BagRouter:
         out = []
         for t, b in enumerate(bags):
             ids, choice, row_bytes = counts[t], self.choices[t], self.dims[t] * wire_bytes
-            owner_ok = self.pooled[t] and self._packable[t] and self.pool_on != "requester"
+            # (the owner's way packs each weight as float32 beside its row: not a float64 weight)
+            owner_ok = self.pooled[t] and self._packable[t] and self.pool_on != "requester" and \
+                (b.weights is None or b.weights.dtype != torch.float64)
             due = choice.ratio is None or choice.since + 1 >= REMEASURE
             local = sum(ids[:world]) == 0  # nothing travels either way: the owner's way computes less
             if owner_ok and (self.pool_on == "owner" or local or (choice.prefer_owner and not due)):

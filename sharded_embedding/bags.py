@@ -44,8 +44,8 @@ class TableBags:
     """The bags of every feature that reads one table, feature after feature.
 
     ``values``: int64 ``[n]`` ids. ``offsets``: int64 ``[bags + 1]``, bag ``i`` is
-    ``values[offsets[i]:offsets[i + 1]]``. ``weights``: float32 ``[n]`` per-id factors of the
-    pooled sum (the per_sample_weights, or ``1 / len(bag)`` for mean pooling), None for a
+    ``values[offsets[i]:offsets[i + 1]]``. ``weights``: ``[n]`` per-id factors of the
+    pooled sum in the table's dtype (the per_sample_weights, or ``1 / len(bag)`` for mean pooling), None for a
     plain sum or a sequence table. ``splits``: per feature, its bags (pooled tables) or its
     ids (sequence tables), to cut the table's output into features.
     """
@@ -79,21 +79,23 @@ class TableBags:
         return self._bag_of
 
 
-def parse(features, tables, include_last_offset: bool, device: torch.device) -> list[TableBags]:
+def parse(features, tables, include_last_offset: bool, device: torch.device,
+          dtypes: list[torch.dtype]) -> list[TableBags]:
     """Check one rank's ``features`` against ``tables`` (each with ``name``,
-    ``num_embeddings``, ``pooling``, ``feature_names``) and concatenate them per table.
+    ``num_embeddings``, ``pooling``, ``feature_names``; ``dtypes``: their rows' dtypes now, which
+    per_sample_weights must have, as in torch.nn.EmbeddingBag) and concatenate them per table.
     Raises `InputError` (never anything else) for what is wrong: an exception of the input's
     own (a malformed KeyedJaggedTensor, a tensor that cannot move to ``device``) becomes a
     ValueError-kind `InputError` naming it, so that it travels to every rank too."""
     try:
-        return _parse(features, tables, include_last_offset, device)
+        return _parse(features, tables, include_last_offset, device, dtypes)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - anything the input raises must reach every rank alike
         raise InputError(NOT_VALID, f"the input could not be read: {type(e).__name__}: {e}") from e
 
 
-def _parse(features, tables, include_last_offset: bool, device: torch.device) -> list[TableBags]:
+def _parse(features, tables, include_last_offset: bool, device: torch.device, dtypes) -> list[TableBags]:
     given = _as_dict(features)
     known = [f for t in tables for f in t.feature_names]
     unknown = sorted(set(given) - set(known), key=str)
@@ -104,8 +106,8 @@ def _parse(features, tables, include_last_offset: bool, device: torch.device) ->
         raise InputError(NOT_VALID, f"features {missing} are missing: every call passes every feature "
                                     "(an empty bag, or no bags at all, is fine)")
     out, batch = [], {}
-    for t in tables:
-        parts = [(f, *_feature(f, given[f], include_last_offset, device)) for f in t.feature_names]
+    for t, dtype in zip(tables, dtypes):
+        parts = [(f, *_feature(f, given[f], include_last_offset, device, dtype)) for f in t.feature_names]
         for f, values, offsets, weights in parts:
             if weights is not None and t.pooling != "sum":
                 raise InputError(NOT_VALID, f"feature {f!r} comes with per_sample_weights, but table {t.name!r} "
@@ -113,7 +115,7 @@ def _parse(features, tables, include_last_offset: bool, device: torch.device) ->
                                             "torch.nn.EmbeddingBag)")
             if t.pooling is not None:
                 batch[f] = offsets.numel() - 1
-        out.append(_concatenate(t, parts))
+        out.append(_concatenate(t, parts, dtype))
     if len(set(batch.values())) > 1:
         raise InputError(NOT_VALID, f"pooled features have different numbers of bags (batch sizes) {batch}: "
                                     "every pooled feature of a call has one bag per sample, as in a KeyedJaggedTensor")
@@ -137,8 +139,8 @@ def _as_dict(features) -> dict:
                                f"torchrec KeyedJaggedTensor, got {type(features).__name__}")
 
 
-def _feature(name: str, x, include_last_offset: bool, device: torch.device):
-    """(values int64 [n], offsets int64 [bags + 1], weights float32 [n] or None) of one feature."""
+def _feature(name: str, x, include_last_offset: bool, device: torch.device, dtype: torch.dtype):
+    """(values int64 [n], offsets int64 [bags + 1], weights ``dtype`` [n] or None) of one feature."""
     offsets = lengths = weights = None
     if isinstance(x, Mapping):
         extra = sorted(set(x) - {"values", "offsets", "lengths", "weights"}, key=str)
@@ -168,7 +170,7 @@ def _feature(name: str, x, include_last_offset: bool, device: torch.device):
     else:
         offsets = _offsets(name, _integers(name, "offsets", offsets, device), n, include_last_offset)
     if weights is not None:
-        weights = _weights(name, weights, n, device)
+        weights = _weights(name, weights, n, device, dtype)
     return values, offsets, weights
 
 
@@ -208,25 +210,25 @@ def _offsets(name: str, offsets: torch.Tensor, n: int, include_last_offset: bool
     return torch.cat([offsets, offsets.new_full((1,), n)])
 
 
-def _weights(name: str, weights, n: int, device: torch.device) -> torch.Tensor:
+def _weights(name: str, weights, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     where = f"feature {name!r}: per_sample_weights"
     if not isinstance(weights, torch.Tensor):
         raise InputError(NOT_TYPE, f"{where} must be a tensor, got {type(weights).__name__}")
-    if weights.dtype != torch.float32:  # torch.nn.EmbeddingBag: the dtype of the table's rows
-        raise InputError(NOT_TYPE, f"{where} of dtype {weights.dtype}; they must be torch.float32, the dtype of "
+    if weights.dtype != dtype:  # torch.nn.EmbeddingBag: the dtype of the table's rows
+        raise InputError(NOT_TYPE, f"{where} of dtype {weights.dtype}; they must be {dtype}, the dtype of "
                                    "the table's rows (as torch.nn.EmbeddingBag requires)")
     if weights.requires_grad:
         raise InputError(NOT_VALID, f"{where} require grad, and gradients with respect to per_sample_weights "
                                     "are not supported: pass weights.detach()")
     if tuple(weights.shape) != (n,):
         raise InputError(NOT_VALID, f"{where} have shape {tuple(weights.shape)}; one weight per value is ({n},)")
-    weights = weights.to(device=device, dtype=torch.float32)
+    weights = weights.to(device=device)
     if n and not bool(torch.isfinite(weights).all()):
         raise InputError(NOT_VALID, f"{where} hold inf or NaN")
     return weights
 
 
-def _concatenate(table, parts) -> TableBags:
+def _concatenate(table, parts, dtype: torch.dtype) -> TableBags:
     """One table's features, one after the other."""
     values = [v for _, v, _, _ in parts]
     offsets, at = [], 0
@@ -240,10 +242,11 @@ def _concatenate(table, parts) -> TableBags:
     splits = [o.numel() - 1 if pooled else v.numel() for _, v, o, _ in parts]
     weights = None
     if table.pooling == "sum" and any(w is not None for _, _, _, w in parts):
-        weights = torch.cat([w if w is not None else torch.ones(v.numel(), device=device) for _, v, _, w in parts])
+        weights = torch.cat([w if w is not None else torch.ones(v.numel(), dtype=dtype, device=device)
+                             for _, v, _, w in parts])
     elif table.pooling == "mean":
         lengths = offsets[1:] - offsets[:-1]
-        weights = torch.repeat_interleave(1.0 / lengths.clamp_min(1).to(torch.float32), lengths, output_size=at)
+        weights = torch.repeat_interleave(1.0 / lengths.clamp_min(1).to(dtype), lengths, output_size=at)
     return TableBags(torch.cat(values), offsets, weights, splits, pooled)
 
 

@@ -266,7 +266,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         bags = None
         if error is None:
             try:
-                bags = parse(features, self.configs, self.include_last_offset, self._router.device)
+                bags = parse(features, self.configs, self.include_last_offset, self._router.device,
+                             [t._storage.dtype for t in tables])
             except InputError as e:
                 error = e
         text = error.text if error is not None else ""
@@ -298,6 +299,11 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     def _refusal(self, tables, grad_tables) -> InputError | None:
         """A lookup this rank refuses (carried like bad input, so every rank raises)."""
+        dtypes = {c.name: t._storage.dtype for c, t in zip(self.configs, tables)}
+        if len(set(dtypes.values())) > 1:  # one buffer carries every table's rows
+            return InputError(REFUSED, f"its tables have different dtypes ({', '.join(f'{n}: {d}' for n, d in dtypes.items())}): "
+                                       "convert the collection as a whole (ebc.double(), ebc.to(torch.bfloat16)), "
+                                       "not one of its tables")
         for c, t, g in zip(self.configs, tables, grad_tables):
             code = t._storage_refusal() or t._autocast_refusal(g)
             if code:

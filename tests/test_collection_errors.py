@@ -455,3 +455,40 @@ def test_equal_arguments_written_differently_agree():
     """A placement list or tuple, an optimizer's keys in another order, 1 or 1.0: the same
     collection on every rank, not 'different arguments' (a fresh user's report)."""
     assert run_ranks(2, _equal_written_differently) == [True, True]
+
+
+def _converted_collection():
+    """A collection converted with .double() took float32 per_sample_weights and refused
+    float64 ones, and pooled means with float32 factors; one table converted alone raised on one
+    rank and left the other waiting. Now: the table's dtype for weights and means, as
+    nn.EmbeddingBag of that dtype (both pooling ways), and a mixed collection refused on every
+    rank (converted on rank 1 only)."""
+    from sharded_embedding import initial_rows
+
+    rank, _ = rank_world()
+    v, o = torch.tensor([1, 5, 9, 2, 13, 17, 3]), torch.tensor([0, 3])
+    w = torch.rand(7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for pool_on in ("requester", "owner"):
+        ebc = ShardedEmbeddingBagCollection([TableConfig("t", 20, 4, 4), TableConfig("m", 20, 4, 4, pooling="mean",
+                                                                                    seed=1)], pool_on=pool_on).double()
+        refs = {}
+        for name, mode, seed in (("t", "sum", 0), ("m", "mean", 1)):
+            refs[name] = nn.EmbeddingBag(20, 4, mode=mode).double()
+            with torch.no_grad():
+                refs[name].weight.copy_(initial_rows(seed, 4, 0, 20).double())
+        out = ebc({"t": (v, o, w), "m": (v, o)})
+        torch.testing.assert_close(out["t"], refs["t"](v, o, per_sample_weights=w), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(out["m"], refs["m"](v, o), rtol=1e-13, atol=1e-13)
+        with pytest.raises(TypeError, match=r"per_sample_weights of dtype torch.float32; they must be torch.float64"):
+            ebc({"t": (v, o, w.float()), "m": (v, o)})
+    ebc = ShardedEmbeddingBagCollection([TableConfig("a", 20, 4, 4), TableConfig("b", 20, 4, 4)])
+    if rank == 1:
+        ebc.tables["b"].double()
+    with pytest.raises(RuntimeError, match=r"tables have different dtypes \(a: torch.float32, b: torch.float64\): "
+                                           r"convert the collection as a whole"):
+        ebc({"a": (v, o), "b": (v, o)})
+    return True
+
+
+def test_a_converted_collection_pools_in_its_dtype_and_a_mixed_one_is_refused():
+    assert run_ranks(2, _converted_collection) == [True, True]
