@@ -305,7 +305,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
                                        "convert the collection as a whole (ebc.double(), ebc.to(torch.bfloat16)), "
                                        "not one of its tables")
         for c, t, g in zip(self.configs, tables, grad_tables):
-            code = t._storage_refusal() or t._autocast_refusal(g)
+            code = t._storage_refusal() or t._fused_refusal(g)
             if code:
                 return InputError(REFUSED, f"table {c.name!r}: {REFUSALS[code]}")
         return None

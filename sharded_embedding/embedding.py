@@ -26,7 +26,7 @@ from .mirrors import MirrorSync
 from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan, plain_int
-from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_REPLACED, STORAGE_RESHAPED, Router
+from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, HOOK_ON_FUSED, STORAGE_REPLACED, STORAGE_RESHAPED, Router
 from .stats import ExchangeStats
 from .storage import allocate
 from .transport import TRANSPORTS, make_transport
@@ -213,11 +213,15 @@ class ShardedEmbedding(nn.Module):
             return STORAGE_RESHAPED
         return STORAGE_REPLACED if self._parameters.get("weight") is not self._storage else 0
 
-    def _autocast_refusal(self, needs_grad: bool) -> int:
-        """`AUTOCAST_WITHOUT_SCALER_POLICY` if a fused update would run under autocast without
-        knowing whether a GradScaler scales the loss (0: fine)."""
-        if (needs_grad and self.optimizer is not None and self._exchange.scaler is None
-                and torch.is_autocast_enabled(self._storage.device.type)):
+    def _fused_refusal(self, needs_grad: bool) -> int:
+        """A `routing.REFUSALS` code if this lookup's fused update could not be right (0: fine):
+        gradient hooks on the weight (they would get None), or autocast without knowing
+        whether a GradScaler scales the loss."""
+        if not needs_grad or self.optimizer is None:
+            return 0
+        if self._storage._backward_hooks or getattr(self._storage, "_post_accumulate_grad_hooks", None):
+            return HOOK_ON_FUSED
+        if self._exchange.scaler is None and torch.is_autocast_enabled(self._storage.device.type):
             return AUTOCAST_WITHOUT_SCALER_POLICY
         return 0
 
@@ -280,7 +284,7 @@ class ShardedEmbedding(nn.Module):
         """
         storage = self._storage
         needs_grad = torch.is_grad_enabled() and storage.requires_grad
-        refusal = self._storage_refusal() or self._autocast_refusal(needs_grad)
+        refusal = self._storage_refusal() or self._fused_refusal(needs_grad)
         routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad)
         self._lookups = routing.call = self._lookups + 1
         out = ShardedLookup.apply(storage, routing, self._exchange)

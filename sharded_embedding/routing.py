@@ -56,7 +56,7 @@ TABLE_HEADER = _FIXED + _TABLE_COLUMNS
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
-STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_RESHAPED = 1, 2, 3
+STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_RESHAPED, HOOK_ON_FUSED = 1, 2, 3, 4
 REFUSALS = {
     STORAGE_REPLACED: (
         "the table's storage parameter `weight` was replaced by another tensor (torch.distributed.fsdp's "
@@ -72,6 +72,12 @@ REFUSALS = {
         "FullyShardedDataParallel(model, ignored_states=sharded_embedding.table_parameters(model)), "
         "fully_shard(model, ignored_params=set(sharded_embedding.table_parameters(model))), or shard only "
         "the dense sub-modules"
+    ),
+    HOOK_ON_FUSED: (
+        "a table with a fused optimizer has a gradient hook on its weight (register_hook or "
+        "register_post_accumulate_grad_hook): the table updates its rows inside the backward and never "
+        "forms that gradient, so the hook would get None after the rows changed. Remove the hook "
+        "(handle.remove()), or train the table without fused_optimizer and hook its gradient there"
     ),
     AUTOCAST_WITHOUT_SCALER_POLICY: (
         "a table with a fused optimizer is trained under torch.autocast, but nobody said whether a "

@@ -672,3 +672,35 @@ def _hooks_and_compile():
 
 def test_forward_hooks_and_torch_compile():
     run_ranks(2, _hooks_and_compile)
+
+
+def _hook_on_a_fused_table():
+    """A gradient hook on a fused table's weight was called with None, after the fused update
+    had changed the rows (a clamp hook then raised AttributeError). Now the lookup is refused
+    on every rank (hook on rank 1 only), nothing changes; without hooks (removed) it trains;
+    lookups without gradients do not care."""
+    from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
+
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(40, 4, page_size=8, fused_optimizer={"name": "sgd", "lr": 0.1})
+    ebc = ShardedEmbeddingBagCollection([TableConfig("t", 40, 4, 8, fused_optimizer={"name": "sgd", "lr": 0.1})])
+    for table, call in ((emb, lambda: emb(torch.tensor([1, 9]))),
+                        (ebc.tables["t"], lambda: ebc({"t": (torch.tensor([1, 9]), torch.tensor([0]))})["t"])):
+        weight, before, steps = table.weight, table.full_table(), int(table.optimizer.step)
+        handles = []
+        if rank == 1:
+            handles = [weight.register_hook(lambda g: g.clamp(-1, 1)),
+                       weight.register_post_accumulate_grad_hook(lambda p: None)]
+        with pytest.raises(RuntimeError, match="fused optimizer has a gradient hook on its weight"):
+            call().sum().backward()
+        with torch.no_grad():
+            call()
+        assert torch.equal(table.full_table(), before) and int(table.optimizer.step) == steps
+        for h in handles:
+            h.remove()
+        call().sum().backward()  # trains again
+    return True
+
+
+def test_gradient_hooks_on_a_fused_table_are_refused_before_any_row_changes():
+    assert run_ranks(2, _hook_on_a_fused_table) == [True, True]
