@@ -270,6 +270,16 @@ class ShardedEmbedding(nn.Module):
         else:
             fill_initial_rows(self.seed, self.embedding_dim, self._local_ranges())
 
+    def sync_mirrors(self) -> None:
+        """Make every replica of a mirrored page equal to its primary's (the page's first rank
+        in the placement): rows and fused optimizer state. Call on every rank after changing
+        rows in place outside the table, e.g. an ``nn.init`` loop over ``model.parameters()``,
+        which draws each rank's rows on its own (with the fans of its local shard): replicas
+        would differ for good, and a mirrored row would look up differently on each rank.
+        Collective: one broadcast per mirror set and primary; none without mirrors."""
+        with torch.no_grad():
+            sync_mirrors(self, list(self._row_states().values()))
+
     # ------------------------------------------------------------------ lookup
     @torch.compiler.disable  # collectives and host-side checks: one graph break, not a trace of them
     def forward(self, indices) -> torch.Tensor:

@@ -704,3 +704,47 @@ def _hook_on_a_fused_table():
 
 def test_gradient_hooks_on_a_fused_table_are_refused_before_any_row_changes():
     assert run_ranks(2, _hook_on_a_fused_table) == [True, True]
+
+
+def _init_loop_then_sync_mirrors():
+    """The usual init loop (nn.init over model.parameters()) draws each rank's rows on its own:
+    replicas of mirrored pages differ, and a mirrored row looks up differently per rank.
+    sync_mirrors() makes them the primary's again (rows and fused state)."""
+    rank, world = rank_world()
+    emb = ShardedEmbedding(32, 4, page_size=8, placement=[(0, 1), 1, (1, 0), 0],
+                           fused_optimizer={"name": "adagrad", "lr": 0.1})
+    torch.manual_seed(rank)
+    for p in emb.parameters():
+        nn.init.xavier_uniform_(p)
+    with torch.no_grad():
+        emb.optimizer.sum.uniform_()
+
+    def looked_up():
+        with torch.no_grad():
+            rows = emb(torch.tensor([3, 20]))
+        gathered = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(gathered, rows)
+        return gathered
+
+    seen = looked_up()
+    assert not torch.equal(seen[0], seen[1])  # the replicas differ
+    emb.sync_mirrors()
+    seen = looked_up()
+    assert torch.equal(seen[0], seen[1])
+    pages = emb.local_pages
+    mine = {p: v.clone() for p, v in pages.items() if p in (0, 2)}
+    theirs = [None] * world
+    dist.all_gather_object(theirs, mine)
+    for p in (0, 2):
+        assert torch.equal(theirs[0][p], theirs[1][p])
+    slots = {p: emb._local_page_ids.index(p) for p in (0, 2)}  # the mirrored pages' fused state
+    state = {p: emb.optimizer.sum[8 * s : 8 * (s + 1)].clone() for p, s in slots.items()}
+    every = [None] * world
+    dist.all_gather_object(every, state)
+    for p in (0, 2):
+        assert torch.equal(every[0][p], every[1][p])
+    return True
+
+
+def test_sync_mirrors_after_an_init_loop_makes_the_replicas_equal():
+    assert run_ranks(2, _init_loop_then_sync_mirrors) == [True, True]
