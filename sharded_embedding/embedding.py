@@ -49,7 +49,7 @@ class ShardedEmbedding(nn.Module):
         process_group: the ranks sharing the table (default: the world group). Ranks in
             ``placement`` are ranks of this group.
         device: where this rank's pages live (default: ``cuda:LOCAL_RANK`` under nccl, else cpu).
-        dtype: storage dtype.
+        dtype: storage dtype (default: torch.get_default_dtype(), as nn.Embedding).
         seed: the initial table is N(0, 1) and a pure function of ``(seed, row, embedding_dim)``,
             identical for every world size, placement and page size.
         sparse: gradients of the local storage are sparse COO tensors (touched rows only).
@@ -95,7 +95,7 @@ class ShardedEmbedding(nn.Module):
         num_devices: int = -1,
         process_group=None,
         device=None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         seed: int = 0,
         sparse: bool = True,
         fused_optimizer: dict | None = None,
@@ -113,6 +113,7 @@ class ShardedEmbedding(nn.Module):
             num_embeddings, embedding_dim, page_size, num_devices, seed = map(
                 plain_int, (num_embeddings, embedding_dim, page_size, num_devices, seed))
             device = torch.device(device) if device is not None else default_device(group)
+            dtype = dtype if dtype is not None else torch.get_default_dtype()  # as nn.Embedding
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device={device} but CUDA is not available on this machine")
             if device.type not in ("cpu", "cuda"):

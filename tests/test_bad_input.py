@@ -340,3 +340,20 @@ def _numpy_sizes():
 
 def test_numpy_integer_sizes_build_the_same_table():
     run_ranks(2, _numpy_sizes)
+
+
+def _default_dtype():
+    """Without dtype=, a table takes torch's default dtype, as nn.Embedding (it stayed float32)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        emb = ShardedEmbedding(20, 3, page_size=8)
+        assert emb.weight.dtype == torch.float64 == torch.nn.Embedding(20, 3).weight.dtype
+    finally:
+        torch.set_default_dtype(before)
+    assert ShardedEmbedding(20, 3, page_size=8).weight.dtype == torch.float32
+    return True
+
+
+def test_a_table_takes_torch_default_dtype_as_nn_embedding():
+    assert run_ranks(2, _default_dtype) == [True, True]
