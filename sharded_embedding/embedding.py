@@ -420,7 +420,11 @@ class ShardedEmbedding(nn.Module):
                                         collective_device(self.process_group))
         if found or differ:
             detail = "; ".join(f"rank {r}: {e}" for r, e in found) if found else "ranks were given different keys: " + \
-                "; ".join(f"rank {r} misses [{f}]" for r, f in enumerate(differ))
+                "; ".join(f"rank {r} misses [{f}]" for r, f in enumerate(differ)) + \
+                " (torch's set_model_state_dict(..., StateDictOptions(full_state_dict=True, broadcast_from_rank0=" \
+                "True)) hands the other ranks the model's parameters and buffers only, not a table's fused " \
+                "optimizer state, which is not a registered buffer: give every rank its own sharded state dict " \
+                "(dcp.load, or set_state_dict without full_state_dict))"
             error_msgs.append(f"{type(self).__name__} {prefix or '(root)'}: {detail}. No rank changed any row")
             return
         for _, copy_in in copies:

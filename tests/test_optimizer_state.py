@@ -170,3 +170,29 @@ def test_a_linear_update_in_parts_is_the_update_of_the_whole():
     adagrad = build_fused_optimizer({"name": "rowwise_adagrad"}, weight)
     with pytest.raises(TypeError, match="not linear"):
         adagrad.apply_parts(weight, list(zip(rows, grads)))
+
+
+def _broadcast_from_rank0_with_fused_state():
+    """torch's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) with a fused
+    table's full optimizer tensors on rank 0: the other ranks get the parameters only. Refused
+    on every rank before any row changes, and the message says why and what to use."""
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank, _ = rank_world()
+    model = nn.Module()
+    model.emb = ShardedEmbedding(36, 4, page_size=8, placement=[0, (1, 0), 1, 0, (0, 1)],
+                                 fused_optimizer={"name": "adagrad", "lr": 0.1})
+    before = model.emb.full_table()
+    full = {"emb.weight": torch.arange(144.0).view(36, 4), "emb.optimizer.sum": torch.full((36, 4), 0.5),
+            "emb.optimizer.step": torch.tensor(3)}
+    with pytest.raises(RuntimeError, match=r"ranks were given different keys.*broadcast_from_rank0=True\)\) hands the "
+                                           r"other ranks the model's parameters and buffers only"):
+        set_model_state_dict(model, full if rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    assert torch.equal(model.emb.full_table(), before)
+    return True
+
+
+def test_broadcast_from_rank0_with_fused_state_is_refused_naming_why():
+    assert run_ranks(2, _broadcast_from_rank0_with_fused_state) == [True, True]
