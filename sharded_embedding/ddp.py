@@ -121,8 +121,9 @@ def _check_ddp_wrap(ddp: DistributedDataParallel, model: nn.Module) -> None:
     if ignored is None:
         ignored = set(model.__dict__.get("_ddp_params_and_buffers_to_ignore", ()))
     exposed = [n for n in _table_state_names(model) if n not in ignored]
-    if not exposed:
-        exposed = [n for n, p in model.named_parameters() if getattr(p, "is_table_storage", False) and n not in ignored]
+    if not exposed:  # named as DDP names the parameters it takes (`_build_params_for_reducer`)
+        exposed = [f"{m}.{n}" if m else n for m, sub in model.named_modules() for n, p in sub.named_parameters(recurse=False)
+                   if getattr(p, "is_table_storage", False) and (f"{m}.{n}" if m else n) not in ignored]
     if exposed:
         raise ValueError(
             f"DistributedDataParallel would manage the ShardedEmbedding storage {exposed}: its start-up "
