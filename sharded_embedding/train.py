@@ -54,12 +54,19 @@ def run(cfg) -> int:
     for noisy in ("gensim", "matplotlib", "smart_open"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     errors = C.validate(cfg, world)
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
+    if not errors and not cfg.train.resume:
+        old = CheckpointManager(directory).latest()
+        if old is not None:  # a fresh run would prune its own checkpoints, keeping the higher steps there
+            errors.append(f"{directory} holds checkpoints of an earlier run (newest: {old.name}) and this run does not "
+                          "resume: resume it with train.resume=true, or use another out_dir (or "
+                          "train.checkpoint_dir), or move those checkpoints away")
     # Files can differ between nodes: every rank learns every rank's findings.
     reports = all_gather_strings("\n".join(errors))
     problems = sorted({e for text in reports for e in text.split("\n") if e})
     if problems:
         return _stop("configuration error:\n  " + "\n  ".join(problems))
-    out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     phases = Phases(rank, world)
@@ -88,7 +95,6 @@ def run(cfg) -> int:
              sharding.page_size, cfg.sharding.kind)
 
     progress = _Progress(rank, cfg.train.epochs)
-    directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
     checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
     training = SkipGramTraining(cfg, model, corpus.tokens, keep_probability(vocab.counts, cfg.data.sample),
                                 unigram_cdf(vocab.counts), corpus.corpus_words, progress,

@@ -74,6 +74,18 @@ def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, mes
         (["data.path=/dev/zero"], "data.path: /dev/zero is neither a regular file nor a folder"),
         (["train.checkpoint_dir=/proc/ckpt"], "train.checkpoint_dir=/proc/ckpt: cannot be created: /proc refuses "
                                               "new folders"),
+        # (these escaped to the tables' construction: tracebacks from every rank, exit 1)
+        (["optimizer.betas=[0.9]"], "optimizer: fused_optimizer 'rowwise_adagrad' does not take ['betas']"),
+        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer: fused_optimizer 'adam': betas must be two numbers"),
+        (["optimizer=adam", "optimizer.betas=[2,3]"], "optimizer: fused_optimizer 'adam': betas must be two numbers"),
+        (["optimizer=adam", "optimizer.lr_decay=0.1"], "optimizer: fused_optimizer 'adam' does not take ['lr_decay']"),
+        (["optimizer=sgd", "optimizer.eps=1e-8"], "optimizer: fused_optimizer 'sgd' does not take ['eps']"),  # was dropped
+        (["model.block=100000"], "model.block=100000 is more than train.batch_centers=4096"),  # allocated 80 GB
+        (["sharding=explicit", "sharding.pages=[true,1,0,1]"],  # was placed on rank 1
+         "sharding.pages[0] holds True, which is not a rank: ranks are integers"),
+        (["sharding=explicit", "sharding.pages=[1.0,1,0,1]"], "sharding.pages[0] holds 1.0, which is not a rank"),
+        (["sharding.pages=[0,1]"], "sharding.pages=[0, 1] is not read by sharding=round_robin"),  # were ignored
+        (["sharding.memory_per_rank=1MB"], "sharding.memory_per_rank=1MB is not read by sharding=round_robin"),
     ],
 )
 def test_config_errors_found_by_validate_name_the_key(overrides, message):
@@ -98,6 +110,17 @@ def test_config_errors_found_at_composition_or_placement_name_the_key():
     cfg = compose("train", register, ["sharding=hot_mirrored", "sharding.hot_pages=100"])
     with pytest.raises(ConfigError, match=r"sharding.hot_pages=100, but the tables have 16 pages"):
         placement(cfg, 7978, 2)
+
+
+def test_round_robin_takes_num_devices():
+    """sharding.num_devices was validated and then ignored (every rank got pages)."""
+    from sharded_embedding.hydra_app import compose
+    from sharded_embedding.word2vec.config import placement, register
+
+    cfg = compose("train", register, ["sharding.num_devices=2", "sharding.page_size=1000"])
+    assert placement(cfg, 7978, 3) == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert placement(compose("train", register, []), 7978, 3) == "round_robin"
+    assert placement(compose("train", register, ["sharding.num_devices=3"]), 7978, 3) == "round_robin"
 
 
 def test_short_training_run_on_two_ranks(tmp_path):
@@ -207,6 +230,20 @@ def test_a_resume_that_changes_the_data_order_is_refused_naming_the_key(tmp_path
     assert done.returncode == 2
     assert out.count("settings that decide the data order: train.batch_centers=500 (now 200)") == 1, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before  # nothing changed
+    # A fresh run (no resume) into that out_dir would prune its own checkpoints (the earlier
+    # run's steps are higher) and a later resume would export the earlier run: refused.
+    done = _train(tmp_path, "train.epochs=1", "evaluate=false")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert out.count("holds checkpoints of an earlier run (newest: step_") == 1 and "train.resume=true" in out, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before
+    # Another optimizer: its state does not fit (sgd resumed silently, dropping it).
+    done = _train(tmp_path, "train.epochs=1", "train.batch_centers=500", "train.resume=true", "evaluate=false",
+                  "optimizer=sgd")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert out.count("was trained with optimizer=rowwise_adagrad (now optimizer=sgd)") == 1, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before
 
 
 def test_a_diverged_run_stops_with_one_message_and_keeps_the_last_good_checkpoint(tmp_path):

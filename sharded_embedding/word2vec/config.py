@@ -170,6 +170,18 @@ def validate(cfg, world_size: int) -> list[str]:
         value = getattr(o, key, None)
         if value is not None and not (value >= 0 and math.isfinite(value)):
             errors.append(f"optimizer.{key} must be a finite number >= 0, got {value}")
+    if o.name in OPTIMIZERS and not errors:  # what the table will be built with (betas, keys of another optimizer)
+        import torch
+
+        from ..optimizers import build_fused_optimizer
+
+        try:
+            build_fused_optimizer(fused_optimizer(cfg), torch.empty(0, 1))
+        except ValueError as e:
+            errors.append(f"optimizer: {e} (optimizer.<key>=null leaves a key unset)")
+    if isinstance(m.block, int) and isinstance(t.batch_centers, int) and m.block > t.batch_centers >= 1:
+        errors.append(f"model.block={m.block} is more than train.batch_centers={t.batch_centers}: a block of centers "
+                      "shares its negatives, and a batch has at most batch_centers centers")
     if m.comm_dtype is not None and m.comm_dtype not in COMM_DTYPES:
         errors.append(f"model.comm_dtype={m.comm_dtype!r} is not one of {list(COMM_DTYPES)} or null")
     if s.kind not in SHARDING_KINDS:
@@ -196,8 +208,18 @@ def validate(cfg, world_size: int) -> list[str]:
                 if len(set(map(str, ranks))) < len(ranks):
                     errors.append(f"sharding.pages[{p}] repeats a rank: {ranks}")
                 for r in ranks:
-                    if not isinstance(r, int) or not 0 <= r < world_size:
+                    if isinstance(r, bool) or not isinstance(r, int):
+                        errors.append(f"sharding.pages[{p}] holds {r!r}, which is not a rank: ranks are integers")
+                    elif not 0 <= r < world_size:
                         errors.append(f"sharding.pages[{p}] names rank {r!r}, but the world has ranks 0..{world_size - 1}")
+    if s.kind in SHARDING_KINDS:  # keys another kind reads would be ignored silently
+        used = {"round_robin": {"num_devices"}, "explicit": {"pages"}, "hot_mirrored": {"hot_pages"},
+                "auto": {"memory_per_rank"}}
+        for key, default in (("num_devices", -1), ("pages", None), ("hot_pages", 1), ("memory_per_rank", None)):
+            value = getattr(s, key, default)
+            if key not in used[s.kind] and value is not None and value != default and value != []:
+                errors.append(f"sharding.{key}={value} is not read by sharding={s.kind} (it belongs to another "
+                              "sharding kind): choose that kind (sharding=<kind>) or leave the key out")
     for key, folder in (("out_dir", cfg.out_dir), ("data.cache_dir", d.cache_dir),
                         ("train.checkpoint_dir", t.checkpoint_dir)):
         problem = folder_problem(folder)
@@ -242,8 +264,10 @@ def placement(cfg, vocab_size: int, world_size: int):
     `sharding`); ConfigError if an explicit list has the wrong number of pages."""
     s = cfg.sharding
     num_pages = math.ceil(vocab_size / s.page_size)
-    if s.kind == "round_robin":
-        return "round_robin"
+    if s.kind == "round_robin":  # over the first num_devices ranks (-1: all)
+        if s.num_devices in (-1, world_size):
+            return "round_robin"
+        return [p % s.num_devices for p in range(num_pages)]
     if s.kind == "hot_mirrored":
         if s.hot_pages > num_pages:
             raise ConfigError(f"sharding.hot_pages={s.hot_pages}, but the tables have {num_pages} pages "
@@ -319,6 +343,4 @@ def fused_optimizer(cfg) -> dict:
     spec = {k: v for k, v in dict(cfg.optimizer).items() if v is not None}
     if "betas" in spec:
         spec["betas"] = tuple(spec["betas"])
-    if spec["name"] == "sgd":
-        spec = {"name": "sgd", "lr": spec["lr"]}
     return spec

@@ -89,6 +89,12 @@ class SkipGramTraining:
                 f"{path} was trained with other settings that decide the data order: "
                 + ", ".join(f"{k}={saved.get(k)!r} (now {self.data_order.get(k)!r})" for k in changed)
                 + ". Resume with the checkpoint's values, or start a new run (another out_dir)")
+        saved_optimizer, optimizer = info.get("optimizer"), self.cfg.optimizer.name
+        if saved_optimizer is not None and saved_optimizer != optimizer:  # its state fits that optimizer only
+            raise CheckpointError(
+                f"{path} was trained with optimizer={saved_optimizer} (now optimizer={optimizer}): its optimizer "
+                "state loads only into the same optimizer. Resume with optimizer=" + saved_optimizer + " (its "
+                "hyperparameters, such as optimizer.lr, may change), or start a new run (another out_dir)")
         rank_state, _ = self.checkpoints.load(path, self._tables())
         self.state, rng = LoopState.from_rank_state(rank_state)
         self.gen.set_state(rng)
@@ -104,7 +110,8 @@ class SkipGramTraining:
         try:
             return self.checkpoints.save(s.step, self._tables(), s.to_rank_state(self.gen.get_state()),
                                          {"world_size": self.world, "epoch": s.epoch, "next_batch": s.next_batch,
-                                          "finished": self.finished, "data_order": self.data_order}, progress)
+                                          "finished": self.finished, "data_order": self.data_order,
+                                          "optimizer": self.cfg.optimizer.name}, progress)
         finally:
             s.elapsed = saved
 
