@@ -302,3 +302,34 @@ def test_a_token_file_of_another_size_than_the_manifest_says_is_not_reused(tmp_p
     assert not _matching(tmp_path / "manifest.json", key, 1, tokens)
     tokens.write_bytes(b"\0" * 4 * 4)
     assert not _matching(tmp_path / "manifest.json", key, 1, tokens)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_corpus_of_one_long_line_is_shared_by_every_rank(tmp_path, monkeypatch, compressed, world):
+    """text8 is one line of 100 MB: every rank's share started at a line start, so rank 0 read it
+    all. Past LONG_LINE bytes without a line end, shares and chunks start at a space instead:
+    every rank gets a part, no word is cut, and together they are the text's words in order."""
+    import sharded_embedding.word2vec.text as T
+
+    monkeypatch.setattr(T, "LONG_LINE", 64)
+    words = [f"w{i % 97}" for i in range(3000)]
+    path = tmp_path / ("text8.gz" if compressed else "text8")
+    data = " ".join(words).encode()
+    if compressed:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    shares = _lines_of(CorpusSpec.resolve(str(path)), world, chunk_bytes=512)
+    assert all(shares)  # every rank got a part
+    got = [w for share in shares for line in share for w in line.split()]
+    if compressed:  # pieces go to the ranks in turn: every word once, each piece a run of the text
+        assert sorted(got) == sorted(words)
+        text = " " + " ".join(words) + " "
+        assert all(f" {line.strip()} " in text for share in shares for line in share)
+    else:
+        assert got == words
+    short = tmp_path / "short.txt"  # lines shorter than LONG_LINE keep the line rule
+    short.write_bytes(b"a b c d e f g\nh i j\n")
+    assert _lines_of(CorpusSpec.resolve(str(short)), 2, chunk_bytes=3) == [["a b c d e f g"], ["h i j"]]

@@ -12,7 +12,10 @@ Each rank reads its share and nothing else:
   and keeps the chunks ``k`` with ``(k + file index) % world == rank``.
 
 Text comes in chunks of about `CHUNK_BYTES`, cut at line ends, so memory is bounded by the
-chunk whatever the corpus size. Bytes are decoded with ``encoding`` (UTF-8 by default, validated
+chunk whatever the corpus size. A corpus of very long lines (text8 is one line of 100 MB) is cut
+at a space instead where no line ends nearby (`LONG_LINE` bytes when a rank's share starts, a
+chunk's length when a chunk ends): each piece is a sentence of its own, and every rank gets its
+share (the whole of text8 went to rank 0). Bytes are decoded with ``encoding`` (UTF-8 by default, validated
 by Arrow without a Python string); bytes that do not decode stop the rank with a `CorpusError`
 naming the file, the line and the option to set, unless ``errors`` says to replace or ignore them.
 """
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 __all__ = ["CHUNK_BYTES", "CorpusError", "CorpusSpec", "Chunk", "read_chunks", "tokenize"]
 
 CHUNK_BYTES = 64 << 20
+LONG_LINE = 1 << 20  # a rank's share starts at a space when no line starts within this many bytes
 _BLOCK = 1 << 20  # read size when looking for a line end
 _BOM = b"\xef\xbb\xbf"
 _OPENERS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
@@ -154,20 +158,26 @@ def tokenize(lines: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 # ---------------------------------------------------------------------------- reading bytes
 def _line_start(f, position: int, size: int) -> int:
-    """The first line start at or after ``position``."""
+    """The first line start at or after ``position``; inside a line longer than `LONG_LINE`
+    bytes, the first word start after a space within those bytes (when there is one)."""
     if position <= 0:
         return 0
     if position >= size:
         return size
     f.seek(position - 1)
-    at = position - 1
+    at, space = position - 1, -1
     while True:
         block = f.read(_BLOCK)
         if not block:
             return size
         found = block.find(b"\n")
-        if found >= 0:
+        if space < 0 and at - position < LONG_LINE:
+            near = block.find(b" ", 0, max(0, position + LONG_LINE - at))
+            space = at + near + 1 if near >= 0 else -1
+        if found >= 0 and (space < 0 or at + found + 1 - position <= LONG_LINE):
             return at + found + 1
+        if space >= 0 and at + len(block) - position > LONG_LINE:
+            return space
         at += len(block)
 
 
@@ -181,7 +191,9 @@ def _cut_lines(blocks, chunk_bytes: int):
         carry += block
         while len(carry) >= chunk_bytes:
             end = carry.rfind(b"\n", 0, len(carry)) + 1
-            if end == 0:  # one line longer than a chunk: wait for its end
+            if end == 0 and len(carry) >= LONG_LINE:  # a long line: cut it after its last space
+                end = carry.rfind(b" ", 0, len(carry)) + 1
+            if end == 0:  # one line longer than a chunk: wait for its end (or, past LONG_LINE, a space)
                 break
             yield carry_at, carry[:end]
             carry, carry_at = carry[end:], carry_at + end
