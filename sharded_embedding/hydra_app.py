@@ -121,6 +121,21 @@ def shared_out_dir(configs) -> str | None:
     return next((r for r in fixed if fixed.count(r) > 1), None)
 
 
+def _claim(folder: str) -> str:
+    """``folder``, made here, or ``folder-1``, ``folder-2``, ... if another run made it first
+    (two launches in the same second shared Hydra's default folder: mixed logs and configs)."""
+    for n in range(1000):
+        name = folder if n == 0 else f"{folder}-{n}"
+        try:
+            os.makedirs(name, exist_ok=False)
+            return name
+        except FileExistsError:
+            continue
+        except OSError:
+            return folder  # cannot make it here: Hydra reports the folder problem itself
+    return folder
+
+
 def agreed_run_dir(overrides: list[str], multirun: bool) -> list[str]:
     """Hydra overrides that put every rank in one run (or sweep) folder, Hydra's files and
     logs on rank 0 only."""
@@ -128,7 +143,7 @@ def agreed_run_dir(overrides: list[str], multirun: bool) -> list[str]:
         ("hydra.run.dir", "outputs/%Y-%m-%d/%H-%M-%S")
     extra = []
     if not any(o.startswith(key + "=") for o in overrides):
-        stamp = time.strftime(pattern)
+        stamp = _claim(time.strftime(pattern)) if dist.get_rank() == 0 else ""
         if dist.get_world_size() > 1:
             stamp = all_gather_strings(stamp)[0]  # rank 0's
         extra.append(f"{key}={stamp}")

@@ -350,3 +350,13 @@ def test_sharding_auto_takes_a_page_size_given_and_chooses_one_otherwise():
     assert chosen.sharding.page_size is None and sharding(chosen, counts, 2).page_size >= 1
     assert any("sharding.page_size must be >= 1" in e
                for e in validate(compose("train", register, ["sharding.page_size=null"]), 2))
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    """Hydra's default run folder is the second the run started: two launches in the same
+    second wrote into one folder (mixed logs, one's config beside the other's metrics). The
+    second now gets the folder with -1 after it."""
+    from sharded_embedding.hydra_app import _claim
+
+    stamp = str(tmp_path / "outputs" / "2026-11-30" / "13-04-38")
+    assert _claim(stamp) == stamp and _claim(stamp) == stamp + "-1" and _claim(stamp) == stamp + "-2"
