@@ -360,3 +360,24 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
 
     stamp = str(tmp_path / "outputs" / "2026-11-30" / "13-04-38")
     assert _claim(stamp) == stamp and _claim(stamp) == stamp + "-1" and _claim(stamp) == stamp + "-2"
+
+
+def test_a_correlation_over_too_few_pairs_is_not_reported():
+    """With 2-3 WordSim pairs in vocabulary the job printed 'Spearman 1.000'; below MIN_PAIRS
+    the score is n/a (None), with the pairs counted; over enough pairs it is gensim's."""
+    import numpy as np
+    from gensim.models import KeyedVectors
+
+    from sharded_embedding.word2vec.evaluation import MIN_PAIRS, evaluate_vectors, format_table
+
+    few = KeyedVectors(4)
+    few.add_vectors(["tiger", "cat", "king", "queen"], np.random.default_rng(0).random((4, 4), dtype=np.float32))
+    got = evaluate_vectors(few)
+    assert got["wordsim353_spearman"] is None and 0 < got["wordsim353_pairs"] < MIN_PAIRS, got
+    assert "n/a" in format_table(got)
+    words = sorted({w for line in open(__import__("gensim.test.utils", fromlist=["datapath"]).datapath("wordsim353.tsv"))
+                    if line[0] != "#" for w in line.split("\t")[:2]})
+    many = KeyedVectors(4)
+    many.add_vectors(words, np.random.default_rng(0).random((len(words), 4), dtype=np.float32))
+    got = evaluate_vectors(many)
+    assert got["wordsim353_pairs"] >= MIN_PAIRS and got["wordsim353_spearman"] is not None
