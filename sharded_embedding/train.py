@@ -153,7 +153,8 @@ def run(cfg) -> int:
                       "training.", stage, type(e).__name__, e, final)
         return 1
     if rank == 0:
-        log.info("outputs in %s: %s, metrics.json, loss.png", out, ", ".join(FILES[f] for f in formats))
+        files = [FILES[f] for f in formats] + (["vocab.txt"] if "npy" in formats else [])
+        log.info("outputs in %s: %s, metrics.json, loss.png", out, ", ".join(files))
     return 0
 
 

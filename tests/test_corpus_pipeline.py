@@ -333,3 +333,17 @@ def test_a_corpus_of_one_long_line_is_shared_by_every_rank(tmp_path, monkeypatch
     short = tmp_path / "short.txt"  # lines shorter than LONG_LINE keep the line rule
     short.write_bytes(b"a b c d e f g\nh i j\n")
     assert _lines_of(CorpusSpec.resolve(str(short)), 2, chunk_bytes=3) == [["a b c d e f g"], ["h i j"]]
+
+
+def _build_blank(path):
+    from sharded_embedding.word2vec.vocab import build_vocabulary
+
+    with pytest.raises(CorpusError, match=r"the corpus holds no words \(only whitespace, or nothing\): check data.path"):
+        build_vocabulary(CorpusSpec.resolve(path), min_count=1, max_vocab=None)
+
+
+def test_a_corpus_without_words_says_so(tmp_path):
+    """A blank corpus was told to lower data.min_count."""
+    path = tmp_path / "blank.txt"
+    path.write_text(" \n\t\n\n")
+    run_ranks(2, _build_blank, str(path))

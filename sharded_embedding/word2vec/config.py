@@ -235,7 +235,7 @@ def validate(cfg, world_size: int) -> list[str]:
         errors.append(str(e))
     except ImportError:
         errors.append("data.path is not set and gensim (which ships the default corpus) is not installed")
-    if path is not None:
+    if path is not None and d.decode_errors in DECODE_ERRORS:  # (else said above)
         from .text import CorpusSpec
 
         try:
@@ -306,8 +306,8 @@ def sharding(cfg, counts, world_size: int) -> Sharding:
     if cfg.sharding.kind == "auto":
         try:
             plan = plan_placement(vocab_size, cfg.model.dim, world_size, page_size=cfg.sharding.page_size, **common)
-        except PlanningError as e:
-            raise ConfigError(f"sharding=auto: {e}") from None
+        except PlanningError as e:  # (the planner's batch_size is the job's train.batch_centers)
+            raise ConfigError(f"sharding=auto: {str(e).replace('batch_size', 'train.batch_centers')}") from None
         return Sharding(plan.page_size, plan.placement, plan)
     chosen = placement(cfg, vocab_size, world_size)
     plan = predict_placement(vocab_size, cfg.model.dim, world_size, page_size=cfg.sharding.page_size,

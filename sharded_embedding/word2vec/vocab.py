@@ -141,6 +141,8 @@ def build_vocabulary(spec: CorpusSpec, *, min_count: int, max_vocab: int | None,
     merging()
     total = int(all_reduce_host(torch.tensor([tokens], dtype=torch.int64), group=group))
     words, counts, top = merge_counts(words, counts, min_count=min_count, max_vocab=max_vocab, group=group)
+    if total == 0:
+        raise CorpusError("the corpus holds no words (only whitespace, or nothing): check data.path")
     if len(words) == 0:
         raise CorpusError(
             f"the vocabulary is empty: no word of the corpus's {total:,} tokens occurs data.min_count={min_count} "
