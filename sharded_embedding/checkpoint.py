@@ -292,10 +292,11 @@ class CheckpointManager:
             except OSError as e:
                 error = f"cannot create {partial}: {e}"
         agree_or_raise(self.group, f"checkpoint {final.name}", "created", error, device)
-        steps = {}
+        steps, checksums = {}, {}
         for name, emb in tables.items():
             for key, storage in emb._row_states().items():
-                export_table(emb, str(partial / f"{name}.{key}.npy"), progress, storage.detach())  # raises everywhere
+                crcs = export_table(emb, str(partial / f"{name}.{key}.npy"), progress, storage.detach())  # raises everywhere
+                checksums[f"{name}.{key}"] = {"page_size": emb.plan.page_size, "crc32": crcs}
             if emb.optimizer is not None:
                 steps[name] = emb.optimizer.step.detach().cpu().clone()
         try:
@@ -306,7 +307,7 @@ class CheckpointManager:
         error = None
         if self.rank == 0:
             try:
-                self._finalize(partial, final, step, info)
+                self._finalize(partial, final, step, {**info, "checksums": checksums})
             except OSError as e:
                 error = f"could not complete {final}: {e}"
         agree_or_raise(self.group, f"checkpoint {final.name}", "complete", error, device)
@@ -342,8 +343,9 @@ class CheckpointManager:
         checkpoint ``path``; returns (this rank's rank_state, the checkpoint's info). Nothing is
         unpickled: rank files load with ``weights_only=True``. A missing, truncated, damaged or
         foreign file raises CheckpointError on every rank, all files checked before any row
-        changes."""
-        from .export import import_table, npy_problem
+        changes: also every page's bytes against the CRC-32 written with it (each rank reads
+        1/world of each file for that, whatever the layout loaded into)."""
+        from .export import checksum_problem, import_table, npy_problem
 
         info = self.info(path)
         world = dist.get_world_size(self.group)
@@ -359,25 +361,37 @@ class CheckpointManager:
                 if emb.optimizer is not None:
                     steps[name] = torch.as_tensor(saved["optimizer_steps"][name]).reshape(())
         except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign rank file
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+            first = (str(e).strip().splitlines() or [""])[0]  # (not torch's advice to unpickle anything)
+            error = f"rank {self.rank}: {type(e).__name__}: {first}"
         errors = [e for e in all_gather_strings(error, self.group) if e]
         if errors:
-            raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(errors))
+            raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(errors) + _ASIDE)
         problems = [npy_problem(emb, str(path / f"{name}.{key}.npy"), storage)
                     for name, emb in tables.items() for key, storage in emb._row_states().items()]
         problems = [e for e in all_gather_strings("; ".join(p for p in problems if p), self.group) if e]
         if problems:  # every file is checked before any row changes
-            raise CheckpointError(f"checkpoint {path} could not be read: {problems[0]}")
+            raise CheckpointError(f"checkpoint {path} could not be read: {problems[0]}{_ASIDE}")
+        checksums = info.get("checksums") or {}  # (none in checkpoints written before them)
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        problems = [checksum_problem(str(path / f"{name}.{key}.npy"), checksums[f"{name}.{key}"], rank, world)
+                    for name, emb in tables.items() for key in emb._row_states() if f"{name}.{key}" in checksums]
+        problems = [e for e in all_gather_strings("; ".join(p for p in problems if p), self.group) if e]
+        if problems:  # every page's bytes, each rank a share of them, before any row changes
+            raise CheckpointError(f"checkpoint {path} could not be read: {problems[0]}{_ASIDE}")
         for name, emb in tables.items():
             for key, storage in emb._row_states().items():
                 try:
                     import_table(emb, str(path / f"{name}.{key}.npy"), storage=storage.data)
                 except ValueError as e:
-                    raise CheckpointError(f"checkpoint {path} could not be read: {e}") from None
+                    raise CheckpointError(f"checkpoint {path} could not be read: {e}{_ASIDE}") from None
         with torch.no_grad():
             for name, step in steps.items():
                 tables[name].optimizer.step.copy_(step)
         return state, info
+
+
+_ASIDE = (". Move that checkpoint folder away (or rename it to something other than step_<digits>) to resume "
+          "from the one before it")
 
 
 def _fsync_dir(path: Path) -> None:

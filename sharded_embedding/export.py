@@ -24,6 +24,7 @@ import ctypes
 import math
 import os
 import shutil
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -58,8 +59,9 @@ def local_views(emb, storage: torch.Tensor | None = None) -> dict[int, torch.Ten
 
 def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
                 encode: Callable[[int, torch.Tensor], bytes | memoryview],
-                progress: Callable[[int], None] = lambda rows: None, storage: torch.Tensor | None = None) -> None:
-    """Write ``header`` then every page of ``emb`` in page order to ``path`` (collective).
+                progress: Callable[[int], None] = lambda rows: None, storage: torch.Tensor | None = None) -> list[int]:
+    """Write ``header`` then every page of ``emb`` in page order to ``path`` (collective);
+    returns every page's CRC-32 (zlib's, of the bytes written for it), the same on every rank.
 
     ``page_size(p)`` is the byte size of page ``p``; it is asked of the primary owner of each
     page. ``encode(p, rows)`` returns the bytes of page ``p`` from its local rows of
@@ -83,12 +85,14 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
     error = _create(path, partial, header, total) if rank == 0 else None
     _agree(emb, "export: creating the file", error, partial)
     error = None
+    crcs = torch.zeros(plan.num_pages, dtype=torch.int64)
     try:
         fd = os.open(partial, os.O_WRONLY)
         try:
             local = local_views(emb, storage)
             for p in mine:
                 data = memoryview(encode(p, local[p].detach().cpu())).cast("B")
+                crcs[p] = zlib.crc32(data)
                 if data.nbytes != int(sizes[p]):  # it would overwrite the next page or leave a gap
                     error = (f"rank {rank}: page {p} was encoded to {data.nbytes} bytes, but {int(sizes[p])} were "
                              f"reserved for it in {partial}")
@@ -109,6 +113,7 @@ def write_pages(emb, path: str, header: bytes, page_size: Callable[[int], int],
         except OSError as e:
             error = f"could not rename {partial} to {path}: {e}"
     _agree(emb, "export: completing the file", error, partial)
+    return all_reduce_host(crcs, group=group).tolist()  # each page's from its primary owner
 
 
 def _create(path: str, partial: str, header: bytes, total: int) -> str | None:
@@ -206,17 +211,17 @@ def _read_npy_header(path: str) -> tuple[torch.dtype, tuple[int, ...], int]:
 
 
 def export_table(emb, path: str, progress: Callable[[int], None] = lambda rows: None,
-                 storage: torch.Tensor | None = None) -> None:
+                 storage: torch.Tensor | None = None) -> list[int]:
     """Write ``emb``'s table (or ``storage``, per-row state laid out like the local rows) to
-    ``path`` as one .npy of shape ``[num_embeddings, ...]`` (collective; see `write_pages`).
-    Dtypes .npy has no name for (bfloat16) are written as float32."""
+    ``path`` as one .npy of shape ``[num_embeddings, ...]`` (collective; see `write_pages`);
+    returns each page's CRC-32. Dtypes .npy has no name for (bfloat16) are written as float32."""
     storage = emb.weight if storage is None else storage
     dtype = storage.dtype if storage.dtype in _DESCR else torch.float32
     tail = tuple(storage.shape[1:])
     row_bytes = math.prod(tail) * dtype.itemsize
     header = _npy_header(_DESCR[dtype], (emb.num_embeddings, *tail))
-    write_pages(emb, path, header, lambda p: emb.plan.page_rows(p) * row_bytes,
-                lambda p, rows: tensor_bytes(rows.to(dtype).contiguous()), progress, storage)
+    return write_pages(emb, path, header, lambda p: emb.plan.page_rows(p) * row_bytes,
+                       lambda p, rows: tensor_bytes(rows.to(dtype).contiguous()), progress, storage)
 
 
 def import_table(emb, path: str, storage: torch.Tensor | None = None) -> None:
@@ -252,6 +257,29 @@ def import_table(emb, path: str, storage: torch.Tensor | None = None) -> None:
     except (OSError, ValueError) as e:
         error = f"rank {emb.rank}: {e}"
     agree_or_raise(emb.process_group, "import_table", "read", error, emb.device)
+
+
+def checksum_problem(path: str, checksums: dict, part: int, parts: int) -> str | None:
+    """Check part ``part`` of ``parts`` of the pages of the .npy at ``path`` against the CRC-32
+    of each that `export_table` returned when it wrote them (``{"page_size": rows, "crc32":
+    [...]}``): pages ``part, part + parts, ...``, whatever the layout they are loaded into (so
+    ``parts`` ranks check a file together, each reading 1/parts of it). What is wrong, or None.
+    No communication."""
+    try:
+        dtype, shape, offset = _read_npy_header(path)
+        page_size, crcs = int(checksums["page_size"]), checksums["crc32"]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        with open(path, "rb") as f:
+            for p in range(part, len(crcs), parts):
+                first = p * page_size
+                rows = min(page_size, shape[0] - first)
+                data = os.pread(f.fileno(), rows * row_bytes, offset + first * row_bytes)
+                if len(data) != rows * row_bytes or zlib.crc32(data) != crcs[p]:
+                    return (f"{path}: rows {first:,}-{first + rows - 1:,} do not match the checksum written with them: "
+                            "the file is damaged")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: its pages could not be checked: {e}"
+    return None
 
 
 def npy_problem(emb, path: str, storage: torch.Tensor | None = None) -> str | None:

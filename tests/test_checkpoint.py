@@ -309,6 +309,20 @@ def _manager(directory: str, case: str):
         dist.barrier()
         with pytest.raises(CheckpointError, match="could not be read: .* is truncated"):
             manager.load(first, {"emb": emb})
+    elif case == "damaged_data":  # bytes changed inside the file: same size, readable, wrong rows
+        if rank == 0:
+            data = first / "emb.weight.npy"
+            raw = bytearray(data.read_bytes())
+            raw[-4 * D * 3 : -4 * D * 2] = bytes(4 * D)  # one row zeroed, in the last page
+            data.write_bytes(bytes(raw))
+        dist.barrier()
+        other = ShardedEmbedding(N, D, page_size=7, fused_optimizer={"name": "rowwise_adagrad", "lr": 0.1})
+        untouched = (emb.full_table(), other.full_table())
+        for target in (emb, other):  # the saved layout, and another page size
+            with pytest.raises(CheckpointError, match=r"rows [\d,]+-[\d,]+ do not match the checksum written with "
+                                                      r"them: the file is damaged. Move that checkpoint folder"):
+                manager.load(first, {"emb": target})
+        assert torch.equal(emb.full_table(), untouched[0]) and torch.equal(other.full_table(), untouched[1])
     elif case == "missing_state":
         plain = ShardedEmbedding(N, D, page_size=10, fused_optimizer={"name": "adagrad", "lr": 0.1})
         untouched = plain.full_table().clone()
@@ -337,7 +351,7 @@ def _manager(directory: str, case: str):
             manager.load(first, {"emb": emb})
 
 
-@pytest.mark.parametrize("case", ["failed_save", "malicious_rank_file", "truncated_data", "missing_state",
+@pytest.mark.parametrize("case", ["failed_save", "malicious_rank_file", "truncated_data", "damaged_data", "missing_state",
                                   "other_world", "damaged_marker", "marker_not_a_dict", "rank_file_without_state"])
 def test_checkpoint_manager(tmp_path, case):
     run_ranks(2, _manager, str(tmp_path / "ckpts"), case)
