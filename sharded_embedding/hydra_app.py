@@ -217,5 +217,11 @@ def main(argv: list[str] | None, *, config_name: str, register, run, bind_cpus, 
     # log file) after the module of the task: name it after the app.
     name = [] if any(o.startswith("hydra.job.name=") for o in overrides) else [f"hydra.job.name={config_name}"]
     sys.argv = [sys.argv[0], *(["-m"] if multirun else []), *overrides, *name, *agreed_run_dir(overrides, multirun)]
-    entry()
+    try:
+        entry()
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: one line, not a traceback per rank
+        if dist.get_rank() == 0:
+            print("interrupted (SIGINT): rerun with train.resume=true and the same out_dir to continue from its last "
+                  "checkpoint, if it wrote one (train.checkpoint_every)", file=sys.stderr, flush=True)
+        return 130
     return exit_code["code"]

@@ -8,7 +8,8 @@ The arguments are exactly torchrun's (``torch.distributed.run``), and so is ever
 message and exits 1 whatever the workers' codes. The jobs here report their errors themselves,
 once, on rank 0, and exit with a code that means something (2: configuration or data, 3:
 training diverged, 1: anything else). This prints one line instead of the traceback and exits
-with the largest code a worker exited with (or 128 + the signal that killed one).
+with the largest code a worker exited with (or 128 + the signal that killed one); a launcher
+stopped by a signal (Ctrl-C, SIGTERM) says so in one line and exits 128 + the signal.
 """
 
 from __future__ import annotations
@@ -19,19 +20,26 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
+    except SignalException as e:  # torchrun stops the workers, then raises this with a traceback
+        print(f"{args.training_script}: interrupted by {e.sigval.name}: the workers were stopped", file=sys.stderr,
+              flush=True)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
         worst = max((c if c > 0 else 128 - c for c in codes.values()), default=1)
         detail = ", ".join(
             f"rank {r}: {'code ' + str(c) if c > 0 else 'signal ' + str(-c)}" for r, c in sorted(codes.items())
         )
-        print(f"{e.name}: stopped ({detail}); its message is above", file=sys.stderr, flush=True)
+        why = "its message is above" if any(c > 0 for c in codes.values()) else \
+            "a worker was killed (by a signal: out of memory, a kill): there is no message of its own"
+        print(f"{e.name}: stopped ({detail}); {why}", file=sys.stderr, flush=True)
         return worst
     return 0
 
