@@ -5,7 +5,8 @@
 #   bash launch/train.sh -m optimizer=sgd,adagrad            # a sweep: the jobs run one after another
 # Survive a lost rank: torchrun restarts the group and the job resumes from its last checkpoint:
 #   MAX_RESTARTS=3 bash launch/train.sh out_dir=/data/run1 train.checkpoint_every=200 train.resume=true
-# Exit code: 0, or the job's (2: configuration or data error, 3: training diverged, 1: other).
+# Exit code: 0, or the job's (2: configuration or data error, 3: training diverged, 1: other;
+# 130 / 143: interrupted by SIGINT / SIGTERM, 128 + N: a worker killed by signal N).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
