@@ -208,6 +208,27 @@ def test_ddp_refuses_before_broadcasting_a_table_it_would_manage():
     run_ranks(2, _ddp_refuses_a_table_it_cannot_see)
 
 
+def _train_beside_a_wrapper(wrapped, model, ref_table, ref_head, steps: int = 2):
+    """Train ``wrapped`` (a data-parallel wrapper of ``model``, a TableAndHead whose table it
+    leaves alone) with SGD on both parts, against nn.Embedding + the head on every rank's batch
+    (the head's gradient averaged, as DDP and FSDP do); the tables must match at every step."""
+    rank, world = rank_world()
+    n = ref_table.num_embeddings
+    opts = [torch.optim.SGD(table_parameters(model), lr=0.1),
+            torch.optim.SGD([p for p in wrapped.parameters() if p is not model.emb.weight], lr=0.1)]
+    ref_opts = [torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)]
+    for step in range(steps):
+        ids = [make_ids(n, r, step, 8) for r in range(world)]
+        wrapped(ids[rank]).sum().backward()
+        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
+        for p in ref_head.parameters():
+            p.grad /= world
+        for o in opts + ref_opts:
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+
+
 def _replicate(ignore: bool):
     """torch's composable replicate() builds its DDP over a ParameterList of the model's
     parameters at the first forward: its broadcast copied rank 0's pages over the others'.
@@ -228,21 +249,9 @@ def _replicate(ignore: bool):
         assert torch.equal(model.emb.weight.detach(), rows)  # nothing was broadcast
         return
     replicate(model, ignored_modules=[m for m in model.modules() if isinstance(m, ShardedEmbedding)])
-    tables, dense = split_parameters(model)
-    opts = [torch.optim.SGD(tables, lr=0.1), torch.optim.SGD(dense, lr=0.1)]
-    ref_opts = [torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)]
-    for step in range(2):
-        ids = [make_ids(n, r, step, 8) for r in range(world)]
-        model(ids[rank]).sum().backward()
-        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
-        for p in ref_head.parameters():
-            p.grad /= world  # DDP's mean
-        for o in opts + ref_opts:
-            o.step()
-            o.zero_grad()
-        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
-        for got, want in zip(model.head.parameters(), ref_head.parameters()):
-            torch.testing.assert_close(got.detach(), want.detach())
+    _train_beside_a_wrapper(model, model, ref_table, ref_head)
+    for got, want in zip(model.head.parameters(), ref_head.parameters()):
+        torch.testing.assert_close(got.detach(), want.detach())
 
 
 @pytest.mark.parametrize("ignore", [False, True])
@@ -304,22 +313,7 @@ def _fully_shard(ignore: bool):
         assert torch.equal(model.emb._storage.detach(), rows)  # the pages are intact
         return
     fully_shard(model, ignored_params=set(table_parameters(model)))
-    opt_t = torch.optim.SGD(table_parameters(model), lr=0.1)
-    opt_h = torch.optim.SGD([p for p in model.parameters() if p is not model.emb.weight], lr=0.1)
-    ref_t, ref_h = torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)
-    for step in range(2):
-        ids = [make_ids(n, r, step, 8) for r in range(world)]
-        model(ids[rank]).sum().backward()
-        for o in (opt_t, opt_h):
-            o.step()
-            o.zero_grad()
-        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
-        for p in ref_head.parameters():
-            p.grad /= world  # FSDP reduce-scatters the mean, as DDP
-        for o in (ref_t, ref_h):
-            o.step()
-            o.zero_grad()
-        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+    _train_beside_a_wrapper(model, model, ref_table, ref_head)  # (FSDP reduce-scatters the mean, as DDP)
     head_weight = model.head.weight.full_tensor()
     torch.testing.assert_close(head_weight, ref_head.weight.detach())
 
@@ -347,22 +341,7 @@ def _fsdp1(mode: str):
             wrapped(torch.tensor([1, 2]))
         return
     wrapped = FSDP(model, device_id=torch.device("cpu"), ignored_states=table_parameters(model))
-    opt_t = torch.optim.SGD(table_parameters(model), lr=0.1)
-    opt_h = torch.optim.SGD([p for p in wrapped.parameters() if p is not model.emb.weight], lr=0.1)
-    ref_t, ref_h = torch.optim.SGD(ref_table.parameters(), lr=0.1), torch.optim.SGD(ref_head.parameters(), lr=0.1)
-    for step in range(2):
-        ids = [make_ids(n, r, step, 8) for r in range(world)]
-        wrapped(ids[rank]).sum().backward()
-        for o in (opt_t, opt_h):
-            o.step()
-            o.zero_grad()
-        sum(ref_head(ref_table(i)).sum() for i in ids).backward()
-        for p in ref_head.parameters():
-            p.grad /= world  # FSDP averages, as DDP
-        for o in (ref_t, ref_h):
-            o.step()
-            o.zero_grad()
-        torch.testing.assert_close(model.emb.full_table(), ref_table.weight.detach())
+    _train_beside_a_wrapper(wrapped, model, ref_table, ref_head)
 
 
 @pytest.mark.parametrize("mode", ["orig_params", "ignored_states"])
