@@ -208,6 +208,13 @@ def test_ddp_refuses_before_broadcasting_a_table_it_would_manage():
     run_ranks(2, _ddp_refuses_a_table_it_cannot_see)
 
 
+def _model_and_oracle(n: int = 48, d: int = 4):
+    """A TableAndHead (table of 8-row pages), nn.Embedding with its initial rows and a copy of its head."""
+    torch.manual_seed(0)
+    model = TableAndHead(n, d, 8)
+    return model, _reference(n, d), copy.deepcopy(model.head)
+
+
 def _train_beside_a_wrapper(wrapped, model, ref_table, ref_head, steps: int = 2):
     """Train ``wrapped`` (a data-parallel wrapper of ``model``, a TableAndHead whose table it
     leaves alone) with SGD on both parts, against nn.Embedding + the head on every rank's batch
@@ -236,12 +243,8 @@ def _replicate(ignore: bool):
     ignored_modules, training matches the oracle."""
     from torch.distributed._composable.replicate import replicate
 
-    rank, world = rank_world()
-    n, d = 48, 4
-    torch.manual_seed(0)
-    model = TableAndHead(n, d, 8)
+    model, ref_table, ref_head = _model_and_oracle()
     rows = model.emb.weight.detach().clone()
-    ref_table, ref_head = _reference(n, d), copy.deepcopy(model.head)
     if not ignore:
         replicate(model)
         with pytest.raises(ValueError, match=r"would manage the ShardedEmbedding storage.*ignored_modules"):
@@ -300,12 +303,8 @@ def _fully_shard(ignore: bool):
     parameters ignored, FSDP2 shards the head and training matches the oracle."""
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = rank_world()
-    n, d = 48, 4
-    torch.manual_seed(0)
-    model = TableAndHead(n, d, 8)
+    model, ref_table, ref_head = _model_and_oracle()
     rows = model.emb.weight.detach().clone()
-    ref_table, ref_head = _reference(n, d), copy.deepcopy(model.head)
     if not ignore:
         fully_shard(model)
         with pytest.raises(RuntimeError, match="storage parameter `weight` was replaced.*ignored_params"):
@@ -330,11 +329,7 @@ def _fsdp1(mode: str):
     tables as ignored_states, training matches the oracle."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    rank, world = rank_world()
-    n, d = 48, 4
-    torch.manual_seed(0)
-    model = TableAndHead(n, d, 8)
-    ref_table, ref_head = _reference(n, d), copy.deepcopy(model.head)
+    model, ref_table, ref_head = _model_and_oracle()
     if mode == "orig_params":
         wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
         with pytest.raises(RuntimeError, match="no longer has the shape of its rows.*ignored_states"):
