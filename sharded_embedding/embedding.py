@@ -112,6 +112,10 @@ class ShardedEmbedding(nn.Module):
             # (numpy's integers, as nn.Embedding takes them: ids.max() + 1)
             num_embeddings, embedding_dim, page_size, num_devices, seed = map(
                 plain_int, (num_embeddings, embedding_dim, page_size, num_devices, seed))
+            if torch.empty(0).is_meta:  # under `with torch.device("meta")`: deferred initialization
+                raise ValueError("a ShardedEmbedding cannot be built on the meta device (deferred initialization): "
+                                 "each rank allocates only its own pages at construction, a fraction of the table; "
+                                 "build it outside `with torch.device('meta')` and the rest of the model inside")
             device = torch.device(device) if device is not None else default_device(group)
             dtype = dtype if dtype is not None else torch.get_default_dtype()  # as nn.Embedding
             if device.type == "cuda" and not torch.cuda.is_available():

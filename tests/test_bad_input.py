@@ -357,3 +357,17 @@ def _default_dtype():
 
 def test_a_table_takes_torch_default_dtype_as_nn_embedding():
     assert run_ranks(2, _default_dtype) == [True, True]
+
+
+def _meta_device():
+    """Built under `with torch.device("meta")` (deferred initialization), a table failed inside
+    torch's meta kernels; now one ValueError on every rank saying what to do."""
+    with torch.device("meta"):
+        with pytest.raises(ValueError, match="cannot be built on the meta device"):
+            ShardedEmbedding(20, 3, page_size=8)
+    assert ShardedEmbedding(20, 3, page_size=8).weight.device.type == "cpu"  # the group goes on
+    return True
+
+
+def test_a_table_on_the_meta_device_is_refused_on_every_rank():
+    assert run_ranks(2, _meta_device) == [True, True]
