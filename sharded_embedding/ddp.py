@@ -95,6 +95,9 @@ def _on_register(parent: nn.Module, name: str, child: nn.Module | None):
         if name == "module" and child is not None:
             _check_ddp_wrap(parent, child)
         return None
+    if name == "_fsdp_wrapped_module" and child is not None and type(parent).__name__ == "FullyShardedDataParallel":
+        _check_fsdp1_wrap(child)
+        return None
     if isinstance(parent, ShardedEmbedding):
         return None
     attrs = parent.__dict__  # not getattr: wrappers (torch.compile's) forward unknown names
@@ -133,6 +136,30 @@ def _check_ddp_wrap(ddp: DistributedDataParallel, model: nn.Module) -> None:
             "wrap only the dense sub-modules; with torch.distributed._composable.replicate, pass the tables "
             "as ignored_modules: replicate(model, ignored_modules=[m for m in model.modules() if "
             "isinstance(m, ShardedEmbedding)]). Nothing was changed"
+        )
+
+
+def _check_fsdp1_wrap(model: nn.Module) -> None:
+    """Raise if FSDP1 (FullyShardedDataParallel) has flattened a table's storage into its own
+    parameter. Runs when its constructor assigns the wrapped module, after the flattening (which
+    happens first, out of reach) and before its first forward, whose all-gather of flat
+    parameters of different sizes (ranks holding different numbers of rows) ended the job in
+    gloo before the table could refuse."""
+    from .routing import STORAGE_RESHAPED
+
+    taken = {path or "(the model)": t._storage_refusal() for path, t in model.named_modules()
+             if isinstance(t, ShardedEmbedding) and t._storage_refusal()}
+    if taken:
+        lost = any(code == STORAGE_RESHAPED for code in taken.values())
+        raise ValueError(
+            f"FullyShardedDataParallel has taken over the ShardedEmbedding storage of {sorted(taken)}: "
+            + ("it flattened the rows into its own parameter (use_orig_params=True), so this rank's rows are no "
+               "longer in the table: rebuild it (or load a checkpoint). " if lost else
+               "it moved the storage into its flat parameter; the table's own rows are intact, but rebuild the "
+               "model before wrapping it again. ")
+            + "Leave the tables out of FSDP: FullyShardedDataParallel(model, ignored_states="
+            "sharded_embedding.table_parameters(model)) (on CPU also device_id=torch.device('cpu')), or wrap only "
+            "the dense sub-modules"
         )
 
 

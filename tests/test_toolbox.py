@@ -325,21 +325,27 @@ def test_fsdp2_fully_shard(ignore):
 def _fsdp1(mode: str):
     """FullyShardedDataParallel (FSDP1) flattens the table's storage into its own parameter
     when it wraps the model (use_orig_params=True: the storage itself becomes a flat shard).
-    The refusal said the rows were unchanged; now it says they left the table. With the
-    tables as ignored_states, training matches the oracle."""
+    The refusal at the first lookup said the rows were unchanged, and came too late where the
+    ranks hold different numbers of rows (FSDP1's all-gather ended the job). Now FSDP1's
+    constructor refuses, saying what happened to the rows. With the tables as ignored_states,
+    training matches the oracle."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     model, ref_table, ref_head = _model_and_oracle()
-    if mode == "orig_params":
-        wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
-        with pytest.raises(RuntimeError, match="no longer has the shape of its rows.*ignored_states"):
-            wrapped(torch.tensor([1, 2]))
+    if mode in ("orig_params", "flat_params"):
+        # 40 rows in pages of 8: 3 pages on rank 0, 2 on rank 1. FSDP1's first forward
+        # all-gathered flat parameters of different sizes: gloo ended the job.
+        model.emb = ShardedEmbedding(40, 4, page_size=8)
+        with pytest.raises(ValueError, match=r"FullyShardedDataParallel has taken over the ShardedEmbedding storage "
+                                             r"of \['emb'\]: .*" + ("no longer in the table" if mode == "orig_params" else
+                                                                  "own rows are intact") + ".*ignored_states"):
+            FSDP(model, device_id=torch.device("cpu"), use_orig_params=mode == "orig_params")
         return
     wrapped = FSDP(model, device_id=torch.device("cpu"), ignored_states=table_parameters(model))
     _train_beside_a_wrapper(wrapped, model, ref_table, ref_head)
 
 
-@pytest.mark.parametrize("mode", ["orig_params", "ignored_states"])
+@pytest.mark.parametrize("mode", ["orig_params", "flat_params", "ignored_states"])
 def test_fsdp1_refuses_a_flattened_table_or_trains_beside_it(mode):
     run_ranks(2, _fsdp1, mode)
 
