@@ -127,15 +127,21 @@ def _check_ddp_wrap(ddp: DistributedDataParallel, model: nn.Module) -> None:
     if not exposed:  # named as DDP names the parameters it takes (`_build_params_for_reducer`)
         exposed = [f"{m}.{n}" if m else n for m, sub in model.named_modules() for n, p in sub.named_parameters(recurse=False)
                    if getattr(p, "is_table_storage", False) and (f"{m}.{n}" if m else n) not in ignored]
+    if exposed and isinstance(model, nn.ParameterList):  # torch's composable replicate(): its DDP, at the first forward
+        raise ValueError(
+            "torch.distributed._composable.replicate() would manage a ShardedEmbedding's storage (its DDP "
+            f"takes the model's parameters as a list; entries {exposed}): its start-up broadcast would copy rank 0's "
+            "pages over every other rank's. Pass the tables as ignored_modules: replicate(model, ignored_modules=[m "
+            "for m in model.modules() if isinstance(m, ShardedEmbedding)]) (exclude_from_ddp does not reach "
+            "replicate), on a model built afresh: replicate() cannot be undone. Nothing was changed"
+        )
     if exposed:
         raise ValueError(
             f"DistributedDataParallel would manage the ShardedEmbedding storage {exposed}: its start-up "
             "broadcast would copy rank 0's pages over every other rank's, and its all-reduce would average "
             "unrelated pages. Call sharded_embedding.exclude_from_ddp(model) before DDP(model) (tables "
             "put into a sub-module after that sub-module joined the model are not seen otherwise), or "
-            "wrap only the dense sub-modules; with torch.distributed._composable.replicate, pass the tables "
-            "as ignored_modules: replicate(model, ignored_modules=[m for m in model.modules() if "
-            "isinstance(m, ShardedEmbedding)]). Nothing was changed"
+            "wrap only the dense sub-modules. Nothing was changed"
         )
 
 
