@@ -152,10 +152,25 @@ def once_differentiable(what: str):
         def wrapper(ctx, *grads):
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            live = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+            if not torch.is_grad_enabled() or not live:
                 return outputs
-            error = _functions.DelayedError(_TWICE.format(what=what).encode(), len(outputs))
-            return error(*[None if o is None else o.detach().requires_grad_() for o in outputs])
+            # A zero that depends on the incoming gradients, through the error node: every
+            # output adds it, so autograd cannot prune the error away when it is asked only
+            # for the gradient of something upstream (autograd.grad(..., inputs=[head.weight])).
+            anchor = sum(g.reshape(-1)[:1].sum() for g in live) * 0
+            zero = _functions.DelayedError(_TWICE.format(what=what).encode(), 1)(anchor)
+
+            def tied(o):
+                if o is None:
+                    return None
+                if o.is_sparse:
+                    o = o.coalesce()
+                    return torch.sparse_coo_tensor(o.indices(), o.values().detach() + zero, o.shape, is_coalesced=True,
+                                                   check_invariants=False)
+                return o.detach() + zero
+
+            return tuple(tied(o) for o in outputs)
 
         return wrapper
 

@@ -278,6 +278,10 @@ def _second_order():
     with pytest.raises(RuntimeError, match="ShardedEmbedding: a gradient that a table's backward made cannot be "
                                            "differentiated again"):
         g.pow(2).sum().backward()
+    # Asked for the head's part only, autograd pruned the error away and answered None.
+    (g,) = torch.autograd.grad(model(ids[rank]).pow(3).sum(), [model.emb.weight], create_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(g.pow(2).sum(), list(model.head.parameters()), allow_unused=True)
     assert torch.equal(model.emb.weight.detach(), rows) and model.emb.weight.grad is None
 
     def penalized(table, head, i):
