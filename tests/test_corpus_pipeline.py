@@ -330,6 +330,10 @@ def test_a_corpus_of_one_long_line_is_shared_by_every_rank(tmp_path, monkeypatch
         assert all(f" {line.strip()} " in text for share in shares for line in share)
     else:
         assert got == words
+    if not compressed:  # a line just over LONG_LINE: the last rank's share starts inside it too
+        just = tmp_path / "just.txt"
+        just.write_bytes(data[: 2 * 64 + 10])
+        assert all(_lines_of(CorpusSpec.resolve(str(just)), 2, chunk_bytes=512))
     short = tmp_path / "short.txt"  # lines shorter than LONG_LINE keep the line rule
     short.write_bytes(b"a b c d e f g\nh i j\n")
     assert _lines_of(CorpusSpec.resolve(str(short)), 2, chunk_bytes=3) == [["a b c d e f g"], ["h i j"]]

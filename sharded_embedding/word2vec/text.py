@@ -159,25 +159,37 @@ def tokenize(lines: pa.Array) -> tuple[pa.Array, pa.Array]:
 # ---------------------------------------------------------------------------- reading bytes
 def _line_start(f, position: int, size: int) -> int:
     """The first line start at or after ``position``; inside a line longer than `LONG_LINE`
-    bytes, the first word start after a space within those bytes (when there is one)."""
+    bytes (measured from its start, or the file's, to its end, or the file's), the first word
+    start at or after ``position``, when one comes before the line's end."""
     if position <= 0:
         return 0
     if position >= size:
         return size
     f.seek(position - 1)
-    at, space = position - 1, -1
+    ahead = f.read(LONG_LINE + 1)  # bytes from position - 1 on
+    found = ahead.find(b"\n")
+    end = position + found if found >= 0 else (size if len(ahead) < LONG_LINE + 1 else None)  # the next line start
+    back = max(0, position - 1 - LONG_LINE)
+    f.seek(back)
+    behind = f.read(position - 1 - back)  # bytes [back, position - 1)
+    nl = behind.rfind(b"\n")
+    begin = back + nl + 1 if nl >= 0 else (0 if back == 0 else None)  # this line's start, if within reach
+    if end is not None and begin is not None and end - begin <= LONG_LINE:
+        return end  # an ordinary line
+    space = ahead.find(b" ")
+    if space >= 0 and (end is None or position + space < end):
+        return position + space
+    if end is not None:
+        return end
+    at = position - 1 + len(ahead)  # a long line without a space in reach: its end
+    f.seek(at)
     while True:
         block = f.read(_BLOCK)
         if not block:
             return size
         found = block.find(b"\n")
-        if space < 0 and at - position < LONG_LINE:
-            near = block.find(b" ", 0, max(0, position + LONG_LINE - at))
-            space = at + near + 1 if near >= 0 else -1
-        if found >= 0 and (space < 0 or at + found + 1 - position <= LONG_LINE):
+        if found >= 0:
             return at + found + 1
-        if space >= 0 and at + len(block) - position > LONG_LINE:
-            return space
         at += len(block)
 
 
