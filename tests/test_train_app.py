@@ -381,3 +381,21 @@ def test_a_correlation_over_too_few_pairs_is_not_reported():
     many.add_vectors(words, np.random.default_rng(0).random((len(words), 4), dtype=np.float32))
     got = evaluate_vectors(many)
     assert got["wordsim353_pairs"] >= MIN_PAIRS and got["wordsim353_spearman"] is not None
+
+
+def test_a_checkpoint_folder_in_use_by_a_running_job_is_refused(tmp_path):
+    """Workers outlive a launcher killed with SIGKILL; a resume started beside them wrote the same
+    checkpoint folder (a fresh user saw it crash, or finish by chance). Rank 0 holds a lock on
+    the folder while it runs: another run is refused, naming the holder."""
+    import fcntl
+
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("12345")
+        held.flush()
+        done = _train(tmp_path, "train.epochs=1", "evaluate=false", "train.resume=true")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert out.count("is in use by another run (its rank 0 is process 12345, still running)") == 1, out[-3000:]
