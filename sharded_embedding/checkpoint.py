@@ -307,7 +307,7 @@ class CheckpointManager:
         error = None
         if self.rank == 0:
             try:
-                self._finalize(partial, final, step, {**info, "checksums": checksums})
+                self._finalize(partial, final, step, {**info, "checksums": checksums, "checksummed": True})
             except OSError as e:
                 error = f"could not complete {final}: {e}"
         agree_or_raise(self.group, f"checkpoint {final.name}", "complete", error, device)
@@ -332,10 +332,11 @@ class CheckpointManager:
         try:
             info = json.loads((path / self.MARKER).read_text())
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a complete checkpoint ({e})") from e
+            raise CheckpointError(f"{path} is not a complete checkpoint: its {self.MARKER} marker cannot be read "
+                                  f"({e}){_ASIDE}") from e
         if not isinstance(info, dict) or type(info.get("step")) is not int:
             raise CheckpointError(f"{path} is not a complete checkpoint (its {self.MARKER} marker is not what a save "
-                                  f"writes: {str(info)[:200]})")
+                                  f"writes: {str(info)[:200]}){_ASIDE}")
         return info
 
     def load(self, path: Path, tables: dict) -> tuple[dict, dict]:
@@ -356,13 +357,15 @@ class CheckpointManager:
         state, steps, error = None, {}, ""  # the small rank files first: a bad one changes no row
         try:
             saved = torch.load(path / f"rank{self.rank}.pt", weights_only=True)
+            if not isinstance(saved, dict):
+                raise ValueError(f"holds a {type(saved).__name__}, not what a save writes")
             state = saved["state"]
             for name, emb in tables.items():
                 if emb.optimizer is not None:
                     steps[name] = torch.as_tensor(saved["optimizer_steps"][name]).reshape(())
         except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign rank file
             first = (str(e).strip().splitlines() or [""])[0]  # (not torch's advice to unpickle anything)
-            error = f"rank {self.rank}: {type(e).__name__}: {first}"
+            error = f"rank {self.rank}: rank{self.rank}.pt is damaged or foreign ({type(e).__name__}: {first})"
         errors = [e for e in all_gather_strings(error, self.group) if e]
         if errors:
             raise CheckpointError(f"checkpoint {path} has unreadable rank files: " + "; ".join(errors) + _ASIDE)
@@ -372,6 +375,12 @@ class CheckpointManager:
         if problems:  # every file is checked before any row changes
             raise CheckpointError(f"checkpoint {path} could not be read: {problems[0]}{_ASIDE}")
         checksums = info.get("checksums") or {}  # (none in checkpoints written before them)
+        if info.get("checksummed"):  # written with checksums: every file's, every page's
+            torn = [k for k in (f"{name}.{key}" for name, emb in tables.items() for key in emb._row_states())
+                    if not _whole(checksums.get(k), tables[k.split(".", 1)[0]].num_embeddings)]
+            if torn:
+                raise CheckpointError(f"checkpoint {path} could not be read: its {self.MARKER} marker lacks the "
+                                      f"checksums of {torn}: the marker is damaged{_ASIDE}")
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         problems = [checksum_problem(str(path / f"{name}.{key}.npy"), checksums[f"{name}.{key}"], rank, world)
                     for name, emb in tables.items() for key in emb._row_states() if f"{name}.{key}" in checksums]
@@ -388,6 +397,14 @@ class CheckpointManager:
             for name, step in steps.items():
                 tables[name].optimizer.step.copy_(step)
         return state, info
+
+
+def _whole(entry, rows: int) -> bool:
+    """Whether ``entry`` (a file's checksums in a marker) has a CRC-32 for each page of ``rows``."""
+    try:
+        return len(entry["crc32"]) == -(-rows // int(entry["page_size"]))
+    except (TypeError, KeyError, ValueError, ZeroDivisionError):
+        return False
 
 
 _ASIDE = (". Move that checkpoint folder away (or rename it to something other than step_<digits>) to resume "

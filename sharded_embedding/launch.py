@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except SignalException as e:  # torchrun stops the workers, then raises this with a traceback
-        print(f"{args.training_script}: interrupted by {e.sigval.name}: the workers were stopped", file=sys.stderr,
-              flush=True)
+        print(f"{args.training_script}: interrupted by {e.sigval.name}: the workers were stopped (rerun with "
+              "train.resume=true and the same out_dir to continue from the last checkpoint, if it wrote one)",
+              file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}

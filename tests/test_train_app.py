@@ -75,11 +75,11 @@ def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, mes
         (["train.checkpoint_dir=/proc/ckpt"], "train.checkpoint_dir=/proc/ckpt: cannot be created: /proc refuses "
                                               "new folders"),
         # (these escaped to the tables' construction: tracebacks from every rank, exit 1)
-        (["optimizer.betas=[0.9]"], "optimizer: fused_optimizer 'rowwise_adagrad' does not take ['betas']"),
-        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer: fused_optimizer 'adam': betas must be two numbers"),
-        (["optimizer=adam", "optimizer.betas=[2,3]"], "optimizer: fused_optimizer 'adam': betas must be two numbers"),
-        (["optimizer=adam", "optimizer.lr_decay=0.1"], "optimizer: fused_optimizer 'adam' does not take ['lr_decay']"),
-        (["optimizer=sgd", "optimizer.eps=1e-8"], "optimizer: fused_optimizer 'sgd' does not take ['eps']"),  # was dropped
+        (["optimizer.betas=[0.9]"], "optimizer: optimizer='rowwise_adagrad' does not take ['betas']"),
+        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer: optimizer='adam': betas must be two numbers"),
+        (["optimizer=adam", "optimizer.betas=[2,3]"], "optimizer: optimizer='adam': betas must be two numbers"),
+        (["optimizer=adam", "optimizer.lr_decay=0.1"], "optimizer: optimizer='adam' does not take ['lr_decay']"),
+        (["optimizer=sgd", "optimizer.eps=1e-8"], "optimizer: optimizer='sgd' does not take ['eps']"),  # was dropped
         (["model.block=100000"], "model.block=100000 is more than train.batch_centers=4096"),  # allocated 80 GB
         (["sharding=explicit", "sharding.pages=[true,1,0,1]"],  # was placed on rank 1
          "sharding.pages[0] holds True, which is not a rank: ranks are integers"),

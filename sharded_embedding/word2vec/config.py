@@ -178,7 +178,9 @@ def validate(cfg, world_size: int) -> list[str]:
         try:
             build_fused_optimizer(fused_optimizer(cfg), torch.empty(0, 1))
         except ValueError as e:
-            errors.append(f"optimizer: {e} (optimizer.<key>=null leaves a key unset)")
+            text = str(e).replace("fused_optimizer ", "optimizer=")
+            errors.append(f"optimizer: {text}" + (" (optimizer.<key>=null leaves a key unset)" if "does not take" in text
+                                                  else ""))
     if isinstance(m.block, int) and isinstance(t.batch_centers, int) and m.block > t.batch_centers >= 1:
         errors.append(f"model.block={m.block} is more than train.batch_centers={t.batch_centers}: a block of centers "
                       "shares its negatives, and a batch has at most batch_centers centers")

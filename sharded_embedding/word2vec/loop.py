@@ -88,13 +88,13 @@ class SkipGramTraining:
             raise CheckpointError(
                 f"{path} was trained with other settings that decide the data order: "
                 + ", ".join(f"{k}={saved.get(k)!r} (now {self.data_order.get(k)!r})" for k in changed)
-                + ". Resume with the checkpoint's values, or start a new run (another out_dir)")
+                + ". Resume with the checkpoint's values, or start a new run (another out_dir, and another train.checkpoint_dir if you set one)")
         saved_optimizer, optimizer = info.get("optimizer"), self.cfg.optimizer.name
         if saved_optimizer is not None and saved_optimizer != optimizer:  # its state fits that optimizer only
             raise CheckpointError(
                 f"{path} was trained with optimizer={saved_optimizer} (now optimizer={optimizer}): its optimizer "
                 "state loads only into the same optimizer. Resume with optimizer=" + saved_optimizer + " (its "
-                "hyperparameters, such as optimizer.lr, may change), or start a new run (another out_dir)")
+                "hyperparameters, such as optimizer.lr, may change), or start a new run (another out_dir, and another train.checkpoint_dir if you set one)")
         rank_state, _ = self.checkpoints.load(path, self._tables())
         self.state, rng = LoopState.from_rank_state(rank_state)
         self.gen.set_state(rng)
