@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .distributed import all_gather_strings, bind_local_cpus, init_distributed
 
-__all__ = ["CONFIG_DIR", "main", "stop"]
+__all__ = ["CONFIG_DIR", "lock_folder", "main", "stop"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("sharded_embedding")
@@ -55,6 +55,34 @@ def stop(message: str, code: int = 2) -> int:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return code
+
+
+_LOCKS: list[int] = []  # open lock files: held until the process ends
+
+
+def lock_folder(directory: Path) -> str | None:
+    """Take ``directory/.lock`` (an exclusive flock, held until this process ends; call on rank
+    0), so that two runs never write one checkpoint folder at once: workers outlive a launcher
+    killed with SIGKILL (torchrun starts them in a session of their own), and a resume started
+    beside them wrote the same checkpoints. What stops this run, or None."""
+    import fcntl
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return f"{directory}: cannot create its lock file: {e}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        return (f"{directory} is in use by another run (its rank 0 is process {holder}, still running): wait for it "
+                "or stop it first (workers can outlive a launcher killed with SIGKILL)")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS.append(fd)
+    return None
 
 
 def compose(config_name: str, register, overrides: list[str]):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def run(cfg) -> int:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     directory = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out / "checkpoints"
     if not errors and rank == 0:
-        busy = _lock_checkpoints(directory)
+        busy = hydra_app.lock_folder(directory)
         if busy:
             errors.append(busy)
     if not errors and not cfg.train.resume:
@@ -161,33 +160,6 @@ def run(cfg) -> int:
         files = [FILES[f] for f in formats] + (["vocab.txt"] if "npy" in formats else [])
         log.info("outputs in %s: %s, metrics.json, loss.png", out, ", ".join(files))
     return 0
-
-
-_LOCKS: list[int] = []  # open lock files: held until the process ends
-
-
-def _lock_checkpoints(directory: Path) -> str | None:
-    """Rank 0: take ``directory/.lock`` (an exclusive flock, held until this process ends), so
-    that two runs never write one checkpoint folder at once (workers outlive a launcher killed
-    with SIGKILL, and a resume started then ran beside them). What stops this run, or None."""
-    import fcntl
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        return f"{directory}: cannot create its lock file: {e}"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        return (f"{directory} is in use by another run (its rank 0 is process {holder}, still running): wait for it "
-                "or stop it first (workers can outlive a launcher killed with SIGKILL)")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _LOCKS.append(fd)
-    return None
 
 
 def _primary_rows(emb) -> int:

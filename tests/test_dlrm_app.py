@@ -234,3 +234,19 @@ def test_dcp_warnings_are_held_back_while_a_checkpoint_loads(caplog):
         dcp_warning("kept")
         assert "kept" not in caplog.text  # held until the load is over
     assert "dropped" not in caplog.text and "passes" in caplog.text and "kept" in caplog.text
+
+
+def test_a_checkpoint_folder_in_use_by_a_running_job_is_refused(tmp_path):
+    """The click model takes the same lock on its checkpoint folder as the word2vec job."""
+    import fcntl
+
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("12345")
+        held.flush()
+        done = _launch(tmp_path, "train.steps=10", "train.resume=true")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert out.count("is in use by another run (its rank 0 is process 12345, still running)") == 1, out[-3000:]

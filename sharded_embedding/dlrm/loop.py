@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..collection import TableConfig
 from ..ddp import split_parameters
 from ..distributed import agree_or_raise, all_gather_ragged, all_gather_strings, all_reduce_host, collective_device
-from ..hydra_app import stop
+from ..hydra_app import lock_folder, stop
 from .config import validate
 from .data import NUM_DENSE, ClickBatch, ClickData, DataSpec
 from .metrics import auc
@@ -64,10 +64,15 @@ def run(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    problems = sorted({e for text in all_gather_strings("\n".join(validate(cfg))) for e in text.split("\n") if e})
+    errors = validate(cfg)
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+    if not errors and rank == 0:
+        busy = lock_folder(out / "checkpoints")
+        if busy:
+            errors.append(busy)
+    problems = sorted({e for text in all_gather_strings("\n".join(errors)) for e in text.split("\n") if e})
     if problems:
         return stop("configuration error:\n  " + "\n  ".join(problems))
-    out = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     data, model, dense_opt = build(cfg, world)
