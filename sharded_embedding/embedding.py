@@ -300,7 +300,7 @@ class ShardedEmbedding(nn.Module):
         storage = self._storage
         needs_grad = torch.is_grad_enabled() and storage.requires_grad
         refusal = self._storage_refusal() or self._fused_refusal(needs_grad)
-        routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad)
+        routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad, dtype=storage.dtype)
         self._lookups = routing.call = self._lookups + 1
         out = ShardedLookup.apply(storage, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)

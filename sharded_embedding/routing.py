@@ -180,17 +180,20 @@ class Router:
                 self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
         return self._arange[:n]
 
-    def route(self, indices, *, refusal: int = 0, needs_grad: bool = False) -> Routing:
+    def route(self, indices, *, refusal: int = 0, needs_grad: bool = False,
+              dtype: torch.dtype | None = None) -> Routing:
         """Deduplicate ``indices``, tell every peer what this rank needs, learn what to serve.
 
         ``refusal``: a `REFUSALS` code if this rank's table refuses the lookup. ``needs_grad``:
         this rank will backpropagate through the lookup (its backward is a collective too).
+        ``dtype``: the table's rows (the vectors' width on the wire; alike on every rank).
 
         Collective over the group: one ``all_to_all_single`` (two when a request outgrew the
         capacity), none in a group of one. Raises TypeError/IndexError on every rank if any
         rank's input is bad, RuntimeError if any rank refused or the ranks disagree on
-        ``needs_grad``.
+        ``needs_grad`` or ``dtype``.
         """
+        mode = int(needs_grad) | (_dtype_code(dtype) << 1)  # one header column for both
         if refusal:
             flat, shape, code, value = None, None, _REFUSED, refusal
         else:
@@ -199,13 +202,13 @@ class Router:
             if self.world == 1:
                 _raise_input_errors([code], [value], self.num_embeddings)
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return self._exchange(shape, empty, None, empty, [0] * (self.world + 1), code, value, needs_grad)
+            return self._exchange(shape, empty, None, empty, [0] * (self.world + 1), code, value, mode)
         gather_index, bags, keys = self.dedup(flat)
         if self.world == 1:
             return Routing(shape, gather_index, bags, [0], [0], keys, 0, 0)
         peer, rows = self.split(keys)
         counts = torch.bincount(peer, minlength=self.world + 1).tolist()  # one device sync
-        return self._exchange(shape, gather_index, bags, rows, counts, _OK, 0, needs_grad)
+        return self._exchange(shape, gather_index, bags, rows, counts, _OK, 0, mode)
 
     def keys(self, flat: torch.Tensor) -> torch.Tensor:
         """Each id of ``flat`` (int64, in range) as the int64 key ``serving rank * stride +
@@ -261,16 +264,18 @@ class Router:
         return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys
 
     def _exchange(self, shape, gather_index, bags, rows, counts: list[int], code: int, value: int,
-                  needs_grad: bool) -> Routing:
+                  mode: int) -> Routing:
         """Send each peer its request (header + rows, `RequestExchange`); own rows stay here."""
         world = self.world
         num_own = counts[world]
         num_asked = rows.numel() - num_own
-        columns = torch.tensor([[code, value, int(needs_grad)]], dtype=torch.int64, device=self.device)
+        columns = torch.tensor([[code, value, mode]], dtype=torch.int64, device=self.device)
 
         def check(header: torch.Tensor) -> None:  # every rank sees every rank's columns
             _raise_input_errors(header[:, 0].tolist(), header[:, 1].tolist(), self.num_embeddings)
-            _raise_if_grad_modes_differ(header[:, 2].tolist())
+            modes = header[:, 2].tolist()
+            _raise_if_grad_modes_differ([m & 1 for m in modes])
+            _raise_if_dtypes_differ([m >> 1 for m in modes])
 
         asked = torch.split(rows[:num_asked], counts[:world])  # peer-major: one piece per peer
         got = self.requests.exchange(columns.expand(world, _TABLE_COLUMNS), [[piece] for piece in asked], check=check,
@@ -479,6 +484,24 @@ def _raise_if_grad_modes_differ(needs_grad: list[int]) -> None:
             f"collective) and ranks {without} without (torch.no_grad / torch.inference_mode, or "
             "requires_grad of the table, differ between ranks). Every rank must do the same in each "
             "lookup call. No rank looked anything up."
+        )
+
+
+_DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _dtype_code(dtype: torch.dtype | None) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _raise_if_dtypes_differ(codes: list[int]) -> None:
+    """The rows' dtype sets the vectors' bytes on the wire: a table converted on some ranks only
+    (``emb.double()`` on one) would send what its peers do not expect."""
+    if len(set(codes)) > 1:
+        names = ", ".join(f"rank {r}: {_DTYPES[c] if c < len(_DTYPES) else 'another'}" for r, c in enumerate(codes))
+        raise RuntimeError(
+            f"ShardedEmbedding: the table's rows have different dtypes on the ranks ({names}): convert it on every "
+            "rank alike (.double(), .to(torch.bfloat16), ...). No rank looked anything up."
         )
 
 

@@ -371,3 +371,25 @@ def _meta_device():
 
 def test_a_table_on_the_meta_device_is_refused_on_every_rank():
     assert run_ranks(2, _meta_device) == [True, True]
+
+
+def _converted_on_one_rank(transport):
+    """A table converted on one rank only (emb.double() there) sent vectors of another width:
+    gloo ended the job, shared memory raised about splits. Now every rank raises naming the
+    dtypes, before anything travels; converted alike, it works."""
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(40, 3, page_size=8, transport=transport)
+    if rank == 0:
+        emb.double()
+    with pytest.raises(RuntimeError, match=r"different dtypes on the ranks \(rank 0: torch.float64, rank 1: "
+                                           r"torch.float32\)"):
+        emb(torch.tensor([1, 9, 17]))
+    if rank == 1:
+        emb.double()
+    assert emb(torch.tensor([1, 9, 17])).dtype == torch.float64
+    return True
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "process_group"])
+def test_a_table_converted_on_one_rank_only_is_refused_on_every_rank(transport):
+    assert run_ranks(2, _converted_on_one_rank, transport) == [True, True]
