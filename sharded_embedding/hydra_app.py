@@ -74,11 +74,15 @@ def lock_folder(directory: Path) -> str | None:
         return f"{directory}: cannot create its lock file: {e}"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         return (f"{directory} is in use by another run (its rank 0 is process {holder}, still running): wait for it "
                 "or stop it first (workers can outlive a launcher killed with SIGKILL)")
+    except OSError as e:  # a filesystem without locks (some network or FUSE mounts): run unguarded
+        os.close(fd)
+        log.warning("%s cannot be locked (%s): nothing keeps a second run from writing into it", directory, e)
+        return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _LOCKS.append(fd)
