@@ -25,6 +25,7 @@ two 10M-word tables, against seconds for the page-wise files. Saves are atomic: 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,8 @@ import torch
 import torch.distributed as dist
 
 from .distributed import agree_or_raise, all_gather_strings, collective_device, group_ranks
+
+log = logging.getLogger("sharded_embedding.checkpoint")
 
 __all__ = ["sharded_rows", "loaded_rows_copier", "CheckpointManager", "CheckpointError", "ROWS_FORMAT"]
 
@@ -375,6 +378,9 @@ class CheckpointManager:
         if problems:  # every file is checked before any row changes
             raise CheckpointError(f"checkpoint {path} could not be read: {problems[0]}{_ASIDE}")
         checksums = info.get("checksums") or {}  # (none in checkpoints written before them)
+        if not info.get("checksummed") and self.rank == 0:
+            log.warning("%s has no checksums (written before them, or its marker was edited): its pages load "
+                        "unchecked", path)
         if info.get("checksummed"):  # written with checksums: every file's, every page's
             torn = [k for k in (f"{name}.{key}" for name, emb in tables.items() for key in emb._row_states())
                     if not _whole(checksums.get(k), tables[k.split(".", 1)[0]].num_embeddings)]
@@ -402,7 +408,8 @@ class CheckpointManager:
 def _whole(entry, rows: int) -> bool:
     """Whether ``entry`` (a file's checksums in a marker) has a CRC-32 for each page of ``rows``."""
     try:
-        return len(entry["crc32"]) == -(-rows // int(entry["page_size"]))
+        crcs = entry["crc32"]
+        return len(crcs) == -(-rows // int(entry["page_size"])) and all(type(c) is int for c in crcs)
     except (TypeError, KeyError, ValueError, ZeroDivisionError):
         return False
 

@@ -331,6 +331,13 @@ def _manager(directory: str, case: str):
         dist.barrier()
         with pytest.raises(CheckpointError, match=r"marker lacks the checksums of \['emb.weight'\]"):
             manager.load(first, {"emb": emb})
+        dist.barrier()
+        if rank == 0:  # a value that is not a checksum: the marker is blamed, not the .npy
+            marker["checksums"]["emb.optimizer.sum"]["crc32"][0] = None
+            (first / "COMPLETE").write_text(json.dumps(marker))
+        dist.barrier()
+        with pytest.raises(CheckpointError, match=r"marker lacks the checksums of \['emb.weight', 'emb.optimizer.sum'\]"):
+            manager.load(first, {"emb": emb})
     elif case == "missing_state":
         plain = ShardedEmbedding(N, D, page_size=10, fused_optimizer={"name": "adagrad", "lr": 0.1})
         untouched = plain.full_table().clone()

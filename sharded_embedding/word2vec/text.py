@@ -13,7 +13,7 @@ Each rank reads its share and nothing else:
 
 Text comes in chunks of about `CHUNK_BYTES`, cut at line ends, so memory is bounded by the
 chunk whatever the corpus size. A corpus of very long lines (text8 is one line of 100 MB) is cut
-at a space instead where no line ends nearby (`LONG_LINE` bytes when a rank's share starts, a
+at a space or tab instead where no line ends nearby (`LONG_LINE` bytes when a rank's share starts, a
 chunk's length when a chunk ends): each piece is a sentence of its own, and every rank gets its
 share (the whole of text8 went to rank 0). Bytes are decoded with ``encoding`` (UTF-8 by default, validated
 by Arrow without a Python string); bytes that do not decode stop the rank with a `CorpusError`
@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 __all__ = ["CHUNK_BYTES", "CorpusError", "CorpusSpec", "Chunk", "read_chunks", "tokenize"]
 
 CHUNK_BYTES = 64 << 20
-LONG_LINE = 1 << 20  # a rank's share starts at a space when no line starts within this many bytes
+LONG_LINE = 1 << 20  # a rank's share starts at a space or tab when no line starts within this many bytes
 _BLOCK = 1 << 20  # read size when looking for a line end
 _BOM = b"\xef\xbb\xbf"
 _OPENERS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
@@ -157,6 +157,12 @@ def tokenize(lines: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 
 # ---------------------------------------------------------------------------- reading bytes
+def _first_blank(data: bytes) -> int:
+    """The position of the first space or tab in ``data`` (-1: none)."""
+    found = [i for i in (data.find(b" "), data.find(b"\t")) if i >= 0]
+    return min(found) if found else -1
+
+
 def _line_start(f, position: int, size: int) -> int:
     """The first line start at or after ``position``; inside a line longer than `LONG_LINE`
     bytes (measured from its start, or the file's, to its end, or the file's), the first word
@@ -176,7 +182,7 @@ def _line_start(f, position: int, size: int) -> int:
     begin = back + nl + 1 if nl >= 0 else (0 if back == 0 else None)  # this line's start, if within reach
     if end is not None and begin is not None and end - begin <= LONG_LINE:
         return end  # an ordinary line
-    space = ahead.find(b" ")
+    space = _first_blank(ahead)
     if space >= 0 and (end is None or position + space < end):
         return position + space
     if end is not None:
@@ -203,8 +209,8 @@ def _cut_lines(blocks, chunk_bytes: int):
         carry += block
         while len(carry) >= chunk_bytes:
             end = carry.rfind(b"\n", 0, len(carry)) + 1
-            if end == 0 and len(carry) >= LONG_LINE:  # a long line: cut it after its last space
-                end = carry.rfind(b" ", 0, len(carry)) + 1
+            if end == 0 and len(carry) >= LONG_LINE:  # a long line: cut it after its last space or tab
+                end = max(carry.rfind(b" "), carry.rfind(b"\t")) + 1
             if end == 0:  # one line longer than a chunk: wait for its end (or, past LONG_LINE, a space)
                 break
             yield carry_at, carry[:end]
