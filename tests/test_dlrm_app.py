@@ -238,14 +238,9 @@ def test_dcp_warnings_are_held_back_while_a_checkpoint_loads(caplog):
 
 def test_a_checkpoint_folder_in_use_by_a_running_job_is_refused(tmp_path):
     """The click model takes the same lock on its checkpoint folder as the word2vec job."""
-    import fcntl
+    from tests.app_helpers import held_lock
 
-    folder = tmp_path / "out" / "checkpoints"
-    folder.mkdir(parents=True)
-    with open(folder / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("12345")
-        held.flush()
+    with held_lock(tmp_path / "out" / "checkpoints", "12345"):
         done = _launch(tmp_path, "train.steps=10", "train.resume=true")
     out = done.stdout + done.stderr
     assert done.returncode == 2, out[-3000:]

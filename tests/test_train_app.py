@@ -387,14 +387,9 @@ def test_a_checkpoint_folder_in_use_by_a_running_job_is_refused(tmp_path):
     """Workers outlive a launcher killed with SIGKILL; a resume started beside them wrote the same
     checkpoint folder (a fresh user saw it crash, or finish by chance). Rank 0 holds a lock on
     the folder while it runs: another run is refused, naming the holder."""
-    import fcntl
+    from tests.app_helpers import held_lock
 
-    folder = tmp_path / "out" / "checkpoints"
-    folder.mkdir(parents=True)
-    with open(folder / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("12345")
-        held.flush()
+    with held_lock(tmp_path / "out" / "checkpoints", "12345"):
         done = _train(tmp_path, "train.epochs=1", "evaluate=false", "train.resume=true")
     out = done.stdout + done.stderr
     assert done.returncode == 2, out[-3000:]
