@@ -382,8 +382,8 @@ class CheckpointManager:
             log.warning("%s has no checksums (written before them, or its marker was edited): its pages load "
                         "unchecked", path)
         if info.get("checksummed"):  # written with checksums: every file's, every page's
-            torn = [k for k in (f"{name}.{key}" for name, emb in tables.items() for key in emb._row_states())
-                    if not _whole(checksums.get(k), tables[k.split(".", 1)[0]].num_embeddings)]
+            torn = [f"{name}.{key}" for name, emb in tables.items() for key in emb._row_states()
+                    if not _whole(checksums.get(f"{name}.{key}"), emb.num_embeddings)]
             if torn:
                 raise CheckpointError(f"checkpoint {path} could not be read: its {self.MARKER} marker lacks the "
                                       f"checksums of {torn}: the marker is damaged{_ASIDE}")

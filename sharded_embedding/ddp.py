@@ -153,8 +153,9 @@ def _check_fsdp1_wrap(model: nn.Module) -> None:
     gloo before the table could refuse."""
     from .routing import STORAGE_RESHAPED
 
-    taken = {path or "(the model)": t._storage_refusal() for path, t in model.named_modules()
-             if isinstance(t, ShardedEmbedding) and t._storage_refusal()}
+    codes = {path or "(the model)": t._storage_refusal() for path, t in model.named_modules()
+             if isinstance(t, ShardedEmbedding)}
+    taken = {path: code for path, code in codes.items() if code}
     if taken:
         lost = any(code == STORAGE_RESHAPED for code in taken.values())
         raise ValueError(

@@ -36,6 +36,7 @@ import torch
 from .placement import RoutingTable
 from .rows import stable_sort
 from .transport import Transport, TransportError
+from .wire import FLOAT_DTYPES
 
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
@@ -487,7 +488,7 @@ def _raise_if_grad_modes_differ(needs_grad: list[int]) -> None:
         )
 
 
-_DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (None, *FLOAT_DTYPES)
 
 
 def _dtype_code(dtype: torch.dtype | None) -> int:
