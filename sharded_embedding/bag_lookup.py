@@ -137,7 +137,8 @@ class BagLookup(torch.autograd.Function):
                 continue  # this table's fused step is skipped (the scaler skips the others')
             rows, values = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device)
             out[t] = update_rows(exchange, storages[t], rows, values, inv_scale=scales[t][1],
-                                 storage_shape=storages[t].shape, poisoned=bool(bad))
+                                 storage_shape=storages[t].shape, poisoned=bool(bad),
+                                 lend=(ws, "bag_grad_recv"))  # values may be views of `recv`
         return (None, None, None, None, *out)
 
 

@@ -11,14 +11,15 @@ Backward (the adjoint of the forward, so the gradient is that of the SUM of all 
                  row, with whether the sender's rows hold inf/NaN (`amp`): if any rank's do,
                  no rank changes any row (an error, or a skipped step under a GradScaler)
     owners:      `MirrorSync` all-reduces the rows of mirrored pages inside their replica set;
-                 then either a fused optimizer updates the rows in place (no gradient is kept)
-                 or the rows become a sparse COO (``sparse=True``) or dense gradient.
+                 then either the rows go to the fused optimizer, which updates them in place
+                 when autograd completes the backward pass (`pending`; no gradient is kept),
+                 or they become a sparse COO (``sparse=True``) or dense gradient.
 
 Both directions follow one row layout so nothing is concatenated: the embedding_bag sum is
 ``[grads of rows asked of peers | grads of own rows]`` and its first part is sent as it is;
 the owner's rows ``[own | from peers]`` line up with ``owner_rows`` (see `routing.Routing`).
-A linear fused optimizer (SGD) applies the own part and the peers' part one after the other,
-as they lie; otherwise the own part is copied beside the received rows while they travel.
+A linear fused optimizer (SGD) takes the own part and the peers' part as they lie; otherwise
+the own part is copied beside the received rows while they travel.
 The all-to-alls go through the
 table's `transport.Transport`: the process group's backend, or shared memory between the ranks
 of one machine.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import wire
+from . import pending, wire
 from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message
 from .mirrors import MirrorSync
 from .optimizers import FusedOptimizer
@@ -66,6 +67,16 @@ class Workspace:
                 buf = torch.empty(max(rows, grow + grow // 2, 64), dim, dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:rows]
+
+    def lend(self, name: str) -> torch.Tensor | None:
+        """Hand the buffer ``name`` over to a pending step that keeps views of it (`pending`):
+        `get` makes a new one until it comes back with `give_back`."""
+        self._filled.pop(name, None)
+        return self._buffers.pop(name, None)
+
+    def give_back(self, name: str, buffer: torch.Tensor) -> None:
+        """Take back a lent buffer (unless a new one was made meanwhile)."""
+        self._buffers.setdefault(name, buffer)
 
     def filled(self, name: str, n: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``torch.full((n,), value)``, kept filled between calls (refilled when ``value``
@@ -236,13 +247,14 @@ class ShardedLookup(torch.autograd.Function):
         if bad and skip_nonfinite_step([exchange], bad):
             return None, None, None  # the step is skipped everywhere, like scaler.step skips it
         record_fused_steps([exchange])
-        if in_parts:  # a linear update applies own rows and peers' rows one after the other
+        lend = (exchange.workspace, "work")  # a pending step keeps views of `owner`
+        if in_parts:  # a linear update takes own rows and peers' rows one after the other
             rows = routing.owner_rows
-            optimizer.apply_parts(ctx.weight, [(rows[:num_self], summed[num_remote:]),
-                                               (rows[num_self:], owner[num_self:])])
+            pending.defer(optimizer, ctx.weight, [(rows[:num_self], summed[num_remote:]),
+                                                  (rows[num_self:], owner[num_self:])], lend)
             return None, None, None
         grad = update_rows(exchange, ctx.weight, routing.owner_rows, owner, inv_scale=inv_scale,
-                           storage_shape=ctx.storage_shape, poisoned=bool(bad))
+                           storage_shape=ctx.storage_shape, poisoned=bool(bad), lend=lend)
         return grad, None, None
 
 
@@ -270,6 +282,8 @@ def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int], what: str | N
         raise NonFiniteGradientError(nonfinite_message(bad, what) if what else nonfinite_message(bad))
     for e in exchanges:
         e.scaler.record_overflow()
+        if e.optimizer is not None:  # the pass's whole step, other lookups' parts included
+            pending.skip(e.optimizer)
     return all(e.optimizer is not None for e in exchanges)
 
 
@@ -283,19 +297,22 @@ def record_fused_steps(exchanges: list[Exchange]) -> None:
 
 
 def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor, *,
-                inv_scale: float, storage_shape: torch.Size, poisoned: bool = False) -> torch.Tensor | None:
+                inv_scale: float, storage_shape: torch.Size, poisoned: bool = False,
+                lend: tuple | None = None) -> torch.Tensor | None:
     """The owner's part of a backward once the gradient rows have arrived: ``values[i]`` is
     (part of) the gradient of local row ``rows[i]`` (rows may repeat). Sums mirrored pages'
-    rows over their replicas (`mirrors`), then either applies the fused optimizer to
-    ``weight`` (``values`` already multiplied by its ``linear_scale`` if it has one; else by
-    ``inv_scale`` here) and returns None, or returns the gradient of the local storage (sparse
-    COO or dense; NaN where ``poisoned``). ``values`` may be a workspace view: nothing keeps it."""
+    rows over their replicas (`mirrors`), then either hands them to the fused optimizer's step
+    on ``weight`` at the end of the backward pass (`pending.defer`; ``values`` already
+    multiplied by its ``linear_scale`` if it has one, else by ``inv_scale`` here) and returns
+    None, or returns the gradient of the local storage (sparse COO or dense; NaN where
+    ``poisoned``). ``values`` may be a view of the workspace buffer ``lend`` names
+    (``(workspace, name)``), which the pending step then borrows."""
     rows, values, mirror_rows = exchange.mirrors.all_reduce(rows, values)
     exchange.stats.mirror_rows_reduced += mirror_rows
     if exchange.optimizer is not None:
         if inv_scale != 1.0:
             values = values * inv_scale
-        exchange.optimizer.apply(weight, rows, values)
+        pending.defer(exchange.optimizer, weight, [(rows, values)], lend)
         return None
     rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
     if poisoned:  # another rank overflowed: make this rank's scaler skip the table's step too

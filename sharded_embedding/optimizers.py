@@ -6,8 +6,9 @@ are buffers shaped like the rank's storage, so they live beside the pages they b
 mirrored pages included: replicas receive the same summed gradient rows, so their values
 and state stay bitwise identical.
 
-One update is applied per lookup call's backward: look a batch up once per step (or
-concatenate the ids of several lookups) to get one optimizer step per training step.
+One step is applied per backward pass (`pending`): when autograd completes the pass, with the
+summed gradient of every lookup of the table in it, as a torch optimizer's ``step()`` after
+one ``backward()``.
 
 | name              | torch counterpart              | hyperparameters (default)                          | state per rank |
 |-------------------|--------------------------------|----------------------------------------------------|----------------|
@@ -92,6 +93,19 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         self.step += 1
         for rows, grad in parts:
             self.update(weight, rows, grad)
+
+    @torch.no_grad()
+    def apply_pass(self, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimizer step from the gradient of one backward pass, in parts ``[(rows,
+        grad), ...]`` (own and peers' rows, the lookups of the pass): an optimizer with a
+        ``linear_scale`` applies them one after the other (`apply_parts`); any other joins
+        them first, since its update of a row depends on the row's whole gradient."""
+        if self.linear_scale is not None:
+            self.apply_parts(weight, parts)
+        elif len(parts) == 1:
+            self.apply(weight, *parts[0])
+        else:
+            self.apply(weight, torch.cat([rows for rows, _ in parts]), torch.cat([grad for _, grad in parts]))
 
     @abstractmethod
     def update(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
