@@ -283,8 +283,15 @@ class ShardedEmbeddingBagCollection(nn.Module):
                 outputs = BagLookup.apply(routing, self._wire, exchanges, self._stats, *storages)
         out = {}
         for c, req, table_out in zip(self.configs, routing.requests, outputs):
-            for f, part in zip(c.feature_names, torch.split(table_out, req.bags.splits)):
-                out[f] = part
+            if len(c.feature_names) == 1:
+                out[c.feature_names[0]] = table_out
+                continue
+            start = 0
+            for f, n in zip(c.feature_names, req.bags.splits):
+                # narrow, not torch.split: a single view can be modified in place under
+                # autograd, as nn.EmbeddingBag's output can; split's views cannot
+                out[f] = table_out.narrow(0, start, n)
+                start += n
         return out
 
     def concat(self, out: Mapping[str, torch.Tensor]) -> torch.Tensor:

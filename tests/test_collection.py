@@ -41,11 +41,13 @@ def _specs_for(world: int, specs: list[dict]) -> list[dict]:
 
 def train_collection_against_oracle(specs, *, steps=3, batch=(6,), max_len=5, weighted=("tag",), skew="uniform",
                                     pool_on="auto", form="offsets", seed=0, lr=0.1, comm_dtype=None, rtol=1e-5,
-                                    remap=True):
+                                    remap=True, in_place=False):
     """Train the collection ``steps`` steps against `BagOracle`: outputs, gradients of tables
     without a fused optimizer (SGD), rows and fused optimizer state after every step.
     ``skew``: of every feature's ids, or {feature: skew} (uniform for the others). ``remap``:
-    the specs' explicit placements are for 2 ranks and are mapped onto the world (else: as given)."""
+    the specs' explicit placements are for 2 ranks and are mapped onto the world (else: as given).
+    ``in_place``: every output is doubled in place before the loss (the oracle's loss weights
+    are doubled instead), as nn.EmbeddingBag's outputs can be."""
     rank, world = rank_world()
     configs = table_configs(_specs_for(world, specs) if remap else specs)
     ebc = ShardedEmbeddingBagCollection(configs, pool_on=pool_on, comm_dtype=comm_dtype,
@@ -70,11 +72,13 @@ def train_collection_against_oracle(specs, *, steps=3, batch=(6,), max_len=5, we
             rows = {f: (sizes[r] if table_of[f].pooling else bags[r][f][0].numel()) for f in features}
             ws.append({f: loss_weights(rows[f], table_of[f].embedding_dim, r, step, i, seed)
                        for i, f in enumerate(features)})
-        want, want_grads = oracle.step(bags, ws)
+        want, want_grads = oracle.step(bags, [{f: w * 2 for f, w in x.items()} for x in ws] if in_place else ws)
         out = ebc({f: as_input(b, form) for f, b in bags[rank].items()})
         assert sorted(out) == sorted(features)
         for f in features:
             torch.testing.assert_close(out[f], want[rank][f], rtol=rtol, atol=rtol)
+            if in_place:
+                out[f].mul_(2)
         sum((out[f] * ws[rank][f]).sum() for f in features).backward()
         for c in configs:
             table = ebc.tables[c.name]
@@ -117,6 +121,14 @@ def test_mixed_tables_match_the_oracle(world, pool_on):
                 assert t["calls_pooled_on_requester"] == 3
             else:
                 assert t["calls_pooled_on_owner"] == 3
+
+
+def test_outputs_modified_in_place_train_as_nn_embedding_bag():
+    """Features sharing a table (pooled and sequence) come out as slices of one tensor: each
+    can be modified in place under autograd, as nn.EmbeddingBag's separate outputs can."""
+    shared_sequence = dict(name="seq", num_embeddings=23, embedding_dim=4, page_size=5, pooling=None,
+                           feature_names=["s1", "s2"], fused_optimizer={"name": "adagrad", "lr": 0.2}, seed=6)
+    run_ranks(2, train_collection_against_oracle, [*MIXED, shared_sequence], steps=2, in_place=True)
 
 
 def _round_robin_owners():
