@@ -120,10 +120,14 @@ def test_a_short_run_trains_plots_checkpoints_and_resumes_on_another_world_size(
     assert out.count("test AUC") >= 1 and "step/s" in out  # progress on rank 0
     assert "terminate called" not in done.stderr
     # Resume on one rank with another page size: DCP reshards every table and its optimizer state.
-    done = _launch(tmp_path, "train.steps=60", "train.resume=true", "model.page_size=3", nproc=1, run="run2")
+    # The configured dense learning rate applies on resume (the loaded optimizer state would
+    # bring back the checkpoint's).
+    done = _launch(tmp_path, "train.steps=60", "train.resume=true", "model.page_size=3", "optim.dense_lr=0.02",
+                   nproc=1, run="run2")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "resumed from" in out and "step_000000040 at step 40" in out
+    assert "optim.dense_lr is 0.02 now (the checkpoint's run used 0.01)" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 60 and [s for s, _ in metrics["auc_curve"]] == [20, 40, 60]
     assert metrics["samples"] == 256 * (40 * 2 + 20 * 1)  # trained on 2 ranks, then on 1
@@ -134,6 +138,7 @@ def test_a_short_run_trains_plots_checkpoints_and_resumes_on_another_world_size(
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "step_000000060 at step 60" in out
+    assert "optim.dense_lr is 0.01 now (the checkpoint's run used 0.02)" in out  # 0.02 was trained and saved
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 70 and metrics["samples"] == 256 * (40 * 2 + 20 * 1 + 10 * 2)
     # A resume with another dataset or model is refused, naming what differs; nothing is written.
@@ -160,6 +165,11 @@ def test_the_configuration_checks_name_each_bad_value():
         "data.tables.1.sigma=-0.5": "data.tables[1] (advertiser): sigma must be a finite number >= 0, got -0.5",
         "data.tables.1.features=[C1]": "data.tables[1] (advertiser): feature 'C1' is also read by table 'ad'",
         "data.tables.0.bag=[5,2]": "data.tables[0] (ad): bag must be [min, max] ids with 0 <= min <= max",
+        "data.tables.0.name=a.b": "data.tables[0] (a.b): name must be a non-empty string without dots",
+        "data.tables.0.name=''": "data.tables[0] (): name must be a non-empty string without dots",
+        "data.test_samples=3": "data.test_samples must be >= 100, got 3: an AUC needs clicks and non-clicks",
+        "data.bayes_samples=0": "data.bayes_samples must be >= 100, got 0",
+        "data.tables.1.bag=[0,5]": "data.tables[1] (advertiser): bag=[0, 5] would change nothing",
         "model.comm_dtype=float8": "model.comm_dtype='float8' is not one of",
         "train.checkpoint_every=-1": "train.checkpoint_every must be >= 0, got -1",
         "train.batch_size=0": "train.batch_size must be >= 1, got 0",

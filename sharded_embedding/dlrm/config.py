@@ -81,6 +81,9 @@ class DlrmCfg:
     out_dir: Optional[str] = None
 
 
+MIN_AUC_SAMPLES = 100  # test and Bayes sample counts: below it an AUC is noise, or undefined
+
+
 def register() -> None:
     ConfigStore.instance().store(name="dlrm_schema", node=DlrmCfg)
 
@@ -97,6 +100,8 @@ def validate(cfg) -> list[str]:
         if tab.name in names:
             errors.append(f"{where}: two tables are named {tab.name!r}")
         names.add(tab.name)
+        if not tab.name or "." in tab.name:
+            errors.append(f"{where}: name must be a non-empty string without dots (a table's key in state dicts)")
         if tab.rows < 1:
             errors.append(f"{where}: rows must be >= 1, got {tab.rows}")
         if not tab.features:
@@ -110,6 +115,9 @@ def validate(cfg) -> list[str]:
             errors.append(f"{where}: bag_features {extra} are not among its features {list(tab.features)}")
         if len(tab.bag) != 2 or not 0 <= tab.bag[0] <= tab.bag[1]:
             errors.append(f"{where}: bag must be [min, max] ids with 0 <= min <= max, got {list(tab.bag)}")
+        elif list(tab.bag) != [1, 1] and not tab.bag_features:
+            errors.append(f"{where}: bag={list(tab.bag)} would change nothing: it sets the bags of bag_features, "
+                          "and the table has none (list them, or leave bag out)")
         if not (tab.zipf > 0 and math.isfinite(tab.zipf)):
             errors.append(f"{where}: zipf must be a finite number > 0, got {tab.zipf}")
         if not (tab.sigma >= 0 and math.isfinite(tab.sigma)):
@@ -129,10 +137,13 @@ def validate(cfg) -> list[str]:
         errors.append(f"data.ctr must be in (0, 1), got {d.ctr}")
     for key, value in (("model.dim", m.dim), ("model.page_size", m.page_size), ("train.steps", t.steps),
                        ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
-                       ("train.eval_every", t.eval_every), ("data.test_samples", d.test_samples),
-                       ("data.bayes_samples", d.bayes_samples)):
+                       ("train.eval_every", t.eval_every)):
         if value < 1:
             errors.append(f"{key} must be >= 1, got {value}")
+    for key, value in (("data.test_samples", d.test_samples), ("data.bayes_samples", d.bayes_samples)):
+        if value < MIN_AUC_SAMPLES:
+            errors.append(f"{key} must be >= {MIN_AUC_SAMPLES}, got {value}: an AUC needs clicks and non-clicks, "
+                          "and a few hundred samples to mean anything")
     if any(h < 1 for h in [*m.dense_arch, *m.over_arch]):
         errors.append("model.dense_arch and model.over_arch are layer sizes >= 1")
     if m.comm_dtype is not None and m.comm_dtype not in COMM_DTYPES:

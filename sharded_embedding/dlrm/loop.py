@@ -89,6 +89,16 @@ def run(cfg) -> int:
     return 0
 
 
+
+def _number(x: float | None) -> float | None:
+    """``x``, or None where it is not finite: JSON has no NaN, and an AUC is undefined (nan)
+    on a set without clicks or without non-clicks."""
+    return x if x is None or math.isfinite(x) else None
+
+
+def _shown(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else "n/a (the set holds no clicks or no non-clicks)"
+
 class ResumeError(ValueError):
     """The newest checkpoint was trained with settings that differ from this run's."""
 
@@ -290,6 +300,14 @@ class ClickTraining:
             raise UnreadableCheckpoint(_unreadable(done, e)) from e
         self.model.module.load_state_dict(state["model"])
         set_optimizer_state_dict(self.model.module, self.dense_opt, optim_state_dict=state["dense_optimizer"])
+        # The configured learning rate applies, as the tables' (their optimizer's lr is not
+        # state): the loaded param_groups bring back the checkpoint's.
+        lr = self.cfg.optim.dense_lr
+        was = sorted({g["lr"] for g in self.dense_opt.param_groups})
+        for group in self.dense_opt.param_groups:
+            group["lr"] = lr
+        if self.rank == 0 and was != [lr]:
+            log.info("optim.dense_lr is %g now (the checkpoint's run used %s)", lr, ", ".join(f"{x:g}" for x in was))
         self.step = int(state["loop"]["step"])
         self.train_seconds = float(state["loop"]["train_seconds"])
         self.losses = [tuple(x) for x in curves["losses"]]
@@ -314,19 +332,21 @@ class ClickTraining:
                 "samples": samples, "train_seconds": round(self.train_seconds, 2),
                 "samples_per_second": round(samples / max(self.train_seconds, 1e-9), 1),
                 "final_loss": self.losses[-1][1] if self.losses else None,
-                "test_auc": self.aucs[-1][1] if self.aucs else None, "test_samples": cfg.data.test_samples,
-                "bayes_auc_test_set": self.bayes_test, "bayes_auc_generator": bayes,
+                "test_auc": _number(self.aucs[-1][1]) if self.aucs else None, "test_samples": cfg.data.test_samples,
+                "bayes_auc_test_set": _number(self.bayes_test), "bayes_auc_generator": _number(bayes),
                 "bayes_auc_generator_samples": cfg.data.bayes_samples,
-                "loss_curve": self.losses, "auc_curve": self.aucs, "checkpoint": str(final),
+                "loss_curve": self.losses, "auc_curve": [(s, _number(a)) for s, a in self.aucs],
+                "checkpoint": str(final),
                 "tables": {name: {"rows": self.data.rows[name], **{k: t[k] for k in (
                     "calls_pooled_on_requester", "calls_pooled_on_owner")}} for name, t in stats["tables"].items()},
                 "bytes_sent_per_step_rank0": stats["bytes_sent_per_call"],
             }
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
             _plot(self.losses, self.aucs, self.bayes_test, bayes, self.out / "loss_auc.png")
-            log.info("test AUC %.4f after %d steps (%s samples, %.0f samples/s); Bayes AUC of the test set %.4f, of "
-                     "the generator %.4f; outputs in %s", metrics["test_auc"], self.step, f"{samples:,}",
-                     metrics["samples_per_second"], self.bayes_test, bayes, self.out)
+            log.info("test AUC %s after %d steps (%s samples, %.0f samples/s); Bayes AUC of the test set %s, of "
+                     "the generator %s; outputs in %s", _shown(metrics["test_auc"]), self.step, f"{samples:,}",
+                     metrics["samples_per_second"], _shown(metrics["bayes_auc_test_set"]),
+                     _shown(metrics["bayes_auc_generator"]), self.out)
         dist.barrier()
 
     def _progress(self) -> None:
