@@ -9,12 +9,14 @@ all-to-all exchanges (`routing`, `lookup`); gradients travel the reverse path, s
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from .amp import ScalerLink
 from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
@@ -169,13 +171,13 @@ class ShardedEmbedding(nn.Module):
             # where the optimizer works, runs only then, and freezing the table is
             # requires_grad_(False).
             self.weight = nn.Parameter(storage)
-            self.weight.is_table_storage = True  # told apart by DDP's wrap check (`ddp`) in any container
             self.__dict__["_storage"] = self.weight  # what the pages are, whatever replaces .weight
             # The fused optimizer is not a registered sub-module: its state is per-rank rows that
             # state_dict() exposes as sharded tensors itself, and DDP must never see it.
             self.__dict__["optimizer"] = (
                 build_fused_optimizer(fused_optimizer, storage) if fused_optimizer is not None else None
             )
+            self._mark_storage()
             self.reset_parameters()
         except (RuntimeError, MemoryError) as e:
             error = f"could not allocate its {plan.local_rows(rank):,} rows on {device}: {type(e).__name__}: {e}"
@@ -211,6 +213,17 @@ class ShardedEmbedding(nn.Module):
         )
         register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
 
+    def _mark_storage(self) -> None:
+        """Mark the storage parameter as this table's: DDP's wrap check tells it apart in any
+        container (`ddp`); registering it on another module (weight tying) is refused; with a
+        fused optimizer, a gradient that reaches it from outside the lookup stops the backward
+        (nothing would apply it, and it is one rank's pages' gradient, not nn.Embedding's)."""
+        storage = self._storage
+        storage.is_table_storage = True
+        storage._table_owner = weakref.ref(self)
+        if self.optimizer is not None and getattr(storage, "_foreign_gradient_hook", None) is None:
+            storage._foreign_gradient_hook = storage.register_hook(_refuse_foreign_gradient).id
+
     def _storage_refusal(self) -> int:
         """A `routing.REFUSALS` code if something took the storage over (0: it is the table's):
         its rows reshaped away (FSDP1's flat parameter), or ``weight`` replaced (FSDP2)."""
@@ -224,7 +237,9 @@ class ShardedEmbedding(nn.Module):
         whether a GradScaler scales the loss."""
         if not needs_grad or self.optimizer is None:
             return 0
-        if self._storage._backward_hooks or getattr(self._storage, "_post_accumulate_grad_hooks", None):
+        own = getattr(self._storage, "_foreign_gradient_hook", None)
+        if any(k != own for k in self._storage._backward_hooks or ()) or \
+                getattr(self._storage, "_post_accumulate_grad_hooks", None):
             return HOOK_ON_FUSED
         if self._exchange.scaler is None and torch.is_autocast_enabled(self._storage.device.type):
             return AUTOCAST_WITHOUT_SCALER_POLICY
@@ -338,6 +353,7 @@ class ShardedEmbedding(nn.Module):
         out = super()._apply(fn, recurse)
         # Conversions may put a new Parameter in place of the old one (torch.__future__ flags).
         self.__dict__["_storage"] = self._parameters["weight"]
+        self._mark_storage()
         return out
 
     def __deepcopy__(self, memo):
@@ -352,6 +368,7 @@ class ShardedEmbedding(nn.Module):
             shared.append(self._exchange.scaler.scaler)  # the copy answers to the same scaler
         new = copy_on_group(self, memo, [self.transport, *shared], f"a copy of table #{self._table_id}")
         new._exchange.caller = new._table_id
+        new._mark_storage()
         register_table(new)
         return new
 
@@ -548,3 +565,42 @@ def _table_number(group) -> int:
     key = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)))
     _TABLES_MADE[key] = _TABLES_MADE.get(key, -1) + 1
     return _TABLES_MADE[key]
+
+
+_TIED = (
+    "ShardedEmbedding: its storage `weight` holds this rank's pages only ({rows} of the table's {total} "
+    "rows), so it cannot also be a parameter of {module}.{name} (weight tying, e.g. decoder.weight = "
+    "emb.weight): that module would compute with a different shard on every rank, where a tied "
+    "nn.Embedding's weight is the whole table. Nothing was changed. For an output layer over the "
+    "vocabulary, look up the rows it needs with emb(ids) (negative sampling or a sampled softmax, as the "
+    "word2vec job does), or give it a weight of its own"
+)
+
+_FOREIGN_GRADIENT = (
+    "ShardedEmbedding: the storage `weight` of a table with a fused optimizer received a gradient from "
+    "outside its lookup: an op used emb.weight directly (F.embedding(ids, emb.weight), emb.weight @ x, "
+    "emb.weight[i], a penalty on emb.weight, ...). emb.weight holds this rank's pages only, not "
+    "nn.Embedding's whole table, and the fused optimizer never applies such a gradient. The backward "
+    "pass stopped and no row changed. Look rows up with emb(ids) and put penalties on the rows looked up; "
+    "emb.full_table() gives the whole table (a copy, outside autograd)"
+)
+
+
+def _refuse_foreign_gradient(grad):
+    """Gradient hook of a fused table's storage: its lookup never gives the storage a gradient."""
+    if grad is not None:
+        raise RuntimeError(_FOREIGN_GRADIENT)
+    return grad
+
+
+def _refuse_tying(module: nn.Module, name: str, param):
+    """Global parameter-registration hook: a table's storage registered on another module."""
+    owner = getattr(param, "_table_owner", None)
+    table = owner() if owner is not None else None
+    if table is not None and table is not module:
+        raise TypeError(_TIED.format(rows=param.shape[0], total=table.num_embeddings, module=type(module).__name__,
+                                     name=name))
+    return None
+
+
+_TYING_HOOK = register_module_parameter_registration_hook(_refuse_tying)

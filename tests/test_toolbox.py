@@ -690,6 +690,38 @@ def test_gradient_hooks_on_a_fused_table_are_refused_before_any_row_changes():
     assert run_ranks(2, _hook_on_a_fused_table) == [True, True]
 
 
+def _tying_and_direct_use_of_the_weight():
+    """emb.weight is one rank's pages: tying it to another module (decoder.weight = emb.weight)
+    gave that module a different shard per rank, and a gradient from a direct use of it (a
+    penalty, F.embedding on it) was silently never applied by the fused optimizer. Both are
+    refused on every rank, with nothing changed; the table then trains."""
+    from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
+
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(40, 4, page_size=8, fused_optimizer={"name": "adagrad", "lr": 0.1})
+    ebc = ShardedEmbeddingBagCollection([TableConfig("t", 40, 4, 8, fused_optimizer={"name": "sgd", "lr": 0.1})])
+    ids = torch.tensor([1, 9, 30])
+    for table, call in ((emb, lambda: emb(ids)), (ebc.tables["t"], lambda: ebc({"t": (ids, torch.tensor([0]))})["t"])):
+        decoder = nn.Linear(4, 40)
+        with pytest.raises(TypeError, match=r"cannot also be a parameter of Linear.weight \(weight tying"):
+            decoder.weight = table.weight
+        assert decoder.weight is not table.weight
+        before, state = table.full_table(), {k: v.clone() for k, v in table.optimizer.named_buffers()}
+        for direct in (lambda: table.weight.pow(2).sum(), lambda: F.embedding(ids[:2], table.weight).sum()):
+            with pytest.raises(RuntimeError, match="received a gradient from outside its lookup"):
+                (call().sum() + direct()).backward()
+            assert torch.equal(table.full_table(), before)
+            assert all(torch.equal(v, state[k]) for k, v in table.optimizer.named_buffers())
+            assert table.weight.grad is None
+        call().sum().backward()  # trains
+        assert not torch.equal(table.full_table(), before)
+    return True
+
+
+def test_weight_tying_and_direct_use_of_a_fused_tables_weight_are_refused():
+    assert run_ranks(2, _tying_and_direct_use_of_the_weight) == [True, True]
+
+
 def _init_loop_then_sync_mirrors():
     """The usual init loop (nn.init over model.parameters()) draws each rank's rows on its own:
     replicas of mirrored pages differ, and a mirrored row looks up differently per rank.
