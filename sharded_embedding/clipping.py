@@ -50,7 +50,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
         module: the model (DDP-wrapped or not). Its dense parameters' gradients must be the
             same on every rank (DDP makes them so).
         max_norm: the largest norm allowed.
-        norm_type: p of the p-norm (``float("inf")`` for the largest absolute value).
+        norm_type: p of the p-norm, > 0 (``float("inf")`` for the largest absolute value).
         error_if_nonfinite: raise RuntimeError if the norm is inf or NaN (every rank alike).
 
     Returns the total norm (a float32 scalar tensor, the same on every rank).
@@ -58,11 +58,15 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
     Collective over each table's process group (one all-reduce per group; every rank must
     call it). Raises ValueError on every rank, before any gradient changes, if ``module``
     holds a table with a fused optimizer: its gradient was applied inside the backward and
-    cannot be clipped afterwards.
+    cannot be clipped afterwards; ValueError if ``norm_type`` is not > 0 (torch also takes 0,
+    a count of nonzeros, and -inf, the smallest magnitude: neither bounds a gradient).
     """
     norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}; no gradient was changed")
     tables = [m for m in module.modules() if isinstance(m, ShardedEmbedding)]
-    fused = [name for name, m in module.named_modules() if isinstance(m, ShardedEmbedding) and m.optimizer is not None]
+    fused = [name or "(the module itself)" for name, m in module.named_modules()
+             if isinstance(m, ShardedEmbedding) and m.optimizer is not None]
     if fused:
         raise ValueError(
             f"clip_grad_norm_: the tables {fused} have a fused optimizer, which applied their gradient inside "

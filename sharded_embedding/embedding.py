@@ -47,7 +47,8 @@ class ShardedEmbedding(nn.Module):
         placement: ``"round_robin"`` (page ``p`` on rank ``p % num_devices``) or a list with
             one entry per page: a rank, or a tuple of ranks that mirror the page (the first
             is its primary).
-        num_devices: round robin over ranks ``0..num_devices-1``; -1 means all ranks.
+        num_devices: round robin over ranks ``0..num_devices-1``; -1 means all ranks (with an
+            explicit ``placement`` list, anything else is a ValueError).
         process_group: the ranks sharing the table (default: the world group). Ranks in
             ``placement`` are ranks of this group.
         device: where this rank's pages live (default: ``cuda:LOCAL_RANK`` under nccl, else cpu).
@@ -70,6 +71,12 @@ class ShardedEmbedding(nn.Module):
             machine: copies through shared memory instead of loopback sockets; ValueError
             elsewhere), or ``"auto"``: shared memory where it can work, else the process group.
         init: the initial table: ``"normal"`` (N(0, 1), see ``seed``) or ``"zeros"``.
+
+    nn.Embedding's ``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq``,
+    ``_weight`` and ``_freeze`` are not offered: passing one is a ValueError (on every rank)
+    that says what to do instead. ``weight`` is this rank's pages ``[local rows,
+    embedding_dim]``, not the whole table: tying it to another module is refused, and with a
+    fused optimizer so is any gradient reaching it from outside the lookup.
 
     Construction is collective over the group: ranks check that they were given the same
     arguments and raise the same ValueError together otherwise. Each rank allocates only
@@ -104,6 +111,7 @@ class ShardedEmbedding(nn.Module):
         comm_dtype: torch.dtype | None = None,
         transport: str = "auto",
         init: str = "normal",
+        **unsupported,
     ):
         super().__init__()
         group, rank, world = resolve_group(process_group, "ShardedEmbedding")
@@ -111,6 +119,8 @@ class ShardedEmbedding(nn.Module):
         error = plan = None
         fields: dict = {}
         try:  # every argument, on every rank; nothing is allocated before all ranks agree
+            if unsupported:
+                raise TypeError(_unsupported_message(unsupported))
             # (numpy's integers, as nn.Embedding takes them: ids.max() + 1)
             num_embeddings, embedding_dim, page_size, num_devices, seed = map(
                 plain_int, (num_embeddings, embedding_dim, page_size, num_devices, seed))
@@ -565,6 +575,29 @@ def _table_number(group) -> int:
     key = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)))
     _TABLES_MADE[key] = _TABLES_MADE.get(key, -1) + 1
     return _TABLES_MADE[key]
+
+
+# nn.Embedding's options that a sharded table does not offer, and what to do instead
+_NN_EMBEDDING_OPTIONS = {
+    "padding_idx": "a row that stays zero and gets no gradient: give padding positions an id of their own and "
+                   "mask their rows (out * mask), or drop them from the ids",
+    "max_norm": "rows renormalized in place at lookup: renormalize the rows you look up (F.normalize on the output)",
+    "norm_type": "the norm of max_norm",
+    "scale_grad_by_freq": "gradients divided by the id's count in the batch",
+    "_weight": "a given initial table: load it with emb.load_full_table(rows) or emb.import_table(path)",
+    "_freeze": "a frozen table: emb.requires_grad_(False)",
+}
+
+
+def _unsupported_message(given: dict) -> str:
+    known = [f"{k} ({_NN_EMBEDDING_OPTIONS[k]})" for k in given if k in _NN_EMBEDDING_OPTIONS]
+    other = [k for k in given if k not in _NN_EMBEDDING_OPTIONS]
+    parts = []
+    if known:
+        parts.append("ShardedEmbedding does not offer nn.Embedding's " + "; ".join(known))
+    if other:
+        parts.append(f"ShardedEmbedding got unexpected keyword arguments {other}")
+    return ". ".join(parts)
 
 
 _TIED = (

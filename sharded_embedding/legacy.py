@@ -49,6 +49,10 @@ class LargeEmbedding(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
+        if use_cuda is not None and not isinstance(use_cuda, bool):
+            raise TypeError(f"LargeEmbedding: use_cuda must be a bool or None, got {type(use_cuda).__name__} "
+                            f"{use_cuda!r}; the signature is (n_words, dim_word, page_size, num_devices, use_cuda, "
+                            "device_list): pass a page list as device_list=")
         if use_cuda is None:
             use_cuda = torch.cuda.is_available()
         elif use_cuda and not torch.cuda.is_available():
@@ -62,7 +66,7 @@ class LargeEmbedding(nn.Module):
             dim_word,
             page_size=page_size,
             placement=list(device_list) if device_list is not None else "round_robin",
-            num_devices=num_devices,
+            num_devices=num_devices if device_list is None else -1,  # the list places every page
             device=device,
             sparse=(not use_cuda) if sparse is None else sparse,
             seed=seed,

@@ -85,10 +85,13 @@ class PagePlan:
             if not 1 <= num_devices <= world_size:
                 raise ValueError(
                     f"num_devices={num_devices} is out of range: use -1 (all ranks) or "
-                    f"1..{world_size} (the world size)"
+                    f"1..{world_size} (the process group's size: ranks are counted within the group)"
                 )
             owners = (torch.arange(num_pages, dtype=torch.int64) % int(num_devices)).unsqueeze(1)
             return cls(int(num_embeddings), int(page_size), int(world_size), owners)
+        if num_devices != -1:
+            raise ValueError(f"num_devices={num_devices!r} applies to placement={ROUND_ROBIN!r} only: an explicit "
+                             "placement names every page's rank(s) itself; leave num_devices out")
         if not isinstance(placement, Sequence):
             raise ValueError(
                 f"placement must be {ROUND_ROBIN!r} or a list with one entry per page, "
@@ -239,5 +242,6 @@ def _parse_entry(page: int, entry, world_size: int) -> tuple[int, ...]:
         raise ValueError(f"page {page}: {entry!r} is neither a rank nor a tuple of ranks")
     for r in ranks:
         if not 0 <= r < world_size:
-            raise ValueError(f"page {page}: rank {r} does not exist (world size {world_size}, ranks 0..{world_size - 1})")
+            raise ValueError(f"page {page}: rank {r} does not exist (process group of {world_size} ranks, 0..{world_size - 1}: "
+                             "ranks are counted within the table's process group)")
     return ranks

@@ -168,6 +168,11 @@ def _bad_construction(case):
         kwargs["device"] = "meta" if rank == 1 else None
     elif case == "cuda_without_cuda":
         kwargs["device"] = "cuda"
+    elif case == "nn_embedding_option_on_one_rank":  # Python's own TypeError came on that rank alone
+        if rank == 1:
+            kwargs.update(padding_idx=0, max_norm=1.0)
+    elif case == "num_devices_with_a_list":
+        kwargs.update(placement=[0, 1, 0], num_devices=1)
     with pytest.raises(ValueError) as err:
         ShardedEmbedding(n, d, **kwargs)
     # The world is intact: a good table can be built and used right after.
@@ -183,6 +188,9 @@ def _bad_construction(case):
         ("unknown_rank", "page 2: rank 3 does not exist"),
         ("repeated_rank", "page 1: rank 1 is repeated"),
         ("num_devices", "num_devices=3 is out of range"),
+        ("nn_embedding_option_on_one_rank", "rank 1: ShardedEmbedding does not offer nn.Embedding's padding_idx (a row "
+                                            "that stays zero"),
+        ("num_devices_with_a_list", "num_devices=1 applies to placement='round_robin' only"),
         ("one_rank_bad", "rank 1: page 2: rank 9 does not exist"),
         ("placements_differ", "ranks were given different arguments: placement/num_devices: rank 0: 3 pages on 2 "
                               "ranks (pages held per rank [2, 1], 0 mirrored; owners of the first pages [0, 1, 0]; "

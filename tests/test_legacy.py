@@ -46,7 +46,7 @@ def test_readme_example_on_two_ranks():
 
 def _device_list_example(device_list, page_size):
     rank, world = rank_world()
-    embedding = LargeEmbedding(n_words=50000, dim_word=4, page_size=page_size, num_devices=-1, use_cuda=False,
+    embedding = LargeEmbedding(n_words=50000, dim_word=4, page_size=page_size, num_devices=2, use_cuda=False,
                                device_list=device_list)
     y = embedding(X)
     table = initial_rows(0, 4, 0, 50000)
@@ -85,3 +85,11 @@ def test_plain_script_without_torchrun(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(2, 2, 3) 4 [0, 0, 0, 0]"
+
+
+def test_a_page_list_given_in_use_cuda_s_place_is_named():
+    """LargeEmbedding(50000, 4, 10000, 2, [(0, 1), 0, 1, 0, 1]): the list landed in use_cuda,
+    and the error blamed CUDA ("use_cuda=True but CUDA is not available"). Now it names the
+    signature, before anything (the process group included) is set up."""
+    with pytest.raises(TypeError, match=r"use_cuda must be a bool or None, got list .*pass a page list as device_list="):
+        LargeEmbedding(50000, 4, 10000, 2, [(0, 1), 0, 1, 0, 1])

@@ -58,6 +58,7 @@ def test_mirrors_route_to_self_or_spread_over_replicas():
         (dict(placement=7), "placement must be 'round_robin' or a list"),
         (dict(num_devices=5), "num_devices=5 is out of range"),
         (dict(num_devices=0), "num_devices=0 is out of range"),
+        (dict(placement=[0, 1, 2], num_devices=2), "num_devices=2 applies to placement='round_robin' only"),
     ],
 )
 def test_bad_placements_name_page_and_reason(kwargs, message):

@@ -586,6 +586,14 @@ def _clip_nonfinite_norm():
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_grad_norm_(emb, 1.0, error_if_nonfinite=True)
     assert torch.equal(emb.weight.grad, grad)
+    # norm_type 0 (a count) raised ZeroDivisionError, -inf clipped by the largest magnitude
+    for norm_type in (0, float("-inf"), float("nan"), -1):
+        with pytest.raises(ValueError, match="norm_type must be > 0"):
+            clip_grad_norm_(emb, 1.0, norm_type)
+        assert torch.equal(emb.weight.grad, grad)
+    fused = ShardedEmbedding(20, 3, page_size=5, fused_optimizer={"name": "sgd", "lr": 0.1})
+    with pytest.raises(ValueError, match=r"tables \['\(the module itself\)'\] have a fused optimizer"):
+        clip_grad_norm_(fused, 1.0)
 
 
 def test_clip_grad_norm_refuses_a_nonfinite_norm_on_every_rank():
