@@ -172,17 +172,18 @@ class BagRouter:
 
     # ------------------------------------------------------------------ one call
     def route(self, bags: list[TableBags] | None, error: InputError | None, grad_tables: list[bool],
-              wire_bytes: int, check) -> BagRouting:
+              wire_bytes: int, check, step_digest: int = 0) -> BagRouting:
         """Build every table's requests, exchange them with every peer, learn what to serve.
 
         ``bags``: this rank's input per table (None if ``error``). ``grad_tables``: which
         tables will run a backward from this rank. ``wire_bytes``: bytes of one vector element
-        on the wire. ``check(kinds, grad signatures)`` gets every rank's header columns and
-        raises on every rank alike. Collective: one request exchange (two when a request
+        on the wire. ``step_digest``: 31 bits of the hyperparameters of the fused optimizers
+        that will step (alike on every rank). ``check(kinds, signatures)`` gets every rank's
+        header columns (`signature_parts` splits a signature) and raises on every rank alike. Collective: one request exchange (two when a request
         outgrew the capacity); none in a group of one."""
         world, rank, num = self.world, self.rank, len(self.routers)
         columns = torch.zeros(world, _FIXED + _PER_TABLE * num, dtype=torch.int64)
-        columns[:, 1] = _signature(grad_tables)
+        columns[:, 1] = _signature(grad_tables, step_digest)
         requests = None
         if error is not None:
             columns[:, 0] = error.kind
@@ -363,11 +364,23 @@ def flat_nonzero(mask: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.
     return torch.nonzero(mask).squeeze(1).to(dtype)
 
 
-def _signature(grad_tables: list[bool]) -> int:
-    """The tables that will run a backward, as one int64 (equal on every rank or an error)."""
-    if len(grad_tables) <= 62:
-        return sum(1 << t for t, g in enumerate(grad_tables) if g)
+def _signature(grad_tables: list[bool], step_digest: int) -> int:
+    """The tables that will run a backward and the digest of the fused optimizers'
+    hyperparameters, as one int64 (equal on every rank or an error): bits, then the digest
+    from bit 32, for up to 32 tables; a hash of both beyond."""
+    if len(grad_tables) <= _SIGNATURE_TABLES:
+        return sum(1 << t for t, g in enumerate(grad_tables) if g) | (step_digest << _SIGNATURE_TABLES)
     import hashlib
 
-    return int(hashlib.blake2b(bytes(grad_tables), digest_size=7).hexdigest(), 16)
+    return int(hashlib.blake2b(bytes(grad_tables) + step_digest.to_bytes(4, "little"), digest_size=7).hexdigest(), 16)
+
+
+_SIGNATURE_TABLES = 32
+
+
+def signature_parts(signature: int, num_tables: int) -> tuple[int | None, int | None]:
+    """(grad table bits, step digest) of a `_signature` (None, None beyond 32 tables)."""
+    if num_tables > _SIGNATURE_TABLES:
+        return None, None
+    return signature & ((1 << _SIGNATURE_TABLES) - 1), signature >> _SIGNATURE_TABLES
 

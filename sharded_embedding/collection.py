@@ -13,6 +13,7 @@ fewer bytes.
 from __future__ import annotations
 
 import json
+import zlib
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +22,13 @@ import torch
 from torch import nn
 
 from .bag_lookup import BagLookup
-from .bag_routing import POOL_ON, BagRouter, BagRouting
+from .bag_routing import POOL_ON, BagRouter, BagRouting, signature_parts
 from .bags import EXCEPTIONS, REFUSED, InputError, parse
 from .distributed import agree_or_raise, all_gather_strings, default_device, resolve_group
 from .embedding import ShardedEmbedding, _table_number, copy_on_group
 from .lookup import Exchange
 from .placement import plain_int
-from .routing import REFUSALS
+from .routing import REFUSALS, raise_if_step_digests_differ
 from .stats import ExchangeStats
 from .transport import TRANSPORTS
 
@@ -271,8 +272,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
             except InputError as e:
                 error = e
         text = error.text if error is not None else ""
+        fused = [t.optimizer.digest() for t, g in zip(tables, grad_tables) if g and t.optimizer is not None]
+        digest = zlib.crc32(repr(fused).encode()) & 0x7FFFFFFF if fused else 0
         routing = self._router.route(bags, error, grad_tables, self._stats.wire_bytes,
-                                     lambda kinds, signatures: self._check(kinds, signatures, text))
+                                     lambda kinds, signatures: self._check(kinds, signatures, text), digest)
         self._lookups = routing.call = self._lookups + 1
         self._stats.record_requests(routing)
         exchanges = [t._exchange for t in tables]
@@ -326,16 +329,19 @@ class ShardedEmbeddingBagCollection(nn.Module):
             detail = "; ".join(f"rank {r}: {texts[r]}" for r, k in enumerate(kinds) if k)
             raise EXCEPTIONS[kind](f"ShardedEmbeddingBagCollection: {detail}. No rank looked anything up.")
         if len(set(signatures)) > 1:
-            groups: dict[int, list[int]] = {}
-            for r, s in enumerate(signatures):
-                groups.setdefault(s, []).append(r)
             names = [c.name for c in self.configs]
+            split = [signature_parts(s, len(names)) for s in signatures]
+            if split[0][0] is not None and len({bits for bits, _ in split}) == 1:
+                raise_if_step_digests_differ([digest for _, digest in split], "ShardedEmbeddingBagCollection")
+            groups: dict[int, list[int]] = {}
+            for r, (s, (bits, _)) in enumerate(zip(signatures, split)):
+                groups.setdefault(bits if bits is not None else s, []).append(r)
             parts = [f"ranks {ranks}: {_grad_tables_text(s, names)}" for s, ranks in groups.items()]
             raise RuntimeError(
                 "ShardedEmbeddingBagCollection: the ranks differ in which tables will run the backward (a "
                 f"collective): {'; '.join(parts)} (torch.no_grad / torch.inference_mode, or requires_grad of "
-                "the tables, differ between ranks). Every rank must do the same in each call. No rank looked "
-                "anything up."
+                f"the tables, differ between ranks{'; or the fused optimizers hyperparameters do' if split[0][0] is None else ''}"
+                "). Every rank must do the same in each call. No rank looked anything up."
             )
 
     # ------------------------------------------------------------------ stats
@@ -399,7 +405,7 @@ def _spread(c: TableConfig, k: int, world: int):
 
 
 def _grad_tables_text(signature: int, names: list[str]) -> str:
-    if len(names) > 62:
+    if len(names) > 32:
         return f"signature {signature}"
     tables = [n for t, n in enumerate(names) if signature >> t & 1]
     return f"tables {tables}" if tables else "no table"

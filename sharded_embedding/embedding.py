@@ -320,12 +320,15 @@ class ShardedEmbedding(nn.Module):
         all-reduces). Every rank raises together: TypeError/IndexError for bad ids on any rank;
         RuntimeError if any rank refuses the lookup (storage replaced by FSDP, a fused table
         under autocast without `use_grad_scaler`) or the ranks differ in whether they will run
-        the backward; `NonFiniteGradientError` in the backward (see `amp`).
+        the backward or in the fused optimizer's hyperparameters; `NonFiniteGradientError` in
+        the backward (see `amp`).
         """
         storage = self._storage
         needs_grad = torch.is_grad_enabled() and storage.requires_grad
         refusal = self._storage_refusal() or self._fused_refusal(needs_grad)
-        routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad, dtype=storage.dtype)
+        digest = self.optimizer.digest() if needs_grad and self.optimizer is not None else 0
+        routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad, dtype=storage.dtype,
+                                     step_digest=digest)
         self._lookups = routing.call = self._lookups + 1
         out = ShardedLookup.apply(storage, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)

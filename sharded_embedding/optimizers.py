@@ -24,6 +24,7 @@ ValueError naming it; so is one the optimizer does not take.
 from __future__ import annotations
 
 import math
+import zlib
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
 
@@ -60,21 +61,35 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
                 f"fused_optimizer {self.name!r} does not take {unknown}; it takes {sorted(self.defaults)}"
             )
         for key, default in self.defaults.items():
-            given = hparams.get(key, default)
-            try:
-                value = tuple(float(b) for b in given) if key == "betas" else float(given)
-            except (TypeError, ValueError):
-                raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a number, got {given!r}") from None
-            if key == "betas":
-                if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
-                    raise ValueError(f"fused_optimizer {self.name!r}: betas must be two numbers in [0, 1), got {value}")
-            elif value < 0 or not math.isfinite(value):
-                raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a finite number >= 0, got {value}")
-            setattr(self, key, value)
+            setattr(self, key, hparams.get(key, default))  # checked by __setattr__
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
+
+    def __setattr__(self, key, given):
+        """Hyperparameters are checked whenever they are set (``emb.optimizer.lr = x`` in a
+        schedule too): ValueError naming the bad value, the optimizer unchanged."""
+        if key in type(self).defaults:
+            given = self._checked(key, given)
+        super().__setattr__(key, given)
+
+    def _checked(self, key: str, given):
+        try:
+            value = tuple(float(b) for b in given) if key == "betas" else float(given)
+        except (TypeError, ValueError):
+            raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a number, got {given!r}") from None
+        if key == "betas":
+            if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
+                raise ValueError(f"fused_optimizer {self.name!r}: betas must be two numbers in [0, 1), got {value}")
+        elif value < 0 or not math.isfinite(value):
+            raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a finite number >= 0, got {value}")
+        return value
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in self.defaults}
+
+    def digest(self) -> int:
+        """A 31-bit digest of the hyperparameters: every rank's lookups carry it, so that ranks
+        that set them differently (a schedule stepped on some ranks only) raise together."""
+        return zlib.crc32(repr(sorted(self.hyperparameters().items())).encode()) & 0x7FFFFFFF
 
     @torch.no_grad()
     def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:

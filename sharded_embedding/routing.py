@@ -182,19 +182,21 @@ class Router:
         return self._arange[:n]
 
     def route(self, indices, *, refusal: int = 0, needs_grad: bool = False,
-              dtype: torch.dtype | None = None) -> Routing:
+              dtype: torch.dtype | None = None, step_digest: int = 0) -> Routing:
         """Deduplicate ``indices``, tell every peer what this rank needs, learn what to serve.
 
         ``refusal``: a `REFUSALS` code if this rank's table refuses the lookup. ``needs_grad``:
         this rank will backpropagate through the lookup (its backward is a collective too).
         ``dtype``: the table's rows (the vectors' width on the wire; alike on every rank).
+        ``step_digest``: 31 bits of the fused optimizer's hyperparameters (`FusedOptimizer.digest`)
+        when the lookup will run a fused step, else 0 (alike on every rank).
 
         Collective over the group: one ``all_to_all_single`` (two when a request outgrew the
         capacity), none in a group of one. Raises TypeError/IndexError on every rank if any
         rank's input is bad, RuntimeError if any rank refused or the ranks disagree on
-        ``needs_grad`` or ``dtype``.
+        ``needs_grad``, ``dtype`` or ``step_digest``.
         """
-        mode = int(needs_grad) | (_dtype_code(dtype) << 1)  # one header column for both
+        mode = int(needs_grad) | (_dtype_code(dtype) << 1) | (step_digest << 8)  # one header column for all
         if refusal:
             flat, shape, code, value = None, None, _REFUSED, refusal
         else:
@@ -276,7 +278,8 @@ class Router:
             _raise_input_errors(header[:, 0].tolist(), header[:, 1].tolist(), self.num_embeddings)
             modes = header[:, 2].tolist()
             _raise_if_grad_modes_differ([m & 1 for m in modes])
-            _raise_if_dtypes_differ([m >> 1 for m in modes])
+            _raise_if_dtypes_differ([(m >> 1) & 0x7F for m in modes])
+            raise_if_step_digests_differ([m >> 8 for m in modes], "ShardedEmbedding")
 
         asked = torch.split(rows[:num_asked], counts[:world])  # peer-major: one piece per peer
         got = self.requests.exchange(columns.expand(world, _TABLE_COLUMNS), [[piece] for piece in asked], check=check,
@@ -503,6 +506,20 @@ def _raise_if_dtypes_differ(codes: list[int]) -> None:
         raise RuntimeError(
             f"ShardedEmbedding: the table's rows have different dtypes on the ranks ({names}): convert it on every "
             "rank alike (.double(), .to(torch.bfloat16), ...). No rank looked anything up."
+        )
+
+
+def raise_if_step_digests_differ(digests: list[int], what: str) -> None:
+    """A fused step with other hyperparameters on some ranks would update their pages (and
+    mirrored replicas) differently: nn.Embedding has one learning rate."""
+    if len(set(digests)) > 1:
+        groups: dict[int, list[int]] = {}
+        for r, d in enumerate(digests):
+            groups.setdefault(d, []).append(r)
+        raise RuntimeError(
+            f"{what}: the fused optimizer's hyperparameters differ between ranks (ranks grouped by them: "
+            f"{list(groups.values())}), e.g. emb.optimizer.lr set, or a schedule stepped, on some ranks only: "
+            "set them alike on every rank. No rank looked anything up."
         )
 
 

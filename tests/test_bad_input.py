@@ -401,3 +401,49 @@ def _converted_on_one_rank(transport):
 @pytest.mark.parametrize("transport", ["shared_memory", "process_group"])
 def test_a_table_converted_on_one_rank_only_is_refused_on_every_rank(transport):
     assert run_ranks(2, _converted_on_one_rank, transport) == [True, True]
+
+
+def _hyperparameters_after_construction():
+    """emb.optimizer.lr = x (a schedule) was not checked: -1 was taken, NaN raised a misleading
+    NonFiniteGradientError, and an lr set on one rank only made mirrored replicas diverge in
+    silence. A bad value is refused where it is set; ranks that differ raise together at the
+    next lookup with gradients, nothing changed; set alike again, they train."""
+    from sharded_embedding import ShardedEmbeddingBagCollection, TableConfig
+
+    rank, world = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=5, placement=[(0, 1), 0, 1, (1, 0)],
+                           fused_optimizer={"name": "adam", "lr": 0.1})
+    ebc = ShardedEmbeddingBagCollection([TableConfig("t", 20, 3, 5, fused_optimizer={"name": "sgd", "lr": 0.1}),
+                                         TableConfig("u", 20, 3, 5)])
+    ids = torch.tensor([1, 7, 12])
+    for table, call, what in ((emb, lambda: emb(ids), "ShardedEmbedding"),
+                              (ebc.tables["t"], lambda: ebc({"t": (ids, torch.tensor([0])),
+                                                             "u": (ids, torch.tensor([0]))})["t"],
+                              "ShardedEmbeddingBagCollection")):
+        opt = table.optimizer
+        for bad, message in ((-1, "lr must be a finite number >= 0, got -1.0"),
+                             (float("nan"), "lr must be a finite number >= 0, got nan"), ("x", "lr must be a number")):
+            with pytest.raises(ValueError, match=message):
+                opt.lr = bad
+            assert opt.lr == 0.1
+        if opt.name == "adam":
+            with pytest.raises(ValueError, match="betas must be two numbers in"):
+                opt.betas = (0.9, 1.0)
+        opt.lr = "0.2"  # a number, as construction takes it
+        assert opt.lr == 0.2
+        before = table.full_table()
+        opt.lr = 0.3 if rank == 1 else 0.2
+        with pytest.raises(RuntimeError, match=f"{what}: the fused optimizer's hyperparameters differ between "
+                                               r"ranks \(ranks grouped by them: \[\[0\], \[1\]\]\)"):
+            call().sum().backward()
+        with torch.no_grad():
+            call()  # without gradients no step is taken: nothing to agree on
+        assert torch.equal(table.full_table(), before)
+        opt.lr = 0.3
+        call().sum().backward()
+        assert not torch.equal(table.full_table(), before)
+    return True
+
+
+def test_fused_hyperparameters_set_after_construction_are_checked_here_and_across_ranks():
+    assert run_ranks(2, _hyperparameters_after_construction) == [True, True]
