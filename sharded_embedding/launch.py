@@ -8,12 +8,14 @@ The arguments are exactly torchrun's (``torch.distributed.run``), and so is ever
 message and exits 1 whatever the workers' codes. The jobs here report their errors themselves,
 once, on rank 0, and exit with a code that means something (2: configuration or data, 3:
 training diverged, 1: anything else). This prints one line instead of the traceback and exits
-with the largest code a worker exited with (or 128 + the signal that killed one); a launcher
+with the largest code a worker exited with (or 128 + the signal that killed one; not the
+SIGTERM with which torchrun stops the others once a worker has exited with a code); a launcher
 stopped by a signal (Ctrl-C, SIGTERM) says so in one line and exits 128 + the signal.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 __all__ = ["main"]
@@ -34,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        worst = max((c if c > 0 else 128 - c for c in codes.values()), default=1)
+        exited = [c for c in codes.values() if c > 0]
+        # After a worker exits with a code, torchrun stops the others with SIGTERM: not theirs
+        killed = [128 - c for c in codes.values() if c < 0 and not (exited and -c == signal.SIGTERM)]
+        worst = max([*exited, *killed], default=1)
         detail = ", ".join(
             f"rank {r}: {'code ' + str(c) if c > 0 else 'signal ' + str(-c)}" for r, c in sorted(codes.items())
         )

@@ -352,3 +352,27 @@ def test_a_corpus_without_words_says_so(tmp_path):
     path = tmp_path / "blank.txt"
     path.write_text(" \n\t\n\n")
     run_ranks(2, _build_blank, str(path))
+
+
+@pytest.mark.parametrize("options", [{}, {"encoding": "latin-1"}, {"errors": "replace"}])
+def test_nul_bytes_are_not_text_whatever_the_encoding_options(tmp_path, options):
+    """NUL bytes after valid text trained as part of a word (w47\\x00\\x00 in vectors.txt),
+    and a binary file read as latin-1 or with decode_errors=replace gave thousands of garbage
+    words: only an undecodable byte was checked. A NUL byte is refused in every case, with its
+    line (past the 64 KiB the message used to look at)."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"the first line\n" * 5000 + b"a word w47\x00\x00 here\n")
+    spec = CorpusSpec.resolve(str(path), **options)
+    with pytest.raises(CorpusError, match=rf"{path} is not text \(it holds NUL bytes, line 5001 has bytes"):
+        _lines_of(spec, 1)
+
+
+def test_an_unusable_corpus_dir_is_a_corpus_error(tmp_path):
+    """data.corpus_dir=/proc/x (or a file) ended the job with a FileNotFoundError traceback and
+    exit code 1, where the other paths give the one-line configuration error (exit 2)."""
+    from sharded_embedding.word2vec.corpora import cached_corpus
+
+    (tmp_path / "file").write_text("x")
+    for folder in ("/proc/nope", tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(CorpusError, match=f"data.corpus_dir={folder}: cannot hold the built corpus"):
+            cached_corpus("wiki_offline", folder)

@@ -30,3 +30,27 @@ def test_demo_launch_exits_cleanly(run):
     assert "done: 6 steps" in out
     assert out.count("done:") == 1  # rank 0 alone prints
     assert "terminate called" not in done.stderr
+
+
+@pytest.mark.parametrize("codes, want", [
+    ({0: 2, 1: -15}, 2),    # rank 1 was stopped by torchrun after rank 0's configuration error
+    ({0: -15, 1: 1}, 1),
+    ({0: -9, 1: 1}, 137),   # a worker killed (out of memory) is the cause, whatever the others did
+    ({0: -15, 1: -15}, 143),  # a SIGTERM from outside stopped every worker
+    ({0: 3, 1: 2}, 3),
+])
+def test_the_launcher_exits_with_the_workers_code_not_torchruns_sigterm(monkeypatch, capsys, codes, want):
+    """torchrun stops the surviving workers with SIGTERM once one has exited with a code: the
+    job exited 143 ("interrupted by SIGTERM" in the docs) in 1 of 5 config-error runs."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from sharded_embedding import launch
+
+    def failing(args):
+        raise ChildFailedError("job", {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=c, error_file="")
+                                       for r, c in codes.items()})
+
+    monkeypatch.setattr(torchrun, "run", failing)
+    assert launch.main(["--nproc_per_node=2", "-m", "x"]) == want
+    assert "stopped (rank 0:" in capsys.readouterr().err

@@ -186,7 +186,8 @@ def default_cache_dir() -> Path:
 
 def cached_corpus(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     """The path of corpus ``name`` in ``cache_dir`` (default `default_cache_dir`), built first if
-    it is not there yet. CorpusError for an unknown name or a missing package.
+    it is not there yet. CorpusError for an unknown name, a missing package, or a ``cache_dir``
+    that cannot be made or written.
 
     Safe to call from every rank at once: a file lock lets one build while the others wait.
     """
@@ -196,9 +197,14 @@ def cached_corpus(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     path = folder / f"{name}-r{RECIPE}-ovos{ovos_version()}.txt"
     if path.is_file():
         return str(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f".{path.name}.lock", "w")
+    except OSError as e:
+        raise CorpusError(f"data.corpus_dir={folder}: cannot hold the built corpus ({e.strerror or e}): point it at "
+                          "a writable folder (or leave it unset)") from None
     log.info("%s is not built yet: building it once into %s", name, folder)
-    with open(folder / f".{path.name}.lock", "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not path.is_file():  # another process may have built it while we waited
             build_wiki_offline(path)

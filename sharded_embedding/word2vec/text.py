@@ -258,7 +258,12 @@ def _compressed_share(path: str, compression: str, first: int, world: int, chunk
 
 # ---------------------------------------------------------------------------- decoding
 def _decode(block: bytes, spec: CorpusSpec, path: str, compression: str | None, offset: int) -> pa.Array:
-    """Bytes of whole lines -> Arrow lines (the empty string after a final newline dropped)."""
+    """Bytes of whole lines -> Arrow lines (the empty string after a final newline dropped).
+    CorpusError for bytes that are not text: undecodable, or a NUL byte (which every encoding
+    the corpus can be in, ASCII-compatible ones, decodes without complaint)."""
+    nul = block.find(b"\x00")
+    if nul >= 0:
+        raise _decode_error(spec, path, compression, offset + nul, block[nul : nul + 4])
     if spec.encoding == "utf-8" and spec.errors == "strict":
         text = pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(_offsets(len(block))),
                                                             pa.py_buffer(block)])
@@ -287,7 +292,7 @@ def _offsets(n: int) -> bytes:
 
 def _decode_error(spec: CorpusSpec, path: str, compression: str | None, offset: int, sample: bytes) -> CorpusError:
     line = _line_number(path, compression, offset)
-    if b"\x00" in _head(path, compression):
+    if sample.startswith(b"\x00") or b"\x00" in _head(path, compression):
         return CorpusError(f"{path} is not text (it holds NUL bytes, line {line} has bytes {sample!r}): "
                            "point data.path at a text corpus")
     return CorpusError(
