@@ -66,6 +66,8 @@ def run(cfg) -> int:
             errors.append(f"{directory} holds checkpoints of an earlier run (newest: {old.name}) and this run does not "
                           "resume: resume it with train.resume=true, or use another out_dir (or "
                           "train.checkpoint_dir), or move those checkpoints away")
+    if not errors and cfg.train.resume:
+        errors += _resume_refusal(cfg, directory, world)
     # Files can differ between nodes: every rank learns every rank's findings.
     reports = all_gather_strings("\n".join(errors))
     problems = sorted({e for text in reports for e in text.split("\n") if e})
@@ -160,6 +162,33 @@ def run(cfg) -> int:
         files = [FILES[f] for f in formats] + (["vocab.txt"] if "npy" in formats else [])
         log.info("outputs in %s: %s, metrics.json, loss.png", out, ", ".join(files))
     return 0
+
+
+def _resume_refusal(cfg, directory: Path, world: int) -> list[str]:
+    """Why the newest checkpoint cannot be resumed, as far as its marker tells before the corpus
+    is prepared (the vocabulary's digest is compared later): a refused resume writes nothing,
+    not even the corpus cache."""
+    from .checkpoint import CheckpointError, CheckpointManager
+    from .word2vec import config as C
+    from .word2vec.loop import check_resumable
+    from .word2vec.text import CorpusError, CorpusSpec
+
+    manager = CheckpointManager(directory)
+    path = manager.latest()
+    if path is None:
+        return []
+    try:
+        files = CorpusSpec.resolve(C.corpus_path(cfg), cfg.data.encoding, cfg.data.decode_errors,
+                                   cfg.data.lowercase).identity()[0]
+    except CorpusError:
+        return []  # validate has said so
+    vocabulary = "vocabulary (digest)"
+    try:
+        check_resumable(path, manager.info(path), C.data_order(cfg, world, files, ""), cfg.optimizer.name,
+                        unknown=(vocabulary,))
+    except CheckpointError as e:
+        return [f"cannot resume: {e}"]
+    return []
 
 
 def _primary_rows(emb) -> int:

@@ -225,11 +225,23 @@ def test_a_resume_that_changes_the_data_order_is_refused_naming_the_key(tmp_path
                    "evaluate=false")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     before = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+
+    def corpus_cache():  # a refused resume rewrote the manifest and vocabulary, and encoded for its world size
+        return sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out" / "corpus").rglob("*"))
+
+    cache = corpus_cache()
     done = _train(tmp_path, "train.epochs=1", "train.batch_centers=200", "train.resume=true", "evaluate=false")
     out = done.stdout + done.stderr
     assert done.returncode == 2
     assert out.count("settings that decide the data order: train.batch_centers=500 (now 200)") == 1, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before  # nothing changed
+    assert corpus_cache() == cache
+    done = _train(tmp_path, "train.epochs=1", "train.batch_centers=500", "train.resume=true", "evaluate=false",
+                  nproc=1)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert out.count("world_size=2 (now 1)") == 1, out[-3000:]
+    assert corpus_cache() == cache
     # A fresh run (no resume) into that out_dir would prune its own checkpoints (the earlier
     # run's steps are higher) and a later resume would export the earlier run: refused.
     done = _train(tmp_path, "train.epochs=1", "evaluate=false")

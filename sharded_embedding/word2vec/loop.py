@@ -54,6 +54,29 @@ class LoopState:
         return state, s["rng"]
 
 
+
+def check_resumable(path, info: dict, data_order: dict, optimizer: str, unknown: tuple = ()) -> None:
+    """Raise CheckpointError if the checkpoint ``path`` (its marker ``info``) cannot be resumed
+    by a run with this ``data_order`` (`config.data_order`; keys in ``unknown`` are not known
+    yet and not compared) and ``optimizer``. The run checks this before it prepares the corpus
+    (without the vocabulary) and again before it loads, so that a refused resume changes nothing."""
+    saved = {k: v for k, v in (info.get("data_order") or {}).items() if k not in unknown}
+    now = {k: v for k, v in data_order.items() if k not in unknown}
+    if info.get("data_order") is not None and saved != now:
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise CheckpointError(
+            f"{path} was trained with other settings that decide the data order: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+            + ". Resume with the checkpoint's values, or start a new run (another out_dir, and another "
+            "train.checkpoint_dir if you set one)")
+    saved_optimizer = info.get("optimizer")
+    if saved_optimizer is not None and saved_optimizer != optimizer:  # its state fits that optimizer only
+        raise CheckpointError(
+            f"{path} was trained with optimizer={saved_optimizer} (now optimizer={optimizer}): its optimizer "
+            "state loads only into the same optimizer. Resume with optimizer=" + saved_optimizer + " (its "
+            "hyperparameters, such as optimizer.lr, may change), or start a new run (another out_dir, and another "
+            "train.checkpoint_dir if you set one)")
+
 class SkipGramTraining:
     """Runs the epochs of `SkipGram` over this rank's `TokenFile`, with checkpoints and resume."""
 
@@ -81,20 +104,7 @@ class SkipGramTraining:
         path = self.checkpoints.latest()
         if path is None:
             return None
-        info = self.checkpoints.info(path)
-        saved = info.get("data_order")
-        if saved is not None and saved != self.data_order:
-            changed = sorted(k for k in set(saved) | set(self.data_order) if saved.get(k) != self.data_order.get(k))
-            raise CheckpointError(
-                f"{path} was trained with other settings that decide the data order: "
-                + ", ".join(f"{k}={saved.get(k)!r} (now {self.data_order.get(k)!r})" for k in changed)
-                + ". Resume with the checkpoint's values, or start a new run (another out_dir, and another train.checkpoint_dir if you set one)")
-        saved_optimizer, optimizer = info.get("optimizer"), self.cfg.optimizer.name
-        if saved_optimizer is not None and saved_optimizer != optimizer:  # its state fits that optimizer only
-            raise CheckpointError(
-                f"{path} was trained with optimizer={saved_optimizer} (now optimizer={optimizer}): its optimizer "
-                "state loads only into the same optimizer. Resume with optimizer=" + saved_optimizer + " (its "
-                "hyperparameters, such as optimizer.lr, may change), or start a new run (another out_dir, and another train.checkpoint_dir if you set one)")
+        check_resumable(path, self.checkpoints.info(path), self.data_order, self.cfg.optimizer.name)
         rank_state, _ = self.checkpoints.load(path, self._tables())
         self.state, rng = LoopState.from_rank_state(rank_state)
         self.gen.set_state(rng)
