@@ -127,6 +127,10 @@ def _as_dict(features) -> dict:
     if isinstance(features, Mapping):
         return dict(features)
     if callable(getattr(features, "to_dict", None)) and callable(getattr(features, "keys", None)):
+        keys = list(features.keys())
+        if len(set(keys)) != len(keys):  # to_dict would keep the last of each, silently
+            repeated = sorted({k for k in keys if keys.count(k) > 1})
+            raise InputError(NOT_VALID, f"the KeyedJaggedTensor repeats the keys {repeated}: each feature once")
         lengths = features.lengths() if callable(getattr(features, "lengths", None)) else None
         if lengths is not None and lengths.numel() == 0 and features.values().numel() == 0:
             # an empty batch: torchrec's to_dict fails on it (IndexError)

@@ -121,11 +121,15 @@ def _create(path: str, partial: str, header: bytes, total: int) -> str | None:
     if os.path.lexists(path) and not os.path.isfile(path):
         return f"{path} exists and is not a regular file (a folder, a device, a link?): it is left as it is"
     try:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
-        if free < total:
-            return (f"not enough space for {partial}: it needs {total:,} bytes and the filesystem has "
-                    f"{free:,} free")
-        with open(partial, "wb") as f:
+        f = open(partial, "wb")  # first: a folder that takes no files says so (/proc has "0 free" too)
+    except OSError as e:
+        return f"cannot create {partial}: {e}"
+    try:
+        with f:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
+            if free < total:
+                return (f"not enough space for {partial}: it needs {total:,} bytes and the filesystem has "
+                        f"{free:,} free")
             try:
                 os.posix_fallocate(f.fileno(), 0, total)  # the blocks are ours, or ENOSPC now
             except OSError as e:

@@ -93,6 +93,8 @@ def _bad(case: str, features: dict) -> dict:
         f["user"] = (v.to("meta"), o)
     elif case == "malformed_kjt":  # a KeyedJaggedTensor whose own to_dict raises (lengths past the values)
         return _MalformedKJT(list(f))
+    elif case == "kjt_repeated_keys":  # torchrec's to_dict keeps the last of a repeated key, silently
+        return _RepeatedKeysKJT(f)
     else:
         raise ValueError(case)
     return f
@@ -129,7 +131,21 @@ CASES = [
     ("values_without_bags", ValueError, "offsets are empty (no bags) but there are 3 values"),
     ("meta_values", ValueError, "the input could not be read: NotImplementedError"),
     ("malformed_kjt", ValueError, "the input could not be read: RuntimeError: split_with_sizes expects"),
+    ("kjt_repeated_keys", ValueError, "the KeyedJaggedTensor repeats the keys ['item']: each feature once"),
 ]
+
+
+class _RepeatedKeysKJT:
+    """A KeyedJaggedTensor built with keys=["item", "item", ...]: its to_dict has each key once."""
+
+    def __init__(self, features):
+        self._features = features
+
+    def keys(self):
+        return ["item", *self._features]
+
+    def to_dict(self):
+        return dict(self._features)
 
 
 class _MalformedKJT:
