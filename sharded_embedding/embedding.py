@@ -630,7 +630,11 @@ def _refuse_foreign_gradient(grad):
 
 
 def _refuse_tying(module: nn.Module, name: str, param):
-    """Global parameter-registration hook: a table's storage registered on another module."""
+    """Global parameter-registration hook: a table's storage registered on another module (not
+    a ParameterList / ParameterDict, which only hold it: torch's replicate() builds one, and its
+    own check says what to do)."""
+    if isinstance(module, (nn.ParameterList, nn.ParameterDict)):
+        return None
     owner = getattr(param, "_table_owner", None)
     table = owner() if owner is not None else None
     if table is not None and table is not module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,13 +319,27 @@ def test_a_resume_after_the_corpus_changed_is_refused(tmp_path):
     corpus.write_text("the cat sat on the mat\n" * 40 + "a dog ran in the park\n" * 40)
     run = ["data=text", f"data.path={corpus}", "data.min_count=1", "train.epochs=1", "evaluate=false"]
     assert _train(tmp_path, *run).returncode == 0
+    stat = corpus.stat()
+    cache = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out" / "corpus").rglob("*"))
     with corpus.open("a") as f:
         f.write("park\n" * 30)  # the same words: only their counts, so their order, change
     done = _train(tmp_path, *run, "train.resume=true")
     out = done.stdout + done.stderr
     assert done.returncode == 2, out[-3000:]
     assert out.count("cannot resume:") == 1 and "corpus files (path, bytes, mtime)" in out
-    assert "vocabulary (digest)" in out
+    # refused from the checkpoint's marker, before the corpus was read: its cache is untouched
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out" / "corpus").rglob("*")) == cache
+    # Other counts in a file of the same size and time, and no corpus cache (whose key is the
+    # files' size and time): only the vocabulary tells, once read.
+    shutil.rmtree(tmp_path / "out" / "corpus")
+    corpus.write_text("the cat sat on the mat\n" * 30 + "the dog sat on the mat\n" * 10 + "a dog ran in the park\n" * 40)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert corpus.stat().st_size == stat.st_size
+    done = _train(tmp_path, *run, "train.resume=true")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert out.count("cannot resume:") == 1 and "vocabulary (digest)" in out, out[-3000:]
+    assert "corpus files (path, bytes, mtime)" not in out
 
 
 def test_a_sweep_whose_jobs_share_out_dir_is_refused(tmp_path):
