@@ -69,6 +69,7 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         schedule too): ValueError naming the bad value, the optimizer unchanged."""
         if key in type(self).defaults:
             given = self._checked(key, given)
+            self.__dict__.pop("_digest", None)
         super().__setattr__(key, given)
 
     def _checked(self, key: str, given):
@@ -89,7 +90,11 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
     def digest(self) -> int:
         """A 31-bit digest of the hyperparameters: every rank's lookups carry it, so that ranks
         that set them differently (a schedule stepped on some ranks only) raise together."""
-        return zlib.crc32(repr(sorted(self.hyperparameters().items())).encode()) & 0x7FFFFFFF
+        digest = self.__dict__.get("_digest")
+        if digest is None:  # kept until a hyperparameter is set
+            digest = self.__dict__["_digest"] = zlib.crc32(repr(sorted(self.hyperparameters().items())).encode()) \
+                & 0x7FFFFFFF
+        return digest
 
     @torch.no_grad()
     def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
