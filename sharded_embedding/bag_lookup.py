@@ -138,7 +138,8 @@ class BagLookup(torch.autograd.Function):
             rows, values = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device)
             out[t] = update_rows(exchange, storages[t], rows, values, inv_scale=scales[t][1],
                                  storage_shape=storages[t].shape, poisoned=bool(bad),
-                                 lend=(ws, "bag_grad_recv"))  # values may be views of `recv`
+                                 lend=(ws, "bag_grad_recv"),  # values may be views of `recv`
+                                 hyperparameters=(routing.hyperparameters or {}).get(t))
         return (None, None, None, None, *out)
 
 

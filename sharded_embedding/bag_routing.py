@@ -106,6 +106,7 @@ class BagRouting:
     ints_sent: int
     ints_received: int
     call: int = 0  # the collection's lookup number (alike on every rank): tags its exchanges
+    hyperparameters: dict | None = None  # table -> its fused step's, as every rank agreed at the lookup
 
     def rows_from(self, q: int) -> list[int]:
         """Rows rank ``q`` sends this rank in the vector exchange, by table."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import pending
 from .bag_lookup import BagLookup
 from .bag_routing import POOL_ON, BagRouter, BagRouting, signature_parts
 from .bags import EXCEPTIONS, REFUSED, InputError, parse
@@ -277,6 +278,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
         routing = self._router.route(bags, error, grad_tables, self._stats.wire_bytes,
                                      lambda kinds, signatures: self._check(kinds, signatures, text), digest)
         self._lookups = routing.call = self._lookups + 1
+        if fused:
+            routing.hyperparameters = {k: t.optimizer.hyperparameters() for k, (t, g) in enumerate(zip(tables, grad_tables))
+                                       if g and t.optimizer is not None}
+            pending.note_lookup()
         self._stats.record_requests(routing)
         exchanges = [t._exchange for t in tables]
         if any(grad_tables):

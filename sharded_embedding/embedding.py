@@ -23,6 +23,7 @@ from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
 from .distributed import agree_or_raise, check_agreement, collective_device, default_device, resolve_group
 from .export import export_table, import_table, tensor_bytes
 from .initializers import fill_initial_rows
+from . import pending
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
 from .optim_state import register_table
@@ -330,6 +331,9 @@ class ShardedEmbedding(nn.Module):
         routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad, dtype=storage.dtype,
                                      step_digest=digest)
         self._lookups = routing.call = self._lookups + 1
+        if digest:
+            routing.hyperparameters = self.optimizer.hyperparameters()
+            pending.note_lookup()
         out = ShardedLookup.apply(storage, routing, self._exchange)
         return out.view(*routing.shape, self.embedding_dim)
 

@@ -251,10 +251,11 @@ class ShardedLookup(torch.autograd.Function):
         if in_parts:  # a linear update takes own rows and peers' rows one after the other
             rows = routing.owner_rows
             pending.defer(optimizer, ctx.weight, [(rows[:num_self], summed[num_remote:]),
-                                                  (rows[num_self:], owner[num_self:])], lend)
+                                                  (rows[num_self:], owner[num_self:])], lend, routing.hyperparameters)
             return None, None, None
         grad = update_rows(exchange, ctx.weight, routing.owner_rows, owner, inv_scale=inv_scale,
-                           storage_shape=ctx.storage_shape, poisoned=bool(bad), lend=lend)
+                           storage_shape=ctx.storage_shape, poisoned=bool(bad), lend=lend,
+                           hyperparameters=routing.hyperparameters)
         return grad, None, None
 
 
@@ -298,7 +299,7 @@ def record_fused_steps(exchanges: list[Exchange]) -> None:
 
 def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor, *,
                 inv_scale: float, storage_shape: torch.Size, poisoned: bool = False,
-                lend: tuple | None = None) -> torch.Tensor | None:
+                lend: tuple | None = None, hyperparameters: dict | None = None) -> torch.Tensor | None:
     """The owner's part of a backward once the gradient rows have arrived: ``values[i]`` is
     (part of) the gradient of local row ``rows[i]`` (rows may repeat). Sums mirrored pages'
     rows over their replicas (`mirrors`), then either hands them to the fused optimizer's step
@@ -306,13 +307,14 @@ def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Ten
     multiplied by its ``linear_scale`` if it has one, else by ``inv_scale`` here) and returns
     None, or returns the gradient of the local storage (sparse COO or dense; NaN where
     ``poisoned``). ``values`` may be a view of the workspace buffer ``lend`` names
-    (``(workspace, name)``), which the pending step then borrows."""
+    (``(workspace, name)``), which the pending step then borrows; ``hyperparameters``: those
+    the ranks agreed on at the lookup, which the step uses."""
     rows, values, mirror_rows = exchange.mirrors.all_reduce(rows, values)
     exchange.stats.mirror_rows_reduced += mirror_rows
     if exchange.optimizer is not None:
         if inv_scale != 1.0:
             values = values * inv_scale
-        pending.defer(exchange.optimizer, weight, [(rows, values)], lend)
+        pending.defer(exchange.optimizer, weight, [(rows, values)], lend, hyperparameters)
         return None
     rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
     if poisoned:  # another rank overflowed: make this rank's scaler skip the table's step too

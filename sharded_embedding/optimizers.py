@@ -23,6 +23,7 @@ ValueError naming it; so is one the optimizer does not take.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from abc import ABCMeta, abstractmethod
@@ -86,6 +87,20 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in self.defaults}
+
+    @contextlib.contextmanager
+    def hyperparameters_set(self, values: dict | None):
+        """Within the block, the hyperparameters are ``values`` (as `hyperparameters` gave them,
+        checked then; None: as they are): a pending step applies those its lookup agreed on."""
+        if not values:
+            yield
+            return
+        saved = self.hyperparameters()
+        self.__dict__.update(values)  # checked when taken; the digest stays the current values'
+        try:
+            yield
+        finally:
+            self.__dict__.update(saved)
 
     def digest(self) -> int:
         """A 31-bit digest of the hyperparameters: every rank's lookups carry it, so that ranks

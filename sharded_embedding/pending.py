@@ -13,17 +13,23 @@ optimizer step per table and pass. So, as with ``nn.Embedding`` and a torch opti
   callbacks only when the pass completes, and the pass's pending steps are then dropped with
   it (they are held by the callback alone, which autograd releases with the pass);
 - a lookup recomputed inside the backward (activation checkpointing) reads the rows its
-  forward read.
+  forward read;
+- the step uses the hyperparameters every rank agreed on at the lookup (`routing` checks a
+  digest of them): a learning rate set between a lookup and its backward applies from the next
+  lookup, on every rank alike.
 
 Gradient rows held for a pending step may be views of a lookup's reusable buffer; the buffer
 is lent to the pass (`Workspace.lend`: a second backward of the same table in the pass gets a
-fresh one) and handed back after the step. A nested backward pass (reentrant activation
-checkpointing) is a pass of its own and steps when it completes.
+fresh one) and handed back after the step. A backward pass nested in another on the same thread
+(reentrant activation checkpointing: ``checkpoint(..., use_reentrant=True)`` runs one for its
+part of the graph) steps with the outer pass: a lookup recomputed there records the outer pass
+first (`note_lookup`), and the nested pass's steps join it.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -35,13 +41,17 @@ class _Pass:
     """The pending steps of one backward pass (one autograd graph task)."""
 
     def __init__(self):
-        self.steps: dict[int, tuple] = {}  # id(optimizer) -> (optimizer, weight, [(rows, grad), ...])
+        self.steps: dict[int, tuple] = {}  # id(optimizer) -> (optimizer, weight, [(rows, grad), ...], hyperparameters)
         self.skipped: set[int] = set()
         self.lent: list[tuple] = []  # (workspace, name, buffer)
+        self.thread = threading.get_ident()
+        self.done = False
 
     def finish(self) -> None:
-        for optimizer, weight, parts in self.steps.values():
-            optimizer.apply_pass(weight, parts)
+        self.done = True
+        for optimizer, weight, parts, hyperparameters in self.steps.values():
+            with optimizer.hyperparameters_set(hyperparameters):
+                optimizer.apply_pass(weight, parts)
         self.steps.clear()
         for workspace, name, buffer in self.lent:
             workspace.give_back(name, buffer)
@@ -59,21 +69,36 @@ def _current() -> _Pass | None:
         return None
     record = _passes.get(task)
     if record is None:
+        thread = threading.get_ident()
+        outer = next((r for r in list(_passes.values()) if r.thread == thread and not r.done), None)
+        if outer is not None:  # a pass nested in a running one (reentrant checkpointing) steps with it
+            _passes[task] = outer
+            return outer
         record = _passes[task] = _Pass()
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_Pass.finish, record))
     return record
 
 
+def note_lookup() -> None:
+    """A lookup that will take a fused step was made: if a backward pass is running (activation
+    checkpointing recomputes the lookup there), record that pass now, so that the nested pass
+    that reentrant checkpointing runs for the lookup's backward steps with it."""
+    if torch._C._current_graph_task_id() >= 0:
+        _current()
+
+
 def defer(optimizer, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],
-          lend: tuple | None = None) -> None:
+          lend: tuple | None = None, hyperparameters: dict | None = None) -> None:
     """Apply ``optimizer``'s step to ``weight`` with the gradient ``parts`` (``[(local rows
     int64 [n], gradient rows [n, dim]), ...]``, as `FusedOptimizer.apply_pass` takes them) when
     the running backward pass completes, with every other part of the same optimizer in that
-    pass. ``lend``: ``(workspace, name)`` of the buffer the parts may be views of. Outside a
-    backward pass, applies at once."""
+    pass. ``lend``: ``(workspace, name)`` of the buffer the parts may be views of.
+    ``hyperparameters``: the step's (the first lookup's of the pass; None: the optimizer's
+    current ones). Outside a backward pass, applies at once."""
     record = _current()
     if record is None:
-        optimizer.apply_pass(weight, parts)
+        with optimizer.hyperparameters_set(hyperparameters):
+            optimizer.apply_pass(weight, parts)
         return
     key = id(optimizer)
     if key in record.skipped:
@@ -81,7 +106,7 @@ def defer(optimizer, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch
     if key in record.steps:
         record.steps[key][2].extend(parts)
     else:
-        record.steps[key] = (optimizer, weight, list(parts))
+        record.steps[key] = (optimizer, weight, list(parts), hyperparameters)
     if lend is not None:
         workspace, name = lend
         buffer = workspace.lend(name)

@@ -127,6 +127,7 @@ class Routing:
     ints_sent: int  # int64 values this rank sent / received while routing (headers, rows)
     ints_received: int
     call: int = 0  # the table's lookup number (alike on every rank): tags its exchanges
+    hyperparameters: dict | None = None  # the fused step's, as every rank agreed at the lookup
 
     @property
     def num_remote(self) -> int:

@@ -182,3 +182,64 @@ def test_outside_a_backward_pass_a_step_applies_at_once():
     opt = build_fused_optimizer({"name": "sgd", "lr": 1.0}, weight)
     pending.defer(opt, weight, [(torch.tensor([1, 1]), torch.ones(2, 2))])
     assert torch.equal(weight[1], torch.tensor([2.0, 2.0])) and int(opt.step) == 1
+
+
+def _reentrant_checkpointing(layout: str):
+    """checkpoint(..., use_reentrant=True) runs a nested backward pass for its segment: the
+    segment's lookups stepped when it ended, and the outer pass stepped the table again (two
+    Adagrad steps per backward). The nested pass now steps with the outer one, whatever the
+    order in which their lookups' backward passes run."""
+    rank, world = rank_world()
+    fused = {"name": "adagrad", "lr": 0.1}
+    emb = ShardedEmbedding(N, DIM, page_size=8, fused_optimizer=fused)
+    oracle = Oracle(N, DIM, fused=fused)
+    x = torch.zeros(1, requires_grad=True)  # a reentrant segment needs an input that requires grad
+
+    def loss_of(lookup, ids, recompute):
+        segment = lambda i, x: lookup(i).pow(2).sum() + x  # noqa: E731
+        if layout == "segment_first":
+            return recompute(segment, ids[0], x).sum() + (lookup(ids[1]) * 1.5).sum()
+        if layout == "segment_last":
+            return (lookup(ids[1]) * 1.5).sum() + recompute(segment, ids[0], x).sum()
+        return recompute(segment, ids[0], x).sum() + recompute(segment, ids[1], x).sum()  # two segments
+
+    for step in range(3):
+        ids = [[make_ids(N, r, 10 * step + k, 9, skew="zipf") for k in range(2)] for r in range(world)]
+        loss_of(emb, ids[rank], lambda f, *a: activation_checkpoint.checkpoint(f, *a, use_reentrant=True)).backward()
+        sum(loss_of(oracle.emb, i, lambda f, *a: f(*a)) for i in ids).backward()
+        oracle.opt.step()
+        oracle.opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(emb.full_table(), oracle.table, rtol=1e-5, atol=1e-6)
+    assert int(emb.optimizer.step) == 3
+
+
+@pytest.mark.parametrize("layout", ["segment_first", "segment_last", "two_segments"])
+def test_reentrant_activation_checkpointing_steps_with_the_outer_pass(layout):
+    run_ranks(2, _reentrant_checkpointing, layout)
+
+
+def _lr_set_between_lookup_and_backward():
+    """The ranks agree on the hyperparameters at the lookup; an lr set on one rank between the
+    lookup and its backward was used by that rank's step alone (mirrored replicas diverged).
+    The step uses the agreed values; the new one applies from the next lookup (which refuses
+    while the ranks differ)."""
+    rank, world = rank_world()
+    fused = {"name": "adagrad", "lr": 0.1}
+    emb = ShardedEmbedding(N, DIM, page_size=8, placement=[(0, 1), 0, 1, (1, 0), 0], fused_optimizer=fused)
+    oracle = Oracle(N, DIM, fused=fused)
+    ids = [make_ids(N, r, 0, 12) for r in range(world)]
+    out = emb(ids[rank])
+    if rank == 1:
+        emb.optimizer.lr = 0.5
+    out.sum().backward()
+    sum(oracle.emb(i).sum() for i in ids).backward()
+    oracle.opt.step()
+    torch.testing.assert_close(emb.full_table(), oracle.table, rtol=1e-5, atol=1e-6)
+    assert emb.optimizer.lr == (0.5 if rank == 1 else 0.1)
+    with pytest.raises(RuntimeError, match="hyperparameters differ between ranks"):
+        emb(ids[rank])
+    return True
+
+
+def test_a_learning_rate_set_between_a_lookup_and_its_backward_applies_from_the_next_lookup():
+    assert run_ranks(2, _lr_set_between_lookup_and_backward) == [True, True]
