@@ -23,8 +23,9 @@ The check: each rank looks at the gradient rows it computed (on the CPU one sum,
 ``aminmax`` pass only where the sum is not finite; see `nonfinite_flag`), also catching values that rounding to ``comm_dtype`` would carry past the dtype's largest, see
 `wire.finite_limit`), and each rank's flag travels with its gradient rows in the gradient
 exchange (`transport.Transport.all_to_all`'s ``flag``), so every rank knows every rank's flag
-before any row changes, at no extra collective. What it does not see: finite rows from several ranks whose
-sum overflows float32 at the owner (|g| near 1.7e38), which nn.Embedding would see as inf.
+before any row changes, at no extra collective. What it does not see: finite rows from several ranks, or from several lookups of one
+backward pass, whose sum overflows float32 at the owner (|g| near 1.7e38), which nn.Embedding
+would see as inf.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ class ShardedEmbedding(nn.Module):
         error = plan = None
         fields: dict = {}
         try:  # every argument, on every rank; nothing is allocated before all ranks agree
+            unsupported = {k: v for k, v in unsupported.items() if not _is_nn_embedding_default(k, v)}
             if unsupported:
                 raise TypeError(_unsupported_message(unsupported))
             # (numpy's integers, as nn.Embedding takes them: ids.max() + 1)
@@ -232,6 +233,8 @@ class ShardedEmbedding(nn.Module):
         storage = self._storage
         storage.is_table_storage = True
         storage._table_owner = weakref.ref(self)
+        if storage.numel():  # a new Parameter over the same rows (nn.Parameter(emb.weight)) is told by its memory
+            _TABLE_MEMORY[storage.untyped_storage().data_ptr()] = self
         if self.optimizer is not None and getattr(storage, "_foreign_gradient_hook", None) is None:
             storage._foreign_gradient_hook = storage.register_hook(_refuse_foreign_gradient).id
 
@@ -596,6 +599,17 @@ _NN_EMBEDDING_OPTIONS = {
 }
 
 
+_NN_EMBEDDING_DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+                          "_weight": None, "_freeze": False}
+
+
+def _is_nn_embedding_default(key: str, value) -> bool:
+    """nn.Embedding's options at their defaults change nothing, so they are taken (code that
+    passes them explicitly works as with nn.Embedding)."""
+    default = _NN_EMBEDDING_DEFAULTS.get(key, ...)
+    return default is not ... and type(value) is type(default) and value == default
+
+
 def _unsupported_message(given: dict) -> str:
     known = [f"{k} ({_NN_EMBEDDING_OPTIONS[k]})" for k in given if k in _NN_EMBEDDING_OPTIONS]
     other = [k for k in given if k not in _NN_EMBEDDING_OPTIONS]
@@ -637,14 +651,20 @@ def _refuse_tying(module: nn.Module, name: str, param):
     """Global parameter-registration hook: a table's storage registered on another module (not
     a ParameterList / ParameterDict, which only hold it: torch's replicate() builds one, and its
     own check says what to do)."""
-    if isinstance(module, (nn.ParameterList, nn.ParameterDict)):
+    if isinstance(module, (nn.ParameterList, nn.ParameterDict)) or param is None:
         return None
     owner = getattr(param, "_table_owner", None)
     table = owner() if owner is not None else None
+    if table is None and param.numel() and param.device.type != "meta":
+        memory = param.untyped_storage().data_ptr()
+        found = _TABLE_MEMORY.get(memory)
+        if found is not None and found._storage.untyped_storage().data_ptr() == memory:  # not a stale entry
+            table = found
     if table is not None and table is not module:
         raise TypeError(_TIED.format(rows=param.shape[0], total=table.num_embeddings, module=type(module).__name__,
                                      name=name))
     return None
 
 
+_TABLE_MEMORY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # storage address -> table
 _TYING_HOOK = register_module_parameter_registration_hook(_refuse_tying)

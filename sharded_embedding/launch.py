@@ -9,7 +9,7 @@ message and exits 1 whatever the workers' codes. The jobs here report their erro
 once, on rank 0, and exit with a code that means something (2: configuration or data, 3:
 training diverged, 1: anything else). This prints one line instead of the traceback and exits
 with the largest code a worker exited with (or 128 + the signal that killed one; not the
-SIGTERM with which torchrun stops the others once a worker has exited with a code); a launcher
+SIGTERM with which torchrun stops the other workers once one has failed); a launcher
 stopped by a signal (Ctrl-C, SIGTERM) says so in one line and exits 128 + the signal.
 """
 
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
         exited = [c for c in codes.values() if c > 0]
-        # After a worker exits with a code, torchrun stops the others with SIGTERM: not theirs
-        killed = [128 - c for c in codes.values() if c < 0 and not (exited and -c == signal.SIGTERM)]
-        worst = max([*exited, *killed], default=1)
+        killed = [128 - c for c in codes.values() if c < 0 and -c != signal.SIGTERM]
+        # Once a worker has failed, torchrun stops the others with SIGTERM: that is not their
+        # failure; it is only when every failure is a SIGTERM (one from outside)
+        worst = max([*exited, *killed], default=128 + signal.SIGTERM if codes else 1)
         detail = ", ".join(
             f"rank {r}: {'code ' + str(c) if c > 0 else 'signal ' + str(-c)}" for r, c in sorted(codes.items())
         )

@@ -74,6 +74,9 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         super().__setattr__(key, given)
 
     def _checked(self, key: str, given):
+        if isinstance(given, bool) or (key == "betas" and isinstance(given, (tuple, list))
+                                       and any(isinstance(b, bool) for b in given)):
+            raise ValueError(f"fused_optimizer {self.name!r}: {key} must be a number, got {given!r}")
         try:
             value = tuple(float(b) for b in given) if key == "betas" else float(given)
         except (TypeError, ValueError):

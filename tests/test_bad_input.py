@@ -169,6 +169,7 @@ def _bad_construction(case):
     elif case == "cuda_without_cuda":
         kwargs["device"] = "cuda"
     elif case == "nn_embedding_option_on_one_rank":  # Python's own TypeError came on that rank alone
+        kwargs.update(padding_idx=None, max_norm=None, scale_grad_by_freq=False)  # the defaults are taken
         if rank == 1:
             kwargs.update(padding_idx=0, max_norm=1.0)
     elif case == "num_devices_with_a_list":
@@ -424,7 +425,8 @@ def _hyperparameters_after_construction():
                               "ShardedEmbeddingBagCollection")):
         opt = table.optimizer
         for bad, message in ((-1, "lr must be a finite number >= 0, got -1.0"),
-                             (float("nan"), "lr must be a finite number >= 0, got nan"), ("x", "lr must be a number")):
+                             (float("nan"), "lr must be a finite number >= 0, got nan"), ("x", "lr must be a number"),
+                             (True, "lr must be a number, got True")):
             with pytest.raises(ValueError, match=message):
                 opt.lr = bad
             assert opt.lr == 0.1

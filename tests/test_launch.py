@@ -38,6 +38,8 @@ def test_demo_launch_exits_cleanly(run):
     ({0: -9, 1: 1}, 137),   # a worker killed (out of memory) is the cause, whatever the others did
     ({0: -15, 1: -15}, 143),  # a SIGTERM from outside stopped every worker
     ({0: 3, 1: 2}, 3),
+    ({0: -9, 1: -15}, 137),   # a worker killed from outside; torchrun stopped the other
+    ({0: -15, 1: -11}, 139),
 ])
 def test_the_launcher_exits_with_the_workers_code_not_torchruns_sigterm(monkeypatch, capsys, codes, want):
     """torchrun stops the surviving workers with SIGTERM once one has exited with a code: the

@@ -713,6 +713,8 @@ def _tying_and_direct_use_of_the_weight():
         decoder = nn.Linear(4, 40)
         with pytest.raises(TypeError, match=r"cannot also be a parameter of Linear.weight \(weight tying"):
             decoder.weight = table.weight
+        with pytest.raises(TypeError, match=r"cannot also be a parameter of Linear.weight \(weight tying"):
+            decoder.weight = nn.Parameter(table.weight)  # a new Parameter over the same rows
         assert decoder.weight is not table.weight
         before, state = table.full_table(), {k: v.clone() for k, v in table.optimizer.named_buffers()}
         for direct in (lambda: table.weight.pow(2).sum(), lambda: F.embedding(ids[:2], table.weight).sum()):
