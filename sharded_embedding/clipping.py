@@ -62,8 +62,10 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
     a count of nonzeros, and -inf, the smallest magnitude: neither bounds a gradient).
     """
     norm_type = float(norm_type)
-    if not norm_type > 0:
-        raise ValueError(f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}; no gradient was changed")
+    bad_norm = None if norm_type > 0 else (
+        f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}; no gradient was changed")
+    if bad_norm is not None:
+        norm_type = 2.0  # the ranks still meet in the all-reduces below, and all raise after them
     tables = [m for m in module.modules() if isinstance(m, ShardedEmbedding)]
     fused = [name or "(the module itself)" for name, m in module.named_modules()
              if isinstance(m, ShardedEmbedding) and m.optimizer is not None]
@@ -96,16 +98,22 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
         g = _primary_rows_grad(t)
         groups.setdefault(id(t.process_group), (t.process_group, []))[1].append(g if g is not None else
                                                                                 t.weight.new_empty(0))
+    refused = bad_norm is not None
     for group, grads in groups.values():
         share = part(grads)
         if dist.get_world_size(group) > 1:
             from .distributed import collective_device
 
-            share = share.to(collective_device(group))
+            both = torch.stack([share, torch.tensor(float(bad_norm is not None), dtype=torch.float64)])
+            both = both.to(collective_device(group))
             op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-            dist.all_reduce(share, op=op, group=group)  # the tables' share of the norm, over the ranks
-            share = share.cpu()
+            # the tables' share of the norm, over the ranks, and whether any rank was given a bad norm_type
+            dist.all_reduce(both, op=op, group=group)
+            share, refused = both[0].cpu(), refused or bool(both[1] > 0)
         total = torch.maximum(total, share) if math.isinf(norm_type) else total + share
+    if refused:
+        raise ValueError(bad_norm or "clip_grad_norm_: another rank was given a norm_type that is not > 0; "
+                         "no gradient was changed")
     total_norm = (total if math.isinf(norm_type) else total.pow(1.0 / norm_type)).to(torch.float32)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(

@@ -591,6 +591,10 @@ def _clip_nonfinite_norm():
         with pytest.raises(ValueError, match="norm_type must be > 0"):
             clip_grad_norm_(emb, 1.0, norm_type)
         assert torch.equal(emb.weight.grad, grad)
+    # on one rank only: the other waited in the all-reduce for the group's timeout
+    with pytest.raises(ValueError, match="norm_type must be > 0|another rank was given a norm_type"):
+        clip_grad_norm_(emb, 1.0, 0 if rank == 1 else 2.0)
+    assert torch.equal(emb.weight.grad, grad)
     fused = ShardedEmbedding(20, 3, page_size=5, fused_optimizer={"name": "sgd", "lr": 0.1})
     with pytest.raises(ValueError, match=r"tables \['\(the module itself\)'\] have a fused optimizer"):
         clip_grad_norm_(fused, 1.0)
