@@ -71,6 +71,10 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         if key in type(self).defaults:
             given = self._checked(key, given)
             self.__dict__.pop("_digest", None)
+        elif not key.startswith("_") and key != "training" and not hasattr(self, key):
+            # emb.optimizer.momentum = 0.9 (or a typo of lr) would do nothing, silently
+            raise AttributeError(f"fused_optimizer {self.name!r} has no hyperparameter {key!r}: it takes "
+                                 f"{sorted(self.defaults)}")
         super().__setattr__(key, given)
 
     def _checked(self, key: str, given):

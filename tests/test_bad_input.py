@@ -433,6 +433,8 @@ def _hyperparameters_after_construction():
         if opt.name == "adam":
             with pytest.raises(ValueError, match="betas must be two numbers in"):
                 opt.betas = (0.9, 1.0)
+        with pytest.raises(AttributeError, match=f"fused_optimizer {opt.name!r} has no hyperparameter 'momentum'"):
+            opt.momentum = 0.9  # did nothing, silently
         opt.lr = "0.2"  # a number, as construction takes it
         assert opt.lr == 0.2
         before = table.full_table()

@@ -367,7 +367,7 @@ def test_nul_bytes_are_not_text_whatever_the_encoding_options(tmp_path, options)
         _lines_of(spec, 1)
 
 
-def test_an_unusable_corpus_dir_is_a_corpus_error(tmp_path):
+def test_an_unusable_corpus_dir_is_a_corpus_error(tmp_path, monkeypatch):
     """data.corpus_dir=/proc/x (or a file) ended the job with a FileNotFoundError traceback and
     exit code 1, where the other paths give the one-line configuration error (exit 2)."""
     from sharded_embedding.word2vec.corpora import cached_corpus
@@ -376,3 +376,7 @@ def test_an_unusable_corpus_dir_is_a_corpus_error(tmp_path):
     for folder in ("/proc/nope", tmp_path / "file", tmp_path / "file" / "below"):
         with pytest.raises(CorpusError, match=f"data.corpus_dir={folder}: cannot hold the built corpus"):
             cached_corpus("wiki_offline", folder)
+    # unset: the default folder, which the user did not name
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/nope")
+    with pytest.raises(CorpusError, match=r"the corpus cache /proc/nope/\S+ \(data.corpus_dir unset"):
+        cached_corpus("wiki_offline", None)

@@ -201,8 +201,10 @@ def cached_corpus(name: str, cache_dir: str | os.PathLike | None = None) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / f".{path.name}.lock", "w")
     except OSError as e:
-        raise CorpusError(f"data.corpus_dir={folder}: cannot hold the built corpus ({e.strerror or e}): point it at "
-                          "a writable folder (or leave it unset)") from None
+        where = f"data.corpus_dir={folder}" if cache_dir else f"the corpus cache {folder} (data.corpus_dir unset: " \
+            "the default, under $XDG_CACHE_HOME or ~/.cache)"
+        raise CorpusError(f"{where}: cannot hold the built corpus ({e.strerror or e}): point data.corpus_dir at a "
+                          "writable folder") from None
     log.info("%s is not built yet: building it once into %s", name, folder)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
