@@ -29,6 +29,7 @@ first (`note_lookup`), and the nested pass's steps join it.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import weakref
 
@@ -71,12 +72,27 @@ def _current() -> _Pass | None:
     if record is None:
         thread = threading.get_ident()
         outer = next((r for r in list(_passes.values()) if r.thread == thread and not r.done), None)
-        if outer is not None:  # a pass nested in a running one (reentrant checkpointing) steps with it
+        if outer is not None and _nested():  # in a running pass (reentrant checkpointing): step with it
             _passes[task] = outer
             return outer
+        if outer is not None:  # a pass that raised, not yet freed: its steps are never applied
+            outer.done = True
         record = _passes[task] = _Pass()
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_Pass.finish, record))
     return record
+
+
+def _nested() -> bool:
+    """Whether this backward pass runs inside another one on this thread: autograd's Python
+    entry point is twice on the stack (torch 2.3 and later; else assumed)."""
+    entry = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
+    if entry is None:
+        return True
+    code, depth, frame = entry.__code__, 0, sys._getframe()
+    while frame is not None:
+        depth += frame.f_code is code
+        frame = frame.f_back
+    return depth >= 2
 
 
 def note_lookup() -> None:
