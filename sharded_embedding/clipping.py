@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import agree_or_raise, collective_device
 from .embedding import ShardedEmbedding
 
 __all__ = ["clip_grad_norm_"]
@@ -55,17 +56,22 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
 
     Returns the total norm (a float32 scalar tensor, the same on every rank).
 
-    Collective over each table's process group (one all-reduce per group; every rank must
-    call it). Raises ValueError on every rank, before any gradient changes, if ``module``
-    holds a table with a fused optimizer: its gradient was applied inside the backward and
-    cannot be clipped afterwards; ValueError if ``norm_type`` is not > 0 (torch also takes 0,
-    a count of nonzeros, and -inf, the smallest magnitude: neither bounds a gradient).
+    Collective over each table's process group (an agreement on the arguments, then one
+    all-reduce per group; every rank must call it). Raises ValueError on every rank, before any
+    gradient changes, if ``module`` holds a table with a fused optimizer: its gradient was
+    applied inside the backward and cannot be clipped afterwards; if ``norm_type`` is not a
+    number > 0 (torch also takes 0, a count of nonzeros, and -inf, the smallest magnitude:
+    neither bounds a gradient) or ``max_norm`` not a number; or if the ranks were given
+    different values (each would clip by another norm).
     """
-    norm_type = float(norm_type)
-    bad_norm = None if norm_type > 0 else (
-        f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}; no gradient was changed")
-    if bad_norm is not None:
-        norm_type = 2.0  # the ranks still meet in the all-reduces below, and all raise after them
+    error = None
+    try:
+        norm_type, max_norm = float(norm_type), float(max_norm)
+        if not norm_type > 0:
+            error = f"clip_grad_norm_: norm_type must be > 0 (or inf), got {norm_type}; no gradient was changed"
+    except (TypeError, ValueError):
+        error = (f"clip_grad_norm_: norm_type and max_norm must be numbers, got {norm_type!r} and {max_norm!r}; "
+                 "no gradient was changed")
     tables = [m for m in module.modules() if isinstance(m, ShardedEmbedding)]
     fused = [name or "(the module itself)" for name, m in module.named_modules()
              if isinstance(m, ShardedEmbedding) and m.optimizer is not None]
@@ -76,6 +82,11 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
             "not see it). Clip only the dense part with torch.nn.utils.clip_grad_norm_, or give those tables "
             "no fused_optimizer and a torch optimizer. No gradient was changed"
         )
+    groups_of_tables = {id(t.process_group): t.process_group for t in tables}
+    for group in groups_of_tables.values():  # collective: a bad or different argument on one rank
+        agree_or_raise(group, "clip_grad_norm_", {"norm_type": repr(norm_type), "max_norm": repr(max_norm)}, error)
+    if error is not None:  # no table: nothing collective to meet in
+        raise ValueError(error)
     table_params = {id(t.weight) for t in tables}
     dense = [p.grad for p in module.parameters() if id(p) not in table_params and p.grad is not None]
 
@@ -98,22 +109,14 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0,
         g = _primary_rows_grad(t)
         groups.setdefault(id(t.process_group), (t.process_group, []))[1].append(g if g is not None else
                                                                                 t.weight.new_empty(0))
-    refused = bad_norm is not None
     for group, grads in groups.values():
         share = part(grads)
         if dist.get_world_size(group) > 1:
-            from .distributed import collective_device
-
-            both = torch.stack([share, torch.tensor(float(bad_norm is not None), dtype=torch.float64)])
-            both = both.to(collective_device(group))
+            share = share.to(collective_device(group))
             op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-            # the tables' share of the norm, over the ranks, and whether any rank was given a bad norm_type
-            dist.all_reduce(both, op=op, group=group)
-            share, refused = both[0].cpu(), refused or bool(both[1] > 0)
+            dist.all_reduce(share, op=op, group=group)  # the tables' share of the norm, over the ranks
+            share = share.cpu()
         total = torch.maximum(total, share) if math.isinf(norm_type) else total + share
-    if refused:
-        raise ValueError(bad_norm or "clip_grad_norm_: another rank was given a norm_type that is not > 0; "
-                         "no gradient was changed")
     total_norm = (total if math.isinf(norm_type) else total.pow(1.0 / norm_type)).to(torch.float32)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(

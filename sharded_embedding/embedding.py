@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.module import register_module_parameter_registration_hook
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 from .amp import ScalerLink
 from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
@@ -623,7 +624,7 @@ def _unsupported_message(given: dict) -> str:
 
 _TIED = (
     "ShardedEmbedding: its storage `weight` holds this rank's pages only ({rows} of the table's {total} "
-    "rows), so it cannot also be a parameter of {module}.{name} (weight tying, e.g. decoder.weight = "
+    "rows), so it cannot also be a parameter or buffer of {module}.{name} (weight tying, e.g. decoder.weight = "
     "emb.weight): that module would compute with a different shard on every rank, where a tied "
     "nn.Embedding's weight is the whole table. Nothing was changed. For an output layer over the "
     "vocabulary, look up the rows it needs with emb(ids) (negative sampling or a sampled softmax, as the "
@@ -648,7 +649,7 @@ def _refuse_foreign_gradient(grad):
 
 
 def _refuse_tying(module: nn.Module, name: str, param):
-    """Global parameter-registration hook: a table's storage registered on another module (not
+    """Global parameter- and buffer-registration hook: a table's rows registered on another module (not
     a ParameterList / ParameterDict, which only hold it: torch's replicate() builds one, and its
     own check says what to do)."""
     if isinstance(module, (nn.ParameterList, nn.ParameterDict)) or param is None:
@@ -667,4 +668,5 @@ def _refuse_tying(module: nn.Module, name: str, param):
 
 
 _TABLE_MEMORY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # storage address -> table
-_TYING_HOOK = register_module_parameter_registration_hook(_refuse_tying)
+_TYING_HOOKS = (register_module_parameter_registration_hook(_refuse_tying),
+                register_module_buffer_registration_hook(_refuse_tying))  # a buffer over the rows too

@@ -591,10 +591,14 @@ def _clip_nonfinite_norm():
         with pytest.raises(ValueError, match="norm_type must be > 0"):
             clip_grad_norm_(emb, 1.0, norm_type)
         assert torch.equal(emb.weight.grad, grad)
-    # on one rank only: the other waited in the all-reduce for the group's timeout
-    with pytest.raises(ValueError, match="norm_type must be > 0|another rank was given a norm_type"):
-        clip_grad_norm_(emb, 1.0, 0 if rank == 1 else 2.0)
-    assert torch.equal(emb.weight.grad, grad)
+    # on one rank only, or a different value per rank: the other waited in the all-reduce for
+    # the group's timeout, or each clipped by another (wrong) norm
+    for mine, message in ((0, "rank 1: clip_grad_norm_: norm_type must be > 0"),
+                          ("fro", "rank 1: clip_grad_norm_: norm_type and max_norm must be numbers"),
+                          (1.0, "ranks were given different arguments: norm_type: rank 0: 2.0, rank 1: 1.0")):
+        with pytest.raises(ValueError, match=message):
+            clip_grad_norm_(emb, 1.0, mine if rank == 1 else 2.0)
+        assert torch.equal(emb.weight.grad, grad)
     fused = ShardedEmbedding(20, 3, page_size=5, fused_optimizer={"name": "sgd", "lr": 0.1})
     with pytest.raises(ValueError, match=r"tables \['\(the module itself\)'\] have a fused optimizer"):
         clip_grad_norm_(fused, 1.0)
@@ -715,10 +719,12 @@ def _tying_and_direct_use_of_the_weight():
     ids = torch.tensor([1, 9, 30])
     for table, call in ((emb, lambda: emb(ids)), (ebc.tables["t"], lambda: ebc({"t": (ids, torch.tensor([0]))})["t"])):
         decoder = nn.Linear(4, 40)
-        with pytest.raises(TypeError, match=r"cannot also be a parameter of Linear.weight \(weight tying"):
+        with pytest.raises(TypeError, match=r"cannot also be a parameter or buffer of Linear.weight \(weight tying"):
             decoder.weight = table.weight
-        with pytest.raises(TypeError, match=r"cannot also be a parameter of Linear.weight \(weight tying"):
+        with pytest.raises(TypeError, match=r"cannot also be a parameter or buffer of Linear.weight \(weight tying"):
             decoder.weight = nn.Parameter(table.weight)  # a new Parameter over the same rows
+        with pytest.raises(TypeError, match=r"cannot also be a parameter or buffer of Linear.rows \(weight tying"):
+            decoder.register_buffer("rows", next(iter(table.local_pages.values())))  # a buffer over them
         assert decoder.weight is not table.weight
         before, state = table.full_table(), {k: v.clone() for k, v in table.optimizer.named_buffers()}
         for direct in (lambda: table.weight.pow(2).sum(), lambda: F.embedding(ids[:2], table.weight).sum()):
