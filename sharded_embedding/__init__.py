@@ -6,6 +6,7 @@ from .collection import ShardedEmbeddingBagCollection, TableConfig
 from .ddp import exclude_from_ddp, split_parameters, table_parameters
 from .distributed import finish, init_distributed, tune_malloc
 from .embedding import ShardedEmbedding
+from .fused_schedule import FusedOptimizers, fused_optimizer
 from .initializers import initial_rows
 from .legacy import LargeEmbedding
 from .optim_state import shard_optimizer_state
@@ -27,6 +28,8 @@ __all__ = [
     "use_grad_scaler",
     "NonFiniteGradientError",
     "clip_grad_norm_",
+    "fused_optimizer",
+    "FusedOptimizers",
     "shard_optimizer_state",
     "init_distributed",
     "tune_malloc",

@@ -60,6 +60,17 @@ def _is_wrapper(module: nn.Module, name: str) -> bool:
         name == _CHECKPOINT_WRAPPED
 
 
+def unwrapped_path(root: nn.Module, path: str) -> str:
+    """``path`` (of a sub-module of ``root``) without the wrappers' own names (`_is_wrapper`):
+    the name the module has in the model's torch.distributed.checkpoint state dict."""
+    bare, obj = [], root
+    for part in path.split(".") if path else ():
+        if not _is_wrapper(obj, part):
+            bare.append(part)
+        obj = obj._modules[part]
+    return ".".join(bare)
+
+
 def _restore_wrapper_prefix(wrapper: nn.Module, state_dict, prefix: str, *_) -> None:
     """Load pre-hook of a wrapper (`_is_wrapper`): give the fused optimizer state of its
     tables the wrapper's prefix back. torch.distributed.checkpoint.state_dict's ``set_*``

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 import zlib
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
@@ -36,6 +37,12 @@ from .rows import sum_duplicate_rows
 from .storage import allocate
 
 __all__ = ["FusedOptimizer", "build_fused_optimizer", "FUSED_OPTIMIZERS"]
+
+
+# optimizer -> weak references to the param groups that show its hyperparameters
+# (`fused_schedule.FusedOptimizers`); outside the module so that deepcopy / torch.save of a
+# model never carries them
+_SHOWN_IN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class FusedOptimizer(nn.Module, metaclass=ABCMeta):
@@ -71,6 +78,10 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         if key in type(self).defaults:
             given = self._checked(key, given)
             self.__dict__.pop("_digest", None)
+            for ref in _SHOWN_IN.get(self, ()):  # param groups of `fused_schedule` show it
+                group = ref()
+                if group is not None:
+                    dict.__setitem__(group, key, given)
         elif not key.startswith("_") and key != "training" and not hasattr(self, key):
             # emb.optimizer.momentum = 0.9 (or a typo of lr) would do nothing, silently
             raise AttributeError(f"fused_optimizer {self.name!r} has no hyperparameter {key!r}: it takes "
