@@ -176,11 +176,49 @@ def test_the_configuration_checks_name_each_bad_value():
         "train.steps=0": "train.steps must be >= 1, got 0",
         "data.pairs=[[C1,C99]]": "data.pairs: ['C1', 'C99'] must name two features of the tables",
         "train.resume=true": "train.resume=true needs out_dir",
+        "optim.warmup_steps=-1": "optim.warmup_steps must be >= 0, got -1",
+        "optim.decay_steps=-2": "optim.decay_steps must be >= 0, got -2",
+        "optim.decay_start=-3": "optim.decay_start must be >= 0, got -3",
         "out_dir=/proc/nope": "out_dir=/proc/nope: cannot be created: /proc refuses new folders",
     }
     for override, message in cases.items():
         errors = validate(compose("dlrm", register, [override]))
         assert any(message in e for e in errors), (override, errors)
+
+
+def test_the_schedule_checks_its_order_and_has_its_documented_shape():
+    from sharded_embedding.dlrm.config import register, validate
+    from sharded_embedding.dlrm.loop import lr_factor
+    from sharded_embedding.hydra_app import compose
+
+    errors = validate(compose("dlrm", register, ["optim.warmup_steps=10", "optim.decay_start=5",
+                                                 "optim.decay_steps=4"]))
+    assert errors == ["optim.decay_start=5 is inside the warmup (optim.warmup_steps=10): the decay starts after it"]
+    assert validate(compose("dlrm", register, ["optim.warmup_steps=10", "optim.decay_start=5"])) == []  # no decay
+    got = [lr_factor(s, 4, 6, 4) for s in range(12)]
+    assert got == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.5625, 0.25, 0.0625, 0.0625, 0.0625]
+    assert [lr_factor(s, 0, 0, 0) for s in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_a_scheduled_run_resumes_its_schedule_on_another_world_size(tmp_path):
+    """Both learning rates follow `lr_factor` at every step, through the dense optimizer and the
+    tables' fused optimizers (`fused_optimizer` under torch's LambdaLR), and a resume on one rank
+    continues the schedule where the checkpoint left it."""
+    from sharded_embedding.dlrm.loop import lr_factor
+
+    schedule = ["optim.warmup_steps=6", "optim.decay_start=10", "optim.decay_steps=8", "train.log_every=2",
+                "train.eval_every=100"]
+    done = _launch(tmp_path, "train.steps=12", *schedule)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = _launch(tmp_path, "train.steps=20", "train.resume=true", *schedule, nproc=1, run="run2")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "optim.dense_lr is" not in out  # the configured rate is the checkpoint's: nothing to say
+    curve = json.loads((tmp_path / "out" / "metrics.json").read_text())["lr_curve"]
+    assert [s for s, _, _ in curve] == list(range(2, 21, 2))
+    for step, sparse, dense in curve:  # the rates of the step that ended at `step`
+        f = lr_factor(step - 1, 6, 10, 8)
+        assert sparse == pytest.approx(0.1 * f) and dense == pytest.approx(0.01 * f), (step, sparse, dense)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -58,6 +58,12 @@ class OptimCfg:
     sparse_lr: float = 0.05
     dense: str = "adam"
     dense_lr: float = 0.001
+    # Both learning rates times `loop.lr_factor(step)`: linear warmup over the first
+    # warmup_steps, then constant, then from decay_start a quadratic decay over decay_steps
+    # (the shape of MLPerf DLRM's schedule); all 0: constant.
+    warmup_steps: int = 0
+    decay_start: int = 0
+    decay_steps: int = 0
 
 
 @dataclass
@@ -152,6 +158,12 @@ def validate(cfg) -> list[str]:
         errors.append(f"optim.sparse={o.sparse!r} is not one of {list(OPTIMIZERS)}")
     if o.dense not in DENSE_OPTIMIZERS:
         errors.append(f"optim.dense={o.dense!r} is not one of {list(DENSE_OPTIMIZERS)}")
+    for key in ("warmup_steps", "decay_start", "decay_steps"):
+        if getattr(o, key) < 0:
+            errors.append(f"optim.{key} must be >= 0, got {getattr(o, key)}")
+    if o.decay_steps > 0 and o.decay_start < o.warmup_steps:
+        errors.append(f"optim.decay_start={o.decay_start} is inside the warmup (optim.warmup_steps="
+                      f"{o.warmup_steps}): the decay starts after it")
     if t.checkpoint_every < 0:
         errors.append(f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     if t.resume and not cfg.out_dir:

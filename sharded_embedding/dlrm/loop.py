@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..collection import TableConfig
 from ..ddp import split_parameters
+from ..fused_schedule import fused_optimizer
 from ..distributed import agree_or_raise, all_gather_ragged, all_gather_strings, all_reduce_host, collective_device
 from ..hydra_app import lock_folder, stop
 from .config import validate
@@ -56,6 +57,19 @@ def build(cfg, world: int):
     _, dense = split_parameters(model)
     opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[cfg.optim.dense]
     return data, model, opt(dense, lr=cfg.optim.dense_lr)
+
+
+def lr_factor(step: int, warmup_steps: int, decay_start: int, decay_steps: int) -> float:
+    """The learning rates' multiplier at ``step`` (0-based): ``(step + 1) / warmup_steps``
+    during the warmup, then 1, then from ``decay_start`` ``((decay_steps - k) / decay_steps) ** 2``
+    at the decay's ``k``-th step, held at its last value ``decay_steps ** -2`` afterwards (the
+    warmup and quadratic decay of MLPerf DLRM's schedule, which never reaches 0 here)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay_steps > 0 and step >= decay_start:
+        k = min(step - decay_start, decay_steps - 1)
+        return ((decay_steps - k) / decay_steps) ** 2
+    return 1.0
 
 
 def run(cfg) -> int:
@@ -171,6 +185,7 @@ class ClickTraining:
         self.step = 0
         self.losses: list[tuple[int, float]] = []  # (step, mean loss over ranks since the last point)
         self.aucs: list[tuple[int, float]] = []  # (step, test AUC)
+        self.lrs: list[tuple[int, float, float]] = []  # (step, sparse lr, dense lr) of the step before each loss point
         self.train_seconds = 0.0
         self.samples = 0  # trained, over all ranks (a resume on another world size changes the rate)
         self.bayes_test: float | None = None
@@ -181,9 +196,29 @@ class ClickTraining:
         return self.model.module.sparse
 
     # ------------------------------------------------------------------ training
+    def _schedules(self) -> list:
+        """LambdaLR by `lr_factor` on the dense optimizer and on the tables' fused optimizers
+        (`fused_optimizer`), at ``self.step`` (from a resume too: the schedule is a function of
+        the step and the configured rates); none when no schedule is configured."""
+        o = self.cfg.optim
+        if not (o.warmup_steps or o.decay_steps):
+            return []
+        factor = lambda step: lr_factor(step, o.warmup_steps, o.decay_start, o.decay_steps)  # noqa: E731
+        schedules = []
+        for opt, lr in ((self.dense_opt, o.dense_lr), (fused_optimizer(self.model), o.sparse_lr)):
+            for group in opt.param_groups:
+                group["initial_lr"] = lr
+            schedules.append(torch.optim.lr_scheduler.LambdaLR(opt, factor, last_epoch=self.step - 1))
+        return schedules
+
+    def _lrs(self) -> tuple[float, float]:
+        table = next(iter(self.sparse.tables))
+        return self.sparse.tables[table].optimizer.lr, self.dense_opt.param_groups[0]["lr"]
+
     def train(self) -> None:
         cfg = self.cfg.train
         self._progress()
+        schedules = self._schedules()
         total, count, t0 = 0.0, 0, time.perf_counter()
         while self.step < cfg.steps:
             batch = self.data.batch(self.step * self.world + self.rank, cfg.batch_size)
@@ -192,6 +227,9 @@ class ClickTraining:
             self.dense_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.dense_opt.step()
+            lrs = self._lrs()  # those of this step
+            for schedule in schedules:
+                schedule.step()  # the next step's rates (the tables stepped in the backward)
             self.step += 1
             self.samples += cfg.batch_size * self.world
             total, count = total + float(loss.detach()), count + 1
@@ -200,6 +238,7 @@ class ClickTraining:
                 if not math.isfinite(mean):
                     raise FloatingPointError(f"the loss is {mean} at step {self.step}: lower optim.dense_lr / sparse_lr")
                 self.losses.append((self.step, mean))
+                self.lrs.append((self.step, *lrs))
                 total, count = 0.0, 0
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self.train_seconds += time.perf_counter() - t0
@@ -253,9 +292,10 @@ class ClickTraining:
         partial = final.with_name(final.name + ".partial")
         dcp.save(self._state(), checkpoint_id=str(partial))
         if self.rank == 0:
-            (partial / "curves.json").write_text(json.dumps({"losses": self.losses, "aucs": self.aucs,
+            (partial / "curves.json").write_text(json.dumps({"losses": self.losses, "aucs": self.aucs, "lrs": self.lrs,
                                                              "bayes_auc_test_set": self.bayes_test,
                                                              "samples": self.samples,
+                                                             "dense_lr": self.cfg.optim.dense_lr,  # unscheduled
                                                              "settings": resume_settings(self.cfg)}))
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
@@ -303,7 +343,8 @@ class ClickTraining:
         # The configured learning rate applies, as the tables' (their optimizer's lr is not
         # state): the loaded param_groups bring back the checkpoint's.
         lr = self.cfg.optim.dense_lr
-        was = sorted({g["lr"] for g in self.dense_opt.param_groups})
+        was = [curves["dense_lr"]] if isinstance(curves.get("dense_lr"), (int, float)) else \
+            sorted({g["lr"] for g in self.dense_opt.param_groups})  # (older checkpoints: the saved rate)
         for group in self.dense_opt.param_groups:
             group["lr"] = lr
         if self.rank == 0 and was != [lr]:
@@ -312,6 +353,7 @@ class ClickTraining:
         self.train_seconds = float(state["loop"]["train_seconds"])
         self.losses = [tuple(x) for x in curves["losses"]]
         self.aucs = [tuple(x) for x in curves["aucs"]]
+        self.lrs = [tuple(x) for x in curves.get("lrs", [])]  # (checkpoints written before the curve: none)
         self.bayes_test = curves["bayes_auc_test_set"]
         # (checkpoints written before the count: as if every step ran at this world size)
         self.samples = int(curves.get("samples", self.step * self.cfg.train.batch_size * self.world))
@@ -336,6 +378,7 @@ class ClickTraining:
                 "bayes_auc_test_set": _number(self.bayes_test), "bayes_auc_generator": _number(bayes),
                 "bayes_auc_generator_samples": cfg.data.bayes_samples,
                 "loss_curve": self.losses, "auc_curve": [(s, _number(a)) for s, a in self.aucs],
+                "lr_curve": self.lrs,
                 "checkpoint": str(final),
                 "tables": {name: {"rows": self.data.rows[name], **{k: t[k] for k in (
                     "calls_pooled_on_requester", "calls_pooled_on_owner")}} for name, t in stats["tables"].items()},
