@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sharded_embedding import (FusedOptimizers, ShardedEmbedding, ShardedEmbeddingBagCollection, TableConfig,
-                               fused_optimizer)
+                               fused_optimizer, use_grad_scaler)
 from tests.harness import run_ranks
 from tests.oracle import Oracle, local_rows_of, make_ids, make_loss_weight, rank_world
 
@@ -137,9 +137,10 @@ def _refused():
     with pytest.raises(ValueError, match=r"the state_dict's fused tables \['emb'\] are not this optimizer's "
                                          r"\['emb', 'other'\]"):
         opt.load_state_dict(fused_optimizer(nn.ModuleDict({"emb": emb})).state_dict())
+    with pytest.raises(ValueError, match=r"the state_dict's fused tables \[None\] are not this optimizer's"):
+        opt.load_state_dict(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9).state_dict())
     with pytest.raises(ValueError, match="not a FusedOptimizers state_dict"):
-        opt.load_state_dict(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1,
-                                            momentum=0.9).state_dict() | {"state": {0: {}}})
+        opt.load_state_dict({"state": {}})
     with pytest.raises(TypeError, match="expects an nn.Module holding ShardedEmbedding tables, got Tensor"):
         fused_optimizer(torch.zeros(1))
     with pytest.raises(ValueError, match="holds no ShardedEmbedding with a fused_optimizer"):
@@ -162,3 +163,97 @@ def _refused():
 
 def test_bad_values_other_tables_and_a_schedule_stepped_on_one_rank_are_refused_before_anything_changes():
     assert run_ranks(2, _refused) == [True, True]
+
+
+def _group_edges(path):
+    """Every way of writing a group reaches the table or is refused; the kinds of table must
+    match on load; copies, pickling, GradScaler and torch.distributed.checkpoint's
+    get_state_dict / set_state_dict (strict) work or refuse clearly. (Found by a fresh user:
+    ``|=``, a replaced group, a deepcopy and a key of another optimizer went nowhere in
+    silence; an Adam table's groups loaded into an SGD table's; set_state_dict raised "Missing
+    optimizer state" after loading the model; scaler.step raised torch's bare assertion.)"""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = nn.ModuleDict({"emb": ShardedEmbedding(20, 3, page_size=5, fused_optimizer={"name": "sgd", "lr": 0.1}),
+                           "adam": ShardedEmbedding(20, 3, page_size=5, fused_optimizer={"name": "adam", "lr": 0.1})})
+    emb = model["emb"]
+    opt = fused_optimizer(model)
+    group = opt.param_groups[0]
+    assert group["fused_optimizer"] == "sgd" and opt.param_groups[1]["fused_optimizer"] == "adam"
+    group |= {"lr": 0.04}
+    assert emb.optimizer.lr == 0.04
+    group.update(lr=0.05)
+    assert emb.optimizer.lr == 0.05
+    for bad, message in ((lambda: opt.param_groups.__setitem__(0, dict(group)), "stays so"),
+                         (lambda: opt.param_groups.append(dict(group)), "stays so"),
+                         (lambda: opt.param_groups.pop(), "stays so"),
+                         (lambda: group.clear(), "clear is refused")):
+        with pytest.raises(TypeError, match=message):
+            bad()
+    for bad, message in ((lambda: group.__setitem__("momentum", 0.9), "does not take 'momentum'"),
+                         (lambda: group.__setitem__("betas", (0.9, 0.99)), "does not take 'betas'"),
+                         (lambda: group.__delitem__("lr"), "cannot remove 'lr'"),
+                         (lambda: group.pop("lr"), "cannot remove 'lr'"),
+                         (lambda: group.__setitem__("name", "x"), "cannot change 'name'"),
+                         (lambda: group.__setitem__("fused_optimizer", "adam"), "cannot change 'fused_optimizer'")):
+        with pytest.raises(ValueError, match=message):
+            bad()
+    assert emb.optimizer.lr == group["lr"] == 0.05 and "momentum" not in group
+    group["initial_lr"] = 0.05  # a scheduler's own key: kept as in any param group
+    # load_state_dict: groups of another kind of optimizer, or without a hyperparameter
+    swapped = opt.state_dict()
+    swapped["param_groups"][0], swapped["param_groups"][1] = (
+        {**swapped["param_groups"][1], "name": "emb"}, {**swapped["param_groups"][0], "name": "adam"})
+    with pytest.raises(ValueError, match="table 'emb' was trained by fused_optimizer 'adam', this one by 'sgd'"):
+        opt.load_state_dict(swapped)
+    lacking = opt.state_dict()
+    del lacking["param_groups"][1]["betas"]
+    with pytest.raises(ValueError, match=r"table 'adam' lacks hyperparameters \['betas'\]"):
+        opt.load_state_dict(lacking)
+    assert emb.optimizer.lr == 0.05
+    # A copy of the optimizer alone is one over copies of the tables; with the model, over its copy.
+    alone = copy.deepcopy(opt)
+    assert alone.param_groups[0]["lr"] == 0.05 and alone.param_groups[0]["initial_lr"] == 0.05
+    alone.param_groups[0]["lr"] = 0.5
+    assert emb.optimizer.lr == 0.05 and alone.param_groups[0]._table.optimizer.lr == 0.5
+    twin_model, twin = copy.deepcopy((model, opt))
+    twin.param_groups[0]["lr"] = 0.7
+    assert twin_model["emb"].optimizer.lr == 0.7 and emb.optimizer.lr == 0.05
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    for thing in (opt, sched):
+        with pytest.raises(TypeError, match="a FusedOptimizers cannot be pickled"):
+            pickle.dumps(thing)
+    pickle.loads(pickle.dumps(opt.state_dict()))  # its state dict pickles
+    # torch.distributed.checkpoint's get_state_dict / dcp.save / dcp.load / set_state_dict with
+    # a dense optimizer beside it and the default (strict) options: state for every parameter,
+    # no fake first step (it would give each table a dense zero gradient), and the
+    # hyperparameters come back.
+    dense = nn.Linear(3, 1)
+    dense_opt = torch.optim.Adam(dense.parameters(), lr=0.1)  # (plain SGD keeps no state: strict loads refuse it)
+    holder = nn.ModuleDict({"tables": model, "dense": dense})
+    dense(emb(torch.tensor([1, 7]))).sum().backward()
+    dense_opt.step()
+    models, optims = get_state_dict(holder, (opt, dense_opt))
+    assert emb.weight.grad is None and model["adam"].weight.grad is None
+    dcp.save({"model": models, "optim": optims}, checkpoint_id=path)
+    emb.optimizer.lr = 0.9
+    models, optims = get_state_dict(holder, (opt, dense_opt))
+    state = {"model": models, "optim": optims}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(holder, (opt, dense_opt), model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert emb.optimizer.lr == group["lr"] == 0.05 and group["initial_lr"] == 0.05
+    # GradScaler may step it (nothing to unscale) beside a dense optimizer.
+    scaler = torch.amp.GradScaler("cpu")
+    use_grad_scaler(model, scaler)
+    scaler.scale(dense(emb(torch.tensor([1, 7]))).sum()).backward()
+    scaler.step(dense_opt)
+    scaler.step(opt)
+    scaler.update()
+    return True
+
+
+def test_every_write_reaches_the_table_or_is_refused_and_copies_checkpoints_and_scalers_work(tmp_path):
+    assert run_ranks(2, _group_edges, str(tmp_path / "ckpt")) == [True, True]
