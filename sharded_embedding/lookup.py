@@ -274,13 +274,15 @@ def gradient_scales(exchange: Exchange) -> tuple[float | None, float]:
 
 def skip_nonfinite_step(exchanges: list[Exchange], bad: list[int], what: str | None = None) -> bool:
     """Some rank's gradient rows (``bad``: those ranks) hold inf/NaN. Without an enabled
-    GradScaler on every table involved, raise `NonFiniteGradientError` (every rank does, in the
-    same backward, before any row changed). Otherwise tell each scaler (``scaler.update()``
+    GradScaler on every table involved, end the backward pass with `NonFiniteGradientError`
+    (`pending.fail`: every rank raises it when its pass completes, no row of any table changed)
+    and return True (this backward gives no gradient). Otherwise tell each scaler (``scaler.update()``
     lowers the scale) and return whether fused updates must be skipped (always: like
     ``scaler.step``); tables without a fused optimizer then get a NaN gradient (`update_rows`
     with ``poisoned``) so that the scaler skips their optimizer's step too."""
     if any(e.scaler is None or not e.scaler.active for e in exchanges):
-        raise NonFiniteGradientError(nonfinite_message(bad, what) if what else nonfinite_message(bad))
+        pending.fail(NonFiniteGradientError(nonfinite_message(bad, what) if what else nonfinite_message(bad)))
+        return True
     for e in exchanges:
         e.scaler.record_overflow()
         if e.optimizer is not None:  # the pass's whole step, other lookups' parts included

@@ -8,10 +8,14 @@ optimizer step per table and pass. So, as with ``nn.Embedding`` and a torch opti
 
 - a table looked up several times in one loss takes one step with the sum of the lookups'
   gradients (Adagrad and Adam square the sum, not each part);
-- a backward pass that raises anywhere (ranks out of step, inf/NaN without a GradScaler, an
-  error in the user's own backward code) changes no row of any table: autograd runs a pass's
-  callbacks only when the pass completes, and the pass's pending steps are then dropped with
-  it (they are held by the callback alone, which autograd releases with the pass);
+- a backward pass that raises anywhere (ranks out of step, an error in the user's own backward
+  code) changes no row of any table: autograd runs a pass's callbacks only when the pass
+  completes, and the pass's pending steps are then dropped with it (they are held by the
+  callback alone, which autograd releases with the pass);
+- an inf/NaN gradient without a GradScaler (`fail`) drops the pass's steps and raises at the
+  very end of the pass, after every other callback queued in it: DDP's reducer finishes its
+  reduction first (raised inside the pass, the error left DDP expecting that reduction, and
+  every later forward failed), so the next step works;
 - a lookup recomputed inside the backward (activation checkpointing) reads the rows its
   forward read;
 - the step uses the hyperparameters every rank agreed on at the lookup (`routing` checks a
@@ -35,7 +39,7 @@ import weakref
 
 import torch
 
-__all__ = ["defer", "skip"]
+__all__ = ["defer", "skip", "fail"]
 
 
 class _Pass:
@@ -47,9 +51,13 @@ class _Pass:
         self.lent: list[tuple] = []  # (workspace, name, buffer)
         self.thread = threading.get_ident()
         self.done = False
+        self.error: BaseException | None = None
 
     def finish(self) -> None:
         self.done = True
+        if self.error is not None:  # no step; raise after the callbacks queued so far (DDP's)
+            self.steps.clear()
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_raise, self.error))
         for optimizer, weight, parts, hyperparameters in self.steps.values():
             with optimizer.hyperparameters_set(hyperparameters):
                 optimizer.apply_pass(weight, parts)
@@ -117,7 +125,7 @@ def defer(optimizer, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch
             optimizer.apply_pass(weight, parts)
         return
     key = id(optimizer)
-    if key in record.skipped:
+    if key in record.skipped or record.error is not None:
         return
     if key in record.steps:
         record.steps[key][2].extend(parts)
@@ -128,6 +136,23 @@ def defer(optimizer, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch
         buffer = workspace.lend(name)
         if buffer is not None:
             record.lent.append((workspace, name, buffer))
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def fail(error: BaseException) -> None:
+    """End the running backward pass with ``error`` instead of any fused step: no table of the
+    pass steps, and ``error`` is raised when autograd completes the pass, after the callbacks
+    queued in it (DDP's reduction), so the backward raises it and the next step works. Outside a
+    backward pass, raises at once."""
+    record = _current()
+    if record is None:
+        raise error
+    if record.error is None:
+        record.error = error
+    record.steps.clear()
 
 
 def skip(optimizer) -> None:

@@ -209,6 +209,57 @@ def test_nonfinite_gradient_raises_on_every_rank_and_changes_nothing(fused):
     run_ranks(2, _nonfinite_gradient_without_scaler, fused)
 
 
+def _nonfinite_gradient_under_ddp(fused):
+    """The same under DDP around the whole model (a fresh user's finding): the error was raised
+    inside the backward pass, before DDP's reducer finished its reduction, and every later
+    forward failed with DDP's "Expected to have finished reduction in the prior iteration". It
+    is raised at the end of the pass now: the failed step changes no row, and the next steps
+    train as DDP + nn.Embedding would have trained without the failed one."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, world = rank_world()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = ShardedEmbedding(32, 4, page_size=8, fused_optimizer=fused)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids)).sum()
+
+    torch.manual_seed(0)
+    model = Model()
+    ddp = DDP(model)
+    dense = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    table_opt = torch.optim.SGD(model.emb.parameters(), lr=0.5) if fused is None else None
+    before = model.emb.full_table().clone()
+    ids = torch.tensor([rank, 9, 17])
+    with pytest.raises(NonFiniteGradientError, match=r"lookups of rank\(s\) \[1\]"):
+        (ddp(ids) * (float("nan") if rank == 1 else 1.0)).backward()
+    assert torch.equal(model.emb.full_table(), before) and model.emb.weight.grad is None
+    dense.zero_grad(set_to_none=True)
+    for _ in range(2):  # DDP trains on
+        ddp(ids).backward()
+        dense.step()
+        dense.zero_grad(set_to_none=True)
+        if table_opt is not None:
+            table_opt.step()
+            table_opt.zero_grad(set_to_none=True)
+    assert not torch.equal(model.emb.full_table(), before)
+    head = [p.detach().clone() for p in model.head.parameters()]
+    gathered = [torch.zeros_like(head[0]) for _ in range(world)]
+    torch.distributed.all_gather(gathered, head[0])
+    assert all(torch.equal(g, gathered[0]) for g in gathered)  # DDP kept the replicas equal
+    return True
+
+
+@pytest.mark.parametrize("fused", [None, {"name": "adam", "lr": 0.5}], ids=["sparse", "fused_adam"])
+def test_nonfinite_gradient_under_ddp_leaves_ddp_able_to_train(fused):
+    assert run_ranks(2, _nonfinite_gradient_under_ddp, fused) == [True, True]
+
+
 def _autocast_without_fused_matches_nn_embedding():
     """bf16 autocast, no scaler, sparse gradients: outputs and updated rows as nn.Embedding's."""
     rank, world = rank_world()
