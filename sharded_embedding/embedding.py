@@ -9,6 +9,7 @@ all-to-all exchanges (`routing`, `lookup`); gradients travel the reverse path, s
 from __future__ import annotations
 
 import hashlib
+import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from .mirrors import MirrorSync
 from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan, plain_int
-from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, HOOK_ON_FUSED, STORAGE_REPLACED, STORAGE_RESHAPED, Router
+from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, HOOK_ON_FUSED, REFUSALS, STORAGE_REPLACED, STORAGE_RESHAPED, Router
 from .stats import ExchangeStats
 from .storage import allocate
 from .transport import TRANSPORTS, make_transport
@@ -225,6 +226,17 @@ class ShardedEmbedding(nn.Module):
             caller=self._table_id,
         )
         register_table(self)  # a torch optimizer stepping this storage shards its state like the rows
+
+    def __setattr__(self, name, value):
+        """Refuse a DTensor in place of the storage where it is assigned: FSDP2's
+        ``fully_shard`` assigns its sharded parameters with ``setattr`` on modules that
+        override it, so this raises inside ``fully_shard``, before its first all-gather (which,
+        with unequal row counts per rank, aborted the ranks in gloo before any lookup could
+        refuse). Anything else set on the module goes as ``nn.Module`` sets it."""
+        if name == "weight" and "torch.distributed.tensor" in sys.modules and "_storage" in self.__dict__ \
+                and isinstance(value, sys.modules["torch.distributed.tensor"].DTensor):
+            raise TypeError(f"ShardedEmbedding: {REFUSALS[STORAGE_REPLACED]}")
+        super().__setattr__(name, value)
 
     def _mark_storage(self) -> None:
         """Mark the storage parameter as this table's: DDP's wrap check tells it apart in any
