@@ -107,7 +107,8 @@ class _Groups(list):
     """``param_groups``: one `_Group` per table, fixed (replacing a group with a plain dict
     would cut it off from its table, in silence)."""
 
-    def _refused(self, *_, **__):
+    @staticmethod
+    def _refused(*_, **__):
         raise TypeError("FusedOptimizers.param_groups is one group per fused table and stays so: set keys of a "
                         "group (param_groups[i]['lr'] = x) instead of replacing, adding or removing groups")
 
@@ -142,12 +143,17 @@ class FusedOptimizers(torch.optim.Optimizer):
         groups = [_Group(table, name) for name, table in tables]
         self._built = False
         super().__init__(groups, {})
-        self._built = True
         self.param_groups = _Groups(self.param_groups)
+        self._built = True
         for group in groups:
             self.state[group["params"][0]] = {"step": group._optimizer.step}
         shared = set.intersection(*(set(type(g._optimizer).defaults) for g in groups))
         self.defaults = {k: groups[0][k] for k in type(groups[0]._optimizer).defaults if k in shared}
+
+    def __setattr__(self, name, value):
+        if name == "param_groups" and getattr(self, "_built", False):
+            _Groups._refused()
+        super().__setattr__(name, value)
 
     def add_param_group(self, param_group):
         if self._built:

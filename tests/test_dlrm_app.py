@@ -194,7 +194,9 @@ def test_the_schedule_checks_its_order_and_has_its_documented_shape():
     errors = validate(compose("dlrm", register, ["optim.warmup_steps=10", "optim.decay_start=5",
                                                  "optim.decay_steps=4"]))
     assert errors == ["optim.decay_start=5 is inside the warmup (optim.warmup_steps=10): the decay starts after it"]
-    assert validate(compose("dlrm", register, ["optim.warmup_steps=10", "optim.decay_start=5"])) == []  # no decay
+    assert validate(compose("dlrm", register, ["optim.warmup_steps=10"])) == []
+    assert validate(compose("dlrm", register, ["optim.decay_start=5"])) == [
+        "optim.decay_start=5 would change nothing without optim.decay_steps (the decay's length)"]
     got = [lr_factor(s, 4, 6, 4) for s in range(12)]
     assert got == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.5625, 0.25, 0.0625, 0.0625, 0.0625]
     assert [lr_factor(s, 0, 0, 0) for s in range(3)] == [1.0, 1.0, 1.0]

@@ -190,6 +190,7 @@ def _group_edges(path):
     for bad, message in ((lambda: opt.param_groups.__setitem__(0, dict(group)), "stays so"),
                          (lambda: opt.param_groups.append(dict(group)), "stays so"),
                          (lambda: opt.param_groups.pop(), "stays so"),
+                         (lambda: setattr(opt, "param_groups", [dict(group)]), "stays so"),
                          (lambda: group.clear(), "clear is refused")):
         with pytest.raises(TypeError, match=message):
             bad()

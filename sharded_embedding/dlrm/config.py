@@ -161,6 +161,9 @@ def validate(cfg) -> list[str]:
     for key in ("warmup_steps", "decay_start", "decay_steps"):
         if getattr(o, key) < 0:
             errors.append(f"optim.{key} must be >= 0, got {getattr(o, key)}")
+    if o.decay_start and not o.decay_steps:
+        errors.append(f"optim.decay_start={o.decay_start} would change nothing without optim.decay_steps "
+                      "(the decay's length)")
     if o.decay_steps > 0 and o.decay_start < o.warmup_steps:
         errors.append(f"optim.decay_start={o.decay_start} is inside the warmup (optim.warmup_steps="
                       f"{o.warmup_steps}): the decay starts after it")

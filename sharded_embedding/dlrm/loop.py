@@ -228,8 +228,11 @@ class ClickTraining:
             loss.backward()
             self.dense_opt.step()
             lrs = self._lrs()  # those of this step
+            if schedules:
+                schedules[1].optimizer.step()  # the tables': nothing to do (they stepped in the backward), but
+                # schedulers expect the call, or warn that the first value was skipped
             for schedule in schedules:
-                schedule.step()  # the next step's rates (the tables stepped in the backward)
+                schedule.step()  # the next step's rates
             self.step += 1
             self.samples += cfg.batch_size * self.world
             total, count = total + float(loss.detach()), count + 1
