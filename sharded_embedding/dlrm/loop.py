@@ -228,10 +228,9 @@ class ClickTraining:
             loss.backward()
             self.dense_opt.step()
             lrs = self._lrs()  # those of this step
-            if schedules:
-                schedules[1].optimizer.step()  # the tables': nothing to do (they stepped in the backward), but
-                # schedulers expect the call, or warn that the first value was skipped
             for schedule in schedules:
+                if schedule.optimizer is not self.dense_opt:  # the tables': nothing to do (they stepped in
+                    schedule.optimizer.step()  # the backward), but a scheduler warns without the call
                 schedule.step()  # the next step's rates
             self.step += 1
             self.samples += cfg.batch_size * self.world
