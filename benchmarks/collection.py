@@ -14,6 +14,9 @@ into it (SGD lr 0.05, or --optimizer rowwise_adagrad) on every system:
   ours_collection            ShardedEmbeddingBagCollection, pooling site chosen per table by bytes
   ours_collection_requester  ... always pooled on the requester (deduplicated rows travel)
   ours_collection_owner      ... always pooled on the owners (partial sums per bag travel)
+  ours_collection_pytorch    ours_collection with SHARDED_EMBEDDING_NATIVE=0: the owner's SGD
+                             step in PyTorch's kernels (sort, per-row sums, index_add_) instead
+                             of the compiled one-pass update (sharded_embedding.native)
   ours_per_table             one ShardedEmbedding per table: a lookup of the table's ids (three
                              exchanges each), then F.embedding_bag pooling of the looked-up rows
   torchrec_rw                TorchRec 1.8 EmbeddingBagCollection, ROW_WISE, FBGEMM fused
@@ -54,7 +57,10 @@ TABLES = [
     ("t0", 5_000_000, 32, 4), ("t1", 2_000_000, 64, 4), ("t2", 1_000_000, 128, 3), ("t3", 1_000_000, 16, 3),
     ("t4", 500_000, 64, 3), ("t5", 300_000, 128, 3), ("t6", 200_000, 32, 3), ("t7", 100_000, 16, 3),
 ]
-OURS = {"ours_collection": "auto", "ours_collection_requester": "requester", "ours_collection_owner": "owner"}
+OURS = {"ours_collection": "auto", "ours_collection_requester": "requester", "ours_collection_owner": "owner",
+        "ours_collection_pytorch": "auto"}
+# systems run with the compiled owner update turned off (`sharded_embedding.native`)
+WITHOUT_NATIVE = {"ours_collection_pytorch"}
 TORCHREC = {"torchrec_rw": "row_wise", "torchrec_tw": "table_wise"}
 SYSTEMS = [*OURS, "ours_per_table", *TORCHREC]
 BASELINES = ["torchrec_rw", "torchrec_tw", "ours_per_table"]
@@ -360,6 +366,8 @@ def _run_one(a, system: str, allocator: str = "default") -> dict:
     if not a.bind_cpus:
         argv.append("--no-bind-cpus")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **ALLOCATORS[allocator])
+    if system in WITHOUT_NATIVE:
+        env["SHARDED_EMBEDDING_NATIVE"] = "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
            os.path.abspath(__file__), *argv]
     try:

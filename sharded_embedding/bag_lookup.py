@@ -16,7 +16,9 @@ Backward (the adjoint, so every table gets the gradient of the SUM of all ranks'
     all ranks:   all-to-all(gradients + one non-finite flag per rank)   one buffer, all tables
     owners:      per table: pairs' gradients spread over their ids and summed per row (one
                  sort, one ``embedding_bag``); then the table's `lookup.update_rows`: mirrors,
-                 fused optimizer or the storage's gradient.
+                 fused optimizer or the storage's gradient. Fused SGD without mirrored pages
+                 skips the sums: its step adds each id's gradient to its row in one compiled
+                 pass (`native.bag_scatter_add`), as FBGEMM's fused SGD does for TorchRec.
 
 Vectors of tables of different widths share one buffer of rows of ``unit`` elements, the
 greatest common divisor of the widths: a table's block of ``n`` rows of width ``d`` is ``n *
@@ -38,6 +40,7 @@ try:  # optional: a faster sort on the CPU (`_group_by_row`)
 except ImportError:  # pragma: no cover - numpy ships with nearly every torch install
     _np = None
 
+from . import native
 from .amp import nonfinite_flag
 from .bag_routing import ON_OWNER_WEIGHTED, ON_REQUESTER, BagRouting, TableRequest, TableServe, decode, flat_nonzero
 from .lookup import Exchange, gradient_scales, once_differentiable, record_fused_steps, skip_nonfinite_step, update_rows
@@ -135,11 +138,14 @@ class BagLookup(torch.autograd.Function):
             exchange = exchanges[t]
             if bad and exchange.optimizer is not None:
                 continue  # this table's fused step is skipped (the scaler skips the others')
-            rows, values = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device)
+            rows, values, pooled = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device,
+                                               scatter=not bad and _scatters(exchange, storages[t]))
             out[t] = update_rows(exchange, storages[t], rows, values, inv_scale=scales[t][1],
                                  storage_shape=storages[t].shape, poisoned=bool(bad),
                                  lend=(ws, "bag_grad_recv"),  # values may be views of `recv`
-                                 hyperparameters=(routing.hyperparameters or {}).get(t))
+                                 hyperparameters=(routing.hyperparameters or {}).get(t), pooled=pooled)
+            if pooled:
+                ctx.stats.record_pooled_step(t, sum(p.ids.numel() for p in pooled))
         return (None, None, None, None, *out)
 
 
@@ -293,13 +299,26 @@ def _group_by_row(ids: list[torch.Tensor], tags: list[torch.Tensor] | None, n: i
     return unique, packed.int(), (torch.cumsum(dups, 0) - dups).int()
 
 
-def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None, dim: int, dtype, device):
-    """Owner: (local rows, gradient rows) of one table from every requester's block. Rows
-    pooled on the requester arrive as they are (already scaled there). The pairs pooled here,
-    from every requester at once, are spread over their ids, weighted, scaled and summed per
-    row: one sort of all their ids, one embedding_bag over the pairs' gradients (which are few:
-    one per bag and owner), so each row comes out once, whichever requesters asked for it."""
-    rows, values = [], []
+def _scatters(exchange: Exchange, storage: torch.Tensor) -> bool:
+    """Whether the table's bags pooled here step in pooled form (`native.PooledGradient`: the
+    compiled one-pass SGD update): a fused optimizer linear in the gradient (SGD), no mirrored
+    pages (their replicas all-reduce per-row sums), and a storage the extension takes."""
+    optimizer = exchange.optimizer
+    return (optimizer is not None and optimizer.linear_scale is not None and not exchange.mirrors.active
+            and native.supports(storage))
+
+
+def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None, dim: int, dtype, device,
+                scatter: bool = False):
+    """Owner: (local rows, gradient rows, pooled parts) of one table from every requester's
+    block. Rows pooled on the requester arrive as they are (already scaled there). The pairs
+    pooled here, from every requester at once, are spread over their ids, weighted, scaled and
+    summed per row: one sort of all their ids, one embedding_bag over the pairs' gradients
+    (which are few: one per bag and owner), so each row comes out once, whichever requesters
+    asked for it. With ``scatter`` (`_scatters`), they are not summed: each requester's pairs
+    come back as a `native.PooledGradient` that the SGD step adds to the rows id by id (pooled
+    parts: a list, else None)."""
+    rows, values, pooled = [], [], [] if scatter else None
     ids, pair_of, weights, grads, at = [], [], [], [], 0
     for r, block in enumerate(blocks):
         if serve.back[r] == 0:
@@ -309,6 +328,9 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
             values.append(block)
             continue
         r_ids, first, w = _decoded(serve, r)
+        if scatter:
+            pooled.append(native.PooledGradient(r_ids, first, w, scale, block))
+            continue
         ids.append(r_ids)
         pair_of.append(torch.cumsum(first, 0, dtype=torch.int32).sub_(1 - at))  # each id's pair, of all requesters
         weights.append(w)
@@ -334,8 +356,8 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
         rows.append(unique)
         values.append(F.embedding_bag(tags, grads, starts, mode="sum", per_sample_weights=w))
     if not rows:
-        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dim, dtype=dtype, device=device)
+        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dim, dtype=dtype, device=device), pooled
     if len(rows) == 1:
-        return rows[0], values[0]
-    return torch.cat(rows), torch.cat(values)
+        return rows[0], values[0], pooled
+    return torch.cat(rows), torch.cat(values), pooled
 

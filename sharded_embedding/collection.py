@@ -103,6 +103,7 @@ class BagStats:
     bytes_received: int = 0
     ids: dict = field(default_factory=dict)
     served: dict = field(default_factory=dict)  # table -> values served to each requester rank
+    stepped_pooled: dict = field(default_factory=dict)  # table -> ids served here stepped in pooled form
 
     def record_requests(self, routing: BagRouting) -> None:
         self.calls += 1
@@ -128,6 +129,12 @@ class BagStats:
         self.backward_calls += 1
         self.bytes_sent += sent
         self.bytes_received += received
+
+    def record_pooled_step(self, table: int, ids: int) -> None:
+        """``ids`` served here of table number ``table`` took their fused SGD step in pooled
+        form (`native.bag_scatter_add`)."""
+        name = list(self.ids)[table]
+        self.stepped_pooled[name] = self.stepped_pooled.get(name, 0) + ids
 
 
 class ShardedEmbeddingBagCollection(nn.Module):
@@ -368,7 +375,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
         bytes each way would have sent (``bytes_if_pooled_on_requester``/``_owner``, 0 and 0
         when this rank served every id itself; unique ids are counted on calls pooled on the
         requester and every `bag_routing.REMEASURE` calls, estimated in between:
-        ``unique_ids_measured``). A sequence table's ids are always gathered on the requester.
+        ``unique_ids_measured``), and ``ids_stepped_pooled``: ids served here whose fused SGD
+        step was added to their rows straight from their bag's gradient, with no per-row sums
+        (the compiled `native.bag_scatter_add`; 0 where it is not built or does not apply).
+        A sequence table's ids are always gathered on the requester.
         The collection's lookups are counted here, not in its tables' own ``stats()`` (which
         count lookups of a table called on its own)."""
         s = self._stats
@@ -379,7 +389,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
             served = list(s.served.get(c.name, [0] * self.world_size))
             tables[c.name] = {"ids": s.ids[c.name], "served_per_rank": served,
                               "calls_pooled_on_requester": choice.on_requester,
-                              "calls_pooled_on_owner": choice.on_owner, "last": last}
+                              "calls_pooled_on_owner": choice.on_owner, "last": last,
+                              "ids_stepped_pooled": s.stepped_pooled.get(c.name, 0)}
         out = {"calls": s.calls, "backward_calls": s.backward_calls, "bytes_sent": s.bytes_sent,
                "bytes_received": s.bytes_received, "bytes_sent_per_call": s.bytes_sent / calls,
                "bytes_received_per_call": s.bytes_received / calls, "tables": tables}

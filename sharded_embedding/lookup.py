@@ -301,7 +301,8 @@ def record_fused_steps(exchanges: list[Exchange]) -> None:
 
 def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor, *,
                 inv_scale: float, storage_shape: torch.Size, poisoned: bool = False,
-                lend: tuple | None = None, hyperparameters: dict | None = None) -> torch.Tensor | None:
+                lend: tuple | None = None, hyperparameters: dict | None = None,
+                pooled: list | None = None) -> torch.Tensor | None:
     """The owner's part of a backward once the gradient rows have arrived: ``values[i]`` is
     (part of) the gradient of local row ``rows[i]`` (rows may repeat). Sums mirrored pages'
     rows over their replicas (`mirrors`), then either hands them to the fused optimizer's step
@@ -310,13 +311,15 @@ def update_rows(exchange: Exchange, weight: torch.Tensor | None, rows: torch.Ten
     None, or returns the gradient of the local storage (sparse COO or dense; NaN where
     ``poisoned``). ``values`` may be a view of the workspace buffer ``lend`` names
     (``(workspace, name)``), which the pending step then borrows; ``hyperparameters``: those
-    the ranks agreed on at the lookup, which the step uses."""
+    the ranks agreed on at the lookup, which the step uses. ``pooled``: more of the gradient as
+    `native.PooledGradient` parts (already scaled), given only for a fused optimizer with a
+    ``linear_scale`` and no mirrored pages (`bag_lookup`); they step with the rows."""
     rows, values, mirror_rows = exchange.mirrors.all_reduce(rows, values)
     exchange.stats.mirror_rows_reduced += mirror_rows
     if exchange.optimizer is not None:
         if inv_scale != 1.0:
             values = values * inv_scale
-        pending.defer(exchange.optimizer, weight, [(rows, values)], lend, hyperparameters)
+        pending.defer(exchange.optimizer, weight, [(rows, values), *(pooled or ())], lend, hyperparameters)
         return None
     rows, values = sum_duplicate_rows(rows, values)  # new tensors: the workspace is not kept
     if poisoned:  # another rank overflowed: make this rank's scaler skip the table's step too

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import native
 from .rows import sum_duplicate_rows
 from .storage import allocate
 
@@ -140,12 +141,16 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         """One optimizer step given the rows and their gradient in parts, ``[(rows, grad),
         ...]``: the same as `apply` of the parts concatenated, for an optimizer with a
         ``linear_scale`` only (its update of a row is a sum over the row's occurrences, and the
-        parts are applied in order)."""
+        parts are applied in order). A part may also be a `native.PooledGradient` (bags pooled
+        on this owner), which adds its ids' rows to ``weight`` itself."""
         if self.linear_scale is None:
             raise TypeError(f"fused_optimizer {self.name!r} is not linear in the gradient: apply it in one part")
         self.step += 1
-        for rows, grad in parts:
-            self.update(weight, rows, grad)
+        for part in parts:
+            if isinstance(part, tuple):
+                self.update(weight, *part)
+            else:
+                part.add_to(weight)
 
     @torch.no_grad()
     def apply_pass(self, weight: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -180,7 +185,7 @@ class FusedSGD(FusedOptimizer):
         return -self.lr
 
     def update(self, weight, rows, grad):
-        weight.index_add_(0, rows, grad.to(weight.dtype))  # grad arrives as -lr * g
+        native.index_add_(weight, rows, grad.to(weight.dtype))  # grad arrives as -lr * g
 
 
 class FusedAdagrad(FusedOptimizer):
@@ -198,7 +203,7 @@ class FusedAdagrad(FusedOptimizer):
         clr = self.lr / (1 + (int(self.step) - 1) * self.lr_decay)
         acc = self.sum.index_select(0, rows).addcmul_(grad, grad)
         self.sum.index_copy_(0, rows, acc)
-        weight.index_add_(0, rows, grad.div_(acc.sqrt_().add_(self.eps)).mul_(-clr).to(weight.dtype))
+        native.index_add_(weight, rows, grad.div_(acc.sqrt_().add_(self.eps)).mul_(-clr).to(weight.dtype))
 
 
 class FusedRowwiseAdagrad(FusedOptimizer):
@@ -219,7 +224,7 @@ class FusedRowwiseAdagrad(FusedOptimizer):
         acc = self.sum.index_select(0, rows).add_(torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32).square_().div_(grad.shape[1]))
         self.sum.index_copy_(0, rows, acc)
         scale = acc.sqrt_().add_(self.eps).reciprocal_().mul_(-self.lr)
-        weight.index_add_(0, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)).to(weight.dtype))
+        native.index_add_(weight, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)).to(weight.dtype))
 
 
 class FusedAdam(FusedOptimizer):
@@ -247,7 +252,7 @@ class FusedAdam(FusedOptimizer):
         self.exp_avg.index_copy_(0, rows, m)
         self.exp_avg_sq.index_copy_(0, rows, v)
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        weight.index_add_(0, rows, m.div_(v.sqrt_().add_(self.eps)).mul_(-step_size).to(weight.dtype))
+        native.index_add_(weight, rows, m.div_(v.sqrt_().add_(self.eps)).mul_(-step_size).to(weight.dtype))
 
 
 FUSED_OPTIMIZERS = {cls.name: cls for cls in (FusedSGD, FusedAdagrad, FusedRowwiseAdagrad, FusedAdam)}

@@ -1,0 +1,230 @@
+/* sharded_embedding._scatter: the per-id loops of bags pooled on their owners, in C.
+ *
+ * bag_scatter_add: the owner's fused SGD update of bags pooled on the owner.
+ * A bag pooled on its owner comes back as one gradient row per (bag, owner) pair; the
+ * gradient of each of the bag's ids is that row (times the id's per-sample weight). For an
+ * optimizer whose update is a fixed multiple of the gradient (SGD), each id's update can be
+ * added to its table row as it is read:
+ *
+ *     for each id i (in order):   weight[ids[i]] += scale * w[i] * grads[pair(i)]
+ *
+ * with pair(i) the number of bag starts (first[k] != 0, k <= i) minus one. PyTorch needs
+ * three passes for the same step (sort the ids by row, sum each row's gradient with an
+ * embedding_bag, index_add_ the sums), each over every id; this is one pass, and what FBGEMM's
+ * CPU kernels do for TorchRec's fused EXACT_SGD.
+ *
+ * The arguments are raw pointers (Python ints from ``Tensor.data_ptr()``) so that the module
+ * builds with the C compiler and Python's headers alone; `sharded_embedding.native` checks
+ * dtypes, shapes and contiguity before calling. Every index is checked here first (one pass
+ * over the ids and flags) and nothing is written when one is out of range. The GIL is released
+ * while the rows are written.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* x86-64 with GCC or clang: one copy of the loop per instruction set, picked when the module
+ * loads (the wheel runs on any x86-64; AVX2 or AVX-512 where the CPU has them). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* Rows are read and written at random places of a table far larger than the caches: ask for
+ * the row PREFETCH ids ahead (its first two cache lines; the hardware fetches the rest).
+ * Measured on 150k-300k ids into tables of 1M-5M rows of 32-128 floats: 15-35% faster. */
+#define PREFETCH 16
+#if defined(__GNUC__)
+#define PREFETCH_ROW(p, dim)                                   \
+    do {                                                       \
+        __builtin_prefetch((p), 1, 0);                         \
+        if ((dim) > 16) __builtin_prefetch((p) + 16, 1, 0);    \
+    } while (0)
+#else
+#define PREFETCH_ROW(p, dim) ((void)0)
+#endif
+
+/* -1: ids or pairs out of range; 0: done. */
+static int64_t check(int64_t rows, const int32_t *ids, const uint8_t *first, int64_t pairs, int64_t n) {
+    int64_t starts = 0;
+    if (n > 0 && !first[0]) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        starts += first[i] != 0;
+        if (ids[i] < 0 || ids[i] >= rows) return -1;
+    }
+    return starts == pairs ? 0 : -1;
+}
+
+CLONES static void scatter(float *restrict weight, int64_t dim, const int32_t *restrict ids,
+                           const uint8_t *restrict first, const float *restrict w, float scale,
+                           const float *restrict grads, int64_t n) {
+    const float *g = grads - dim;
+    for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH < n) PREFETCH_ROW(weight + (int64_t)ids[i + PREFETCH] * dim, dim);
+        if (first[i]) g += dim;
+        float s = w ? scale * w[i] : scale;
+        float *restrict row = weight + (int64_t)ids[i] * dim;
+        for (int64_t j = 0; j < dim; j++) row[j] += s * g[j];
+    }
+}
+
+
+CLONES static void add_rows(float *restrict weight, int64_t dim, const int64_t *restrict rows,
+                            const float *restrict values, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH < n) PREFETCH_ROW(weight + rows[i + PREFETCH] * dim, dim);
+        float *restrict row = weight + rows[i] * dim;
+        const float *restrict v = values + i * dim;
+        for (int64_t j = 0; j < dim; j++) row[j] += v[j];
+    }
+}
+
+/* index_add: weight[rows[i]] += values[i] for i in order, as Tensor.index_add_(0, rows, values)
+ * does on the CPU with one thread (the same additions in the same order: the same bits), at
+ * 1.2-2x its speed for rows of 16-128 floats (its per-row dispatch is the difference). */
+static PyObject *index_add(PyObject *self, PyObject *args) {
+    unsigned long long weight, rows, values;
+    long long num_rows, dim, n;
+    if (!PyArg_ParseTuple(args, "KLLKKL", &weight, &num_rows, &dim, &rows, &values, &n)) return NULL;
+    if (num_rows < 0 || dim <= 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "index_add: negative size");
+        return NULL;
+    }
+    const int64_t *r = (const int64_t *)(uintptr_t)rows;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = 0; i < n; i++)
+        if (r[i] < 0 || r[i] >= num_rows) { bad = 1; break; }
+    if (!bad) add_rows((float *)(uintptr_t)weight, dim, r, (const float *)(uintptr_t)values, n);
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_IndexError, "index_add: a row is outside the table");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *bag_scatter_add(PyObject *self, PyObject *args) {
+    unsigned long long weight, ids, first, w, grads;
+    long long rows, dim, pairs, n;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KLLKKKfKLL", &weight, &rows, &dim, &ids, &first, &w, &scale, &grads, &pairs, &n))
+        return NULL;
+    if (rows < 0 || dim <= 0 || pairs < 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "bag_scatter_add: negative size");
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = check(rows, (const int32_t *)(uintptr_t)ids, (const uint8_t *)(uintptr_t)first, pairs, n);
+    if (!bad)
+        scatter((float *)(uintptr_t)weight, dim, (const int32_t *)(uintptr_t)ids, (const uint8_t *)(uintptr_t)first,
+                (const float *)(uintptr_t)w, scale, (const float *)(uintptr_t)grads, n);
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError,
+                        "bag_scatter_add: an id is outside the table, or the bag starts do not match the gradient rows");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The requester's packing of one table's bags pooled on the owners: each id goes to the
+ * bucket of its serving rank (0..world-1 its peers, `world` this rank), stably (a counting
+ * sort), and the first id of each bag in each bucket is flagged: it starts a (bag, owner) pair,
+ * whose partial sum comes back. Peers' ids are packed as int64 (low word: the local row, bit 31
+ * set on a pair's first id; high word: the float32 weight's bits, or 0); this rank's ids stay
+ * unpacked. One pass counts, one writes; `bag_routing.BagRouter._pooled_on_owner` does the same
+ * in torch and numpy passes. Returns -1 (nothing useful written) when a destination is past
+ * `world`, a row does not fit 31 bits, or the counts differ from `counts`. */
+static int64_t partition(int64_t n, int64_t num_bags, const int64_t *offsets, const void *dest, int dest_bytes,
+                         const int64_t *rows, const float *weights, int64_t world, const int64_t *counts,
+                         int64_t *payload, int32_t *own_rows, uint8_t *own_first, float *own_weights,
+                         int64_t *pairs, int64_t *pair_bag, int64_t *last) {
+    const uint8_t *d8 = (const uint8_t *)dest;
+    const int32_t *d32 = (const int32_t *)dest;
+    int64_t buckets = world + 1, *cnt = last + buckets, *at = cnt + buckets, *pair_at = at + buckets;
+    for (int64_t q = 0; q < buckets; q++) { last[q] = -1; cnt[q] = 0; pairs[q] = 0; }
+    if (offsets[0] != 0 || offsets[num_bags] != n) return -1;
+    for (int64_t b = 0; b < num_bags; b++) {
+        if (offsets[b] > offsets[b + 1] || offsets[b + 1] > n) return -1;
+        for (int64_t i = offsets[b]; i < offsets[b + 1]; i++) {
+            int64_t q = dest_bytes == 1 ? d8[i] : d32[i];
+            if (q < 0 || q >= buckets || rows[i] < 0 || rows[i] > INT32_MAX) return -1;
+            cnt[q]++;
+            if (last[q] != b) { last[q] = b; pairs[q]++; }
+        }
+    }
+    int64_t ids = 0, bags = 0;
+    for (int64_t q = 0; q < buckets; q++) {
+        if (cnt[q] != counts[q]) return -1;
+        at[q] = q < world ? ids : 0;
+        ids += q < world ? cnt[q] : 0;
+        pair_at[q] = bags;
+        bags += pairs[q];
+        last[q] = -1;
+    }
+    for (int64_t b = 0; b < num_bags; b++) {
+        for (int64_t i = offsets[b]; i < offsets[b + 1]; i++) {
+            int64_t q = dest_bytes == 1 ? d8[i] : d32[i];
+            int first = last[q] != b;
+            if (first) { last[q] = b; pair_bag[pair_at[q]++] = b; }
+            int64_t j = at[q]++;
+            if (q == world) {
+                own_rows[j] = (int32_t)rows[i];
+                own_first[j] = (uint8_t)first;
+                if (weights) own_weights[j] = weights[i];
+            } else {
+                uint32_t low = (uint32_t)rows[i] | (first ? 0x80000000u : 0u);
+                uint32_t high = 0;
+                if (weights) memcpy(&high, &weights[i], 4);
+                payload[j] = (int64_t)((uint64_t)low | ((uint64_t)high << 32));
+            }
+        }
+    }
+    return 0;
+}
+
+static PyObject *partition_bags(PyObject *self, PyObject *args) {
+    unsigned long long offsets, dest, rows, weights, counts, payload, own_rows, own_first, own_weights, pairs,
+        pair_bag, work;
+    long long n, num_bags, world;
+    int dest_bytes;
+    if (!PyArg_ParseTuple(args, "LLKKiKKLKKKKKKKK", &n, &num_bags, &offsets, &dest, &dest_bytes, &rows, &weights, &world,
+                          &counts, &payload, &own_rows, &own_first, &own_weights, &pairs, &pair_bag, &work))
+        return NULL;
+    if (n < 0 || num_bags < 0 || world < 1 || (dest_bytes != 1 && dest_bytes != 4)) {
+        PyErr_SetString(PyExc_ValueError, "partition_bags: bad sizes");
+        return NULL;
+    }
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = partition(n, num_bags, (const int64_t *)(uintptr_t)offsets, (const void *)(uintptr_t)dest, dest_bytes,
+                    (const int64_t *)(uintptr_t)rows, (const float *)(uintptr_t)weights, world,
+                    (const int64_t *)(uintptr_t)counts, (int64_t *)(uintptr_t)payload, (int32_t *)(uintptr_t)own_rows,
+                    (uint8_t *)(uintptr_t)own_first, (float *)(uintptr_t)own_weights, (int64_t *)(uintptr_t)pairs,
+                    (int64_t *)(uintptr_t)pair_bag, (int64_t *)(uintptr_t)work);
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError,
+                        "partition_bags: a destination or row is out of range, or the counts per rank differ");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"index_add", index_add, METH_VARARGS, "index_add(weight_ptr, rows, dim, rows_ptr, values_ptr, n)"},
+    {"partition_bags", partition_bags, METH_VARARGS,
+     "partition_bags(n, num_bags, offsets, dest, dest_bytes, rows, weights_or_0, world, counts, payload, own_rows, "
+     "own_first, own_weights_or_0, pairs, pair_bag, work)"},
+    {"bag_scatter_add", bag_scatter_add, METH_VARARGS,
+     "bag_scatter_add(weight_ptr, rows, dim, ids_ptr, first_ptr, weights_ptr_or_0, scale, grads_ptr, pairs, n)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_scatter", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__scatter(void) { return PyModule_Create(&module); }

@@ -1,0 +1,246 @@
+"""The compiled owner update (`native.bag_scatter_add`) against PyTorch's index_add_, its bad
+inputs, and the collection trained with it and without it against nn.EmbeddingBag."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sharded_embedding import native
+from tests.harness import run_ranks
+from tests.test_collection import train_collection_against_oracle
+
+
+def _oracle(weight, ids, first, weights, scale, grads):
+    """The same update in PyTorch: each id's gradient row is its bag's, times weight and scale."""
+    pair = torch.cumsum(first.long(), 0) - 1
+    rows = grads[pair] * scale
+    if weights is not None:
+        rows = rows * weights[:, None]
+    out = weight.clone()
+    out.index_add_(0, ids.long(), rows)
+    return out
+
+
+def _case(rows, dim, n, bag_rate, weighted, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, dim, generator=g)
+    ids = torch.randint(0, rows, (n,), generator=g, dtype=torch.int32)
+    first = torch.rand(n, generator=g) < bag_rate
+    if n:
+        first[0] = True
+    grads = torch.randn(int(first.sum()), dim, generator=g)
+    weights = torch.rand(n, generator=g) * 2 - 0.5 if weighted else None
+    return weight, ids, first, weights, grads
+
+
+def test_extension_is_built():
+    """setup.py marks the extension optional (a machine without a C compiler still installs):
+    here, where CI builds it, it must be there, or every test below would test the fallback."""
+    assert native.available(), "sharded_embedding._scatter did not build (see pip's output)"
+
+
+@pytest.mark.parametrize("dim", [1, 3, 16, 33, 128])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bag_rate", [0.05, 1.0])
+def test_matches_index_add(dim, weighted, bag_rate):
+    weight, ids, first, weights, grads = _case(50, dim, 400, bag_rate, weighted, seed=dim)
+    want = _oracle(weight, ids, first, weights, -0.3, grads)
+    native.bag_scatter_add(weight, ids, first, weights, -0.3, grads)
+    torch.testing.assert_close(weight, want, rtol=1e-6, atol=1e-6)
+
+
+def test_no_ids_changes_nothing():
+    weight, ids, first, weights, grads = _case(10, 4, 0, 0.5, False, seed=1)
+    before = weight.clone()
+    native.bag_scatter_add(weight, ids, first, None, 1.0, grads)
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("case", ["id_past_end", "negative_id", "no_first_start", "more_pairs", "fewer_pairs"])
+def test_bad_indices_raise_before_writing(case):
+    weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, True, seed=3)
+    if case == "id_past_end":
+        ids[-1] = 20
+    elif case == "negative_id":
+        ids[5] = -1
+    elif case == "no_first_start":
+        first[0] = False
+    elif case == "more_pairs":
+        grads = torch.cat([grads, grads[:1]])
+    else:
+        grads = grads[:-1]
+    before = weight.clone()
+    with pytest.raises(ValueError, match="outside the table, or the bag starts do not match"):
+        native.bag_scatter_add(weight, ids, first, weights, 1.0, grads)
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("case", ["float64_table", "strided_table", "one_dim_table", "grads_width", "weights_length",
+                                  "first_length"])
+def test_layouts_it_does_not_take_raise_type_error(case):
+    weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, True, seed=4)
+    if case == "float64_table":
+        weight = weight.double()
+    elif case == "strided_table":
+        weight = weight.t()
+    elif case == "one_dim_table":
+        weight = weight.view(-1)
+    elif case == "grads_width":
+        grads = grads[:, :7]
+    elif case == "weights_length":
+        weights = weights[:-1]
+    else:
+        first = first[:-1]
+    before = weight.clone()
+    with pytest.raises(TypeError, match="bag_scatter_add"):
+        native.bag_scatter_add(weight, ids, first, weights, 1.0, grads)
+    assert torch.equal(weight, before)
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
+    assert not native.available()
+    weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, False, seed=5)
+    with pytest.raises(RuntimeError, match="not built"):
+        native.bag_scatter_add(weight, ids, first, weights, 1.0, grads)
+
+
+# SGD tables pooled on their owners: plain, weighted, mean, and mirrored pages (which keep the
+# per-row sums: replicas all-reduce them); one rowwise Adagrad table (never pooled form).
+SGD_TABLES = [
+    dict(name="items", num_embeddings=47, embedding_dim=8, page_size=5, pooling="sum",
+         feature_names=["item", "history"], fused_optimizer={"name": "sgd", "lr": 0.1}, seed=1),
+    dict(name="means", num_embeddings=31, embedding_dim=3, page_size=4, pooling="mean",
+         feature_names=["user"], fused_optimizer={"name": "sgd", "lr": 0.2}, seed=2),
+    dict(name="mirrored", num_embeddings=40, embedding_dim=12, page_size=7, pooling="sum",
+         placement=[(0, 1), 1, 0, (1, 0), 0, 1], feature_names=["tag"], fused_optimizer={"name": "sgd", "lr": 0.3},
+         seed=3),
+    dict(name="rowwise", num_embeddings=23, embedding_dim=4, page_size=5, pooling="sum",
+         feature_names=["geo"], fused_optimizer={"name": "rowwise_adagrad", "lr": 0.3}, seed=4),
+]
+
+
+def _train_with(setting: str, **kwargs):
+    saved = os.environ.get("SHARDED_EMBEDDING_NATIVE")
+    os.environ["SHARDED_EMBEDDING_NATIVE"] = setting
+    try:
+        return train_collection_against_oracle(SGD_TABLES, **kwargs)
+    finally:
+        if saved is None:
+            del os.environ["SHARDED_EMBEDDING_NATIVE"]
+        else:
+            os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_collection_with_and_without_the_extension_matches_the_oracle(world, setting):
+    stats = run_ranks(world, _train_with, setting, pool_on="owner", weighted=("history", "tag"), skew="zipf",
+                      max_len=9, batch=(7, 0, 5))
+    for s in stats:
+        tables = s["tables"]
+        assert tables["rowwise"]["ids_stepped_pooled"] == 0
+        # mirrored pages keep per-row sums (one rank: nothing is mirrored)
+        assert (tables["mirrored"]["ids_stepped_pooled"] > 0) == (world == 1 and setting == "1")
+        for name in ("items", "means"):
+            if setting == "0":
+                assert tables[name]["ids_stepped_pooled"] == 0
+            else:
+                assert tables[name]["ids_stepped_pooled"] > 0
+    served = sum(s["tables"]["items"]["ids_stepped_pooled"] for s in stats)
+    if setting == "1":  # every id of every rank's bags, summed over the owners
+        assert served == sum(s["tables"]["items"]["ids"] for s in stats)
+
+
+def _partition_oracle(offsets, dest, rows, weights, world):
+    """`native.partition_bags` by its definition, id by id."""
+    buckets = [[] for _ in range(world + 1)]
+    pair_bags = [[] for _ in range(world + 1)]
+    for b in range(offsets.numel() - 1):
+        seen = set()
+        for i in range(int(offsets[b]), int(offsets[b + 1])):
+            q = int(dest[i])
+            first = q not in seen
+            seen.add(q)
+            if first:
+                pair_bags[q].append(b)
+            buckets[q].append((int(rows[i]), first, None if weights is None else float(weights[i])))
+    payload = []
+    for q in range(world):
+        for row, first, w in buckets[q]:
+            low = row | (1 << 31 if first else 0)
+            high = 0 if w is None else int(torch.tensor([w], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF
+            word = low | high << 32
+            payload.append(word - (1 << 64) if word >= 1 << 63 else word)
+    own = buckets[world]
+    return (payload, [r for r, _, _ in own], [f for _, f, _ in own], [w for _, _, w in own],
+            [len(p) for p in pair_bags], [b for p in pair_bags for b in p])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dest_dtype", [torch.uint8, torch.int32])
+def test_partition_bags_matches_its_definition(world, weighted, dest_dtype):
+    g = torch.Generator().manual_seed(world * 7 + weighted)
+    lengths = torch.randint(0, 6, (40,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    n = int(offsets[-1])
+    dest = torch.randint(0, world + 1, (n,), generator=g).to(dest_dtype)
+    rows = torch.randint(0, 2**31 - 1, (n,), generator=g)
+    weights = torch.randn(n, generator=g) if weighted else None
+    counts = torch.bincount(dest.long(), minlength=world + 1).tolist()
+    payload, (own_rows, own_first, own_weights), pairs, pair_bag = native.partition_bags(offsets, dest, rows, weights,
+                                                                                          counts, world)
+    want = _partition_oracle(offsets, dest, rows, weights, world)
+    assert payload.tolist() == want[0]
+    assert own_rows.tolist() == want[1] and own_first.tolist() == want[2]
+    assert (own_weights is None) == (not weighted)
+    if weighted:
+        assert own_weights.tolist() == want[3]
+    assert pairs == want[4] and pair_bag.tolist() == want[5]
+
+
+@pytest.mark.parametrize("case", ["dest_past_world", "row_past_31_bits", "counts", "offsets_end"])
+def test_partition_bags_refuses_bad_input(case):
+    offsets = torch.tensor([0, 2, 5])
+    dest = torch.tensor([0, 1, 1, 2, 0], dtype=torch.uint8)
+    rows = torch.tensor([1, 2, 3, 4, 5])
+    counts = [2, 2, 1]
+    if case == "dest_past_world":
+        dest[3] = 3
+    elif case == "row_past_31_bits":
+        rows[1] = 2**31
+    elif case == "counts":
+        counts = [2, 1, 2]
+    else:
+        offsets = torch.tensor([0, 2, 4])
+    with pytest.raises(ValueError, match="partition_bags"):
+        native.partition_bags(offsets, dest, rows, None, counts, 2)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 32, 130])
+def test_index_add_is_torchs_bit_for_bit(dim):
+    """Repeated rows add in order, as PyTorch's one-thread CPU kernel adds them: the same bits."""
+    g = torch.Generator().manual_seed(dim)
+    weight = torch.randn(30, dim, generator=g)
+    rows = torch.randint(0, 30, (200,), generator=g)
+    values = torch.randn(200, dim, generator=g) * 1e-3
+    want = weight.clone().index_add_(0, rows, values)
+    assert native.index_add_(weight, rows, values) is weight
+    assert torch.equal(weight, want)
+
+
+def test_index_add_refuses_a_row_outside_and_writes_nothing():
+    weight = torch.zeros(4, 3)
+    with pytest.raises(IndexError, match="outside the table"):
+        native.index_add_(weight, torch.tensor([0, 4]), torch.ones(2, 3))
+    assert not weight.any()
+
+
+def test_index_add_leaves_other_layouts_to_torch():
+    weight = torch.zeros(4, 3, dtype=torch.float64)
+    native.index_add_(weight, torch.tensor([1, 1]), torch.ones(2, 3, dtype=torch.float64))
+    assert weight[1].tolist() == [2.0, 2.0, 2.0]
