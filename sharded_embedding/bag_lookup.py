@@ -223,10 +223,10 @@ def _pool(req: TableRequest, from_peers: list, own: torch.Tensor, rank: int, ws,
             if q == rank or n == 0:
                 continue
             block = next(v for p, v in from_peers if p == q)
-            out.index_add_(0, req.pair_bag[at : at + n], block)
+            native.index_add_(out, req.pair_bag[at : at + n], block)
             at += n
         if own.shape[0]:
-            out.index_add_(0, req.pair_bag[at:], own)
+            native.index_add_(out, req.pair_bag[at:], own)
         return out
     total = sum(req.back)
     answers = ws.get(f"bag_answers{t}", total, dim, own.dtype, own.device)  # [peers' rows | own rows]

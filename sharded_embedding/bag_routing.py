@@ -230,12 +230,22 @@ class BagRouter:
     def _requests(self, bags: list[TableBags], wire_bytes: int, needs_grad: bool) -> list[TableRequest]:
         world = self.world
         dests, rows, counted = [], [], []
+        compiled = self.device.type == "cpu" and native.available()
         for t, b in enumerate(bags):  # each id's serving rank and local row there; ids per rank
-            dest, row = self.routers[t].destinations(b.values, self._dest_of_page[t])
+            router = self.routers[t]
+            if compiled:  # the same in one pass
+                dest, row, count = native.destinations(b.values, self._dest_of_page[t], router.page_shift,
+                                                       router.page_size, world + 1)
+            else:
+                dest, row = router.destinations(b.values, self._dest_of_page[t])
+                count = torch.bincount(dest, minlength=world + 1)
             dests.append(dest)
             rows.append(row)
-            counted.append(torch.bincount(dest, minlength=world + 1))
-        counts = torch.stack(counted).tolist() if counted else []  # one device sync for every table
+            counted.append(count)
+        if compiled or not counted:
+            counts = counted
+        else:
+            counts = torch.stack(counted).tolist()  # one device sync for every table
         out = []
         for t, b in enumerate(bags):
             ids, choice, row_bytes = counts[t], self.choices[t], self.dims[t] * wire_bytes

@@ -17,7 +17,8 @@ try:
 except ImportError:  # no C compiler at install: PyTorch's kernels do the same work
     _scatter = None
 
-__all__ = ["available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "partition_bags"]
+__all__ = ["available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "destinations",
+           "partition_bags"]
 
 
 def available() -> bool:
@@ -138,3 +139,32 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     _scatter.index_add(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr(), values.data_ptr(),
                        rows.numel())
     return weight
+
+
+
+def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Tensor, page_size: int,
+                 buckets: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each id's serving rank and local row there, and the ids per serving rank, in one pass:
+    ``dest_of_page[page]``, ``shift[page] + id`` and their bincount, with ``page = id //
+    page_size`` (what `routing.Router.destinations` and a bincount compute in five passes).
+
+    ``ids``: integer [n], each ``>= 0`` and on a page of ``dest_of_page``. ``dest_of_page``:
+    uint8 or int32 [pages], values in ``[0, buckets)``. ``shift``: int64 [pages]. Returns
+    (dest [n], ``dest_of_page``'s dtype; rows int64 [n]; counts, a list of ``buckets`` ints).
+    Raises ValueError when an id or a destination is out of range."""
+    if not available():
+        raise RuntimeError("sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
+    if dest_of_page.dtype not in (torch.uint8, torch.int32) or shift.shape != dest_of_page.shape:
+        raise TypeError(f"destinations: dest_of_page uint8/int32 and shift int64 of one length expected, got "
+                        f"{dest_of_page.dtype} {tuple(dest_of_page.shape)} and {tuple(shift.shape)}")
+    ids = ids.reshape(-1).to(torch.int64).contiguous()
+    dest_of_page, shift = dest_of_page.contiguous(), shift.to(torch.int64).contiguous()
+    n = ids.numel()
+    dest = torch.empty(n, dtype=dest_of_page.dtype)
+    rows = torch.empty(n, dtype=torch.int64)
+    counts = torch.empty(buckets, dtype=torch.int64)
+    bits = page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1
+    _scatter.destinations(n, ids.data_ptr(), page_size, bits, dest_of_page.data_ptr(), dest_of_page.element_size(),
+                          shift.data_ptr(), shift.numel(), dest.data_ptr(), rows.data_ptr(), counts.data_ptr(),
+                          buckets)
+    return dest, rows, counts.tolist()

@@ -247,6 +247,11 @@ class Router:
         # index_select: several times faster than indexing with a tensor on the CPU
         return dest_of_page.index_select(0, page), self._shift.index_select(0, page).add_(flat)
 
+    @property
+    def page_shift(self) -> torch.Tensor:
+        """Per page, the shift from a global id to its serving rank's local row (int64)."""
+        return self._shift
+
     def page_destinations(self) -> torch.Tensor:
         """The serving rank of each page's lookups, this rank counted as ``world`` (int64)."""
         return self._key if self.world > 1 else torch.ones_like(self._key)

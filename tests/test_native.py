@@ -42,7 +42,7 @@ def test_extension_is_built():
     assert native.available(), "sharded_embedding._scatter did not build (see pip's output)"
 
 
-@pytest.mark.parametrize("dim", [1, 3, 16, 33, 128])
+@pytest.mark.parametrize("dim", [1, 3, 16, 32, 33, 64, 128])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bag_rate", [0.05, 1.0])
 def test_matches_index_add(dim, weighted, bag_rate):
@@ -244,3 +244,32 @@ def test_index_add_leaves_other_layouts_to_torch():
     weight = torch.zeros(4, 3, dtype=torch.float64)
     native.index_add_(weight, torch.tensor([1, 1]), torch.ones(2, 3, dtype=torch.float64))
     assert weight[1].tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 7, 512])
+@pytest.mark.parametrize("dest_dtype", [torch.uint8, torch.int32])
+def test_destinations_match_their_definition(page_size, dest_dtype):
+    g = torch.Generator().manual_seed(page_size)
+    pages, buckets = 13, 4
+    dest_of_page = torch.randint(0, buckets, (pages,), generator=g).to(dest_dtype)
+    shift = torch.randint(-10_000, 10_000, (pages,), generator=g)
+    ids = torch.randint(0, pages * page_size, (300,), generator=g)
+    dest, rows, counts = native.destinations(ids.int(), dest_of_page, shift, page_size, buckets)
+    page = ids // page_size
+    assert dest.dtype == dest_dtype and torch.equal(dest, dest_of_page[page])
+    assert torch.equal(rows, shift[page] + ids)
+    assert counts == torch.bincount(dest_of_page[page].long(), minlength=buckets).tolist()
+
+
+@pytest.mark.parametrize("case", ["id_past_the_pages", "negative_id", "destination_past_buckets"])
+def test_destinations_refuse_out_of_range(case):
+    dest_of_page = torch.tensor([0, 1, 2], dtype=torch.uint8)
+    shift, ids = torch.zeros(3, dtype=torch.int64), torch.tensor([0, 5, 11])
+    if case == "id_past_the_pages":
+        ids[2] = 12
+    elif case == "negative_id":
+        ids[0] = -1
+    else:
+        dest_of_page[1] = 3
+    with pytest.raises(ValueError, match="destinations: an id or a destination is out of range"):
+        native.destinations(ids, dest_of_page, shift, 4, 3)
