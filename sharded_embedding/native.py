@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.graph import increment_version
 
 try:
     from . import _scatter
@@ -64,6 +65,7 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     _scatter.bag_scatter_add(weight.data_ptr(), weight.shape[0], dim, ids.data_ptr(), first.data_ptr(),
                              0 if weights is None else weights.data_ptr(), float(scale), grads.data_ptr(),
                              grads.shape[0], n)
+    increment_version(weight)  # as an in-place torch op: autograd sees that saved copies are stale
 
 
 class PooledGradient:
@@ -138,6 +140,7 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     rows, values = rows.to(torch.int64).contiguous(), values.contiguous()
     _scatter.index_add(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr(), values.data_ptr(),
                        rows.numel())
+    increment_version(weight)
     return weight
 
 

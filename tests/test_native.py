@@ -273,3 +273,20 @@ def test_destinations_refuse_out_of_range(case):
         dest_of_page[1] = 3
     with pytest.raises(ValueError, match="destinations: an id or a destination is out of range"):
         native.destinations(ids, dest_of_page, shift, 4, 3)
+
+
+def test_writes_bump_the_version_counter_as_torch_in_place_ops_do():
+    """A tensor autograd saved, then changed by the compiled kernels, must make its backward
+    raise as after Tensor.index_add_ (not silently use the new values)."""
+    weight = torch.randn(6, 4, requires_grad=True)
+    table = weight.detach()  # shares the version counter, as a table's storage and its saved views do
+    x = torch.randn(4, requires_grad=True)
+    loss = (table @ x).sum()  # saves `table`
+    native.index_add_(table, torch.tensor([1]), torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = (table @ x).sum()
+    native.bag_scatter_add(table, torch.tensor([2], dtype=torch.int32), torch.tensor([True]), None, 1.0,
+                           torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
