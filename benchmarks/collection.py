@@ -78,6 +78,10 @@ def _args(argv=None):
     ap.add_argument("--hot-pages", type=int, default=0,
                     help="ours: mirror the first N pages of every table on every rank (the hottest ids under Zipf)")
     ap.add_argument("--dist", default="zipf", choices=["zipf", "uniform"])
+    ap.add_argument("--spread-ids", action="store_true",
+                    help="map each id through a fixed permutation of its table's rows (id * 1000003 mod rows), as "
+                         "hashed feature ids are: the hot ids spread over the rows instead of sitting at the start "
+                         "(where TorchRec's row-wise blocks put them all on rank 0)")
     ap.add_argument("--optimizer", default="sgd", choices=sorted(TORCHREC_OPT))
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -133,6 +137,8 @@ def make_steps(a, rank: int):
                         parts.append(y)
                         got += y.size
                     values = np.concatenate(parts)[:n]
+                if a.spread_ids:  # a fixed permutation of the rows (1000003 is a prime; no table's size is a multiple)
+                    values = values * 1_000_003 % rows
                 bags[f] = (torch.from_numpy(values.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)))
         steps.append(bags)
     return steps
@@ -363,6 +369,8 @@ def _run_one(a, system: str, allocator: str = "default") -> dict:
             f"--hot-pages={a.hot_pages}",
             f"--scale={a.scale}", f"--page-size={a.page_size}", f"--dist={a.dist}", f"--optimizer={a.optimizer}",
             f"--lr={a.lr}", f"--steps={a.steps}", f"--warmup={a.warmup}", f"--seed={a.seed}", f"--worker={system}"]
+    if a.spread_ids:
+        argv.append("--spread-ids")
     if not a.bind_cpus:
         argv.append("--no-bind-cpus")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **ALLOCATORS[allocator])
@@ -421,7 +429,8 @@ def main(argv=None):
 
     layout = tables(a)
     title = (f"8 tables ({', '.join(f'{r // 1000}k x {d}' for _, r, d, _ in layout)}), "
-             f"{sum(len(f) for *_, f in layout)} pooled features, bags of {a.min_len}-{a.max_len} {a.dist} ids, "
+             f"{sum(len(f) for *_, f in layout)} pooled features, bags of {a.min_len}-{a.max_len} {a.dist} ids"
+             f"{' (spread over the rows by a fixed permutation)' if a.spread_ids else ''}, "
              f"{batch_size(a)} bags per feature per rank, {a.world} ranks (gloo, 1 thread each"
              f"{', pinned' if a.bind_cpus else ''}), page_size {a.page_size}"
              f"{f', first {a.hot_pages} pages of each table mirrored on every rank (ours)' if a.hot_pages else ''}, "
