@@ -1,9 +1,13 @@
-"""The compiled owner update (`_scatter`, from csrc/scatter.c), and when it is used.
+"""The compiled per-id loops (`_scatter`, from csrc/scatter.c), and when they are used.
 
 The package builds one small C extension at install (setup.py; C compiler and Python's
-headers only, no PyTorch headers). Where it did not build, or with the environment variable
-``SHARDED_EMBEDDING_NATIVE=0``, every step runs PyTorch's own kernels instead: the same
-update, up to the order in which a row's float additions are made.
+headers only, no PyTorch headers). The library uses it (`available`) where it was built, is
+not turned off (``SHARDED_EMBEDDING_NATIVE=0``) and the process runs one intra-op thread
+(``torch.get_num_threads() == 1``, which torchrun sets for several processes per node): its
+loops are single-threaded, and with more threads PyTorch's parallel kernels are the faster
+choice. Otherwise PyTorch's and numpy's kernels do the same work: the same values, except
+that the owner's SGD step of bags pooled there adds a row's gradients in another order (its
+last bits can differ).
 """
 
 from __future__ import annotations
@@ -18,19 +22,31 @@ try:
 except ImportError:  # no C compiler at install: PyTorch's kernels do the same work
     _scatter = None
 
-__all__ = ["available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "destinations",
+__all__ = ["built", "available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "destinations",
            "partition_bags"]
 
 
-def available() -> bool:
-    """Whether the compiled update is built and not turned off (``SHARDED_EMBEDDING_NATIVE=0``)."""
+def built() -> bool:
+    """Whether the extension is built and not turned off (``SHARDED_EMBEDDING_NATIVE=0``): the
+    functions below can be called."""
     return _scatter is not None and os.environ.get("SHARDED_EMBEDDING_NATIVE", "1") != "0"
 
 
+def available() -> bool:
+    """Whether the library uses the compiled loops now: `built`, and one intra-op thread."""
+    return built() and torch.get_num_threads() == 1
+
+
 def supports(weight: torch.Tensor) -> bool:
-    """Whether `bag_scatter_add` can update ``weight`` (CPU float32, contiguous, 2-D)."""
+    """Whether the library updates ``weight`` with the compiled loops now (`available`, and a
+    CPU float32, contiguous, 2-D tensor)."""
     return (available() and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
             and weight.is_contiguous())
+
+
+def _require_built(what: str) -> None:
+    if not built():
+        raise RuntimeError(f"{what}: sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
 
 
 @torch.no_grad()
@@ -45,10 +61,10 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     ``weights``: float32 [n] or None (ones). ``grads``: [pairs, dim] one row per bag, pairs =
     the number of starts. Raises ValueError (nothing written) when an id is outside
     ``weight`` or the starts do not match ``grads``; TypeError for a dtype, device or layout
-    it does not take; RuntimeError when the extension is not available."""
-    if not available():
-        raise RuntimeError("sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
-    if not supports(weight):
+    it does not take; RuntimeError when the extension is not `built`."""
+    _require_built("bag_scatter_add")
+    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous()):
         raise TypeError(f"bag_scatter_add: weight must be a contiguous 2-D float32 CPU tensor, got "
                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
     n, dim = ids.numel(), weight.shape[1]
@@ -101,8 +117,7 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
     values as `bag_routing.BagRouter._pooled_on_owner`'s torch passes. Raises ValueError when a
     destination or row is out of range or ``counts`` is wrong."""
     n, num_bags = rows.numel(), offsets.numel() - 1
-    if not available():
-        raise RuntimeError("sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
+    _require_built("partition_bags")
     if dest.dtype not in (torch.uint8, torch.int32) or dest.shape != (n,) or num_bags < 0 or len(counts) != world + 1:
         raise TypeError(f"partition_bags: dest uint8/int32 [{n}] and offsets [bags + 1] expected, got {dest.dtype} "
                         f"{tuple(dest.shape)} and {tuple(offsets.shape)}")
@@ -130,8 +145,8 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
 @torch.no_grad()
 def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``weight.index_add_(0, rows, values)``: compiled where `supports` (``weight``) and
-    ``values`` is float32 (the same additions in the same order as PyTorch's one-thread CPU
-    kernel, so the same bits, at 1.2-2x its speed for rows of 16-128 floats), else PyTorch's.
+    ``values`` is float32 (the same additions in the same order as PyTorch's CPU kernel, so
+    the same bits, at 1.2-2x its one-thread speed for rows of 16-128 floats), else PyTorch's.
     ``rows``: int64 [n] (any integer dtype is converted); ``values``: [n, dim]. Raises
     IndexError for a row outside ``weight`` (nothing written), as PyTorch does."""
     if not (supports(weight) and values.dtype == torch.float32 and values.device.type == "cpu"
@@ -155,8 +170,7 @@ def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Ten
     uint8 or int32 [pages], values in ``[0, buckets)``. ``shift``: int64 [pages]. Returns
     (dest [n], ``dest_of_page``'s dtype; rows int64 [n]; counts, a list of ``buckets`` ints).
     Raises ValueError when an id or a destination is out of range."""
-    if not available():
-        raise RuntimeError("sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
+    _require_built("destinations")
     if dest_of_page.dtype not in (torch.uint8, torch.int32) or shift.shape != dest_of_page.shape:
         raise TypeError(f"destinations: dest_of_page uint8/int32 and shift int64 of one length expected, got "
                         f"{dest_of_page.dtype} {tuple(dest_of_page.shape)} and {tuple(shift.shape)}")

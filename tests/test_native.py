@@ -36,10 +36,28 @@ def _case(rows, dim, n, bag_rate, weighted, seed):
     return weight, ids, first, weights, grads
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The library uses the compiled loops with one intra-op thread (as under torchrun)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_extension_is_built():
     """setup.py marks the extension optional (a machine without a C compiler still installs):
     here, where CI builds it, it must be there, or every test below would test the fallback."""
-    assert native.available(), "sharded_embedding._scatter did not build (see pip's output)"
+    assert native.built(), "sharded_embedding._scatter did not build (see pip's output)"
+    assert native.available()
+
+
+def test_more_threads_leave_the_update_to_torchs_parallel_kernels():
+    torch.set_num_threads(2)
+    assert native.built() and not native.available() and not native.supports(torch.zeros(2, 2))
+    weight = torch.zeros(4, 3)
+    native.index_add_(weight, torch.tensor([1, 1]), torch.ones(2, 3))
+    assert weight[1].tolist() == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize("dim", [1, 3, 16, 32, 33, 64, 128])
@@ -102,7 +120,7 @@ def test_layouts_it_does_not_take_raise_type_error(case):
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
-    assert not native.available()
+    assert not native.built() and not native.available()
     weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, False, seed=5)
     with pytest.raises(RuntimeError, match="not built"):
         native.bag_scatter_add(weight, ids, first, weights, 1.0, grads)
