@@ -30,6 +30,7 @@ more value per ``unit`` values on the wire.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -117,6 +118,8 @@ class BagLookup(torch.autograd.Function):
         flag = nonfinite_flag(send, send.shape[0], finite_limit(dtype, wire.comm_dtype))
         for t in live:
             flag |= nonfinite_flag(own[t], 0, None)
+            if routing.requests[t].mode != ON_REQUESTER and dtype != torch.float16:  # the owners' sums of it
+                flag |= _owner_sum_bound(routing.requests[t].bags, grads[t]) >= torch.finfo(dtype).max / world
         receive = wire.all_to_all(recv, send, recv_layout.per_peer, send_layout.per_peer, flag,
                                   tag="gradients", call=routing.call)  # gradients + flags
         row_bytes = wire.row_bytes(unit, dtype)
@@ -138,14 +141,13 @@ class BagLookup(torch.autograd.Function):
             exchange = exchanges[t]
             if bad and exchange.optimizer is not None:
                 continue  # this table's fused step is skipped (the scaler skips the others')
+            counted = functools.partial(ctx.stats.record_pooled_step, t)  # once the step is applied
             rows, values, pooled = _owner_rows(routing.serves[t], blocks[t], scales[t][0], dims[t], dtype, device,
-                                               scatter=not bad and _scatters(exchange, storages[t]))
+                                               scatter=not bad and _scatters(exchange, storages[t]), counted=counted)
             out[t] = update_rows(exchange, storages[t], rows, values, inv_scale=scales[t][1],
                                  storage_shape=storages[t].shape, poisoned=bool(bad),
                                  lend=(ws, "bag_grad_recv"),  # values may be views of `recv`
                                  hyperparameters=(routing.hyperparameters or {}).get(t), pooled=pooled)
-            if pooled:
-                ctx.stats.record_pooled_step(t, sum(p.ids.numel() for p in pooled))
         return (None, None, None, None, *out)
 
 
@@ -267,6 +269,26 @@ def _requester_grad(req: TableRequest, grad: torch.Tensor, scale: float | None, 
     return rows[at_row:]
 
 
+def _owner_sum_bound(bags, grad: torch.Tensor) -> torch.Tensor:
+    """A bound on what this rank's bags pooled on their owners add to any one row's gradient
+    there: the sum over its bags of (sum of the bag's |weights|, or its length) times the
+    bag's largest gradient magnitude (float64, 0-dim). The owners sum each row's gradient from
+    finite parts after the non-finite check of the gradient exchange; where every rank's bound
+    is below the table dtype's largest value over the world size, no such sum can overflow
+    (a weight of 1e25 times a gradient of 1e19 is finite in neither part, only in the
+    product). A bound, not the sums: it is one pass over the gradient and the weights, and
+    raises the non-finite flag only for gradients within a few orders of the overflow."""
+    if grad.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=grad.device)
+    largest = grad.detach().abs().amax(dim=1).double()
+    if bags.weights is None:
+        mass = (bags.offsets[1:] - bags.offsets[:-1]).double()
+    else:
+        ends = torch.cat([bags.weights.new_zeros(1, dtype=torch.float64), bags.weights.abs().double().cumsum(0)])
+        mass = ends[bags.offsets[1:]] - ends[bags.offsets[:-1]]
+    return (mass * largest).sum()
+
+
 def _group_by_row(ids: list[torch.Tensor], tags: list[torch.Tensor] | None, n: int, device):
     """Sort ids (int32 local rows, from every requester) by row, each with its tag (int32,
     >= 0; its position when ``tags`` is None): returns (unique rows int64, the tags in that
@@ -309,7 +331,7 @@ def _scatters(exchange: Exchange, storage: torch.Tensor) -> bool:
 
 
 def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | None, dim: int, dtype, device,
-                scatter: bool = False):
+                scatter: bool = False, counted=None):
     """Owner: (local rows, gradient rows, pooled parts) of one table from every requester's
     block. Rows pooled on the requester arrive as they are (already scaled there). The pairs
     pooled here, from every requester at once, are spread over their ids, weighted, scaled and
@@ -317,7 +339,7 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
     (which are few: one per bag and owner), so each row comes out once, whichever requesters
     asked for it. With ``scatter`` (`_scatters`), they are not summed: each requester's pairs
     come back as a `native.PooledGradient` that the SGD step adds to the rows id by id (pooled
-    parts: a list, else None)."""
+    parts: a list, else None; ``counted(ids)`` is called as each is applied)."""
     rows, values, pooled = [], [], [] if scatter else None
     ids, pair_of, weights, grads, at = [], [], [], [], 0
     for r, block in enumerate(blocks):
@@ -329,7 +351,7 @@ def _owner_rows(serve: TableServe, blocks: list[torch.Tensor], scale: float | No
             continue
         r_ids, first, w = _decoded(serve, r)
         if scatter:
-            pooled.append(native.PooledGradient(r_ids, first, w, scale, block))
+            pooled.append(native.PooledGradient(r_ids, first, w, scale, block, counted))
             continue
         ids.append(r_ids)
         pair_of.append(torch.cumsum(first, 0, dtype=torch.int32).sub_(1 - at))  # each id's pair, of all requesters

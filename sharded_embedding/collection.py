@@ -132,7 +132,8 @@ class BagStats:
 
     def record_pooled_step(self, table: int, ids: int) -> None:
         """``ids`` served here of table number ``table`` took their fused SGD step in pooled
-        form (`native.bag_scatter_add`)."""
+        form (`native.bag_scatter_add`): called when the step is applied, not when it is
+        handed over (a pass that raises applies none)."""
         name = list(self.ids)[table]
         self.stepped_pooled[name] = self.stepped_pooled.get(name, 0) + ids
 

@@ -6,8 +6,8 @@ not turned off (``SHARDED_EMBEDDING_NATIVE=0``) and the process runs one intra-o
 (``torch.get_num_threads() == 1``, which torchrun sets for several processes per node): its
 loops are single-threaded, and with more threads PyTorch's parallel kernels are the faster
 choice. Otherwise PyTorch's and numpy's kernels do the same work: the same values, except
-that the owner's SGD step of bags pooled there adds a row's gradients in another order (its
-last bits can differ).
+that the owner's SGD step of bags pooled there adds a row's gradients in another order, and
+with fused multiply-adds where the CPU has them (AVX2, AVX-512): its last bits can differ.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     place, where ``pair(i)`` counts the bag starts up to ``i`` (``first``) minus one: the SGD
     update of bags pooled on their owner, one pass over the ids, no sort and no per-row sums.
 
-    ``weight``: float32 [rows, dim], contiguous, CPU (`supports`). ``ids``: int32 [n] rows of
+    ``weight``: float32 [rows, dim], contiguous, CPU. ``ids``: int32 [n] rows of
     ``weight``. ``first``: bool [n], True where a bag starts (``first[0]`` True when n > 0).
     ``weights``: float32 [n] or None (ones). ``grads``: [pairs, dim] one row per bag, pairs =
     the number of starts. Raises ValueError (nothing written) when an id is outside
@@ -67,10 +67,11 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
             and weight.is_contiguous()):
         raise TypeError(f"bag_scatter_add: weight must be a contiguous 2-D float32 CPU tensor, got "
                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    if ids.dtype != torch.int32 or first.dtype != torch.bool:
+        raise TypeError(f"bag_scatter_add: ids must be int32 and first bool, got {ids.dtype} and {first.dtype}")
     n, dim = ids.numel(), weight.shape[1]
     grads = grads.to(torch.float32).contiguous()
-    ids = ids.to(torch.int32).contiguous()
-    first = first.to(torch.bool).contiguous()
+    ids, first = ids.contiguous(), first.contiguous()
     if weights is not None:
         weights = weights.to(torch.float32).contiguous()
     if (any(t.device.type != "cpu" for t in (ids, first, grads)) or ids.dim() != 1 or first.shape != (n,)
@@ -91,14 +92,17 @@ class PooledGradient:
     of summing it per row first; `FusedOptimizer.apply_parts` takes it beside ``(rows,
     grad)`` parts."""
 
-    __slots__ = ("ids", "first", "weights", "scale", "grads")
+    __slots__ = ("ids", "first", "weights", "scale", "grads", "on_step")
 
     def __init__(self, ids: torch.Tensor, first: torch.Tensor, weights: torch.Tensor | None, scale: float,
-                 grads: torch.Tensor):
+                 grads: torch.Tensor, on_step=None):
         self.ids, self.first, self.weights, self.scale, self.grads = ids, first, weights, scale, grads
+        self.on_step = on_step  # called with the number of ids once they are applied (stats)
 
     def add_to(self, weight: torch.Tensor) -> None:
         bag_scatter_add(weight, self.ids, self.first, self.weights, self.scale, self.grads)
+        if self.on_step is not None:
+            self.on_step(self.ids.numel())
 
 
 def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None,
@@ -124,6 +128,8 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
     offsets, dest, rows = offsets.to(torch.int64).contiguous(), dest.contiguous(), rows.to(torch.int64).contiguous()
     if weights is not None:
         weights = weights.to(torch.float32).contiguous()
+    if any(c < 0 for c in counts) or sum(counts) != n:
+        raise ValueError(f"partition_bags: the counts per rank {counts} do not add up to the {n} ids")
     own_n = counts[world]
     payload = torch.empty(n - own_n, dtype=torch.int64)
     own_rows = torch.empty(own_n, dtype=torch.int32)
@@ -147,14 +153,20 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     """``weight.index_add_(0, rows, values)``: compiled where `supports` (``weight``) and
     ``values`` is float32 (the same additions in the same order as PyTorch's CPU kernel, so
     the same bits, at 1.2-2x its one-thread speed for rows of 16-128 floats), else PyTorch's.
-    ``rows``: int64 [n] (any integer dtype is converted); ``values``: [n, dim]. Raises
-    IndexError for a row outside ``weight`` (nothing written), as PyTorch does."""
-    if not (supports(weight) and values.dtype == torch.float32 and values.device.type == "cpu"
-            and values.dim() == 2 and values.shape[1] == weight.shape[1] and rows.shape == values.shape[:1]):
-        return weight.index_add_(0, rows, values)
+    ``rows``: int64 or int32 [n]; ``values``: [n, dim]. Anything else (other dtypes, values
+    that share ``weight``'s memory, rows outside ``weight``) goes to PyTorch's kernel, which
+    takes, refuses or raises as it does."""
+    if not (supports(weight) and weight.shape[1] > 0 and values.dtype == torch.float32
+            and values.device.type == "cpu" and values.dim() == 2 and values.shape[1] == weight.shape[1]
+            and rows.dim() == 1 and rows.shape == values.shape[:1] and rows.dtype in (torch.int32, torch.int64)
+            and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):
+        return weight.index_add_(0, rows, values)  # what PyTorch takes, refuses or raises, as it does
     rows, values = rows.to(torch.int64).contiguous(), values.contiguous()
-    _scatter.index_add(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr(), values.data_ptr(),
-                       rows.numel())
+    try:
+        _scatter.index_add(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr(), values.data_ptr(),
+                           rows.numel())
+    except IndexError:  # nothing written: let PyTorch raise its own error for it
+        return weight.index_add_(0, rows, values)
     increment_version(weight)
     return weight
 
@@ -166,7 +178,7 @@ def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Ten
     ``dest_of_page[page]``, ``shift[page] + id`` and their bincount, with ``page = id //
     page_size`` (what `routing.Router.destinations` and a bincount compute in five passes).
 
-    ``ids``: integer [n], each ``>= 0`` and on a page of ``dest_of_page``. ``dest_of_page``:
+    ``ids``: integer [n] (TypeError otherwise), each ``>= 0`` and on a page of ``dest_of_page``. ``dest_of_page``:
     uint8 or int32 [pages], values in ``[0, buckets)``. ``shift``: int64 [pages]. Returns
     (dest [n], ``dest_of_page``'s dtype; rows int64 [n]; counts, a list of ``buckets`` ints).
     Raises ValueError when an id or a destination is out of range."""
@@ -174,6 +186,8 @@ def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Ten
     if dest_of_page.dtype not in (torch.uint8, torch.int32) or shift.shape != dest_of_page.shape:
         raise TypeError(f"destinations: dest_of_page uint8/int32 and shift int64 of one length expected, got "
                         f"{dest_of_page.dtype} {tuple(dest_of_page.shape)} and {tuple(shift.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"destinations: ids must be integers, got {ids.dtype}")
     ids = ids.reshape(-1).to(torch.int64).contiguous()
     dest_of_page, shift = dest_of_page.contiguous(), shift.to(torch.int64).contiguous()
     n = ids.numel()

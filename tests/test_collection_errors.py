@@ -508,3 +508,32 @@ def _converted_collection():
 
 def test_a_converted_collection_pools_in_its_dtype_and_a_mixed_one_is_refused():
     assert run_ranks(2, _converted_collection) == [True, True]
+
+
+def _overflow_in_the_owners_sum(pool_on: str, optimizer: str):
+    """Rank 1's per-sample weight (1e25) and its bag's gradient (1e19) are both finite; their
+    product, each id's gradient, is not. Pooled on the requester that product is summed there
+    and checked; pooled on the owner it is formed there, after the exchange's check: the
+    requester's bound must flag it, or the owner writes inf rows (as it did)."""
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection([TableConfig("a", 1000, 32, 64, pooling="sum", feature_names=["f"],
+                                                     fused_optimizer={"name": optimizer, "lr": 0.1})], pool_on=pool_on)
+    values, offsets = torch.tensor([1, 2, 900, 3, 5, 700]), torch.tensor([0, 2, 4])
+    weights = torch.ones(6)
+    if rank == 1:
+        weights[2] = 1e25
+    before = ebc.tables["a"].full_table()
+    out = ebc({"f": (values, offsets, weights)})
+    with pytest.raises(NonFiniteGradientError, match=r"rank\(s\) \[1\]"):
+        (out["f"] * 1e19).sum().backward()
+    assert torch.equal(ebc.tables["a"].full_table(), before)
+    out = ebc({"f": (values, offsets, torch.ones(6))})  # the next step trains
+    out["f"].sum().backward()
+    after = ebc.tables["a"].full_table()
+    assert not torch.equal(after, before) and torch.isfinite(after).all()
+
+
+@pytest.mark.parametrize("pool_on", ["owner", "auto", "requester"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_an_overflow_formed_on_the_owner_changes_no_row(pool_on, optimizer):
+    run_ranks(2, _overflow_in_the_owners_sum, pool_on, optimizer)

@@ -10,6 +10,7 @@ import torch
 
 from sharded_embedding import native
 from tests.harness import run_ranks
+from tests.oracle import rank_world
 from tests.test_collection import train_collection_against_oracle
 
 
@@ -36,6 +37,11 @@ def _case(rows, dim, n, bag_rate, weighted, seed):
     return weight, ids, first, weights, grads
 
 
+# Where the extension did not build (no C compiler), test_extension_is_built fails and says so;
+# the tests of the kernels themselves have nothing to run.
+needs_extension = pytest.mark.skipif(not native.built(), reason="sharded_embedding._scatter is not built")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """The library uses the compiled loops with one intra-op thread (as under torchrun)."""
@@ -52,6 +58,7 @@ def test_extension_is_built():
     assert native.available()
 
 
+@needs_extension
 def test_more_threads_leave_the_update_to_torchs_parallel_kernels():
     torch.set_num_threads(2)
     assert native.built() and not native.available() and not native.supports(torch.zeros(2, 2))
@@ -60,6 +67,7 @@ def test_more_threads_leave_the_update_to_torchs_parallel_kernels():
     assert weight[1].tolist() == [2.0, 2.0, 2.0]
 
 
+@needs_extension
 @pytest.mark.parametrize("dim", [1, 3, 16, 32, 33, 64, 128])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bag_rate", [0.05, 1.0])
@@ -70,6 +78,7 @@ def test_matches_index_add(dim, weighted, bag_rate):
     torch.testing.assert_close(weight, want, rtol=1e-6, atol=1e-6)
 
 
+@needs_extension
 def test_no_ids_changes_nothing():
     weight, ids, first, weights, grads = _case(10, 4, 0, 0.5, False, seed=1)
     before = weight.clone()
@@ -77,6 +86,7 @@ def test_no_ids_changes_nothing():
     assert torch.equal(weight, before)
 
 
+@needs_extension
 @pytest.mark.parametrize("case", ["id_past_end", "negative_id", "no_first_start", "more_pairs", "fewer_pairs"])
 def test_bad_indices_raise_before_writing(case):
     weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, True, seed=3)
@@ -96,8 +106,9 @@ def test_bad_indices_raise_before_writing(case):
     assert torch.equal(weight, before)
 
 
+@needs_extension
 @pytest.mark.parametrize("case", ["float64_table", "strided_table", "one_dim_table", "grads_width", "weights_length",
-                                  "first_length"])
+                                  "first_length", "int64_ids"])
 def test_layouts_it_does_not_take_raise_type_error(case):
     weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, True, seed=4)
     if case == "float64_table":
@@ -110,8 +121,11 @@ def test_layouts_it_does_not_take_raise_type_error(case):
         grads = grads[:, :7]
     elif case == "weights_length":
         weights = weights[:-1]
-    else:
+    elif case == "first_length":
         first = first[:-1]
+    else:  # an int64 id past 2^32 must not wrap onto a row
+        ids = ids.long()
+        ids[0] += 2**32
     before = weight.clone()
     with pytest.raises(TypeError, match="bag_scatter_add"):
         native.bag_scatter_add(weight, ids, first, weights, 1.0, grads)
@@ -159,7 +173,7 @@ def _train_with(setting: str, **kwargs):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("setting", ["1", "0", "missing"])
+@pytest.mark.parametrize("setting", [pytest.param("1", marks=needs_extension), "0", "missing"])
 def test_collection_with_and_without_the_extension_matches_the_oracle(world, setting):
     stats = run_ranks(world, _train_with, setting, pool_on="owner", weighted=("history", "tag"), skew="zipf",
                       max_len=9, batch=(7, 0, 5))
@@ -203,6 +217,7 @@ def _partition_oracle(offsets, dest, rows, weights, world):
             [len(p) for p in pair_bags], [b for p in pair_bags for b in p])
 
 
+@needs_extension
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dest_dtype", [torch.uint8, torch.int32])
@@ -226,7 +241,8 @@ def test_partition_bags_matches_its_definition(world, weighted, dest_dtype):
     assert pairs == want[4] and pair_bag.tolist() == want[5]
 
 
-@pytest.mark.parametrize("case", ["dest_past_world", "row_past_31_bits", "counts", "offsets_end"])
+@needs_extension
+@pytest.mark.parametrize("case", ["dest_past_world", "row_past_31_bits", "counts", "counts_sum", "offsets_end"])
 def test_partition_bags_refuses_bad_input(case):
     offsets = torch.tensor([0, 2, 5])
     dest = torch.tensor([0, 1, 1, 2, 0], dtype=torch.uint8)
@@ -238,12 +254,15 @@ def test_partition_bags_refuses_bad_input(case):
         rows[1] = 2**31
     elif case == "counts":
         counts = [2, 1, 2]
+    elif case == "counts_sum":
+        counts = [2, 2, 6]
     else:
         offsets = torch.tensor([0, 2, 4])
     with pytest.raises(ValueError, match="partition_bags"):
         native.partition_bags(offsets, dest, rows, None, counts, 2)
 
 
+@needs_extension
 @pytest.mark.parametrize("dim", [1, 5, 32, 130])
 def test_index_add_is_torchs_bit_for_bit(dim):
     """Repeated rows add in order, as PyTorch's one-thread CPU kernel adds them: the same bits."""
@@ -256,11 +275,33 @@ def test_index_add_is_torchs_bit_for_bit(dim):
     assert torch.equal(weight, want)
 
 
-def test_index_add_refuses_a_row_outside_and_writes_nothing():
-    weight = torch.zeros(4, 3)
-    with pytest.raises(IndexError, match="outside the table"):
-        native.index_add_(weight, torch.tensor([0, 4]), torch.ones(2, 3))
-    assert not weight.any()
+@needs_extension
+@pytest.mark.parametrize("case", ["row_outside", "negative_row", "float_rows", "values_alias_the_table", "zero_width"])
+def test_index_add_takes_refuses_and_raises_as_torch_does(case):
+    weight, rows, values = torch.arange(12.0).view(4, 3), torch.tensor([0, 2]), torch.ones(2, 3)
+    if case == "row_outside":
+        rows = torch.tensor([0, 4])
+    elif case == "negative_row":
+        rows = torch.tensor([-9, 1])
+    elif case == "float_rows":
+        rows = torch.tensor([0.0, 2.0])
+    elif case == "values_alias_the_table":
+        values = weight[1:3]
+    else:
+        weight, values = torch.zeros(4, 0), torch.zeros(2, 0)
+    want, got = weight.clone(), weight.clone()
+    want_values, got_values = (want[1:3], got[1:3]) if case == "values_alias_the_table" else (values, values)
+    try:
+        want.index_add_(0, rows, want_values)
+        raised = None
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, the same must come out
+        raised = type(e)
+    if raised is None:
+        native.index_add_(got, rows, got_values)
+    else:
+        with pytest.raises(raised):
+            native.index_add_(got, rows, got_values)
+    assert torch.equal(got, want)
 
 
 def test_index_add_leaves_other_layouts_to_torch():
@@ -269,6 +310,7 @@ def test_index_add_leaves_other_layouts_to_torch():
     assert weight[1].tolist() == [2.0, 2.0, 2.0]
 
 
+@needs_extension
 @pytest.mark.parametrize("page_size", [1, 4, 7, 512])
 @pytest.mark.parametrize("dest_dtype", [torch.uint8, torch.int32])
 def test_destinations_match_their_definition(page_size, dest_dtype):
@@ -284,6 +326,14 @@ def test_destinations_match_their_definition(page_size, dest_dtype):
     assert counts == torch.bincount(dest_of_page[page].long(), minlength=buckets).tolist()
 
 
+@needs_extension
+def test_destinations_refuse_float_ids():
+    with pytest.raises(TypeError, match="destinations: ids must be integers"):
+        native.destinations(torch.tensor([0.0, 2.9]), torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64),
+                            4, 1)
+
+
+@needs_extension
 @pytest.mark.parametrize("case", ["id_past_the_pages", "negative_id", "destination_past_buckets"])
 def test_destinations_refuse_out_of_range(case):
     dest_of_page = torch.tensor([0, 1, 2], dtype=torch.uint8)
@@ -298,6 +348,7 @@ def test_destinations_refuse_out_of_range(case):
         native.destinations(ids, dest_of_page, shift, 4, 3)
 
 
+@needs_extension
 def test_writes_bump_the_version_counter_as_torch_in_place_ops_do():
     """A tensor autograd saved, then changed by the compiled kernels, must make its backward
     raise as after Tensor.index_add_ (not silently use the new values)."""
@@ -313,3 +364,31 @@ def test_writes_bump_the_version_counter_as_torch_in_place_ops_do():
                            torch.ones(1, 4))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _pooled_steps_of_a_pass_that_raises():
+    """The collection's fused SGD step is handed over in pooled form, then another table of the
+    same loss has a NaN gradient on rank 1: the pass raises, no step is applied, and stats()
+    counts none; the next pass counts its ids."""
+    from sharded_embedding import NonFiniteGradientError, ShardedEmbedding, ShardedEmbeddingBagCollection, TableConfig
+
+    rank, _ = rank_world()
+    ebc = ShardedEmbeddingBagCollection([TableConfig("a", 60, 8, 5, pooling="sum", feature_names=["f"],
+                                                     fused_optimizer={"name": "sgd", "lr": 0.1})], pool_on="owner")
+    other = ShardedEmbedding(20, 4, page_size=5, fused_optimizer={"name": "sgd", "lr": 0.1})
+    bags = {"f": (torch.arange(12) * 5 % 60, torch.tensor([0, 5, 9]))}
+    before = ebc.tables["a"].weight.detach().clone()
+    loss = ebc(bags)["f"].sum() + other(torch.arange(6)).sum() * (float("nan") if rank == 1 else 1.0)
+    with pytest.raises(NonFiniteGradientError):
+        loss.backward()
+    assert torch.equal(ebc.tables["a"].weight.detach(), before)
+    dropped = ebc.stats()["tables"]["a"]["ids_stepped_pooled"]
+    ebc(bags)["f"].sum().backward()
+    return dropped, ebc.stats()["tables"]["a"]["ids_stepped_pooled"]
+
+
+@needs_extension
+def test_stats_count_only_pooled_steps_that_were_applied():
+    counts = run_ranks(2, _pooled_steps_of_a_pass_that_raises)
+    assert [dropped for dropped, _ in counts] == [0, 0]
+    assert sum(after for _, after in counts) == 2 * 12  # both ranks' ids, each applied by its owner
