@@ -61,7 +61,8 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     ``weights``: float32 [n] or None (ones). ``grads``: [pairs, dim] one row per bag, pairs =
     the number of starts. Raises ValueError (nothing written) when an id is outside
     ``weight`` or the starts do not match ``grads``; TypeError for a dtype, device or layout
-    it does not take; RuntimeError when the extension is not `built`."""
+    it does not take (grads sharing ``weight``'s memory included); RuntimeError when the
+    extension is not `built`."""
     _require_built("bag_scatter_add")
     if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
             and weight.is_contiguous()):
@@ -79,6 +80,8 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
         raise TypeError(f"bag_scatter_add: expected ids [n], first [n], weights [n] or None and grads [pairs, {dim}] "
                         f"on the CPU; got {tuple(ids.shape)}, {tuple(first.shape)}, "
                         f"{None if weights is None else tuple(weights.shape)}, {tuple(grads.shape)}")
+    if grads.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+        raise TypeError("bag_scatter_add: grads share memory with weight (rows would read updates made before them)")
     _scatter.bag_scatter_add(weight.data_ptr(), weight.shape[0], dim, ids.data_ptr(), first.data_ptr(),
                              0 if weights is None else weights.data_ptr(), float(scale), grads.data_ptr(),
                              grads.shape[0], n)
@@ -122,9 +125,14 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
     destination or row is out of range or ``counts`` is wrong."""
     n, num_bags = rows.numel(), offsets.numel() - 1
     _require_built("partition_bags")
-    if dest.dtype not in (torch.uint8, torch.int32) or dest.shape != (n,) or num_bags < 0 or len(counts) != world + 1:
-        raise TypeError(f"partition_bags: dest uint8/int32 [{n}] and offsets [bags + 1] expected, got {dest.dtype} "
-                        f"{tuple(dest.shape)} and {tuple(offsets.shape)}")
+    integral = all(not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+                   for t in (offsets, rows))
+    if (dest.dtype not in (torch.uint8, torch.int32) or dest.shape != (n,) or num_bags < 0 or len(counts) != world + 1
+            or not integral or rows.dim() != 1 or (weights is not None and weights.shape != (n,))):
+        raise TypeError(f"partition_bags: integer offsets [bags + 1] and rows [n], dest uint8/int32 [n] and weights "
+                        f"[n] or None expected, got offsets {offsets.dtype} {tuple(offsets.shape)}, rows {rows.dtype} "
+                        f"{tuple(rows.shape)}, dest {dest.dtype} {tuple(dest.shape)}, weights "
+                        f"{None if weights is None else tuple(weights.shape)}")
     offsets, dest, rows = offsets.to(torch.int64).contiguous(), dest.contiguous(), rows.to(torch.int64).contiguous()
     if weights is not None:
         weights = weights.to(torch.float32).contiguous()
@@ -148,15 +156,15 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
     return payload, (own_rows, own_first, own_weights), pairs, pair_bag[: sum(pairs)].clone()  # (frees n)
 
 
-@torch.no_grad()
 def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``weight.index_add_(0, rows, values)``: compiled where `supports` (``weight``) and
     ``values`` is float32 (the same additions in the same order as PyTorch's CPU kernel, so
     the same bits, at 1.2-2x its one-thread speed for rows of 16-128 floats), else PyTorch's.
     ``rows``: int64 or int32 [n]; ``values``: [n, dim]. Anything else (other dtypes, values
-    that share ``weight``'s memory, rows outside ``weight``) goes to PyTorch's kernel, which
-    takes, refuses or raises as it does."""
-    if not (supports(weight) and weight.shape[1] > 0 and values.dtype == torch.float32
+    that share ``weight``'s memory, rows outside ``weight``, tensors autograd records with
+    grad mode on) goes to PyTorch's kernel, which takes, refuses or raises as it does."""
+    tracked = torch.is_grad_enabled() and (weight.requires_grad or values.requires_grad)  # autograd's to record
+    if not (not tracked and supports(weight) and weight.shape[1] > 0 and values.dtype == torch.float32
             and values.device.type == "cpu" and values.dim() == 2 and values.shape[1] == weight.shape[1]
             and rows.dim() == 1 and rows.shape == values.shape[:1] and rows.dtype in (torch.int32, torch.int64)
             and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):

@@ -108,7 +108,7 @@ def test_bad_indices_raise_before_writing(case):
 
 @needs_extension
 @pytest.mark.parametrize("case", ["float64_table", "strided_table", "one_dim_table", "grads_width", "weights_length",
-                                  "first_length", "int64_ids"])
+                                  "first_length", "int64_ids", "grads_alias_the_table"])
 def test_layouts_it_does_not_take_raise_type_error(case):
     weight, ids, first, weights, grads = _case(20, 8, 30, 0.2, True, seed=4)
     if case == "float64_table":
@@ -123,6 +123,8 @@ def test_layouts_it_does_not_take_raise_type_error(case):
         weights = weights[:-1]
     elif case == "first_length":
         first = first[:-1]
+    elif case == "grads_alias_the_table":
+        grads = weight[: grads.shape[0]]
     else:  # an int64 id past 2^32 must not wrap onto a row
         ids = ids.long()
         ids[0] += 2**32
@@ -239,6 +241,17 @@ def test_partition_bags_matches_its_definition(world, weighted, dest_dtype):
     if weighted:
         assert own_weights.tolist() == want[3]
     assert pairs == want[4] and pair_bag.tolist() == want[5]
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["short_weights", "float_rows"])
+def test_partition_bags_refuses_layouts_it_does_not_take(case):
+    offsets, dest, rows = torch.tensor([0, 2, 5]), torch.tensor([0, 1, 1, 2, 0], dtype=torch.uint8), torch.arange(5)
+    weights = torch.ones(1) if case == "short_weights" else None
+    if case == "float_rows":
+        rows = rows.float()
+    with pytest.raises(TypeError, match="partition_bags"):
+        native.partition_bags(offsets, dest, rows, weights, [2, 2, 1], 2)
 
 
 @needs_extension
@@ -392,3 +405,15 @@ def test_stats_count_only_pooled_steps_that_were_applied():
     counts = run_ranks(2, _pooled_steps_of_a_pass_that_raises)
     assert [dropped for dropped, _ in counts] == [0, 0]
     assert sum(after for _, after in counts) == 2 * 12  # both ranks' ids, each applied by its owner
+
+
+@needs_extension
+def test_index_add_leaves_what_autograd_records_to_torch():
+    leaf = torch.zeros(4, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        native.index_add_(leaf, torch.tensor([1]), torch.ones(1, 3))
+    assert not leaf.detach().any()
+    values = torch.ones(2, 3, requires_grad=True)
+    out = native.index_add_(torch.zeros(4, 3), torch.tensor([1, 1]), values)
+    out.sum().backward()
+    assert torch.equal(values.grad, torch.ones(2, 3))
