@@ -230,7 +230,7 @@ class BagRouter:
     def _requests(self, bags: list[TableBags], wire_bytes: int, needs_grad: bool) -> list[TableRequest]:
         world = self.world
         dests, rows, counted = [], [], []
-        compiled = self.device.type == "cpu" and native.available()
+        compiled = self._compiled()
         for t, b in enumerate(bags):  # each id's serving rank and local row there; ids per rank
             router = self.routers[t]
             if compiled:  # the same in one pass
@@ -327,12 +327,16 @@ class BagRouter:
         back = [unique[world] if q == rank else unique[q] for q in range(world)]
         return TableRequest(ON_REQUESTER, bags, back, payload, gather_index=gather_index, dedup=groups)
 
+    def _compiled(self) -> bool:
+        """Whether this call's per-id routing loops run compiled (`native.available`, on the CPU)."""
+        return self.device.type == "cpu" and native.available()
+
     def _pooled_on_owner(self, t: int, bags: TableBags, dest, row, ids: list[int]):
         """The ids by serving rank, bag by bag, packed with their weights; and the pairs
         (partial sums coming back) per serving rank."""
         world, rank = self.world, self.rank
         mode = ON_OWNER_WEIGHTED if bags.weights is not None else ON_OWNER
-        if self.device.type == "cpu" and native.available():  # the same values in one compiled counting sort
+        if self._compiled():  # the same values in one compiled counting sort
             values, own, pairs, pair_bag = native.partition_bags(bags.offsets, dest, row, bags.weights, ids, world)
             parts = list(torch.split(values, ids[:world]))
             payload = [values.new_empty(0) if q == rank else parts[q] for q in range(world)]

@@ -37,11 +37,15 @@ def available() -> bool:
     return built() and torch.get_num_threads() == 1
 
 
+def _takes(weight: torch.Tensor) -> bool:
+    """A table the compiled loops write: CPU float32, contiguous, 2-D."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
+
+
 def supports(weight: torch.Tensor) -> bool:
     """Whether the library updates ``weight`` with the compiled loops now (`available`, and a
     CPU float32, contiguous, 2-D tensor)."""
-    return (available() and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.is_contiguous())
+    return available() and _takes(weight)
 
 
 def _require_built(what: str) -> None:
@@ -64,8 +68,7 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     it does not take (grads sharing ``weight``'s memory included); RuntimeError when the
     extension is not `built`."""
     _require_built("bag_scatter_add")
-    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.is_contiguous()):
+    if not _takes(weight):
         raise TypeError(f"bag_scatter_add: weight must be a contiguous 2-D float32 CPU tensor, got "
                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
     if ids.dtype != torch.int32 or first.dtype != torch.bool:
@@ -177,7 +180,6 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
         return weight.index_add_(0, rows, values)
     increment_version(weight)
     return weight
-
 
 
 def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Tensor, page_size: int,
