@@ -23,7 +23,7 @@ except ImportError:  # no C compiler at install: PyTorch's kernels do the same w
     _scatter = None
 
 __all__ = ["built", "available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "destinations",
-           "partition_bags"]
+           "partition_bags", "dedup"]
 
 
 def built() -> bool:
@@ -209,3 +209,53 @@ def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Ten
                           shift.data_ptr(), shift.numel(), dest.data_ptr(), rows.data_ptr(), counts.data_ptr(),
                           buckets)
     return dest, rows, counts.tolist()
+
+
+def dedup(ids: torch.Tensor, bound: int, *, limit: int | None = None, page_offset: torch.Tensor | None = None,
+          page_size: int = 1, stride: int = 0, buckets: int = 0):
+    """The requester's routing of one lookup in one compiled sort: each id's key, then the
+    values of a stable sort and ``unique_consecutive`` (what `routing.Router` computes in
+    PyTorch and numpy passes). An LSD radix sort over the key's bits (Knuth, TAOCP vol. 3,
+    5.2.5), stable, so each unique key's positions come in order.
+
+    ``ids``: int32 or int64 [n] on the CPU, each in ``[0, limit)`` (``limit`` defaults to
+    ``bound``). The key of an id is ``id + page_offset[id // page_size]`` with a page table
+    (``page_offset``: int32 [pages]), else the id; each key must lie in ``[0, bound)``, ``bound
+    <= 2**31``. With ``stride > 0``, the unique keys come back split: ``key % stride``, and the
+    unique keys per ``key // stride`` (``buckets`` of them).
+
+    Returns (unique keys in ascending order, int64 [u] -- ``key % stride`` with a stride; perm,
+    int64 [n]: the stable sort's permutation, each unique key's positions in order; offsets,
+    int64 [u]: where each unique key's positions start in perm; gather_index, int64 [n]: the
+    unique number of each position; counts, a list of ``buckets`` ints, or None without a
+    stride). Raises IndexError when an id is outside ``[0, limit)`` (`routing` then finds
+    which), ValueError when a key is outside ``[0, bound)`` or ``// stride`` past ``buckets``,
+    TypeError for other dtypes, shapes or devices, RuntimeError when the extension is not
+    `built`."""
+    _require_built("dedup")
+    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1 or ids.device.type != "cpu":
+        raise TypeError(f"dedup: ids must be a 1-D int32 or int64 CPU tensor, got {ids.dtype} {tuple(ids.shape)} "
+                        f"on {ids.device}")
+    if page_offset is not None and (page_offset.dtype != torch.int32 or page_offset.dim() != 1
+                                    or page_offset.device.type != "cpu"):
+        raise TypeError(f"dedup: page_offset must be a 1-D int32 CPU tensor, got {page_offset.dtype} "
+                        f"{tuple(page_offset.shape)} on {page_offset.device}")
+    limit = bound if limit is None else limit
+    if not 1 <= bound <= 2**31 or page_size < 1 or stride < 0 or (stride and buckets < 1) or limit < 0:
+        raise ValueError(f"dedup: bound must be in [1, 2**31], page_size >= 1, limit >= 0 and buckets >= 1 with a "
+                         f"stride; got bound {bound}, page_size {page_size}, limit {limit}, stride {stride}, "
+                         f"buckets {buckets}")
+    if page_offset is not None:
+        page_offset = page_offset.contiguous()
+        limit = min(limit, page_offset.numel() * page_size)  # an id past the table's pages is out of range
+    ids = ids.contiguous()
+    n = ids.numel()
+    perm, gather_index = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    unique, offsets = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    counts = torch.empty(buckets, dtype=torch.int64) if stride else None
+    bits = page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else -1
+    u = _scatter.dedup(n, ids.data_ptr(), ids.element_size(), limit,
+                       0 if page_offset is None else page_offset.data_ptr(), bits, page_size, bound, stride, buckets,
+                       perm.data_ptr(), gather_index.data_ptr(), unique.data_ptr(), offsets.data_ptr(),
+                       0 if counts is None else counts.data_ptr())
+    return unique[:u], perm, offsets[:u], gather_index, None if counts is None else counts.tolist()

@@ -151,10 +151,18 @@ class PagePlan:
         return torch.nonzero((self.owners == rank).any(1)).flatten()
 
     def local_rows(self, rank: int) -> int:
-        pages = self.local_pages(rank)
-        if pages.numel() == 0:
-            return 0
-        return (pages.numel() - 1) * self.page_size + self.page_rows(int(pages[-1]))
+        """Rows ``rank`` holds (kept per rank: a table checks its storage's shape against it at
+        every lookup)."""
+        known = self._local_rows_of
+        if rank not in known:
+            pages = self.local_pages(rank)
+            known[rank] = 0 if pages.numel() == 0 else \
+                (pages.numel() - 1) * self.page_size + self.page_rows(int(pages[-1]))
+        return known[rank]
+
+    @cached_property
+    def _local_rows_of(self) -> dict[int, int]:
+        return {}
 
     def primary_pages(self, rank: int) -> torch.Tensor:
         """Pages whose primary (first) owner is ``rank``: each page has exactly one primary."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .placement import RoutingTable
 from .rows import stable_sort
 from .transport import Transport, TransportError
@@ -198,6 +199,12 @@ class Router:
         ``needs_grad``, ``dtype`` or ``step_digest``.
         """
         mode = int(needs_grad) | (_dtype_code(dtype) << 1) | (step_digest << 8)  # one header column for all
+        compiled = None if refusal else self._route_compiled(indices)
+        if compiled is not None:  # the same values as the passes below, in one compiled sort
+            shape, gather_index, bags, rows, counts = compiled
+            if self.world == 1:
+                return Routing(shape, gather_index, bags, [0], [0], rows, 0, 0)
+            return self._exchange(shape, gather_index, bags, rows, counts, _OK, 0, mode)
         if refusal:
             flat, shape, code, value = None, None, _REFUSED, refusal
         else:
@@ -213,6 +220,26 @@ class Router:
         peer, rows = self.split(keys)
         counts = torch.bincount(peer, minlength=self.world + 1).tolist()  # one device sync
         return self._exchange(shape, gather_index, bags, rows, counts, _OK, 0, mode)
+
+    def _route_compiled(self, indices):
+        """`validate_ids`, `dedup`, `split` and the count per peer in one compiled pass
+        (`native.dedup`), where it applies: the compiled loops `available`, CPU ids of int32 or
+        int64 on a CPU table whose keys fit int32. Returns (shape, gather_index, bags, rows,
+        counts per peer) -- with one rank, the local rows -- or None: the passes of `route` then
+        do it, and find the bad input (an id out of range: ``dedup`` raised IndexError)."""
+        if not (self._offset32 is not None and type(indices) is torch.Tensor and native.available()
+                and indices.dtype in (torch.int32, torch.int64) and indices.layout == torch.strided
+                and indices.device.type == "cpu" and self.device.type == "cpu" and not indices.is_nested
+                and indices.numel() < 2**31):
+            return None
+        world = self.world
+        try:
+            unique, perm, offsets, gather_index, counts = native.dedup(
+                indices.reshape(-1), (world + 1) * self.stride, limit=self.num_embeddings, page_offset=self._offset32,
+                page_size=self.page_size, stride=self.stride if world > 1 else 0, buckets=world + 1)
+        except IndexError:
+            return None
+        return indices.shape, gather_index, _Bags(perm, offsets), unique, counts
 
     def keys(self, flat: torch.Tensor) -> torch.Tensor:
         """Each id of ``flat`` (int64, in range) as the int64 key ``serving rank * stride +
@@ -266,7 +293,11 @@ class Router:
         int64)."""
         if keys is None:
             keys = self._keys32(flat) if self._offset32 is not None else self.keys(flat)
-        keys, perm = stable_sort(keys, bound=(self.world + 1) * self.stride)
+        bound = (self.world + 1) * self.stride
+        if native.available() and keys.device.type == "cpu" and bound <= 2**31 and keys.numel() < 2**31:
+            unique, perm, offsets, gather_index, _ = native.dedup(keys, bound)  # the same values, one compiled sort
+            return gather_index, _Bags(perm, offsets), unique
+        keys, perm = stable_sort(keys, bound=bound)
         keys, dups = torch.unique_consecutive(keys, return_counts=True)
         gather_index = torch.empty_like(perm)
         gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)

@@ -417,3 +417,127 @@ def test_index_add_leaves_what_autograd_records_to_torch():
     out = native.index_add_(torch.zeros(4, 3), torch.tensor([1, 1]), values)
     out.sum().backward()
     assert torch.equal(values.grad, torch.ones(2, 3))
+
+
+# ----------------------------------------------------------------------------- routing
+def _torch_route(router, ids):
+    """`Router.route`'s PyTorch passes (the compiled loops off): gather_index, bag indices and
+    offsets, rows (local rows with one rank) and the count per peer."""
+    saved = os.environ.get("SHARDED_EMBEDDING_NATIVE")
+    os.environ["SHARDED_EMBEDDING_NATIVE"] = "0"
+    try:
+        gather_index, bags, keys = router.dedup(ids.reshape(-1).long())
+    finally:
+        if saved is None:
+            del os.environ["SHARDED_EMBEDDING_NATIVE"]
+        else:
+            os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
+    if router.world == 1:
+        return gather_index, bags.indices, bags.offsets, keys, None
+    peer, rows = router.split(keys)
+    return gather_index, bags.indices, bags.offsets, rows, torch.bincount(peer, minlength=router.world + 1).tolist()
+
+
+def _routers(n, page_size, world):
+    from sharded_embedding.placement import PagePlan
+    from sharded_embedding.routing import Router
+
+    pages = -(-n // page_size)
+    placements = ["round_robin", [(p * 5) % world for p in range(pages)]]
+    if world > 1:
+        placements.append([(0, 1) if p % 3 == 0 else p % world for p in range(pages)])
+    for placement in placements:
+        plan = PagePlan.build(n, page_size, world, placement)
+        for rank in range(world):
+            yield Router(plan.routing_table(rank), page_size=page_size, num_embeddings=n,
+                         max_local_rows=max(plan.local_rows(r) for r in range(world)), rank=rank, world=world,
+                         transport=None, device=torch.device("cpu"))
+
+
+@needs_extension
+@pytest.mark.parametrize("page_size", [1, 7, 16, 512])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_compiled_routing_equals_the_torch_passes(page_size, world, dtype):
+    """`Router._route_compiled` (one compiled radix sort) gives the values of `Router.route`'s
+    PyTorch passes, bit for bit: the stable order of each unique id's positions, the unique
+    rows, the counts per peer, for every rank of round-robin, explicit and mirrored placements,
+    ids of either dtype and any shape, duplicates, none and one."""
+    n = 1000
+    g = torch.Generator().manual_seed(world * 1000 + page_size)
+    batches = [torch.cat([torch.arange(n), torch.randint(0, n, (700,), generator=g)]),
+               torch.randint(0, 40, (13, 17), generator=g), torch.zeros(0, dtype=torch.int64),
+               torch.tensor([n - 1]), torch.full((50,), 3)]
+    for router in _routers(n, page_size, world):
+        for ids in batches:
+            ids = ids.to(dtype)
+            shape, gather_index, bags, rows, counts = router._route_compiled(ids)
+            want = _torch_route(router, ids)
+            assert shape == ids.shape
+            got = (gather_index, bags.indices, bags.offsets, rows, counts)
+            for a, b in zip(got[:4], want[:4]):
+                assert a.dtype == torch.int64 and torch.equal(a, b)
+            assert counts == want[4]
+
+
+@needs_extension
+@pytest.mark.parametrize("bad", [-1, 1000, 2**40])
+def test_compiled_routing_leaves_bad_ids_to_the_checks(bad):
+    """An id outside the table: the compiled pass hands over (None) and `validate_ids` names it."""
+    router = next(_routers(1000, 16, 2))
+    ids = torch.tensor([3, bad, 5])
+    assert router._route_compiled(ids) is None
+    assert router._route_compiled(torch.tensor([3.0, 5.0])) is None  # float ids: TypeError from the checks
+
+
+@needs_extension
+def test_compiled_routing_is_not_used_with_more_threads_or_turned_off(monkeypatch):
+    router = next(_routers(1000, 16, 2))
+    torch.set_num_threads(2)
+    assert router._route_compiled(torch.tensor([1, 2])) is None
+    torch.set_num_threads(1)
+    monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
+    assert router._route_compiled(torch.tensor([1, 2])) is None
+
+
+@needs_extension
+@pytest.mark.parametrize("n", [0, 1, 2, 5000])
+@pytest.mark.parametrize("bound", [1, 3, 2**11, 2**11 + 1, 1_500_003, 2**31])
+def test_dedup_is_a_stable_sort_and_unique_consecutive(n, bound):
+    g = torch.Generator().manual_seed(n + bound)
+    keys = torch.randint(0, bound, (n,), generator=g, dtype=torch.int64)
+    unique, perm, offsets, gather_index, counts = native.dedup(keys, bound)
+    sorted_keys, want_perm = torch.sort(keys, stable=True)
+    want_unique, dups = torch.unique_consecutive(sorted_keys, return_counts=True)
+    assert torch.equal(unique, want_unique) and torch.equal(perm, want_perm) and counts is None
+    assert torch.equal(offsets, torch.cumsum(dups, 0) - dups)
+    assert torch.equal(unique[gather_index], keys)
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["negative", "at_bound", "past_limit", "page_past_table", "key_past_bound",
+                                  "bucket_past_buckets", "float_ids", "two_dim", "bound_too_large", "int16_table"])
+def test_dedup_refuses_bad_input(case):
+    ids, kwargs, error = torch.tensor([1, 4, 2]), dict(bound=10), ValueError
+    if case == "negative":
+        ids, error = torch.tensor([1, -1]), IndexError
+    elif case == "at_bound":
+        ids, error = torch.tensor([1, 10]), IndexError
+    elif case == "past_limit":
+        kwargs, error = dict(bound=10, limit=4), IndexError
+    elif case == "page_past_table":  # 2 pages of 2 ids: id 4 is on no page
+        kwargs, error = dict(bound=10, page_offset=torch.zeros(2, dtype=torch.int32), page_size=2), IndexError
+    elif case == "key_past_bound":
+        kwargs = dict(bound=10, page_offset=torch.tensor([0, 0, 8], dtype=torch.int32), page_size=2)
+    elif case == "bucket_past_buckets":
+        kwargs = dict(bound=10, stride=2, buckets=2)
+    elif case == "float_ids":
+        ids, error = ids.float(), TypeError
+    elif case == "two_dim":
+        ids, error = ids.reshape(1, 3), TypeError
+    elif case == "bound_too_large":
+        kwargs = dict(bound=2**31 + 1)
+    else:
+        kwargs, error = dict(bound=10, page_offset=torch.zeros(3, dtype=torch.int16), page_size=2), TypeError
+    with pytest.raises(error):
+        native.dedup(ids, **kwargs)

@@ -298,9 +298,117 @@ static PyObject *partition_bags(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The requester's routing of one lookup, one sort (what `routing.Router` does with a range
+ * check, a page lookup, a stable sort and six torch passes).
+ *
+ * Each id (int32 or int64) is checked to lie in [0, limit) and becomes its key: with a page
+ * table, id + page_offset[id >> page_bits] (id / page_size when page_bits < 0: the serving
+ * rank * stride + its local row there); without one, the id itself. Each key (< bound <= 2^31)
+ * and its position pack into one uint64 (key << 32 | position), sorted by an LSD radix sort
+ * over the key's bits only (Knuth, TAOCP vol. 3, 5.2.5): each pass is stable, so equal keys
+ * keep their positions in order -- the stable sort's permutation, bit for bit. One walk then
+ * writes the unique keys (with stride > 0: key % stride, and counts[key / stride] += 1), where
+ * each starts in the sorted order (the bags' offsets), the permutation, and each position's
+ * unique number (gather_index). `perm` and `gather_index` (int64 [n] each) double as the
+ * sort's two buffers. Returns the number of unique keys; -1 when an id is out of range, -2
+ * when a key is (a page table that does not fit `bound`); outputs are then undefined. */
+#define RADIX_BITS 11
+static int64_t route_dedup(int64_t n, const void *ids, int id_bytes, int64_t limit, const int32_t *page_offset,
+                           int page_bits, int64_t page_size, int64_t bound, int64_t stride, int64_t buckets,
+                           int64_t *perm, int64_t *gather_index, int64_t *unique, int64_t *offsets, int64_t *counts) {
+    const int32_t *i32 = (const int32_t *)ids;
+    const int64_t *i64 = (const int64_t *)ids;
+    uint64_t *a = (uint64_t *)perm, *b = (uint64_t *)gather_index;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = id_bytes == 4 ? i32[i] : i64[i];
+        if (id < 0 || id >= limit) return -1;
+        int64_t key = id;
+        if (page_offset) key += page_offset[page_bits >= 0 ? id >> page_bits : id / page_size];
+        if (key < 0 || key >= bound) return -2;
+        a[i] = ((uint64_t)key << 32) | (uint64_t)i;
+    }
+    int bits = 0;
+    while (bits < 32 && ((uint64_t)1 << bits) < (uint64_t)bound) bits++;
+    int passes = (bits + RADIX_BITS - 1) / RADIX_BITS;
+    if (passes == 0) passes = 1;
+    int width = (bits + passes - 1) / passes;
+    if (width == 0) width = 1;
+    uint32_t count[1 << RADIX_BITS];
+    uint64_t mask = ((uint64_t)1 << width) - 1;
+    for (int p = 0; p < passes && n > 1; p++) {
+        int shift = 32 + p * width;
+        memset(count, 0, sizeof(uint32_t) << width);
+        for (int64_t i = 0; i < n; i++) count[(a[i] >> shift) & mask]++;
+        if (count[(a[0] >> shift) & mask] == (uint32_t)n) continue; /* one digit: nothing moves */
+        uint32_t at = 0;
+        for (uint64_t d = 0; d <= mask; d++) { uint32_t c = count[d]; count[d] = at; at += c; }
+        for (int64_t i = 0; i < n; i++) b[count[(a[i] >> shift) & mask]++] = a[i];
+        uint64_t *t = a; a = b; b = t;
+    }
+    if (a != (uint64_t *)perm) memcpy(perm, a, (size_t)n * sizeof(uint64_t));
+    if (stride > 0)
+        for (int64_t q = 0; q < buckets; q++) counts[q] = 0;
+    int64_t u = 0;
+    uint64_t previous = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t v = (uint64_t)perm[i], key = v >> 32;
+        int64_t position = (int64_t)(v & 0xffffffffu);
+        if (i == 0 || key != previous) {
+            if (stride > 0) {
+                int64_t q = (int64_t)key / stride;
+                if (q >= buckets) return -2;
+                counts[q]++;
+                unique[u] = (int64_t)key - q * stride;
+            } else {
+                unique[u] = (int64_t)key;
+            }
+            offsets[u] = i;
+            u++;
+            previous = key;
+        }
+        perm[i] = position;
+        gather_index[position] = u - 1;
+    }
+    return u;
+}
+
+static PyObject *dedup(PyObject *self, PyObject *args) {
+    unsigned long long ids, page_offset, perm, gather_index, unique, offsets, counts;
+    long long n, limit, page_size, bound, stride, buckets;
+    int id_bytes, page_bits;
+    if (!PyArg_ParseTuple(args, "LKiLKiLLLLKKKKK", &n, &ids, &id_bytes, &limit, &page_offset, &page_bits, &page_size,
+                          &bound, &stride, &buckets, &perm, &gather_index, &unique, &offsets, &counts))
+        return NULL;
+    if (n < 0 || n >= ((long long)1 << 32) || bound < 1 || bound > ((long long)1 << 31) || limit < 0 ||
+        (id_bytes != 4 && id_bytes != 8) || (page_offset && page_bits < 0 && page_size < 1) || stride < 0 ||
+        (stride > 0 && (buckets < 1 || !counts))) {
+        PyErr_SetString(PyExc_ValueError, "dedup: bad sizes");
+        return NULL;
+    }
+    int64_t u;
+    Py_BEGIN_ALLOW_THREADS
+    u = route_dedup(n, (const void *)(uintptr_t)ids, id_bytes, limit, (const int32_t *)(uintptr_t)page_offset,
+                    page_bits, page_size, bound, stride, buckets, (int64_t *)(uintptr_t)perm,
+                    (int64_t *)(uintptr_t)gather_index, (int64_t *)(uintptr_t)unique, (int64_t *)(uintptr_t)offsets,
+                    (int64_t *)(uintptr_t)counts);
+    Py_END_ALLOW_THREADS
+    if (u == -1) {
+        PyErr_SetString(PyExc_IndexError, "dedup: an id is out of range");
+        return NULL;
+    }
+    if (u < 0) {
+        PyErr_SetString(PyExc_ValueError, "dedup: a key is out of range (the page table does not fit the bound)");
+        return NULL;
+    }
+    return PyLong_FromLongLong(u);
+}
+
 static PyMethodDef methods[] = {
     {"destinations", destinations, METH_VARARGS,
      "destinations(n, ids, page_size, page_bits, dest_of_page, dest_bytes, shift, pages, dest, rows, counts, buckets)"},
+    {"dedup", dedup, METH_VARARGS,
+     "dedup(n, ids, id_bytes, limit, page_offset_or_0, page_bits, page_size, bound, stride, buckets, perm, "
+     "gather_index, unique, offsets, counts_or_0) -> number of unique keys"},
     {"index_add", index_add, METH_VARARGS, "index_add(weight_ptr, rows, dim, rows_ptr, values_ptr, n)"},
     {"partition_bags", partition_bags, METH_VARARGS,
      "partition_bags(n, num_bags, offsets, dest, dest_bytes, rows, weights_or_0, world, counts, payload, own_rows, "
