@@ -63,7 +63,7 @@ class BagLookup(torch.autograd.Function):
         unit, dtype, device = math.gcd(*dims), storages[0].dtype, storages[0].device
         send_layout = _layout([routing.rows_to(r) for r in range(world)], dims, unit, rank)
         recv_layout = _layout([routing.rows_from(q) for q in range(world)], dims, unit, rank)
-        send = _send_rows(wire, "bag_send", send_layout.total, unit, dtype, device)
+        send = wire.send_rows("bag_send", send_layout.total, unit, dtype, device)
         recv = ws.get("bag_recv", recv_layout.total, unit, dtype, device)
         for r, t, n, at in send_layout.blocks():  # owners: what each peer asked for, table after table
             _answer(storages[t], routing.serves[t], r, _rows(send, at, n, dims[t], unit))
@@ -107,7 +107,7 @@ class BagLookup(torch.autograd.Function):
         served = [[(routing.serves[t].back[r] if t in live else 0) for t in range(len(dims))] for r in range(world)]
         send_layout = _layout(only, dims, unit, rank)
         recv_layout = _layout(served, dims, unit, rank)
-        send = _send_rows(wire, "bag_grad_send", send_layout.total, unit, dtype, device)
+        send = wire.send_rows("bag_grad_send", send_layout.total, unit, dtype, device)
         recv = ws.get("bag_grad_recv", recv_layout.total, unit, dtype, device)
         # Requesters: the gradient of every row the owners sent, peers' parts straight into the
         # send buffer; own parts kept here.
@@ -174,15 +174,6 @@ class _Layout:
 
 def _layout(rows, dims, unit, rank) -> _Layout:
     return _Layout(rows, dims, unit, rank)
-
-
-def _send_rows(wire: Exchange, name: str, rows: int, unit: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``[rows, unit]`` to build an all-to-all's input in: the transport's send buffer (the
-    shared-memory outbox: sent without a copy) when the rows travel as they are, else the
-    workspace's ``name`` (a ``comm_dtype`` wire encodes them into its own buffer first)."""
-    if wire.world > 1 and rows and (wire.comm_dtype is None or wire.comm_dtype == dtype):
-        return wire.transport.send_buffer(rows * unit * dtype.itemsize, device).view(dtype).view(rows, unit)
-    return wire.workspace.get(name, rows, unit, dtype, device)
 
 
 def _rows(buf: torch.Tensor, at: int, n: int, dim: int, unit: int) -> torch.Tensor:

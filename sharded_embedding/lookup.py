@@ -137,6 +137,15 @@ class Exchange:
 
         return finish
 
+    def send_rows(self, name: str, rows: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """``[rows, width]`` of ``dtype`` to build an all-to-all's input in: the transport's send
+        buffer (the shared-memory outbox: sent without a copy) when the rows travel as they
+        are, else the workspace's ``name`` (a ``comm_dtype`` wire encodes them into its own
+        buffer first). Valid until the next exchange."""
+        if self.world > 1 and rows and (self.comm_dtype is None or self.comm_dtype == dtype):
+            return self.transport.send_buffer(rows * width * dtype.itemsize, device).view(dtype).view(rows, width)
+        return self.workspace.get(name, rows, width, dtype, device)
+
     def row_bytes(self, dim: int, dtype: torch.dtype) -> int:
         return wire.wire_columns(dim, dtype, self.comm_dtype) * (self.comm_dtype or dtype).itemsize
 
@@ -199,7 +208,7 @@ class ShardedLookup(torch.autograd.Function):
     def forward(ctx, weight, routing: Routing, exchange: Exchange):
         num_remote, num_self = routing.num_remote, routing.num_self
         dim, ws = weight.shape[1], exchange.workspace
-        served = ws.get("served", routing.num_served, dim, weight.dtype, weight.device)
+        served = exchange.send_rows("served", routing.num_served, dim, weight.dtype, weight.device)
         torch.index_select(weight, 0, routing.owner_rows[num_self:], out=served)
         gathered = ws.get("gathered", routing.num_unique, dim, weight.dtype, weight.device)  # [remote | own]
         wait = exchange.all_to_all(gathered[:num_remote], served, routing.requested_counts, routing.served_counts,
