@@ -1,4 +1,6 @@
-/* sharded_embedding._scatter: the per-id loops of bags pooled on their owners, in C.
+/* sharded_embedding._scatter: the per-id loops that PyTorch needs several passes for, in C:
+ * the owner's fused SGD step of bags pooled on it (bag_scatter_add), index_add, a collection's
+ * packing of bags (partition_bags, destinations) and a lookup's routing (dedup).
  *
  * bag_scatter_add: the owner's fused SGD update of bags pooled on the owner.
  * A bag pooled on its owner comes back as one gradient row per (bag, owner) pair; the
