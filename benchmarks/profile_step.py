@@ -11,7 +11,11 @@ without the phases it calls:
 
     validate ids          routing.validate_ids: dtype check, flatten, aminmax range check
     keys -> peers         Router.route's own work: peer and row of each unique key, bincount
-    sort / dedup          Router.dedup: page -> (rank, row) keys, sort, unique_consecutive, inverse
+    sort / dedup          Router.dedup: page -> (rank, row) keys, sort, unique_consecutive, inverse;
+                          with the compiled loops (`native.available()`, one thread per rank),
+                          Router._route_compiled instead: the range check, keys, sort, dedup,
+                          split and counts per peer in one C function (so no "validate ids",
+                          and "keys -> peers" is only route's own glue)
     request build/parse   Router._exchange's and RequestExchange.exchange's own work: pack the
                           request rows, read the headers, owner rows
     request exchange      the transport's all-to-all of the requests (send, then wait + receive)
@@ -141,6 +145,7 @@ class PhaseTimer:
         self._patch(R, "validate_ids", self.wrap("validate ids", R.validate_ids))
         self._patch(R.Router, "route", self.wrap("route", R.Router.route))
         self._patch(R.Router, "dedup", self.wrap("sort / dedup", R.Router.dedup))
+        self._patch(R.Router, "_route_compiled", self.wrap("sort / dedup", R.Router._route_compiled))
         self._patch(R.Router, "_exchange", self.wrap("request build/parse", R.Router._exchange))
         self._patch(R.RequestExchange, "exchange", self.wrap("request build/parse", R.RequestExchange.exchange))
         for cls in (T.SharedMemoryTransport, T.ProcessGroupTransport):
@@ -216,6 +221,8 @@ def profile_ours(rows: int, dim: int, batch: int, page_size: int, dists: list[st
     from sharded_embedding import ShardedEmbedding
     from workload import make_ids, make_loss_weight
 
+    from sharded_embedding import native
+
     rank = dist.get_rank()
     ids = {d: make_ids(rows, batch, warmup + steps, rank, d, seed=seed) for d in dists}
     w = make_loss_weight(batch, dim, rank, seed)
@@ -252,7 +259,7 @@ def profile_ours(rows: int, dim: int, batch: int, page_size: int, dists: list[st
             for d in dists:
                 results.append(dict(transport=emb.transport.name, optimizer=opt, dist=d,
                                     phases=middle_mean(profiled[d]), plain_step=statistics.median(plain[d]),
-                                    calls_per_step=calls[d]))
+                                    calls_per_step=calls[d], compiled_routing=native.available()))
             del emb
     return results
 
