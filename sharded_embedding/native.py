@@ -39,7 +39,8 @@ def available() -> bool:
 
 def _takes(weight: torch.Tensor) -> bool:
     """A table the compiled loops write: CPU float32, contiguous, 2-D."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous() and not weight.is_neg() and _holds_data(weight))
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -51,6 +52,29 @@ def supports(weight: torch.Tensor) -> bool:
 def _require_built(what: str) -> None:
     if not built():
         raise RuntimeError(f"{what}: sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
+
+
+def _holds_data(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds its elements where ``data_ptr()`` says (not freed or never
+    allocated: the C loops read raw memory)."""
+    if not t.numel():
+        return True
+    if t.data_ptr() == 0:
+        return False
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() >= (t.storage_offset() + extent) * t.element_size()
+
+
+def _raw(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` as plain contiguous memory for the C loops: a negative-bit view's values and an
+    efficient zero tensor's zeros made real. TypeError when its storage does not hold its
+    elements (freed, or not allocated)."""
+    if t._is_zerotensor():
+        t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    t = t.resolve_neg().contiguous()
+    if not _holds_data(t):
+        raise TypeError(f"{what}: a tensor's storage does not hold its elements (freed, or not allocated)")
+    return t
 
 
 @torch.no_grad()
@@ -74,10 +98,10 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     if ids.dtype != torch.int32 or first.dtype != torch.bool:
         raise TypeError(f"bag_scatter_add: ids must be int32 and first bool, got {ids.dtype} and {first.dtype}")
     n, dim = ids.numel(), weight.shape[1]
-    grads = grads.to(torch.float32).contiguous()
-    ids, first = ids.contiguous(), first.contiguous()
+    grads = _raw(grads.to(torch.float32), "bag_scatter_add")
+    ids, first = _raw(ids, "bag_scatter_add"), _raw(first, "bag_scatter_add")
     if weights is not None:
-        weights = weights.to(torch.float32).contiguous()
+        weights = _raw(weights.to(torch.float32), "bag_scatter_add")
     if (any(t.device.type != "cpu" for t in (ids, first, grads)) or ids.dim() != 1 or first.shape != (n,)
             or grads.dim() != 2 or grads.shape[1] != dim or (weights is not None and weights.shape != (n,))):
         raise TypeError(f"bag_scatter_add: expected ids [n], first [n], weights [n] or None and grads [pairs, {dim}] "
@@ -136,9 +160,9 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
                         f"[n] or None expected, got offsets {offsets.dtype} {tuple(offsets.shape)}, rows {rows.dtype} "
                         f"{tuple(rows.shape)}, dest {dest.dtype} {tuple(dest.shape)}, weights "
                         f"{None if weights is None else tuple(weights.shape)}")
-    offsets, dest, rows = offsets.to(torch.int64).contiguous(), dest.contiguous(), rows.to(torch.int64).contiguous()
+    offsets, dest, rows = (_raw(t, "partition_bags") for t in (offsets.to(torch.int64), dest, rows.to(torch.int64)))
     if weights is not None:
-        weights = weights.to(torch.float32).contiguous()
+        weights = _raw(weights.to(torch.float32), "partition_bags")
     if any(c < 0 for c in counts) or sum(counts) != n:
         raise ValueError(f"partition_bags: the counts per rank {counts} do not add up to the {n} ids")
     own_n = counts[world]
@@ -165,14 +189,21 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     the same bits, at 1.2-2x its one-thread speed for rows of 16-128 floats), else PyTorch's.
     ``rows``: int64 or int32 [n]; ``values``: [n, dim]. Anything else (other dtypes, values
     that share ``weight``'s memory, rows outside ``weight``, tensors autograd records with
-    grad mode on) goes to PyTorch's kernel, which takes, refuses or raises as it does."""
+    grad mode on) goes to PyTorch's kernel, which takes, refuses or raises as it does; where
+    the compiled loop would run, rows or values whose storage does not hold their elements
+    raise RuntimeError (PyTorch's kernel reads them too, and crashes)."""
     tracked = torch.is_grad_enabled() and (weight.requires_grad or values.requires_grad)  # autograd's to record
     if not (not tracked and supports(weight) and weight.shape[1] > 0 and values.dtype == torch.float32
             and values.device.type == "cpu" and values.dim() == 2 and values.shape[1] == weight.shape[1]
             and rows.dim() == 1 and rows.shape == values.shape[:1] and rows.dtype in (torch.int32, torch.int64)
             and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):
         return weight.index_add_(0, rows, values)  # what PyTorch takes, refuses or raises, as it does
-    rows, values = rows.to(torch.int64).contiguous(), values.contiguous()
+    rows, values = rows.to(torch.int64), values
+    if not all(_holds_data(t) for t in (rows, values)):  # PyTorch's kernel would read them raw too (and crash)
+        raise RuntimeError("index_add_: a tensor's storage does not hold its elements (freed, or not allocated)")
+    if rows.is_neg() or rows._is_zerotensor() or values.is_neg() or values._is_zerotensor():
+        return weight.index_add_(0, rows, values)  # PyTorch reads their values as it does
+    rows, values = rows.contiguous(), values.contiguous()
     try:
         _scatter.index_add(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr(), values.data_ptr(),
                            rows.numel())
@@ -198,8 +229,8 @@ def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Ten
                         f"{dest_of_page.dtype} {tuple(dest_of_page.shape)} and {tuple(shift.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"destinations: ids must be integers, got {ids.dtype}")
-    ids = ids.reshape(-1).to(torch.int64).contiguous()
-    dest_of_page, shift = dest_of_page.contiguous(), shift.to(torch.int64).contiguous()
+    ids = _raw(ids.reshape(-1).to(torch.int64), "destinations")
+    dest_of_page, shift = _raw(dest_of_page, "destinations"), _raw(shift.to(torch.int64), "destinations")
     n = ids.numel()
     dest = torch.empty(n, dtype=dest_of_page.dtype)
     rows = torch.empty(n, dtype=torch.int64)
@@ -229,26 +260,29 @@ def dedup(ids: torch.Tensor, bound: int, *, limit: int | None = None, page_offse
     int64 [u]: where each unique key's positions start in perm; gather_index, int64 [n]: the
     unique number of each position; counts, a list of ``buckets`` ints, or None without a
     stride). Raises IndexError when an id is outside ``[0, limit)`` (`routing` then finds
-    which), ValueError when a key is outside ``[0, bound)`` or ``// stride`` past ``buckets``,
-    TypeError for other dtypes, shapes or devices, RuntimeError when the extension is not
+    which), ValueError when a key is outside ``[0, bound)`` or ``// stride`` past ``buckets``
+    or a size is out of range, TypeError for other types, dtypes, shapes or devices (or a
+    storage that does not hold the tensor's elements), RuntimeError when the extension is not
     `built`."""
     _require_built("dedup")
-    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1 or ids.device.type != "cpu":
-        raise TypeError(f"dedup: ids must be a 1-D int32 or int64 CPU tensor, got {ids.dtype} {tuple(ids.shape)} "
-                        f"on {ids.device}")
-    if page_offset is not None and (page_offset.dtype != torch.int32 or page_offset.dim() != 1
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1 \
+            or ids.device.type != "cpu":
+        raise TypeError(f"dedup: ids must be a 1-D int32 or int64 CPU tensor, got {ids!r:.80}")
+    if page_offset is not None and (not isinstance(page_offset, torch.Tensor) or page_offset.dtype != torch.int32 or page_offset.dim() != 1
                                     or page_offset.device.type != "cpu"):
         raise TypeError(f"dedup: page_offset must be a 1-D int32 CPU tensor, got {page_offset.dtype} "
                         f"{tuple(page_offset.shape)} on {page_offset.device}")
     limit = bound if limit is None else limit
-    if not 1 <= bound <= 2**31 or page_size < 1 or stride < 0 or (stride and buckets < 1) or limit < 0:
+    if (not 1 <= bound <= 2**31 or not 1 <= page_size < 2**62 or not 0 <= stride <= 2**31 or limit < 0
+            or (stride and not 1 <= buckets <= 2**31)):
         raise ValueError(f"dedup: bound must be in [1, 2**31], page_size >= 1, limit >= 0 and buckets >= 1 with a "
                          f"stride; got bound {bound}, page_size {page_size}, limit {limit}, stride {stride}, "
                          f"buckets {buckets}")
+    limit = min(limit, 2**62)
     if page_offset is not None:
-        page_offset = page_offset.contiguous()
+        page_offset = _raw(page_offset, "dedup")
         limit = min(limit, page_offset.numel() * page_size)  # an id past the table's pages is out of range
-    ids = ids.contiguous()
+    ids = _raw(ids, "dedup")
     n = ids.numel()
     perm, gather_index = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     unique, offsets = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)

@@ -42,9 +42,11 @@ from .wire import FLOAT_DTYPES
 __all__ = ["Routing", "Router", "RequestExchange", "Received"]
 
 _OK, _OUT_OF_RANGE, _NOT_INTEGER, _NOT_TENSOR, _REFUSED = 0, 1, 2, 3, 4
-_SPARSE, _NESTED, _NO_DATA = 1, 2, 3  # the value of a _NOT_TENSOR error: what the tensor is instead
+_SPARSE, _NESTED, _NO_DATA, _UNREADABLE = 1, 2, 3, 4  # the value of a _NOT_TENSOR error: what the tensor is instead
 _NOT_DENSE = {_SPARSE: "a sparse tensor (pass ids.to_dense() or its values)", _NESTED: "a nested tensor",
-              _NO_DATA: "a tensor without data (the meta device)"}
+              _NO_DATA: "a tensor without data (the meta device)",
+              _UNREADABLE: "a tensor whose values cannot be read (its storage freed or not allocated, or a "
+                           "transform's wrapper such as torch.func.vmap's)"}
 # The header `RequestExchange` puts before the body of a request: the body's length, the
 # sender's longest body to any peer, the number of the table (or collection) being looked up,
 # how many of the body's values are the caller's columns.
@@ -226,7 +228,8 @@ class Router:
         (`native.dedup`), where it applies: the compiled loops `available`, CPU ids of int32 or
         int64 on a CPU table whose keys fit int32. Returns (shape, gather_index, bags, rows,
         counts per peer) -- with one rank, the local rows -- or None: the passes of `route` then
-        do it, and find the bad input (an id out of range: ``dedup`` raised IndexError)."""
+        do it, and find the bad input (an id out of range: ``dedup`` raised IndexError; ids it
+        cannot read: TypeError)."""
         if not (self._offset32 is not None and type(indices) is torch.Tensor and native.available()
                 and indices.dtype in (torch.int32, torch.int64) and indices.layout == torch.strided
                 and indices.device.type == "cpu" and self.device.type == "cpu" and not indices.is_nested
@@ -237,7 +240,7 @@ class Router:
             unique, perm, offsets, gather_index, counts = native.dedup(
                 indices.reshape(-1), (world + 1) * self.stride, limit=self.num_embeddings, page_offset=self._offset32,
                 page_size=self.page_size, stride=self.stride if world > 1 else 0, buckets=world + 1)
-        except IndexError:
+        except (IndexError, TypeError):  # an id out of range, a storage that does not hold the ids
             return None
         return indices.shape, gather_index, _Bags(perm, offsets), unique, counts
 
@@ -474,8 +477,11 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
-    flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
+    try:  # what cannot be read (storage freed, a vmap wrapper) raises here: on this rank alone
+        flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
+    except Exception:  # noqa: BLE001 - told to every rank instead
+        return None, None, _NOT_TENSOR, _UNREADABLE
     if flat.numel():
         if lo < 0:
             return None, None, _OUT_OF_RANGE, lo

@@ -61,18 +61,49 @@ def _ids_that_are_not_dense_on_one_rank(kind: str):
     emb = ShardedEmbedding(20, 3, page_size=6)
     before = emb.weight.detach().clone()
     ids = torch.tensor([1, 2, 3])
+    freed = torch.tensor([1, 2, 3])
+    freed.untyped_storage().resize_(0)  # a shape, no values (data_ptr 0): the compiled routing read it raw
     bad = {"sparse": ids.to_sparse(), "nested": torch.nested.nested_tensor([ids, ids[:2]]),
-           "meta": ids.to("meta")}[kind]
-    said = {"sparse": "a sparse tensor", "nested": "a nested tensor", "meta": "a tensor without data"}[kind]
+           "meta": ids.to("meta"), "freed": freed}[kind]
+    said = {"sparse": "a sparse tensor", "nested": "a nested tensor", "meta": "a tensor without data",
+            "freed": "a tensor whose values cannot be read"}[kind]
     with pytest.raises(TypeError, match=f"must be a dense tensor .* rank 1 passed {said}"):
         emb(bad if rank == 1 else torch.tensor([3, 4]))
     assert torch.equal(emb.weight, before) and emb.weight.grad is None
     _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
 
 
-@pytest.mark.parametrize("kind", ["sparse", "nested", "meta"])
+@pytest.mark.parametrize("kind", ["sparse", "nested", "meta", "freed"])
 def test_ids_that_are_not_dense_on_one_rank(kind):
     run_ranks(2, _ids_that_are_not_dense_on_one_rank, kind)
+
+
+def _negative_view_on_one_rank(native_setting: str):
+    """A negative-bit view (torch._neg_view: values [-1, -2] over memory holding [1, 2]) is
+    out of range on every rank whichever routing runs (the compiled one read the raw memory and
+    looked up rows 1 and 2)."""
+    saved = os.environ.get("SHARDED_EMBEDDING_NATIVE")
+    os.environ["SHARDED_EMBEDDING_NATIVE"] = native_setting
+    try:
+        rank, _ = rank_world()
+        emb = ShardedEmbedding(20, 3, page_size=6, fused_optimizer={"name": "sgd", "lr": 0.5})
+        before = emb.weight.detach().clone()
+        ids = torch._neg_view(torch.tensor([1, 2])) if rank == 1 else torch.tensor([3, 4])
+        with pytest.raises(IndexError, match="index -2 on rank 1"):
+            emb(ids)
+        assert torch.equal(emb.weight, before)
+        with torch.no_grad():
+            assert torch.equal(emb(torch._neg_view(torch.tensor([-5, -6]))), initial_rows(0, 3, 0, 20)[[5, 6]])
+    finally:
+        if saved is None:
+            os.environ.pop("SHARDED_EMBEDDING_NATIVE", None)
+        else:
+            os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
+
+
+@pytest.mark.parametrize("native_setting", ["1", "0"])
+def test_negative_bit_views_are_read_as_their_values(native_setting):
+    run_ranks(2, _negative_view_on_one_rank, native_setting)
 
 
 def _out_of_range_on_one_rank(bad_rank, bad_value, transport="auto"):

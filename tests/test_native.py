@@ -516,7 +516,8 @@ def test_dedup_is_a_stable_sort_and_unique_consecutive(n, bound):
 
 @needs_extension
 @pytest.mark.parametrize("case", ["negative", "at_bound", "past_limit", "page_past_table", "key_past_bound",
-                                  "bucket_past_buckets", "float_ids", "two_dim", "bound_too_large", "int16_table"])
+                                  "bucket_past_buckets", "float_ids", "two_dim", "bound_too_large", "int16_table",
+                                  "a_list", "freed", "page_size_past_int64", "stride_past_bound"])
 def test_dedup_refuses_bad_input(case):
     ids, kwargs, error = torch.tensor([1, 4, 2]), dict(bound=10), ValueError
     if case == "negative":
@@ -537,7 +538,34 @@ def test_dedup_refuses_bad_input(case):
         ids, error = ids.reshape(1, 3), TypeError
     elif case == "bound_too_large":
         kwargs = dict(bound=2**31 + 1)
+    elif case == "a_list":
+        ids, error = [1, 4, 2], TypeError
+    elif case == "freed":  # a shape over a storage of 0 bytes: never read raw
+        ids.untyped_storage().resize_(0)
+        error = TypeError
+    elif case == "page_size_past_int64":
+        kwargs = dict(bound=10, page_offset=torch.zeros(3, dtype=torch.int32), page_size=2**63)
+    elif case == "stride_past_bound":
+        kwargs = dict(bound=10, stride=2**40, buckets=2)
     else:
         kwargs, error = dict(bound=10, page_offset=torch.zeros(3, dtype=torch.int16), page_size=2), TypeError
     with pytest.raises(error):
         native.dedup(ids, **kwargs)
+
+
+@needs_extension
+def test_views_the_loops_would_misread_are_read_as_their_values():
+    """A negative-bit view and an efficient zero tensor hold other bytes than their values:
+    made real before the C loops read them; a freed storage is refused, never read."""
+    unique, *_ = native.dedup(torch._neg_view(torch.tensor([-3, -1])), 10)
+    assert unique.tolist() == [1, 3]
+    unique, *_ = native.dedup(torch._efficientzerotensor(4, dtype=torch.int64), 10)
+    assert unique.tolist() == [0]
+    weight = torch.zeros(4, 2)
+    native.index_add_(weight, torch._neg_view(torch.tensor([-1, -1])), torch.ones(2, 2))
+    assert weight[1].tolist() == [2.0, 2.0] and weight.sum() == 4
+    freed = torch.ones(2, 2)
+    freed.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="storage does not hold"):  # PyTorch's kernel crashes on it
+        native.index_add_(weight, torch.tensor([0, 1]), freed)
+    assert weight.sum() == 4
