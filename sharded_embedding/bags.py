@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 __all__ = ["TableBags", "InputError", "parse", "NOT_TYPE", "NOT_IN_RANGE", "NOT_VALID", "REFUSED"]
 
 # Error kinds, by the exception every rank raises (when ranks differ, the lowest kind wins).
@@ -186,7 +188,16 @@ def _integers(name: str, what: str, x, device: torch.device) -> torch.Tensor:
                                    "torch.int32 (what torch.nn.EmbeddingBag takes)")
     if x.dim() != 1:
         raise InputError(NOT_VALID, f"feature {name!r}: {what} must be 1-D, got shape {tuple(x.shape)}")
+    _readable(name, what, x)
     return x.to(device=device, dtype=torch.int64)
+
+
+def _readable(name: str, what: str, x: torch.Tensor) -> None:
+    """A tensor whose storage does not hold its values (freed, or never allocated): PyTorch's
+    CPU kernels would read it raw (and crash on this rank alone)."""
+    if x.device.type == "cpu" and not native.holds_data(x):
+        raise InputError(NOT_VALID, f"feature {name!r}: the {what} tensor's storage does not hold its values (freed, "
+                                    "or not allocated)")
 
 
 def _offsets(name: str, offsets: torch.Tensor, n: int, include_last_offset: bool) -> torch.Tensor:
@@ -226,6 +237,7 @@ def _weights(name: str, weights, n: int, device: torch.device, dtype: torch.dtyp
                                     "are not supported: pass weights.detach()")
     if tuple(weights.shape) != (n,):
         raise InputError(NOT_VALID, f"{where} have shape {tuple(weights.shape)}; one weight per value is ({n},)")
+    _readable(name, "per_sample_weights", weights)
     weights = weights.to(device=device)
     if n and not bool(torch.isfinite(weights).all()):
         raise InputError(NOT_VALID, f"{where} hold inf or NaN")

@@ -23,7 +23,7 @@ except ImportError:  # no C compiler at install: PyTorch's kernels do the same w
     _scatter = None
 
 __all__ = ["built", "available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "destinations",
-           "partition_bags", "dedup"]
+           "partition_bags", "dedup", "holds_data"]
 
 
 def built() -> bool:
@@ -40,7 +40,7 @@ def available() -> bool:
 def _takes(weight: torch.Tensor) -> bool:
     """A table the compiled loops write: CPU float32, contiguous, 2-D."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.is_contiguous() and not weight.is_neg() and _holds_data(weight))
+            and weight.is_contiguous() and not weight.is_neg() and holds_data(weight))
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -54,9 +54,9 @@ def _require_built(what: str) -> None:
         raise RuntimeError(f"{what}: sharded_embedding._scatter is not built (or SHARDED_EMBEDDING_NATIVE=0)")
 
 
-def _holds_data(t: torch.Tensor) -> bool:
+def holds_data(t: torch.Tensor) -> bool:
     """Whether ``t``'s storage holds its elements where ``data_ptr()`` says (not freed or never
-    allocated: the C loops read raw memory)."""
+    allocated: the C loops, and some of PyTorch's CPU kernels, read raw memory and crash)."""
     if not t.numel():
         return True
     if t.data_ptr() == 0:
@@ -72,7 +72,7 @@ def _raw(t: torch.Tensor, what: str) -> torch.Tensor:
     if t._is_zerotensor():
         t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
     t = t.resolve_neg().contiguous()
-    if not _holds_data(t):
+    if not holds_data(t):
         raise TypeError(f"{what}: a tensor's storage does not hold its elements (freed, or not allocated)")
     return t
 
@@ -199,7 +199,7 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
             and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):
         return weight.index_add_(0, rows, values)  # what PyTorch takes, refuses or raises, as it does
     rows, values = rows.to(torch.int64), values
-    if not all(_holds_data(t) for t in (rows, values)):  # PyTorch's kernel would read them raw too (and crash)
+    if not all(holds_data(t) for t in (rows, values)):  # PyTorch's kernel would read them raw too (and crash)
         raise RuntimeError("index_add_: a tensor's storage does not hold its elements (freed, or not allocated)")
     if rows.is_neg() or rows._is_zerotensor() or values.is_neg() or values._is_zerotensor():
         return weight.index_add_(0, rows, values)  # PyTorch reads their values as it does

@@ -477,7 +477,9 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
-    try:  # what cannot be read (storage freed, a vmap wrapper) raises here: on this rank alone
+    if indices.device.type == "cpu" and not native.holds_data(indices):  # PyTorch's kernels would read it raw
+        return None, None, _NOT_TENSOR, _UNREADABLE
+    try:  # what cannot be read otherwise (a vmap wrapper) raises here: on this rank alone
         flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
     except Exception:  # noqa: BLE001 - told to every rank instead

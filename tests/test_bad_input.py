@@ -61,7 +61,7 @@ def _ids_that_are_not_dense_on_one_rank(kind: str):
     emb = ShardedEmbedding(20, 3, page_size=6)
     before = emb.weight.detach().clone()
     ids = torch.tensor([1, 2, 3])
-    freed = torch.tensor([1, 2, 3])
+    freed = torch.tensor([1, 2, 3], dtype=torch.int32)  # int32: the copy to int64 read it raw and crashed
     freed.untyped_storage().resize_(0)  # a shape, no values (data_ptr 0): the compiled routing read it raw
     bad = {"sparse": ids.to_sparse(), "nested": torch.nested.nested_tensor([ids, ids[:2]]),
            "meta": ids.to("meta"), "freed": freed}[kind]

@@ -89,6 +89,11 @@ def _bad(case: str, features: dict) -> dict:
         f["user"] = (v.view(3, 1), o)
     elif case == "values_without_bags":
         f["user"] = (v, torch.tensor([], dtype=torch.int64))
+    elif case in ("freed_values", "freed_offsets", "freed_weights"):  # a shape over 0 bytes: PyTorch's
+        v, o, *w = f["history"]                                          # CPU kernels read it raw and crash
+        v, o, w = v.clone(), o.clone(), w[0].clone()
+        {"freed_values": v, "freed_offsets": o, "freed_weights": w}[case].untyped_storage().resize_(0)
+        f["history"] = (v, o, w)
     elif case == "meta_values":  # no data to read: raised by torch on this rank alone, before
         f["user"] = (v.to("meta"), o)
     elif case == "malformed_kjt":  # a KeyedJaggedTensor whose own to_dict raises (lengths past the values)
@@ -130,6 +135,9 @@ CASES = [
     ("two_dim_values", ValueError, "feature 'user': values must be 1-D, got shape (3, 1)"),
     ("values_without_bags", ValueError, "offsets are empty (no bags) but there are 3 values"),
     ("meta_values", ValueError, "the input could not be read: NotImplementedError"),
+    ("freed_values", ValueError, "feature 'history': the values tensor's storage does not hold its values"),
+    ("freed_offsets", ValueError, "feature 'history': the offsets tensor's storage does not hold its values"),
+    ("freed_weights", ValueError, "feature 'history': the per_sample_weights tensor's storage does not hold"),
     ("malformed_kjt", ValueError, "the input could not be read: RuntimeError: split_with_sizes expects"),
     ("kjt_repeated_keys", ValueError, "the KeyedJaggedTensor repeats the keys ['item']: each feature once"),
 ]
