@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 __all__ = ["sum_duplicate_rows", "stable_sort"]
 
 try:  # numpy sorts int64 with SIMD (x86-simd-sort, Highway's vqsort): 5x torch's CPU sort at 8192 keys
@@ -45,17 +47,35 @@ def sum_duplicate_rows(
 
     The result is bitwise that of ``torch.unique(rows, sorted=True, return_inverse=True)`` and
     ``zeros.index_add_(0, inverse, values)`` (each row's values added in the order they come),
-    at a fraction of the time: one `stable_sort` groups each row's positions in order, and for
+    at a fraction of the time: one stable sort groups each row's positions in order (the
+    compiled `native.dedup` where it is `available`, else `stable_sort`), and for
     float32/float64 values one ``embedding_bag`` sums each group (the same sums: it adds a
     group's rows in order from zero)."""
-    keys, perm = stable_sort(rows)
-    unique, counts = torch.unique_consecutive(keys, return_counts=True)
+    floats = values.dtype in (torch.float32, torch.float64)
+    unique, perm, offsets, inverse = _group(rows, inverse=not floats)
     if unique.numel() == rows.numel():
         return (rows, values) if not sort else (unique, values[perm])
-    if values.dtype in (torch.float32, torch.float64):
-        return unique, F.embedding_bag(perm, values, torch.cumsum(counts, 0) - counts, mode="sum")
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.repeat_interleave(torch.arange(unique.numel(), device=rows.device), counts)
+    if floats:
+        return unique, F.embedding_bag(perm, values, offsets, mode="sum")
     summed = values.new_zeros(unique.numel(), values.shape[1])
     summed.index_add_(0, inverse, values)
     return unique, summed
+
+
+def _group(rows: torch.Tensor, inverse: bool):
+    """(unique rows ascending, the stable sort's permutation, where each unique row's positions
+    start in it, each position's unique number -- or None unless ``inverse``) of 1-D int64
+    ``rows >= 0``."""
+    n = rows.numel()
+    if n and rows.device.type == "cpu" and native.available() and n < 2**31:
+        bound = int(rows.max()) + 1
+        if bound <= 2**31:
+            unique, perm, offsets, positions, _ = native.dedup(rows, bound)
+            return unique, perm, offsets, positions
+    keys, perm = stable_sort(rows)
+    unique, counts = torch.unique_consecutive(keys, return_counts=True)
+    positions = None
+    if inverse:
+        positions = torch.empty_like(perm)
+        positions[perm] = torch.repeat_interleave(torch.arange(unique.numel(), device=rows.device), counts)
+    return unique, perm, torch.cumsum(counts, 0) - counts, positions

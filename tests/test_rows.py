@@ -50,10 +50,23 @@ def _reference(rows, values, sort):
     return unique, values.new_zeros(unique.numel(), values.shape[1]).index_add_(0, inverse, values)
 
 
+@pytest.fixture(params=[1, 2], ids=["one_thread", "two_threads"])
+def threads(request):
+    """One intra-op thread: the compiled grouping (`native.dedup`) where it is built; two:
+    the torch/numpy one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("sort", [False, True])
 @pytest.mark.parametrize("n, hi", [(0, 5), (1, 5), (40, 1000), (40, 10), (6000, 500_000), (6000, 3000)])
-def test_sum_duplicate_rows_matches_torch_unique_bitwise(n, hi, sort, dtype):
+def test_sum_duplicate_rows_matches_torch_unique_bitwise(n, hi, sort, dtype, threads):
+    from sharded_embedding import native
+
+    assert native.available() == (threads == 1 and native.built())
     g = torch.Generator().manual_seed(n + hi)
     rows = torch.randint(0, hi, (n,), generator=g)
     values = (torch.randn(n, 8, generator=g) * torch.exp(4 * torch.randn(n, 1, generator=g))).to(dtype)
