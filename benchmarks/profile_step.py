@@ -437,6 +437,9 @@ def main(argv=None):
                  f"{a.steps} steps after {a.warmup}; {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}")
         print(f"profiling {wl} ...", file=sys.stderr, flush=True)
         ours = _launch(a, sizes, "ours")
+        compiled = {r.get("compiled_routing") for r in ours}
+        title += "; routing " + ("compiled (native.dedup)" if compiled == {True} else
+                                 "in torch/numpy passes" if compiled == {False} else "mixed")
         parts = [title, "", ours_table(ours)]
         found = [dict(r, workload=wl, **sizes) for r in ours]
         if a.single:

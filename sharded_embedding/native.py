@@ -57,7 +57,7 @@ def _require_built(what: str) -> None:
 def holds_data(t: torch.Tensor) -> bool:
     """Whether ``t``'s storage holds its elements where ``data_ptr()`` says (not freed or never
     allocated: the C loops, and some of PyTorch's CPU kernels, read raw memory and crash)."""
-    if not t.numel():
+    if not t.numel() or t._is_zerotensor():  # no elements, or zeros without memory (read as such)
         return True
     if t.data_ptr() == 0:
         return False
@@ -65,16 +65,21 @@ def holds_data(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() >= (t.storage_offset() + extent) * t.element_size()
 
 
+def _require_data(what: str, *tensors) -> None:
+    """TypeError when a tensor's storage does not hold its elements (freed, or not allocated):
+    checked before any conversion, as a copy would read the memory too."""
+    if not all(t is None or holds_data(t) for t in tensors):
+        raise TypeError(f"{what}: a tensor's storage does not hold its elements (freed, or not allocated)")
+
+
 def _raw(t: torch.Tensor, what: str) -> torch.Tensor:
     """``t`` as plain contiguous memory for the C loops: a negative-bit view's values and an
     efficient zero tensor's zeros made real. TypeError when its storage does not hold its
     elements (freed, or not allocated)."""
+    _require_data(what, t)
     if t._is_zerotensor():
         t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
-    t = t.resolve_neg().contiguous()
-    if not holds_data(t):
-        raise TypeError(f"{what}: a tensor's storage does not hold its elements (freed, or not allocated)")
-    return t
+    return t.resolve_neg().contiguous()
 
 
 @torch.no_grad()
@@ -98,6 +103,7 @@ def bag_scatter_add(weight: torch.Tensor, ids: torch.Tensor, first: torch.Tensor
     if ids.dtype != torch.int32 or first.dtype != torch.bool:
         raise TypeError(f"bag_scatter_add: ids must be int32 and first bool, got {ids.dtype} and {first.dtype}")
     n, dim = ids.numel(), weight.shape[1]
+    _require_data("bag_scatter_add", ids, first, weights, grads)
     grads = _raw(grads.to(torch.float32), "bag_scatter_add")
     ids, first = _raw(ids, "bag_scatter_add"), _raw(first, "bag_scatter_add")
     if weights is not None:
@@ -160,6 +166,7 @@ def partition_bags(offsets: torch.Tensor, dest: torch.Tensor, rows: torch.Tensor
                         f"[n] or None expected, got offsets {offsets.dtype} {tuple(offsets.shape)}, rows {rows.dtype} "
                         f"{tuple(rows.shape)}, dest {dest.dtype} {tuple(dest.shape)}, weights "
                         f"{None if weights is None else tuple(weights.shape)}")
+    _require_data("partition_bags", offsets, dest, rows, weights)
     offsets, dest, rows = (_raw(t, "partition_bags") for t in (offsets.to(torch.int64), dest, rows.to(torch.int64)))
     if weights is not None:
         weights = _raw(weights.to(torch.float32), "partition_bags")
@@ -198,9 +205,9 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
             and rows.dim() == 1 and rows.shape == values.shape[:1] and rows.dtype in (torch.int32, torch.int64)
             and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):
         return weight.index_add_(0, rows, values)  # what PyTorch takes, refuses or raises, as it does
-    rows, values = rows.to(torch.int64), values
     if not all(holds_data(t) for t in (rows, values)):  # PyTorch's kernel would read them raw too (and crash)
         raise RuntimeError("index_add_: a tensor's storage does not hold its elements (freed, or not allocated)")
+    rows = rows.to(torch.int64)
     if rows.is_neg() or rows._is_zerotensor() or values.is_neg() or values._is_zerotensor():
         return weight.index_add_(0, rows, values)  # PyTorch reads their values as it does
     rows, values = rows.contiguous(), values.contiguous()
@@ -229,6 +236,7 @@ def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Ten
                         f"{dest_of_page.dtype} {tuple(dest_of_page.shape)} and {tuple(shift.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"destinations: ids must be integers, got {ids.dtype}")
+    _require_data("destinations", ids, dest_of_page, shift)
     ids = _raw(ids.reshape(-1).to(torch.int64), "destinations")
     dest_of_page, shift = _raw(dest_of_page, "destinations"), _raw(shift.to(torch.int64), "destinations")
     n = ids.numel()

@@ -233,7 +233,7 @@ class Router:
         if not (self._offset32 is not None and type(indices) is torch.Tensor and native.available()
                 and indices.dtype in (torch.int32, torch.int64) and indices.layout == torch.strided
                 and indices.device.type == "cpu" and self.device.type == "cpu" and not indices.is_nested
-                and indices.numel() < 2**31):
+                and indices.numel() < 2**31 and native.holds_data(indices)):  # (reshape may copy: read it)
             return None
         world = self.world
         try:

@@ -63,17 +63,21 @@ def _ids_that_are_not_dense_on_one_rank(kind: str):
     ids = torch.tensor([1, 2, 3])
     freed = torch.tensor([1, 2, 3], dtype=torch.int32)  # int32: the copy to int64 read it raw and crashed
     freed.untyped_storage().resize_(0)  # a shape, no values (data_ptr 0): the compiled routing read it raw
+    freed_strided = torch.tensor([[1, 2], [3, 4]]).t()  # reshape copies it: read before any check, it crashed
+    freed_strided.untyped_storage().resize_(0)
+    shrunk_strided = torch.zeros(1 << 16, dtype=torch.int64)[::2]
+    shrunk_strided.untyped_storage().resize_(8 * ((1 << 16) - 2))  # one element short: it read past the end
     bad = {"sparse": ids.to_sparse(), "nested": torch.nested.nested_tensor([ids, ids[:2]]),
-           "meta": ids.to("meta"), "freed": freed}[kind]
-    said = {"sparse": "a sparse tensor", "nested": "a nested tensor", "meta": "a tensor without data",
-            "freed": "a tensor whose values cannot be read"}[kind]
+           "meta": ids.to("meta"), "freed": freed, "freed_strided": freed_strided, "shrunk_strided": shrunk_strided}[kind]
+    said = {"sparse": "a sparse tensor", "nested": "a nested tensor", "meta": "a tensor without data"}.get(
+        kind, "a tensor whose values cannot be read")
     with pytest.raises(TypeError, match=f"must be a dense tensor .* rank 1 passed {said}"):
         emb(bad if rank == 1 else torch.tensor([3, 4]))
     assert torch.equal(emb.weight, before) and emb.weight.grad is None
     _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
 
 
-@pytest.mark.parametrize("kind", ["sparse", "nested", "meta", "freed"])
+@pytest.mark.parametrize("kind", ["sparse", "nested", "meta", "freed", "freed_strided", "shrunk_strided"])
 def test_ids_that_are_not_dense_on_one_rank(kind):
     run_ranks(2, _ids_that_are_not_dense_on_one_rank, kind)
 
@@ -94,6 +98,9 @@ def _negative_view_on_one_rank(native_setting: str):
         assert torch.equal(emb.weight, before)
         with torch.no_grad():
             assert torch.equal(emb(torch._neg_view(torch.tensor([-5, -6]))), initial_rows(0, 3, 0, 20)[[5, 6]])
+            # zeros without memory are zeros, as nn.Embedding reads them, whichever routing runs
+            zeros = torch._efficientzerotensor((2, 3), dtype=torch.int32)
+            assert torch.equal(emb(zeros), initial_rows(0, 3, 0, 20)[torch.zeros(2, 3, dtype=torch.long)])
     finally:
         if saved is None:
             os.environ.pop("SHARDED_EMBEDDING_NATIVE", None)
@@ -102,7 +109,7 @@ def _negative_view_on_one_rank(native_setting: str):
 
 
 @pytest.mark.parametrize("native_setting", ["1", "0"])
-def test_negative_bit_views_are_read_as_their_values(native_setting):
+def test_negative_bit_views_and_zero_tensors_are_read_as_their_values(native_setting):
     run_ranks(2, _negative_view_on_one_rank, native_setting)
 
 

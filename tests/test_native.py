@@ -517,7 +517,8 @@ def test_dedup_is_a_stable_sort_and_unique_consecutive(n, bound):
 @needs_extension
 @pytest.mark.parametrize("case", ["negative", "at_bound", "past_limit", "page_past_table", "key_past_bound",
                                   "bucket_past_buckets", "float_ids", "two_dim", "bound_too_large", "int16_table",
-                                  "a_list", "freed", "page_size_past_int64", "stride_past_bound"])
+                                  "a_list", "freed", "freed_strided", "page_size_past_int64",
+                                  "stride_past_bound"])
 def test_dedup_refuses_bad_input(case):
     ids, kwargs, error = torch.tensor([1, 4, 2]), dict(bound=10), ValueError
     if case == "negative":
@@ -541,6 +542,10 @@ def test_dedup_refuses_bad_input(case):
     elif case == "a_list":
         ids, error = [1, 4, 2], TypeError
     elif case == "freed":  # a shape over a storage of 0 bytes: never read raw
+        ids.untyped_storage().resize_(0)
+        error = TypeError
+    elif case == "freed_strided":  # never copied either (a copy reads it)
+        ids = torch.tensor([1, 9, 4, 9, 2])[::2]
         ids.untyped_storage().resize_(0)
         error = TypeError
     elif case == "page_size_past_int64":
