@@ -194,10 +194,10 @@ def _integers(name: str, what: str, x, device: torch.device) -> torch.Tensor:
 
 def _readable(name: str, what: str, x: torch.Tensor) -> None:
     """A tensor whose storage does not hold its values (freed, or never allocated): PyTorch's
-    CPU kernels would read it raw (and crash on this rank alone)."""
-    if x.device.type == "cpu" and not native.holds_data(x):
+    CPU kernels would read it raw (and crash on this rank alone); or one without storage."""
+    if not native.holds_data(x):
         raise InputError(NOT_VALID, f"feature {name!r}: the {what} tensor's storage does not hold its values (freed, "
-                                    "or not allocated)")
+                                    "or not allocated, or a torch.func transform's wrapper)")
 
 
 def _offsets(name: str, offsets: torch.Tensor, n: int, include_last_offset: bool) -> torch.Tensor:

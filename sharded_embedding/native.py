@@ -55,14 +55,19 @@ def _require_built(what: str) -> None:
 
 
 def holds_data(t: torch.Tensor) -> bool:
-    """Whether ``t``'s storage holds its elements where ``data_ptr()`` says (not freed or never
-    allocated: the C loops, and some of PyTorch's CPU kernels, read raw memory and crash)."""
-    if not t.numel() or t._is_zerotensor():  # no elements, or zeros without memory (read as such)
+    """Whether a CPU tensor's storage holds its elements where ``data_ptr()`` says (not freed or
+    never allocated: the C loops, and some of PyTorch's CPU kernels, read raw memory and
+    crash); False for a tensor without storage (a torch.func transform's wrapper). Other
+    devices: True (not read here)."""
+    if t.device.type != "cpu" or not t.numel() or t._is_zerotensor():  # zeros without memory read as zeros
         return True
-    if t.data_ptr() == 0:
+    try:
+        if t.data_ptr() == 0:
+            return False
+        extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        return t.untyped_storage().nbytes() >= (t.storage_offset() + extent) * t.element_size()
+    except RuntimeError:  # "Cannot access data pointer of Tensor that doesn't have storage" (vmap's)
         return False
-    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-    return t.untyped_storage().nbytes() >= (t.storage_offset() + extent) * t.element_size()
 
 
 def _require_data(what: str, *tensors) -> None:
@@ -196,17 +201,17 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     the same bits, at 1.2-2x its one-thread speed for rows of 16-128 floats), else PyTorch's.
     ``rows``: int64 or int32 [n]; ``values``: [n, dim]. Anything else (other dtypes, values
     that share ``weight``'s memory, rows outside ``weight``, tensors autograd records with
-    grad mode on) goes to PyTorch's kernel, which takes, refuses or raises as it does; where
-    the compiled loop would run, rows or values whose storage does not hold their elements
-    raise RuntimeError (PyTorch's kernel reads them too, and crashes)."""
+    grad mode on) goes to PyTorch's kernel, which takes, refuses or raises as it does; CPU
+    tensors whose storage does not hold their elements raise RuntimeError whatever runs
+    (PyTorch's kernel reads them raw, and crashes)."""
+    if not all(holds_data(t) for t in (weight, rows, values)):  # PyTorch's kernel reads them raw too (and crashes)
+        raise RuntimeError("index_add_: a tensor's storage does not hold its elements (freed, or not allocated)")
     tracked = torch.is_grad_enabled() and (weight.requires_grad or values.requires_grad)  # autograd's to record
     if not (not tracked and supports(weight) and weight.shape[1] > 0 and values.dtype == torch.float32
             and values.device.type == "cpu" and values.dim() == 2 and values.shape[1] == weight.shape[1]
             and rows.dim() == 1 and rows.shape == values.shape[:1] and rows.dtype in (torch.int32, torch.int64)
             and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):
         return weight.index_add_(0, rows, values)  # what PyTorch takes, refuses or raises, as it does
-    if not all(holds_data(t) for t in (rows, values)):  # PyTorch's kernel would read them raw too (and crash)
-        raise RuntimeError("index_add_: a tensor's storage does not hold its elements (freed, or not allocated)")
     rows = rows.to(torch.int64)
     if rows.is_neg() or rows._is_zerotensor() or values.is_neg() or values._is_zerotensor():
         return weight.index_add_(0, rows, values)  # PyTorch reads their values as it does

@@ -477,7 +477,7 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
         code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
         return None, None, _NOT_INTEGER, code
-    if indices.device.type == "cpu" and not native.holds_data(indices):  # PyTorch's kernels would read it raw
+    if not native.holds_data(indices):  # PyTorch's kernels would read it raw; or a vmap wrapper (no storage)
         return None, None, _NOT_TENSOR, _UNREADABLE
     try:  # what cannot be read otherwise (a vmap wrapper) raises here: on this rank alone
         flat = indices.reshape(-1).to(device=device, dtype=torch.int64)

@@ -82,6 +82,25 @@ def test_ids_that_are_not_dense_on_one_rank(kind):
     run_ranks(2, _ids_that_are_not_dense_on_one_rank, kind)
 
 
+def _vmapped_on_one_rank():
+    """torch.func.vmap hands the table a wrapper without storage: its data pointer raised on
+    that rank alone, and the other rank waited (a hang when the first carried on)."""
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(20, 3, page_size=6)
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match="rank 1 passed a tensor whose values cannot be read"):
+        if rank == 1:
+            torch.func.vmap(emb)(torch.tensor([[1, 2], [3, 4]]))
+        else:
+            emb(torch.tensor([3, 4]))
+    assert torch.equal(emb.weight, before) and emb.weight.grad is None
+    _lookups_still_work(emb, initial_rows(0, 3, 0, 20))
+
+
+def test_vmap_on_one_rank_raises_on_every_rank():
+    run_ranks(2, _vmapped_on_one_rank)
+
+
 def _negative_view_on_one_rank(native_setting: str):
     """A negative-bit view (torch._neg_view: values [-1, -2] over memory holding [1, 2]) is
     out of range on every rank whichever routing runs (the compiled one read the raw memory and

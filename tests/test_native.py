@@ -574,3 +574,18 @@ def test_views_the_loops_would_misread_are_read_as_their_values():
     with pytest.raises(RuntimeError, match="storage does not hold"):  # PyTorch's kernel crashes on it
         native.index_add_(weight, torch.tensor([0, 1]), freed)
     assert weight.sum() == 4
+
+
+@pytest.mark.parametrize("setting", ["compiled", "off", "two_threads"])
+@pytest.mark.parametrize("freed", ["values", "weight"])
+def test_index_add_refuses_freed_storage_whatever_runs(setting, freed, monkeypatch):
+    """PyTorch's own index_add_ reads a freed storage raw and crashes the interpreter: refused
+    before it runs, with the compiled loop, with the extension off and with more threads."""
+    if setting == "off":
+        monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
+    elif setting == "two_threads":
+        torch.set_num_threads(2)
+    weight, values = torch.zeros(4, 2), torch.ones(2, 2)
+    (values if freed == "values" else weight).untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="storage does not hold"):
+        native.index_add_(weight, torch.tensor([0, 1]), values)
