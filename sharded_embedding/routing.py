@@ -35,7 +35,7 @@ import torch
 
 from . import native
 from .placement import RoutingTable
-from .rows import stable_sort
+from .rows import group
 from .transport import Transport, TransportError
 from .wire import FLOAT_DTYPES
 
@@ -173,17 +173,7 @@ class Router:
             offset = self._shift + (self._key * self.stride if world > 1 else 0)
             self._offset32 = offset.to(torch.int32)
         self._page_bits = page_size.bit_length() - 1 if page_size & (page_size - 1) == 0 else None
-        self._arange = torch.arange(0, device=device)
         self.requests = RequestExchange.shared(transport, rank, world, device)
-
-    def _positions(self, n: int) -> torch.Tensor:
-        """``arange(n)``, a view of a cache grown as needed. The cache is made outside inference
-        mode even when a lookup runs inside it, so that later training never meets an
-        inference tensor."""
-        if self._arange.numel() < n:
-            with torch.inference_mode(False):
-                self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
-        return self._arange[:n]
 
     def route(self, indices, *, refusal: int = 0, needs_grad: bool = False,
               dtype: torch.dtype | None = None, step_digest: int = 0) -> Routing:
@@ -290,21 +280,14 @@ class Router:
         """One sort does it all. Each id becomes its key (`keys`; pass them if computed
         already), own rows last; equal keys are duplicate ids; the sorted order is peer-major,
         the layout the exchanges send; and the permutation groups each unique id's positions
-        (the bags the backward sums). The sort is stable (`rows.stable_sort`): each bag lists
+        (the bags the backward sums). The sort is stable (`rows.group`): each bag lists
         its positions in order, so a unique id's gradient is the sum of its duplicates' in the
         order they were looked up. Returns (gather_index, bags, unique keys in sorted order,
         int64)."""
         if keys is None:
             keys = self._keys32(flat) if self._offset32 is not None else self.keys(flat)
-        bound = (self.world + 1) * self.stride
-        if native.available() and keys.device.type == "cpu" and bound <= 2**31 and keys.numel() < 2**31:
-            unique, perm, offsets, gather_index, _ = native.dedup(keys, bound)  # the same values, one compiled sort
-            return gather_index, _Bags(perm, offsets), unique
-        keys, perm = stable_sort(keys, bound=bound)
-        keys, dups = torch.unique_consecutive(keys, return_counts=True)
-        gather_index = torch.empty_like(perm)
-        gather_index[perm] = torch.repeat_interleave(self._positions(keys.numel()), dups)
-        return gather_index, _Bags(perm, torch.cumsum(dups, 0) - dups), keys
+        unique, perm, offsets, gather_index = group(keys, bound=(self.world + 1) * self.stride)
+        return gather_index, _Bags(perm, offsets), unique
 
     def _exchange(self, shape, gather_index, bags, rows, counts: list[int], code: int, value: int,
                   mode: int) -> Routing:
@@ -479,7 +462,7 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
         return None, None, _NOT_INTEGER, code
     if not native.holds_data(indices):  # PyTorch's kernels would read it raw; or a vmap wrapper (no storage)
         return None, None, _NOT_TENSOR, _UNREADABLE
-    try:  # what cannot be read otherwise (a vmap wrapper) raises here: on this rank alone
+    try:  # anything else that cannot be read raises here: on this rank alone
         flat = indices.reshape(-1).to(device=device, dtype=torch.int64)
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(flat)).tolist()) if flat.numel() else (0, 0)
     except Exception:  # noqa: BLE001 - told to every rank instead

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import native
 
-__all__ = ["sum_duplicate_rows", "stable_sort"]
+__all__ = ["sum_duplicate_rows", "stable_sort", "group"]
 
 try:  # numpy sorts int64 with SIMD (x86-simd-sort, Highway's vqsort): 5x torch's CPU sort at 8192 keys
     import numpy as _np
@@ -52,7 +52,7 @@ def sum_duplicate_rows(
     float32/float64 values one ``embedding_bag`` sums each group (the same sums: it adds a
     group's rows in order from zero)."""
     floats = values.dtype in (torch.float32, torch.float64)
-    unique, perm, offsets, inverse = _group(rows, inverse=not floats)
+    unique, perm, offsets, inverse = group(rows, inverse=not floats)
     if unique.numel() == rows.numel():
         return (rows, values) if not sort else (unique, values[perm])
     if floats:
@@ -62,20 +62,23 @@ def sum_duplicate_rows(
     return unique, summed
 
 
-def _group(rows: torch.Tensor, inverse: bool):
-    """(unique rows ascending, the stable sort's permutation, where each unique row's positions
-    start in it, each position's unique number -- or None unless ``inverse``) of 1-D int64
-    ``rows >= 0``."""
-    n = rows.numel()
-    if n and rows.device.type == "cpu" and native.available() and n < 2**31:
-        bound = int(rows.max()) + 1
-        if bound <= 2**31:
-            unique, perm, offsets, positions, _ = native.dedup(rows, bound)
+def group(keys: torch.Tensor, bound: int | None = None, inverse: bool = True):
+    """Group equal keys in one stable sort: (unique keys ascending, int64 [u]; the stable sort's
+    permutation, int64 [n], so each unique key's positions in order; where each unique key's
+    positions start in it, int64 [u]; each position's unique number, int64 [n], or None
+    unless ``inverse``). ``keys``: 1-D integers ``>= 0``, below ``bound`` if given. The
+    compiled `native.dedup` where it is `available`, else `stable_sort` and torch passes: the
+    same values."""
+    n = keys.numel()
+    if n and keys.device.type == "cpu" and native.available() and n < 2**31:
+        top = bound if bound is not None else int(keys.max()) + 1
+        if top <= 2**31:
+            unique, perm, offsets, positions, _ = native.dedup(keys, top)
             return unique, perm, offsets, positions
-    keys, perm = stable_sort(rows)
+    keys, perm = stable_sort(keys, bound=bound)
     unique, counts = torch.unique_consecutive(keys, return_counts=True)
     positions = None
     if inverse:
         positions = torch.empty_like(perm)
-        positions[perm] = torch.repeat_interleave(torch.arange(unique.numel(), device=rows.device), counts)
+        positions[perm] = torch.repeat_interleave(torch.arange(unique.numel(), device=keys.device), counts)
     return unique, perm, torch.cumsum(counts, 0) - counts, positions
