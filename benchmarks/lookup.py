@@ -31,6 +31,14 @@ Systems (--systems, comma separated):
                               looking up all ranks' ids each step
                               The single-process limit of each fused optimizer is the faster
                               of its two single-process systems in the run.
+  bound_no_exchange_sgd, bound_no_exchange_rowwise_adagrad   not a system but a bound: every rank
+                              a group of one (no exchange at all) holding 1/world of the rows,
+                              looking up its own ids (modulo its row count) while the other
+                              ranks do the same, pinned as our ranks are. The step time world
+                              ranks would have if routing and every exchange cost nothing, on
+                              this machine (the ranks still share its memory bandwidth and
+                              caches): the limit table shows limit / bound, the most any
+                              exchange could reach.
   dtensor_rowwise             nn.Embedding + RowwiseParallel (Shard(0) in and out) on a CPU
                               DeviceMesh, dense gradient of the local shard + SGD
   torchrec_rw_fused_sgd       TorchRec EmbeddingCollection, ROW_WISE, FBGEMM EXACT_SGD fused
@@ -71,12 +79,14 @@ SINGLE = ["single_sparse", "single_sparse_rowwise_adagrad"]
 # ShardedEmbedding itself on one process holding the whole table (no exchange): the other
 # candidate for the single-process limit, since our fused update beats torch's coalesce
 SINGLE_FUSED = {"single_fused_sgd": "sgd", "single_fused_rowwise_adagrad": "rowwise_adagrad"}
+# world ranks, each a group of one with its share of the rows and its own ids: no exchange
+NO_EXCHANGE = {"bound_no_exchange_sgd": "sgd", "bound_no_exchange_rowwise_adagrad": "rowwise_adagrad"}
 LIMIT = {"sgd": ["single_sparse", "single_fused_sgd"],  # per fused optimizer: the faster is the limit
          "rowwise_adagrad": ["single_sparse_rowwise_adagrad", "single_fused_rowwise_adagrad"]}
 BASELINES = [*SINGLE, *SINGLE_FUSED, "dtensor_rowwise", *TORCHREC]
 TRANSPORT_LABELS = {"auto": "", "shared_memory": "shm", "process_group": "gloo"}
 SLOW = {"dtensor_rowwise"}  # dense full-shard gradients: seconds per step at M, few steps suffice
-DEFAULT_SYSTEMS = [*OURS, *BASELINES]
+DEFAULT_SYSTEMS = [*OURS, *BASELINES, *NO_EXCHANGE]
 
 
 def _label(system: str, transport: str | None, transports: list[str], allocator: str = "default",
@@ -170,6 +180,7 @@ def _worker_ours(a):
 
     rank, world = _setup_distributed(a)
     n = a.warmup + a.steps
+    rows, group = a.rows, None
     if a.worker in SINGLE_FUSED:  # one process, every rank's ids and loss weights
         per_rank = [make_ids(a.rows, a.batch, n, r, a.dist, seed=a.seed) for r in range(a.world)]
         ids = [torch.cat([per_rank[r][i] for r in range(a.world)]) for i in range(n)]
@@ -177,11 +188,18 @@ def _worker_ours(a):
     else:
         ids = make_ids(a.rows, a.batch, n, rank, a.dist, seed=a.seed)
         w = make_loss_weight(a.batch, a.dim, rank, a.seed)
-    opt_name = {**FUSED, **SINGLE_FUSED}.get(a.worker)
+    if a.worker in NO_EXCHANGE:  # a group of one per rank (every rank makes every group), its share of the rows
+        import torch.distributed as dist
+
+        group = [dist.new_group([r]) for r in range(world)][rank]
+        rows = a.rows // world
+        ids = [x % rows for x in ids]
+    opt_name = {**FUSED, **SINGLE_FUSED, **NO_EXCHANGE}.get(a.worker)
     fused = {"name": opt_name, "lr": a.lr} if opt_name else None
 
     def build():
-        emb = ShardedEmbedding(a.rows, a.dim, page_size=a.page_size, fused_optimizer=fused, transport=a.transport)
+        emb = ShardedEmbedding(rows, a.dim, page_size=a.page_size, fused_optimizer=fused, transport=a.transport,
+                               process_group=group)
         opt = torch.optim.SGD(emb.parameters(), lr=a.lr) if fused is None else None
         return emb, opt
 
@@ -343,7 +361,7 @@ class RowwiseAdagrad:
         self.weight.grad = None
 
 
-WORKERS = {**{s: _worker_ours for s in [*OURS, *SINGLE_FUSED]}, **{s: _worker_torchrec for s in TORCHREC},
+WORKERS = {**{s: _worker_ours for s in [*OURS, *SINGLE_FUSED, *NO_EXCHANGE]}, **{s: _worker_torchrec for s in TORCHREC},
            "dtensor_rowwise": _worker_dtensor, **{s: _worker_single for s in SINGLE}}
 
 
@@ -403,13 +421,16 @@ def _limit_table(results: list[dict], workload: str, dists: list[str], transport
                  allocators: list[str] = ("default",)) -> str:
     """Each fused system of ours against the single-process limit with the same optimizer and
     allocator (limit step time / ours: above 1 is faster than one process), one column pair per
-    transport, one row per allocator."""
+    transport, one row per allocator; and, where the run has it, the no-exchange bound with the
+    same optimizer (limit / bound: the most any exchange could reach)."""
     by = {(r["base_system"], r.get("transport"), r.get("allocator", "default"), r["dist"]): r
           for r in results if not r.get("failed")}
     head = ["workload", "ids", "optimizer", "allocator", "single-process limit", "limit ms"]
     for t in transports:
         name = TRANSPORT_LABELS[t] or t
         head += [f"{name} ms", f"{name} / limit"]
+    bounds = {opt: b for b, opt in NO_EXCHANGE.items()}
+    head += ["no-exchange bound ms", "bound / limit"]
     lines = []
     for dist, (system, opt), alloc in ((d, f, al) for d in dists for f in FUSED.items() for al in allocators):
         candidates = [by[(c, None, alloc, dist)] for c in LIMIT[opt] if (c, None, alloc, dist) in by]
@@ -423,12 +444,16 @@ def _limit_table(results: list[dict], workload: str, dists: list[str], transport
             cells.append(f"{r['median_step_ms']:.2f}" if r else "-")
             ok = r is not None and limit is not None
             cells.append(f"{limit['median_step_ms'] / r['median_step_ms']:.2f}x" if ok else "-")
+        bound = by.get((bounds[opt], None, alloc, dist))
+        cells.append(f"{bound['median_step_ms']:.2f}" if bound else "-")
+        cells.append(f"{limit['median_step_ms'] / bound['median_step_ms']:.2f}x" if bound and limit else "-")
         if found and limit:
             lines.append("| " + " | ".join(cells) + " |")
     if not lines:
         return ""
     note = (f"Against the single-process limit (step ms: median step of the median of {repeat} interleaved "
-            "runs; ratio = limit / ours, above 1x is faster than one process):")
+            "runs; ratio = limit / ours, above 1x is faster than one process; bound / limit: the ratio ranks "
+            "that exchanged nothing reach, the ceiling of ours):")
     return "\n".join([note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
 
 

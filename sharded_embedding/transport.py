@@ -64,6 +64,7 @@ _TAG_NAMES = {v: k for k, v in TAGS.items()}
 _KINDS = 8  # a header's tag word: kind + _KINDS * the caller word (`lookup_word`)
 _CALLERS = 1 << 24  # a caller word: the table's number + _CALLERS * its lookup's number
 _SPIN, _YIELD = 2_000, 20_000  # polls before yielding, before sleeping
+_CHECK_AFTER, _CHECK_EVERY = 0.002, 0.01  # seconds of waiting before the first liveness check, between checks
 
 
 def _tag_word(tag: str | None, caller: int) -> int:
@@ -417,7 +418,8 @@ class SharedMemoryTransport(Transport):
         words = self._peers[q].words
         if words[field] >= k:
             return
-        polls, deadline = 0, time.monotonic() + self.timeout
+        polls, now = 0, time.monotonic()
+        check_at, deadline = now + _CHECK_AFTER, now + self.timeout
         while words[field] < k:
             polls += 1
             if polls < _SPIN:
@@ -426,7 +428,10 @@ class SharedMemoryTransport(Transport):
                 os.sched_yield()
             else:
                 time.sleep(0.0002)
-            if polls % 1000 == 0:
+            # Is the peer alive (a read of /proc, ~20 us), is the timeout up: not in the short
+            # waits of a training step, where the check would delay seeing the peer's rows.
+            if polls % 1000 == 0 and time.monotonic() >= check_at:
+                check_at = time.monotonic() + _CHECK_EVERY
                 if not _alive(self._pids[q]):
                     if words[field] >= k:  # it did its part, then exited: its mapping is still ours to read
                         return
