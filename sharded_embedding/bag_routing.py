@@ -197,19 +197,19 @@ class BagRouter:
                 columns[:, _FIXED + _PER_TABLE * t + 2] = req.mode
         if world == 1:
             check(columns[:, 0].tolist(), columns[:, 1].tolist())
-            return BagRouting(requests, self._serves(requests, columns, []), grad_tables, 0, 0)
+            return BagRouting(requests, self._serves(requests, columns.tolist(), []), grad_tables, 0, 0)
         pieces = [[] if q == rank else [req.payload[q] for req in requests] for q in range(world)] \
             if requests is not None else [[] for _ in range(world)]
-        got = self.requests.exchange(columns.to(self.device), pieces, caller=self.table_id,
-                                     check=lambda h: check(h[:, 0].tolist(), h[:, 1].tolist()))
+        got = self.requests.exchange(columns, pieces, caller=self.table_id,
+                                     check=lambda h: check([c[0] for c in h], [c[1] for c in h]))
         serves = self._serves(requests, got.header, got.payload)
         return BagRouting(requests, serves, grad_tables, got.ints_sent, got.ints_received)
 
-    def _serves(self, requests: list[TableRequest], header: torch.Tensor,
+    def _serves(self, requests: list[TableRequest], cols: list[list[int]],
                 received: list[torch.Tensor]) -> list[TableServe]:
-        """Cut what each peer sent into tables; this rank's own requests are served here too."""
+        """Cut what each peer sent into tables (``cols[r]``: rank ``r``'s header columns); this
+        rank's own requests are served here too."""
         world, rank, num = self.world, self.rank, len(self.routers)
-        cols = header.tolist()
         serves = [TableServe([0] * world, [None] * world, [0] * world) for _ in range(num)]
         for r in range(world):
             at = 0

@@ -295,11 +295,11 @@ class Router:
         world = self.world
         num_own = counts[world]
         num_asked = rows.numel() - num_own
-        columns = torch.tensor([[code, value, mode]], dtype=torch.int64, device=self.device)
+        columns = torch.tensor([[code, value, mode]], dtype=torch.int64)
 
-        def check(header: torch.Tensor) -> None:  # every rank sees every rank's columns
-            _raise_input_errors(header[:, 0].tolist(), header[:, 1].tolist(), self.num_embeddings)
-            modes = header[:, 2].tolist()
+        def check(header: list[list[int]]) -> None:  # every rank sees every rank's columns
+            _raise_input_errors([h[0] for h in header], [h[1] for h in header], self.num_embeddings)
+            modes = [h[2] for h in header]
             _raise_if_grad_modes_differ([m & 1 for m in modes])
             _raise_if_dtypes_differ([(m >> 1) & 0x7F for m in modes])
             raise_if_step_digests_differ([m >> 8 for m in modes], "ShardedEmbedding")
@@ -314,11 +314,11 @@ class Router:
 
 @dataclass
 class Received:
-    """What `RequestExchange.exchange` brought: each peer's header columns (host, ``[world,
-    columns]``), its payload (device, one int64 tensor per peer, ``served[q]`` values from
+    """What `RequestExchange.exchange` brought: each peer's header columns (``header[r]``: rank
+    ``r``'s columns, a list of ints), its payload (device, one int64 tensor per peer, ``served[q]`` values from
     peer ``q``; views of the receive buffer), and the int64 values this rank sent and received."""
 
-    header: torch.Tensor
+    header: list[list[int]]
     payload: list[torch.Tensor]
     served: list[int]
     ints_sent: int
@@ -370,46 +370,50 @@ class RequestExchange:
 
     def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None,
                  caller: int = 0) -> Received:
-        """Send ``columns[q]`` (int64 ``[world, k]``) and the payload ``pieces[q]`` (int64
-        tensors, one after the other) to each peer ``q`` (``pieces[rank]`` must be empty: a
-        rank's own requests never travel). ``caller``: the number of the table (or collection)
-        this rank is looking up; ranks that differ raise RuntimeError together, before any
-        body is read. Then ``check(header)`` is called on every rank with every peer's columns
-        (host, ``[world, k]``) before any payload is used: raise there and every rank raises
-        together.
+        """Send ``columns[q]`` (int64 ``[world, k]``, on the host) and the payload ``pieces[q]``
+        (int64 tensors on the device, one after the other) to each peer ``q`` (``pieces[rank]``
+        must be empty: a rank's own requests never travel). ``caller``: the number of the table
+        (or collection) this rank is looking up; ranks that differ raise RuntimeError together,
+        before any body is read. Then ``check(header)`` is called on every rank with every
+        peer's columns (``header[r]``: rank ``r``'s ``k`` ints) before any payload is used: raise
+        there and every rank raises together.
 
-        Collective: one ``all_to_all_single``, two when a body outgrew the capacity."""
+        The request is built in the transport's send buffer (the shared-memory outbox: it
+        leaves without a copy), the headers and columns of all peers in one copy, and read back
+        in one ``tolist``. Collective: one ``all_to_all_single``, two when a body outgrew the
+        capacity."""
         world, device, cap = self.world, self.device, self.capacity
         width = _FIXED + cap
-        num_columns = columns.shape[1]
-        bodies = [[columns[q], *parts] for q, parts in enumerate(pieces)]
-        counts = [sum(t.numel() for t in parts) for parts in bodies]
-        request = torch.empty(world, width, dtype=torch.int64, device=device)
+        k = columns.shape[1]
+        counts = [k + sum(t.numel() for t in parts) for parts in pieces]
         largest = max(counts)
-        request[:, :_FIXED] = torch.tensor([[n, largest, caller, num_columns] for n in counts], dtype=torch.int64)
-        if cap:
-            request[:, _FIXED:] = 0
-        rest = []  # what did not fit, peer after peer
-        for q, parts in enumerate(bodies):  # each piece is copied once, into the request row
-            at = _FIXED
+        request = self.transport.send_buffer(world * width * 8, device).view(torch.int64).view(world, width)
+        fixed = torch.tensor([[n, largest, caller, k] for n in counts], dtype=torch.int64)
+        fit = min(k, cap)  # the columns that fit in the request (all of them but in a group's first calls)
+        request[:, : _FIXED + fit] = torch.cat([fixed, columns[:, :fit]], 1)
+        rest = []  # what did not fit, peer after peer (the values past a body are left as they are)
+        for q, parts in enumerate(pieces):  # each piece is copied once, into the request row
+            if fit < k:
+                rest.append(columns[q, fit:].to(device))
+            at = _FIXED + k
             for t in parts:
                 n = t.numel()
-                fit = max(0, min(n, width - at))
-                if fit:
-                    request[q, at : at + fit] = t[:fit]
-                if fit < n:
-                    rest.append(t[fit:])
+                here = max(0, min(n, width - at))
+                if here:
+                    request[q, at : at + here] = t[:here]
+                if here < n:
+                    rest.append(t[here:])
                 at += n
-        received = torch.empty_like(request)
+        received = torch.empty(world, width, dtype=torch.int64, device=device)
         self.transport.all_to_all(received, request, [1] * world, [1] * world, tag="requests")()  # header + values
-        header = received[:, :_FIXED].tolist()  # one device sync; [world][_FIXED] ints
-        _raise_if_not_requests(header)
-        sizes, largests, callers = ([h[i] for h in header] for i in (_COUNT, _LARGEST, _CALLER))
+        head = received[:, : _FIXED + fit].tolist()  # one device sync: every rank's header and columns
+        _raise_if_not_requests(head)
+        sizes, largests, callers = ([h[i] for h in head] for i in (_COUNT, _LARGEST, _CALLER))
         self._remember(callers, largests)  # before raising: every rank alike
         _raise_if_tables_differ(callers, self.names)
         wire = (world - 1) * width  # int64s each way in the request exchange
         if max(largests) <= cap:
-            bodies_in = [received[r, _FIXED : _FIXED + sizes[r]] for r in range(world)]
+            payload = [received[r, _FIXED + k : _FIXED + sizes[r]] for r in range(world)]
             sent, got = wire, wire
         else:  # some body outgrew the capacity: the rest follows (splits known to all from the headers)
             extra_in = [max(c - cap, 0) for c in sizes]
@@ -417,18 +421,20 @@ class RequestExchange:
             extra = torch.empty(sum(extra_in), dtype=torch.int64, device=device)
             send = torch.cat(rest) if rest else extra.new_empty(0)
             self.transport.all_to_all(extra, send, extra_in, extra_out, tag="overflow")()  # overflow
-            at, bodies_in = 0, []
+            at, bodies = 0, []
             for r in range(world):  # O(world), only on calls where the capacity grows
                 first = received[r, _FIXED : _FIXED + min(sizes[r], cap)]
-                bodies_in.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
+                bodies.append(torch.cat([first, extra[at : at + extra_in[r]]]) if extra_in[r] else first)
                 at += extra_in[r]
+            if fit < k:  # one device sync
+                head = [h[:_FIXED] + c for h, c in zip(head, torch.stack([b[:k] for b in bodies]).tolist())]
+            payload = [b[k:] for b in bodies]
             sent = wire + sum(n for q, n in enumerate(extra_out) if q != self.rank)  # what left this rank
             got = wire + sum(n for q, n in enumerate(extra_in) if q != self.rank)
-        columns_in = torch.stack([b[:num_columns] for b in bodies_in]).cpu()  # one device sync
+        header = [h[_FIXED:] for h in head]
         if check is not None:
-            check(columns_in)
-        served = [n - num_columns for n in sizes]
-        return Received(columns_in, [b[num_columns:] for b in bodies_in], served, sent, got)
+            check(header)
+        return Received(header, payload, [n - k for n in sizes], sent, got)
 
     def _remember(self, callers: list[int], largest: list[int]) -> None:
         """Each caller's capacity after a call (from every rank's header: the same everywhere)."""

@@ -276,6 +276,9 @@ class _Delivers:
     def __init__(self, rows):
         self.rows = rows
 
+    def send_buffer(self, nbytes, device=torch.device("cpu")):
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None):
         out.copy_(self.rows.reshape(out.shape))
         return lambda: []

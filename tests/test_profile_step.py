@@ -100,13 +100,42 @@ def test_limit_table_ratios():
                # one-process ShardedEmbedding: slower than single_sparse for SGD, faster for Adagrad
                run("single_fused_sgd", 5.0), run("single_fused_rowwise_adagrad", 4.5),
                # under the tuned allocator, each against the limit under the same allocator
-               run("single_sparse", 3.0, allocator="tuned"), run("ours_fused_sgd", 2.5, "shared_memory", "tuned")]
+               run("single_sparse", 3.0, allocator="tuned"), run("ours_fused_sgd", 2.5, "shared_memory", "tuned"),
+               # the no-exchange bound: limit / bound is the ceiling of ours
+               run("bound_no_exchange_sgd", 1.6)]
     table = lk._limit_table(results, "S", ["zipf"], transports, 3, ["default", "tuned"])
     rows = [line for line in table.splitlines() if line.startswith("| S ")]
-    assert rows == ["| S | zipf | sgd | default | single_sparse | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x |",
-                    "| S | zipf | sgd | tuned | single_sparse | 3.00 | 2.50 | 1.20x | - | - |",
-                    "| S | zipf | rowwise_adagrad | default | single_fused_rowwise_adagrad | 4.50 | 3.00 | 1.50x | - | - |"]
+    assert rows == ["| S | zipf | sgd | default | single_sparse | 4.00 | 2.00 | 2.00x | 8.00 | 0.50x | 1.60 | 2.50x |",
+                    "| S | zipf | sgd | tuned | single_sparse | 3.00 | 2.50 | 1.20x | - | - | - | - |",
+                    "| S | zipf | rowwise_adagrad | default | single_fused_rowwise_adagrad | 4.50 | 3.00 | 1.50x | - | - "
+                    "| - | - |"]
     assert lk._label("ours_fused_sgd", "process_group", transports) == "ours_fused_sgd/gloo"
     assert lk._label("ours_fused_sgd", "process_group", transports, "tuned", ("default", "tuned")) \
         == "ours_fused_sgd/gloo@tuned"
     assert lk._label("ours_fused_sgd", "auto", ["auto"]) == "ours_fused_sgd"
+
+
+def test_the_no_exchange_bound_runs_beside_ours_and_sets_the_ceiling(tmp_path):
+    """benchmarks/lookup.py's bound (each rank a group of one with its share of the rows) runs
+    under torchrun beside our system and the single process, and the limit table reports it."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "lookup.py"), "--rows=4096", "--dim=8", "--batch=64",
+           "--steps=3", "--warmup=1", "--dists=zipf", "--no-bind-cpus", f"--json={out}",
+           "--systems=ours_fused_sgd,single_fused_sgd,bound_no_exchange_sgd"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert not any(r.get("failed") for r in results.values()), results
+    bound = results["bound_no_exchange_sgd"]
+    assert bound["world"] == 2 and len(bound["peak_rss_mib_per_rank"]) == 2
+    assert bound["bytes_sent_per_step"] == 0  # a group of one: nothing travels
+    assert results["ours_fused_sgd"]["bytes_sent_per_step"] > 0
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| S | zipf | sgd "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-2] == f"{bound['median_step_ms']:.2f}"
+    limit = results["single_fused_sgd"]["median_step_ms"]
+    assert cells[-1] == f"{limit / bound['median_step_ms']:.2f}x"
