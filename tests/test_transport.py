@@ -251,10 +251,11 @@ def test_a_peer_that_sent_and_then_exited_is_not_called_dead(monkeypatch):
     import sharded_embedding.transport as transport_module
 
     monkeypatch.setattr(transport_module, "_alive", lambda pid: False)
-    monkeypatch.setattr(transport_module, "_SPIN", 0)  # the check at the 1000th poll, whatever the time
+    monkeypatch.setattr(transport_module, "_SPIN", 0)  # the first check at poll _CHECK_POLLS, whatever the time
     monkeypatch.setattr(transport_module, "_CHECK_AFTER", 0.0)
-    # 1001 reads of k - 1 (the one before the loop, then polls 1..1000): sent while the check ran
-    SharedMemoryTransport._wait(_Waiter(_Flips(7, reads=1001)), 1, 0, 7)
+    polls = transport_module._CHECK_POLLS
+    # k - 1 read before the loop and at polls 1.._CHECK_POLLS: sent while the check ran
+    SharedMemoryTransport._wait(_Waiter(_Flips(7, reads=1 + polls)), 1, 0, 7)
     with pytest.raises(TransportError, match="died during an exchange"):
         SharedMemoryTransport._wait(_Waiter(_Flips(7, reads=10**9)), 1, 0, 7)  # never sent: dead
 
