@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,7 +113,8 @@ def _args(argv=None):
     ap.add_argument("--slow-steps", type=int, default=3, help="timed steps for the dense-gradient baselines")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--dists", default="zipf,uniform")
-    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
+    ap.add_argument("--systems", default=None,
+                    help="comma separated (default: all; TorchRec's only when it is installed)")
     ap.add_argument("--transports", default="auto",
                     help="comma separated, among auto, shared_memory, process_group: our systems run once "
                          "per transport")
@@ -386,9 +388,52 @@ def _run_one(a, system: str, dist: str, transport: str | None = None, allocator:
         return dict(system=system, dist=dist, failed=True, rc="timeout", error=f"over {a.timeout} s")
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
-        return dict(system=system, dist=dist, failed=True, rc=done.returncode, error="\n".join(tail))
+        return dict(system=system, dist=dist, failed=True, rc=done.returncode,
+                    error=_worker_error(done.stderr or done.stdout))
     return json.loads(lines[-1][len("RESULT "):])
+
+
+_RAISED = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def _worker_error(text: str) -> str:
+    """The exception a failed worker raised (the last ``SomeError: ...`` line of its output,
+    not torchrun's own ChildFailedError summary), else the output's last lines."""
+    raised = [m.group(1) for m in map(_RAISED.match, text.splitlines())
+              if m and "ChildFailedError" not in m.group(1)]
+    return raised[-1] if raised else "\n".join(text.strip().splitlines()[-12:])
+
+
+def _check_args(a, workloads: list[str], dists: list[str], systems: list[str]) -> None:
+    """SystemExit naming the first argument no run could use (before any run starts)."""
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)} (with --rows/--dim/--batch "
+                         "to change their sizes)")
+    bad_dists = [d for d in dists if d not in ("zipf", "uniform")]
+    if bad_dists:
+        raise SystemExit(f"unknown id distributions {bad_dists}; known: ['uniform', 'zipf']")
+    for name, least in (("rows", 1), ("dim", 1), ("batch", 1), ("world", 1), ("page_size", 1), ("steps", 1),
+                        ("warmup", 0), ("slow_steps", 1), ("repeat", 1), ("timeout", 1)):
+        value = getattr(a, name)
+        if value is not None and value < least:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if any(s in NO_EXCHANGE for s in systems):
+        for w in workloads:
+            rows = a.rows if a.rows is not None else WORKLOADS[w]["rows"]
+            if rows < a.world:
+                raise SystemExit(f"the no-exchange bound gives each of the {a.world} ranks rows // world rows: "
+                                 f"--rows {rows} leaves none")
+
+
+def _torchrec_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchrec") is not None
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 / 10 else f"{n / 2**10:.1f} KiB"
 
 
 def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
@@ -412,7 +457,7 @@ def _table(results: list[dict], dists: list[str], baselines: list[str]) -> str:
             lines.append(
                 f"| {r['system']} | {dist} | {r['median_step_ms']:.2f} | {r['p10_step_ms']:.2f}-{r['p90_step_ms']:.2f} "
                 f"| {r['lookups_per_s'] / 1e6:.3f} | " + "".join(f"{x} | " for x in ratios)
-                + f"{f'{sent / 2**20:.2f} MiB' if sent is not None else ''} "
+                + f"{_bytes(sent) if sent is not None else ''} "
                 f"| {', '.join(map(str, r['peak_rss_mib_per_rank']))} |")
     return "\n".join(lines)
 
@@ -457,7 +502,7 @@ def _limit_table(results: list[dict], workload: str, dists: list[str], transport
     return "\n".join([note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
 
 
-def _chart(path: str, results: list[dict]) -> None:
+def _chart(path: str, results: list[dict], world: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -478,7 +523,7 @@ def _chart(path: str, results: list[dict]) -> None:
         ax.set_title(f"{wl}, {dist} ids", fontsize=9)
         ax.set_xlabel("M lookups/s (log)")
         ax.invert_yaxis()
-    fig.suptitle("Training-step lookups/s, 2 ranks on gloo (blue: ours)", fontsize=10)
+    fig.suptitle(f"Training-step lookups/s, {world} ranks (blue: ours)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -494,7 +539,13 @@ def main(argv=None):
             finish()
         return
     workloads = [w.strip() for w in a.workload.split(",")]
-    systems = [s.strip() for s in a.systems.split(",")]
+    if a.systems is None:
+        systems = [s for s in DEFAULT_SYSTEMS if s not in TORCHREC or _torchrec_installed()]
+        if len(systems) < len(DEFAULT_SYSTEMS):
+            print("TorchRec is not installed: its systems are left out (pip install -e '.[bench]' && pip install "
+                  "--no-deps torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0)", file=sys.stderr)
+    else:
+        systems = [s.strip() for s in a.systems.split(",")]
     unknown = [s for s in systems if s not in WORKERS]
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; known: {sorted(WORKERS)}")
@@ -506,17 +557,20 @@ def main(argv=None):
     runs_of = [(_label(s, t, transports, al, allocators), s, t, al) for s in systems
                for t in (transports if s in OURS else [None]) for al in allocators]
     dists = a.dists.split(",")
+    _check_args(a, workloads, dists, systems)
     import torch
 
     results, out = [], []
     for wl in workloads:
-        sizes = dict(WORKLOADS.get(wl, WORKLOADS["S"]))
+        sizes = dict(WORKLOADS[wl])
         for key in ("rows", "dim", "batch"):
             if getattr(a, key) is not None:
                 sizes[key] = getattr(a, key)
         run = argparse.Namespace(**{**vars(a), **sizes})
-        title = (f"## {wl}: {run.rows:,} x {run.dim} fp32, {run.batch} ids per rank, {a.world} ranks "
-                 f"(gloo, 1 thread each{', pinned' if a.bind_cpus else ''}), page_size {a.page_size}, "
+        name = wl if sizes == WORKLOADS[wl] else f"{wl} resized"  # --rows/--dim/--batch changed it
+        title = (f"## {name}: {run.rows:,} x {run.dim} fp32, {run.batch} ids per rank, {a.world} ranks "
+                 f"(transports: {', '.join(transports)}; 1 thread each{', pinned' if a.bind_cpus else ''}), "
+                 f"page_size {a.page_size}, "
                  f"{a.steps} timed steps after {a.warmup} ({a.slow_steps} after 1 for {', '.join(SLOW)}); "
                  f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} CPUs")
         print(title, flush=True)
@@ -527,7 +581,7 @@ def main(argv=None):
                 for label, system, transport, alloc in runs_of:
                     r = _run_one(run, system, dist, transport, alloc)
                     r.update(system=label, base_system=system, transport=transport, allocator=alloc, dist=dist,
-                             workload=wl, rows=run.rows, dim=run.dim, batch=run.batch)
+                             workload=name, rows=run.rows, dim=run.dim, batch=run.batch)
                     runs[label].append(r)
                     if a.json:
                         with open(a.json, "a") as f:
@@ -542,7 +596,7 @@ def main(argv=None):
                     pick["median_step_ms_of_runs"] = [r["median_step_ms"] for r in ok]
                 mine.append(pick)
         table = _table(mine, dists, [b for b in BASELINES if b in systems])
-        limits = _limit_table(mine, wl, dists, transports, a.repeat, allocators)
+        limits = _limit_table(mine, name, dists, transports, a.repeat, allocators)
         if limits:
             table += "\n\n" + limits
         print("\n" + table + "\n", flush=True)
@@ -552,8 +606,13 @@ def main(argv=None):
         with open(a.markdown, "w") as f:
             f.write("\n".join(out))
     if a.chart:
-        _chart(a.chart, [r for r in results if not r.get("failed")])
+        _chart(a.chart, [r for r in results if not r.get("failed")], a.world)
+    failed = sorted({f"{r['system']} / {r['dist']}" for r in results if r.get("failed")})
+    if failed:
+        print(f"failed: {', '.join(failed)} (the reasons are above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

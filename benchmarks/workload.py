@@ -49,6 +49,8 @@ def apply_allocator() -> None:
 
 
 def make_ids(rows: int, batch: int, steps: int, rank: int, dist: str, zipf_s: float = 1.05, seed: int = 0):
+    if rows < 1 or batch < 0:
+        raise ValueError(f"make_ids: rows must be >= 1 and batch >= 0, got rows={rows}, batch={batch}")
     rng = np.random.default_rng([seed, 7919, rank, 0 if dist == "uniform" else 1])
     out = []
     for _ in range(steps):
@@ -119,7 +121,8 @@ def current_rss_mib() -> float:
 
 def summary(times: list[float], lookups_per_step: int, **extra) -> dict:
     med = statistics.median(times)
-    qs = statistics.quantiles(times, n=10) if len(times) > 1 else [med] * 9
+    # inclusive: within the times measured (the default method extrapolates past them on few steps)
+    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [med] * 9
     return dict(
         median_step_ms=round(med * 1e3, 3),
         p10_step_ms=round(qs[0] * 1e3, 3),

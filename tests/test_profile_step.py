@@ -134,8 +134,45 @@ def test_the_no_exchange_bound_runs_beside_ours_and_sets_the_ceiling(tmp_path):
     assert bound["world"] == 2 and len(bound["peak_rss_mib_per_rank"]) == 2
     assert bound["bytes_sent_per_step"] == 0  # a group of one: nothing travels
     assert results["ours_fused_sgd"]["bytes_sent_per_step"] > 0
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| S | zipf | sgd "))
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| S resized | zipf | sgd "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[-2] == f"{bound['median_step_ms']:.2f}"
     limit = results["single_fused_sgd"]["median_step_ms"]
     assert cells[-1] == f"{limit / bound['median_step_ms']:.2f}x"
+
+
+def test_lookup_benchmark_refuses_bad_arguments_and_names_a_workers_error():
+    """Arguments no run could use stop the driver before any run (not a hang in make_ids, not a
+    torchrun summary); a worker that raises is reported with its own exception line."""
+    import argparse
+
+    import pytest
+
+    lk = _load("lookup")
+    good = dict(rows=None, dim=None, batch=None, world=2, page_size=512, steps=5, warmup=1, slow_steps=1, repeat=1,
+                timeout=60)
+    lk._check_args(argparse.Namespace(**good), ["S"], ["zipf"], ["ours_fused_sgd"])
+    for change, message in [(dict(rows=0), "--rows must be at least 1"), (dict(page_size=0), "--page-size"),
+                            (dict(steps=0), "--steps"), (dict(repeat=0), "--repeat"), (dict(world=0), "--world"),
+                            (dict(batch=-1), "--batch")]:
+        with pytest.raises(SystemExit, match=message):
+            lk._check_args(argparse.Namespace(**{**good, **change}), ["S"], ["zipf"], ["ours_fused_sgd"])
+    with pytest.raises(SystemExit, match="unknown workloads"):
+        lk._check_args(argparse.Namespace(**good), ["s"], ["zipf"], ["ours_fused_sgd"])
+    with pytest.raises(SystemExit, match="unknown id distributions"):
+        lk._check_args(argparse.Namespace(**good), ["S"], ["zipf", "normal"], ["ours_fused_sgd"])
+    with pytest.raises(SystemExit, match="leaves none"):
+        lk._check_args(argparse.Namespace(**{**good, "rows": 1}), ["S"], ["zipf"], ["bound_no_exchange_sgd"])
+    text = "\n".join(["Traceback (most recent call last):", '  File "lookup.py", line 3, in <module>',
+                      "[rank0]: ValueError: ShardedEmbedding construction: page_size must be a positive int, got 0",
+                      "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", "  time : 2026"])
+    assert lk._worker_error(text) == "ValueError: ShardedEmbedding construction: page_size must be a positive int, got 0"
+    assert lk._worker_error("killed\nno exception here") == "killed\nno exception here"
+
+
+def test_step_quantiles_stay_within_the_times_measured():
+    """p10/p90 of a few steps lie between the fastest and the slowest step (the default
+    quantile method extrapolated below zero on three steps)."""
+    wl = _load("workload")
+    r = wl.summary([0.00183, 0.00468, 0.00625], 10)
+    assert 1.83 <= r["p10_step_ms"] <= r["median_step_ms"] <= r["p90_step_ms"] <= 6.25
