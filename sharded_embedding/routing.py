@@ -341,7 +341,11 @@ class RequestExchange:
     ``capacity`` is the same on every rank: per caller, the longest body of its last call, seen
     by all in the headers, with 25% headroom, halving at most per call; the width is the
     largest of the callers seen in the last `_FORGET` calls. So in steady state a request
-    costs one exchange, and the header rides with the payload.
+    costs one exchange, and the header rides with the payload. A caller left uncalled for
+    twice as many calls as there are callers (not one of a cycle of tables called in turn)
+    halves its capacity at every further call: one large lookup of a table (an evaluation
+    batch) no longer widens every other table's requests for `_FORGET` calls; its next large
+    lookup takes the second exchange once.
     """
 
     _FORGET = 64
@@ -443,9 +447,13 @@ class RequestExchange:
             longest = max(n for r, n in enumerate(largest) if callers[r] == c)
             before = self._capacities.get(c, (0, 0))[0]
             self._capacities[c] = (max(-(-longest * 5 // 4), before // 2), self._calls)
-        for c, (_, seen) in list(self._capacities.items()):
-            if self._calls - seen >= self._FORGET:
+        callers_seen = len(self._capacities)
+        for c, (capacity, seen) in list(self._capacities.items()):
+            idle = self._calls - seen
+            if idle >= self._FORGET:
                 del self._capacities[c]
+            elif idle >= 2 * callers_seen:  # not in the cycle of callers: let its width go
+                self._capacities[c] = (capacity // 2, seen)
 
 
 _SHARED: "weakref.WeakKeyDictionary[Transport, dict[str, RequestExchange]]" = weakref.WeakKeyDictionary()

@@ -310,3 +310,31 @@ def test_what_is_not_a_request_is_refused_before_it_sets_the_capacity():
     with pytest.raises(TransportError, match="not a request from ranks \\[0\\]"):
         exchange.exchange(torch.zeros(1, 0, dtype=torch.int64), [[]], caller=0)
     assert exchange.capacity == 0
+
+
+def test_one_large_lookup_of_a_table_does_not_widen_the_others_requests_for_long():
+    """The request width is the largest capacity of the callers seen lately: after one large
+    lookup of table 1, table 0's steady calls bring it back down within a few calls (not the 64
+    calls of the forgetting window), while tables called in turn keep their capacities (no
+    overflow in steady state)."""
+    from sharded_embedding.routing import RequestExchange
+
+    ex = RequestExchange(None, rank=0, world=2, device=torch.device("cpu"))
+    for _ in range(3):
+        ex._remember([0, 0], [256, 200])
+    assert ex.capacity == 320
+    ex._remember([1, 1], [400_000, 350_000])  # one evaluation batch of table 1
+    assert ex.capacity == 500_000
+    calls = 0
+    while ex.capacity > 320:
+        ex._remember([0, 0], [256, 200])
+        calls += 1
+    assert calls <= 24, calls
+    # three tables called in turn, each with its own size: every call fits its capacity
+    ex = RequestExchange(None, rank=0, world=2, device=torch.device("cpu"))
+    sizes = {0: 1000, 1: 50, 2: 20_000}
+    for step in range(100):
+        for c, n in sizes.items():
+            if step:
+                assert ex._capacities[c][0] >= n  # no second exchange
+            ex._remember([c, c], [n, n // 2])
