@@ -342,10 +342,11 @@ class RequestExchange:
     by all in the headers, with 25% headroom, halving at most per call; the width is the
     largest of the callers seen in the last `_FORGET` calls. So in steady state a request
     costs one exchange, and the header rides with the payload. A caller left uncalled for
-    twice as many calls as there are callers (not one of a cycle of tables called in turn)
-    halves its capacity at every further call: one large lookup of a table (an evaluation
-    batch) no longer widens every other table's requests for `_FORGET` calls; its next large
-    lookup takes the second exchange once.
+    twice its own period (the calls between its last two calls; for a caller seen once, the
+    number of callers) halves its capacity at every further call: one large lookup of a table
+    (an evaluation batch) no longer widens every other table's requests for `_FORGET` calls,
+    while a table called in a steady rhythm, however many other calls come between, keeps its
+    capacity; an evaluation's next large lookup takes the second exchange once.
     """
 
     _FORGET = 64
@@ -363,14 +364,15 @@ class RequestExchange:
 
     def __init__(self, transport: Transport | None, rank: int, world: int, device: torch.device):
         self.transport, self.rank, self.world, self.device = transport, rank, world, device
-        self._capacities: dict[int, tuple[int, int]] = {}  # caller -> (body capacity, call it was last seen)
+        # caller -> (body capacity, call it was last seen, calls between its last two calls or 0)
+        self._capacities: dict[int, tuple[int, int, int]] = {}
         self._calls = 0
         self.names: dict[int, str] = {}  # caller -> what it is, for errors (set by the caller's owner)
 
     @property
     def capacity(self) -> int:
         """Body values every request row holds in the next call (the same on every rank)."""
-        return max((c for c, _ in self._capacities.values()), default=0)
+        return max((c for c, _, _ in self._capacities.values()), default=0)
 
     def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None,
                  caller: int = 0) -> Received:
@@ -445,15 +447,16 @@ class RequestExchange:
         self._calls += 1
         for c in set(callers):
             longest = max(n for r, n in enumerate(largest) if callers[r] == c)
-            before = self._capacities.get(c, (0, 0))[0]
-            self._capacities[c] = (max(-(-longest * 5 // 4), before // 2), self._calls)
+            before, seen, _ = self._capacities.get(c, (0, 0, 0))
+            period = self._calls - seen if c in self._capacities else 0
+            self._capacities[c] = (max(-(-longest * 5 // 4), before // 2), self._calls, period)
         callers_seen = len(self._capacities)
-        for c, (capacity, seen) in list(self._capacities.items()):
+        for c, (capacity, seen, period) in list(self._capacities.items()):
             idle = self._calls - seen
             if idle >= self._FORGET:
                 del self._capacities[c]
-            elif idle >= 2 * callers_seen:  # not in the cycle of callers: let its width go
-                self._capacities[c] = (capacity // 2, seen)
+            elif idle >= 2 * (period or callers_seen):  # overdue by its own rhythm: let its width go
+                self._capacities[c] = (capacity // 2, seen, period)
 
 
 _SHARED: "weakref.WeakKeyDictionary[Transport, dict[str, RequestExchange]]" = weakref.WeakKeyDictionary()
