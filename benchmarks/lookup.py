@@ -57,8 +57,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -234,7 +236,7 @@ def _worker_dtensor(a):
     from workload import make_ids, make_loss_weight
 
     rank, world = _setup_distributed(a)
-    ids = make_ids(a.rows, a.batch, a.warmup + a.steps, rank, a.dist, seed=a.seed)
+    ids = make_ids(a.rows, a.batch, max(a.warmup + a.steps, 1 + a.slow_steps), rank, a.dist, seed=a.seed)
     w = make_loss_weight(a.batch, a.dim, rank, a.seed)
 
     def build():
@@ -382,10 +384,16 @@ def _run_one(a, system: str, dist: str, transport: str | None = None, allocator:
         procs = 1 if system in SINGLE_FUSED else a.world
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
                script, *common]
+    # its own session, so that a timeout ends torchrun's workers too (killing torchrun alone leaves them)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+        stdout, stderr = proc.communicate(timeout=a.timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return dict(system=system, dist=dist, failed=True, rc="timeout", error=f"over {a.timeout} s")
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         return dict(system=system, dist=dist, failed=True, rc=done.returncode,
@@ -410,6 +418,22 @@ def _check_args(a, workloads: list[str], dists: list[str], systems: list[str]) -
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)} (with --rows/--dim/--batch "
                          "to change their sizes)")
+    for name, values in (("--workload", workloads), ("--dists", dists), ("--systems", systems)):
+        if len(set(values)) < len(values):
+            raise SystemExit(f"{name} names an entry twice: {values}")
+    if not (math.isfinite(a.lr) and a.lr >= 0):
+        raise SystemExit(f"--lr must be a finite number >= 0, got {a.lr}")
+    if a.seed < 0:
+        raise SystemExit(f"--seed must be >= 0, got {a.seed}")
+    for path in (a.json, a.markdown, a.chart):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"no folder {folder} to write {path} in")
+    if a.chart and os.path.splitext(a.chart)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise SystemExit(f"--chart writes .png, .svg or .pdf, not {a.chart}")
+    if any(s in TORCHREC for s in systems) and not _torchrec_installed():
+        raise SystemExit("TorchRec's systems need it installed: pip install -e '.[bench]' && pip install --no-deps "
+                         "torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0")
     bad_dists = [d for d in dists if d not in ("zipf", "uniform")]
     if bad_dists:
         raise SystemExit(f"unknown id distributions {bad_dists}; known: ['uniform', 'zipf']")
@@ -418,18 +442,18 @@ def _check_args(a, workloads: list[str], dists: list[str], systems: list[str]) -
         value = getattr(a, name)
         if value is not None and value < least:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
-    if any(s in NO_EXCHANGE for s in systems):
+    if any(s in NO_EXCHANGE or s == "dtensor_rowwise" for s in systems):
         for w in workloads:
             rows = a.rows if a.rows is not None else WORKLOADS[w]["rows"]
             if rows < a.world:
-                raise SystemExit(f"the no-exchange bound gives each of the {a.world} ranks rows // world rows: "
-                                 f"--rows {rows} leaves none")
+                raise SystemExit(f"the no-exchange bound and dtensor_rowwise give each of the {a.world} ranks "
+                                 f"rows // world rows: --rows {rows} leaves none (leave them out with --systems)")
 
 
 def _torchrec_installed() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torchrec") is not None
+    return all(importlib.util.find_spec(m) is not None for m in ("torchrec", "fbgemm_gpu"))
 
 
 def _bytes(n: float) -> str:
@@ -554,13 +578,16 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"unknown transports {bad}; known: {sorted(TRANSPORT_LABELS)}")
     allocators = parse_allocators(a.allocators)
+    for name, values in (("--transports", transports), ("--allocators", list(allocators))):
+        if len(set(values)) < len(values):
+            raise SystemExit(f"{name} names an entry twice: {values}")
     runs_of = [(_label(s, t, transports, al, allocators), s, t, al) for s in systems
                for t in (transports if s in OURS else [None]) for al in allocators]
-    dists = a.dists.split(",")
+    dists = [d.strip() for d in a.dists.split(",")]
     _check_args(a, workloads, dists, systems)
     import torch
 
-    results, out = [], []
+    results, out, every_run = [], [], []
     for wl in workloads:
         sizes = dict(WORKLOADS[wl])
         for key in ("rows", "dim", "batch"):
@@ -583,6 +610,7 @@ def main(argv=None):
                     r.update(system=label, base_system=system, transport=transport, allocator=alloc, dist=dist,
                              workload=name, rows=run.rows, dim=run.dim, batch=run.batch)
                     runs[label].append(r)
+                    every_run.append(r)
                     if a.json:
                         with open(a.json, "a") as f:
                             f.write(json.dumps(r) + "\n")
@@ -607,7 +635,7 @@ def main(argv=None):
             f.write("\n".join(out))
     if a.chart:
         _chart(a.chart, [r for r in results if not r.get("failed")], a.world)
-    failed = sorted({f"{r['system']} / {r['dist']}" for r in results if r.get("failed")})
+    failed = sorted({f"{r['system']} / {r['dist']}" for r in every_run if r.get("failed")})
     if failed:
         print(f"failed: {', '.join(failed)} (the reasons are above)", file=sys.stderr)
         return 1

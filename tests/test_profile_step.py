@@ -150,17 +150,20 @@ def test_lookup_benchmark_refuses_bad_arguments_and_names_a_workers_error():
 
     lk = _load("lookup")
     good = dict(rows=None, dim=None, batch=None, world=2, page_size=512, steps=5, warmup=1, slow_steps=1, repeat=1,
-                timeout=60)
+                timeout=60, lr=0.05, seed=0, json=None, markdown=None, chart=None)
     lk._check_args(argparse.Namespace(**good), ["S"], ["zipf"], ["ours_fused_sgd"])
     for change, message in [(dict(rows=0), "--rows must be at least 1"), (dict(page_size=0), "--page-size"),
                             (dict(steps=0), "--steps"), (dict(repeat=0), "--repeat"), (dict(world=0), "--world"),
-                            (dict(batch=-1), "--batch")]:
+                            (dict(batch=-1), "--batch"), (dict(lr=float("nan")), "--lr"), (dict(seed=-1), "--seed"),
+                            (dict(json="/no/such/folder/r.jsonl"), "no folder"), (dict(chart="out.txt"), "--chart")]:
         with pytest.raises(SystemExit, match=message):
             lk._check_args(argparse.Namespace(**{**good, **change}), ["S"], ["zipf"], ["ours_fused_sgd"])
     with pytest.raises(SystemExit, match="unknown workloads"):
         lk._check_args(argparse.Namespace(**good), ["s"], ["zipf"], ["ours_fused_sgd"])
     with pytest.raises(SystemExit, match="unknown id distributions"):
         lk._check_args(argparse.Namespace(**good), ["S"], ["zipf", "normal"], ["ours_fused_sgd"])
+    with pytest.raises(SystemExit, match="names an entry twice"):
+        lk._check_args(argparse.Namespace(**good), ["S"], ["zipf", "zipf"], ["ours_fused_sgd"])
     with pytest.raises(SystemExit, match="leaves none"):
         lk._check_args(argparse.Namespace(**{**good, "rows": 1}), ["S"], ["zipf"], ["bound_no_exchange_sgd"])
     text = "\n".join(["Traceback (most recent call last):", '  File "lookup.py", line 3, in <module>',
