@@ -281,10 +281,9 @@ def dedup(ids: torch.Tensor, bound: int, *, limit: int | None = None, page_offse
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1 \
             or ids.device.type != "cpu":
         raise TypeError(f"dedup: ids must be a 1-D int32 or int64 CPU tensor, got {ids!r:.80}")
-    if page_offset is not None and (not isinstance(page_offset, torch.Tensor) or page_offset.dtype != torch.int32 or page_offset.dim() != 1
-                                    or page_offset.device.type != "cpu"):
-        raise TypeError(f"dedup: page_offset must be a 1-D int32 CPU tensor, got {page_offset.dtype} "
-                        f"{tuple(page_offset.shape)} on {page_offset.device}")
+    if page_offset is not None and (not isinstance(page_offset, torch.Tensor) or page_offset.dtype != torch.int32
+                                    or page_offset.dim() != 1 or page_offset.device.type != "cpu"):
+        raise TypeError(f"dedup: page_offset must be a 1-D int32 CPU tensor, got {page_offset!r:.80}")
     limit = bound if limit is None else limit
     if (not 1 <= bound <= 2**31 or not 1 <= page_size < 2**62 or not 0 <= stride <= 2**31 or limit < 0
             or (stride and not 1 <= buckets <= 2**31)):

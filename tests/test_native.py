@@ -518,7 +518,7 @@ def test_dedup_is_a_stable_sort_and_unique_consecutive(n, bound):
 @pytest.mark.parametrize("case", ["negative", "at_bound", "past_limit", "page_past_table", "key_past_bound",
                                   "bucket_past_buckets", "float_ids", "two_dim", "bound_too_large", "int16_table",
                                   "a_list", "freed", "freed_strided", "page_size_past_int64",
-                                  "stride_past_bound"])
+                                  "stride_past_bound", "page_offset_a_list"])
 def test_dedup_refuses_bad_input(case):
     ids, kwargs, error = torch.tensor([1, 4, 2]), dict(bound=10), ValueError
     if case == "negative":
@@ -552,6 +552,8 @@ def test_dedup_refuses_bad_input(case):
         kwargs = dict(bound=10, page_offset=torch.zeros(3, dtype=torch.int32), page_size=2**63)
     elif case == "stride_past_bound":
         kwargs = dict(bound=10, stride=2**40, buckets=2)
+    elif case == "page_offset_a_list":
+        kwargs, error = dict(bound=10, page_offset=[0, 0, 0], page_size=2), TypeError
     else:
         kwargs, error = dict(bound=10, page_offset=torch.zeros(3, dtype=torch.int16), page_size=2), TypeError
     with pytest.raises(error):
