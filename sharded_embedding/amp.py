@@ -30,6 +30,8 @@ would see as inf.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -136,9 +138,9 @@ def _surely_finite(part: torch.Tensor, limit: float | None) -> bool:
     """The sum test of `nonfinite_flag` (True: every value is finite and, with ``limit``, of a
     smaller magnitude; False: take the exact check). Half-precision sums accumulate in float32."""
     acc = torch.float32 if part.element_size() < 4 else None
-    if limit is None:
-        return bool(torch.isfinite(part.sum(dtype=acc)))
-    return bool(torch.linalg.vector_norm(part, 1, dtype=acc) < limit)
+    if limit is None:  # (a Python float: torch.isfinite on a 0-dim tensor costs more than the sum)
+        return math.isfinite(part.sum(dtype=acc).item())
+    return torch.linalg.vector_norm(part, 1, dtype=acc).item() < limit
 
 
 def nonfinite_message(ranks: list[int], what: str = "ShardedEmbedding: the gradient of the table") -> str:

@@ -285,7 +285,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         digest = zlib.crc32(repr(fused).encode()) & 0x7FFFFFFF if fused else 0
         routing = self._router.route(bags, error, grad_tables, self._stats.wire_bytes,
                                      lambda kinds, signatures: self._check(kinds, signatures, text), digest)
-        self._lookups = routing.call = self._lookups + 1
+        self.__dict__["_lookups"] = routing.call = self._lookups + 1  # (not Module.__setattr__: per call)
         if fused:
             routing.hyperparameters = {k: t.optimizer.hyperparameters() for k, (t, g) in enumerate(zip(tables, grad_tables))
                                        if g and t.optimizer is not None}

@@ -346,7 +346,7 @@ class ShardedEmbedding(nn.Module):
         digest = self.optimizer.digest() if needs_grad and self.optimizer is not None else 0
         routing = self._router.route(indices, refusal=refusal, needs_grad=needs_grad, dtype=storage.dtype,
                                      step_digest=digest)
-        self._lookups = routing.call = self._lookups + 1
+        self.__dict__["_lookups"] = routing.call = self._lookups + 1  # (not Module.__setattr__: per call)
         if digest:
             routing.hyperparameters = self.optimizer.hyperparameters()
             pending.note_lookup()

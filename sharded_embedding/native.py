@@ -37,10 +37,11 @@ def available() -> bool:
     return built() and torch.get_num_threads() == 1
 
 
-def _takes(weight: torch.Tensor) -> bool:
-    """A table the compiled loops write: CPU float32, contiguous, 2-D."""
+def _takes(weight: torch.Tensor, checked: bool = False) -> bool:
+    """A table the compiled loops write: CPU float32, contiguous, 2-D (``checked``: its
+    storage is known to hold its elements, `holds_data`)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.is_contiguous() and not weight.is_neg() and holds_data(weight))
+            and weight.is_contiguous() and not weight.is_neg() and (checked or holds_data(weight)))
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -59,12 +60,13 @@ def holds_data(t: torch.Tensor) -> bool:
     never allocated: the C loops, and some of PyTorch's CPU kernels, read raw memory and
     crash); False for a tensor without storage (a torch.func transform's wrapper). Other
     devices: True (not read here)."""
-    if t.device.type != "cpu" or not t.numel() or t._is_zerotensor():  # zeros without memory read as zeros
+    numel = t.numel()
+    if t.device.type != "cpu" or not numel or t._is_zerotensor():  # zeros without memory read as zeros
         return True
     try:
         if t.data_ptr() == 0:
             return False
-        extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        extent = numel if t.is_contiguous() else 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
         return t.untyped_storage().nbytes() >= (t.storage_offset() + extent) * t.element_size()
     except RuntimeError:  # "Cannot access data pointer of Tensor that doesn't have storage" (vmap's)
         return False
@@ -204,10 +206,11 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     grad mode on) goes to PyTorch's kernel, which takes, refuses or raises as it does; CPU
     tensors whose storage does not hold their elements raise RuntimeError whatever runs
     (PyTorch's kernel reads them raw, and crashes)."""
-    if not all(holds_data(t) for t in (weight, rows, values)):  # PyTorch's kernel reads them raw too (and crashes)
+    if not (holds_data(weight) and holds_data(rows) and holds_data(values)):  # PyTorch's kernel reads them raw too
         raise RuntimeError("index_add_: a tensor's storage does not hold its elements (freed, or not allocated)")
     tracked = torch.is_grad_enabled() and (weight.requires_grad or values.requires_grad)  # autograd's to record
-    if not (not tracked and supports(weight) and weight.shape[1] > 0 and values.dtype == torch.float32
+    if not (not tracked and available() and _takes(weight, checked=True) and weight.shape[1] > 0
+            and values.dtype == torch.float32
             and values.device.type == "cpu" and values.dim() == 2 and values.shape[1] == weight.shape[1]
             and rows.dim() == 1 and rows.shape == values.shape[:1] and rows.dtype in (torch.int32, torch.int64)
             and values.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):

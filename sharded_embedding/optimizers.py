@@ -133,7 +133,7 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
     @torch.no_grad()
     def apply(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """One optimizer step on the given rows (counts a step)."""
-        self.step += 1
+        self.step.add_(1)  # in place: no Module.__setattr__ per step
         self.update(weight, rows, grad)
 
     @torch.no_grad()
@@ -145,7 +145,7 @@ class FusedOptimizer(nn.Module, metaclass=ABCMeta):
         on this owner), which adds its ids' rows to ``weight`` itself."""
         if self.linear_scale is None:
             raise TypeError(f"fused_optimizer {self.name!r} is not linear in the gradient: apply it in one part")
-        self.step += 1
+        self.step.add_(1)  # in place: no Module.__setattr__ per step
         for part in parts:
             if isinstance(part, tuple):
                 self.update(weight, *part)
