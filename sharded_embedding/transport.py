@@ -37,6 +37,8 @@ whatever way they exit.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import mmap
 import os
@@ -280,7 +282,7 @@ class SharedMemoryTransport(Transport):
         """The outbox's first ``nbytes`` data bytes, once every peer has read exchange ``k - 1``
         (grown if needed). Views lent for one exchange stay valid when a later call grows the
         outbox (the file keeps its bytes, the old mapping stays while they live)."""
-        if torch.device(device).type != "cpu":
+        if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
             raise ValueError(f"SharedMemoryTransport.send_buffer: the outbox is CPU memory, not {device}")
         self._unmap_retiring()
         self._wait_read(self._step)
@@ -292,12 +294,17 @@ class SharedMemoryTransport(Transport):
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):
         row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
         sizes = [n * row_bytes for n in in_splits]
+        if sum(sizes) > inp.numel() * inp.element_size():  # (the copies below read raw memory)
+            raise ValueError(f"SharedMemoryTransport.all_to_all: inp holds {inp.shape[0] if inp.dim() else 0} rows, "
+                             f"the splits {in_splits} send {sum(in_splits)}")
         lent = self._in_outbox(inp, sum(sizes))  # (raises before anything changes)
         self._unmap_retiring()
         self._step += 1
         k, world, rank = self._step, self.world, self.rank
         self._wait_read(k - 1)  # 1. my outbox of exchange k - 1 has been read by everyone
-        send = inp.contiguous().view(torch.uint8).reshape(-1) if inp.numel() else None
+        own = (sum(sizes[:rank]), sizes[rank])
+        # The input's bytes (as plain memory): copied into the outbox, and for the rows a rank sends itself.
+        src = inp if inp.is_contiguous() and not inp.is_neg() else inp.resolve_neg().contiguous()
         words = self._mine.words
         if lent is not None:  # 2. built in the outbox: publish where each peer's rows lie
             offset = lent
@@ -309,14 +316,14 @@ class SharedMemoryTransport(Transport):
             total = sum(sizes) - sizes[rank]
             self._ensure_capacity(total)
         self._lent.clear()
-        self._retiring, self._retired = self._retired, []  # `send` may lie there: kept until the next exchange
+        self._retiring, self._retired = self._retired, []  # `src` may lie there: kept until the next exchange
         if lent is None:
-            words, data = self._mine.words, self._mine.data
+            words, base = self._mine.words, self._mine.base
             offset = start = 0
             for q in range(world):
                 n = sizes[q]
-                if q != rank and n:
-                    data[offset : offset + n].copy_(send[start : start + n])
+                if q != rank and n:  # (bounds: the outbox holds `total` bytes, `src` sum(sizes))
+                    ctypes.memmove(base + offset, src.data_ptr() + start, n)
                 words[_FIXED + q] = offset if q != rank else -1
                 words[_FIXED + world + q] = n
                 offset += n if q != rank else 0
@@ -325,46 +332,58 @@ class SharedMemoryTransport(Transport):
         words[_FLAG] = int(mine)
         my_tag = words[_TAG] = _tag_word(tag, caller)
         words[_SENT] = k  # publish: after the rows, the flag and the tag (x86-64 store order)
-        own = (sum(sizes[:rank]), sizes[rank])
+        return functools.partial(self._receive, k, out, out_splits, src, own, flag is not None and mine,
+                                 flag is not None, my_tag)
 
-        def receive():
-            recv = out.view(torch.uint8).reshape(-1) if out.numel() else None
-            out_row = math.prod(out.shape[1:]) * out.element_size()
-            at, flagged = 0, []
-            for q in range(world):  # 3. what each peer left for me
-                n = out_splits[q] * out_row
-                if q == rank:
-                    if n != own[1]:
-                        self._mine.words[_DONE] = k  # abandoned: the next exchange must not wait for it
-                        raise TransportError(f"rank {rank} sends {own[1]} bytes to itself but expects {n}")
-                    if n:
-                        recv[at : at + n].copy_(send[own[0] : own[0] + n])
-                    if mine:
-                        flagged.append(q)
-                else:
-                    peer = self._peer(q, k)
-                    theirs = int(peer.words[_TAG])
-                    if my_tag and theirs and theirs != my_tag:
-                        self._mine.words[_DONE] = k  # abandoned, as below
-                        raise TransportError(_out_of_step(k, sorted([(rank, my_tag), (q, theirs)])))
-                    wrote = int(peer.words[_FIXED + world + rank])
-                    if wrote != n:
-                        # Abandoned here (the peer finds its own mismatch and raises too): mark it
-                        # read, so that the group's next exchange does not wait for it forever.
+    def _receive(self, k: int, out: torch.Tensor, out_splits: list[int], src: torch.Tensor, own: tuple[int, int],
+                 mine: bool, flags: bool, my_tag: int) -> list[int]:
+        """3. of exchange ``k``: each peer's rows for this rank into ``out`` (own rows from ``src``,
+        the input, at byte ``own[0]``, ``own[1]`` bytes); returns the ranks whose flag was set."""
+        world, rank = self.world, self.rank
+        dest = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+        out_row = math.prod(out.shape[1:]) * out.element_size()
+        if sum(out_splits) * out_row > out.numel() * out.element_size():
+            self._mine.words[_DONE] = k  # abandoned: the next exchange must not wait for it
+            raise ValueError(f"SharedMemoryTransport.all_to_all: out holds {out.shape[0]} rows, the splits "
+                             f"{out_splits} ask for {sum(out_splits)}")
+        at, flagged = dest.data_ptr(), []
+        for q in range(world):  # 3. what each peer left for me
+            n = out_splits[q] * out_row
+            if q == rank:
+                if n != own[1]:
+                    self._mine.words[_DONE] = k  # abandoned: the next exchange must not wait for it
+                    raise TransportError(f"rank {rank} sends {own[1]} bytes to itself but expects {n}")
+                if n:
+                    ctypes.memmove(at, src.data_ptr() + own[0], n)
+                if mine:
+                    flagged.append(q)
+            else:
+                peer = self._peer(q, k)
+                theirs = int(peer.words[_TAG])
+                if my_tag and theirs and theirs != my_tag:
+                    self._mine.words[_DONE] = k  # abandoned, as below
+                    raise TransportError(_out_of_step(k, sorted([(rank, my_tag), (q, theirs)])))
+                wrote = int(peer.words[_FIXED + world + rank])
+                if wrote != n:
+                    # Abandoned here (the peer finds its own mismatch and raises too): mark it
+                    # read, so that the group's next exchange does not wait for it forever.
+                    self._mine.words[_DONE] = k
+                    raise TransportError(
+                        f"exchange {k}: rank {q} sent {wrote} bytes to rank {rank}, which expected {n}: the ranks "
+                        "called the exchange with splits that do not match")
+                if n:
+                    start = int(peer.words[_FIXED + rank])
+                    if not 0 <= start <= peer.capacity - n:  # (not what this package writes)
                         self._mine.words[_DONE] = k
-                        raise TransportError(
-                            f"exchange {k}: rank {q} sent {wrote} bytes to rank {rank}, which expected {n}: the ranks "
-                            "called the exchange with splits that do not match")
-                    if n:
-                        src = int(peer.words[_FIXED + rank])
-                        recv[at : at + n].copy_(peer.data[src : src + n])
-                    if flag is not None and peer.words[_FLAG]:
-                        flagged.append(q)
-                at += n
-            self._mine.words[_DONE] = k
-            return flagged
-
-        return receive
+                        raise TransportError(f"exchange {k}: rank {q}'s outbox header is corrupt")
+                    ctypes.memmove(at, peer.base + start, n)
+                if flags and peer.words[_FLAG]:
+                    flagged.append(q)
+            at += n
+        if dest is not out:
+            out.copy_(dest)
+        self._mine.words[_DONE] = k
+        return flagged
 
     # ------------------------------------------------------------------ helpers
     def _unmap_retiring(self) -> None:
@@ -384,7 +403,8 @@ class SharedMemoryTransport(Transport):
         exchange, or reaching past the one lent): copying it into the outbox would overwrite it."""
         if not nbytes:
             return None
-        ptr, end = inp.data_ptr(), inp.data_ptr() + nbytes
+        ptr = inp.data_ptr()
+        end = ptr + nbytes
         for view, base in self._lent:
             start = view.data_ptr()
             if start <= ptr and end <= start + view.numel() and inp.is_contiguous():
@@ -460,6 +480,7 @@ class _Mapping:
         self.mm = mmap.mmap(fd, size)
         self.words = memoryview(self.mm)[:header_bytes].cast("q")
         self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=header_bytes, count=size - header_bytes)
+        self.base, self.capacity = self.data.data_ptr(), size - header_bytes  # where the data bytes lie, how many
         if previous is not None:
             previous.close(keep_fd=True)
 
