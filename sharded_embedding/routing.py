@@ -28,6 +28,7 @@ payload under the adaptive capacity): `Router` uses it for one table's lookups, 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -132,19 +133,19 @@ class Routing:
     call: int = 0  # the table's lookup number (alike on every rank): tags its exchanges
     hyperparameters: dict | None = None  # the fused step's, as every rank agreed at the lookup
 
-    @property
+    @functools.cached_property  # (read several times per lookup; a Routing does not change)
     def num_remote(self) -> int:
         return sum(self.requested_counts)
 
-    @property
+    @functools.cached_property
     def num_served(self) -> int:
         return sum(self.served_counts)
 
-    @property
+    @functools.cached_property
     def num_self(self) -> int:
         return self.owner_rows.numel() - self.num_served
 
-    @property
+    @functools.cached_property
     def num_unique(self) -> int:
         return self.num_remote + self.num_self
 

@@ -297,6 +297,10 @@ class SharedMemoryTransport(Transport):
         if sum(sizes) > inp.numel() * inp.element_size():  # (the copies below read raw memory)
             raise ValueError(f"SharedMemoryTransport.all_to_all: inp holds {inp.shape[0] if inp.dim() else 0} rows, "
                              f"the splits {in_splits} send {sum(in_splits)}")
+        out_row = math.prod(out.shape[1:]) * out.element_size()
+        if sum(out_splits) * out_row > out.numel() * out.element_size():
+            raise ValueError(f"SharedMemoryTransport.all_to_all: out holds {out.shape[0] if out.dim() else 0} rows, "
+                             f"the splits {out_splits} ask for {sum(out_splits)}")
         lent = self._in_outbox(inp, sum(sizes))  # (raises before anything changes)
         self._unmap_retiring()
         self._step += 1
@@ -341,11 +345,7 @@ class SharedMemoryTransport(Transport):
         the input, at byte ``own[0]``, ``own[1]`` bytes); returns the ranks whose flag was set."""
         world, rank = self.world, self.rank
         dest = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-        out_row = math.prod(out.shape[1:]) * out.element_size()
-        if sum(out_splits) * out_row > out.numel() * out.element_size():
-            self._mine.words[_DONE] = k  # abandoned: the next exchange must not wait for it
-            raise ValueError(f"SharedMemoryTransport.all_to_all: out holds {out.shape[0]} rows, the splits "
-                             f"{out_splits} ask for {sum(out_splits)}")
+        out_row = math.prod(out.shape[1:]) * out.element_size()  # (checked in all_to_all: out holds the splits)
         at, flagged = dest.data_ptr(), []
         for q in range(world):  # 3. what each peer left for me
             n = out_splits[q] * out_row

@@ -280,6 +280,26 @@ def test_splits_that_do_not_match_raise_on_both_ranks_and_the_group_goes_on():
     assert run_ranks(2, _mismatch_then_recover) == [True, True]
 
 
+def _splits_past_the_tensors_then_recover():
+    """Splits that reach past ``inp`` or ``out`` (the shared-memory transport copies raw bytes):
+    ValueError on the rank that passed them, before anything changed, so the group's next
+    exchange works."""
+    rank = dist.get_rank()
+    shm = make_transport("shared_memory", dist.group.WORLD, torch.device("cpu"))
+    with pytest.raises(ValueError, match="inp holds 3 rows, the splits \\[2, 2\\] send 4"):
+        shm.all_to_all(torch.empty(4, 2), torch.ones(3, 2), [2, 2], [2, 2])
+    with pytest.raises(ValueError, match="out holds 3 rows, the splits \\[2, 2\\] ask for 4"):
+        shm.all_to_all(torch.empty(3, 2), torch.ones(4, 2), [2, 2], [2, 2])
+    inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
+    shm.all_to_all(out, inp, [2, 2], [2, 2])()
+    assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    return True
+
+
+def test_splits_past_the_tensors_raise_before_anything_changes():
+    assert run_ranks(2, _splits_past_the_tensors_then_recover) == [True, True]
+
+
 def _kinds_differ_then_recover():
     """Rank 0 is in a gradient exchange while rank 1 is in a request exchange of the same byte
     count (a rank that skipped a backward): both raise, naming both, before anything is read,
