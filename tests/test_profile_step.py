@@ -180,3 +180,28 @@ def test_step_quantiles_stay_within_the_times_measured():
     r = wl.summary([0.00183, 0.00468, 0.00625], 10)
     assert r["p10_step_ms"] >= 1.83 and r["p90_step_ms"] <= 6.25
     assert r["p10_step_ms"] <= r["median_step_ms"] <= r["p90_step_ms"]
+
+
+def test_two_versions_run_side_by_side_in_one_job():
+    """benchmarks/ab_trees.py builds the base version (here: the last commit) beside this
+    checkout, runs both in one torchrun job and prints the paired ratio; arguments no run could
+    use stop it before any run."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    ab = _load("ab_trees")
+    for argv, message in [(["--base", "HEAD", "--blocks", "0"], "--blocks must be at least 1"),
+                          (["--base", "HEAD", "--rows", "0"], "--rows must be at least 1")]:
+        with pytest.raises(SystemExit):
+            ab._args(argv)
+    with pytest.raises(SystemExit, match="neither a checkout nor a revision"):
+        ab.main(["--base", "no-such-revision-here", "--dists", "zipf", "--optimizers", "sgd"])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ab_trees.py"), "--base", "HEAD", "--rows=4096", "--dim=8",
+           "--batch=64", "--blocks=2", "--block-steps=2", "--dists=zipf", "--optimizers=sgd"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| zipf | sgd |"))
+    base_ms, ours_ms, ratio = (c.strip() for c in row.strip("|").split("|")[2:])
+    assert float(base_ms) > 0 and float(ours_ms) > 0 and float(ratio.rstrip("x")) > 0

@@ -1,0 +1,179 @@
+"""Paired A/B of two versions of the package on the same training step, in one job.
+
+    python benchmarks/ab_trees.py --base HEAD~3                    # S, zipf and uniform, SGD and row-wise Adagrad
+    python benchmarks/ab_trees.py --base /path/to/other/checkout --workload M --blocks 12 --block-steps 20
+    python benchmarks/ab_trees.py --base v0.3 --batch 64 --block-steps 200   # the fixed cost per call
+
+Why: on a shared machine two runs of one tree differ by more than a change of a few percent
+(`lookup.py`'s runs of one system differed by up to 40% on 2026-12-01), so two trees timed in
+separate runs cannot be told apart. Here both versions run in the same torchrun job: the
+base version is extracted (``git archive``, or copied from a checkout), its C extension built,
+and imported as ``sharded_embedding_base`` beside this checkout's ``sharded_embedding``; each
+rank builds one table of each (same rows, same placement, its own shared-memory transport)
+and the job alternates blocks of steps between them (ABBA order), so drift hits both alike.
+Reported per configuration: the median block step time of each and the median of the paired
+per-block ratios (this checkout / base; below 1: this checkout is faster).
+
+The step is `lookup.py`'s ``ours_fused_*`` step: ``(emb(ids) * w).sum().backward()`` with the
+optimizer fused, ``tune_malloc()`` and one pinned thread per rank. Both tables live in one
+process, so caches hold both: absolute times run higher than `lookup.py`'s; read the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT]  # workload.py, and the package of this checkout
+
+from lookup import WORKLOADS  # noqa: E402
+
+BASE_NAME = "sharded_embedding_base"
+
+
+def _args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="a git revision of this repository, or a checkout's directory")
+    ap.add_argument("--workload", default="S", choices=sorted(WORKLOADS))
+    ap.add_argument("--rows", type=int, default=None, help="table rows (default: the workload's)")
+    ap.add_argument("--dim", type=int, default=None, help="embedding dim (default: the workload's)")
+    ap.add_argument("--batch", type=int, default=None, help="ids per rank per step (default: the workload's)")
+    ap.add_argument("--dists", default="zipf,uniform")
+    ap.add_argument("--optimizers", default="sgd,rowwise_adagrad", help="fused optimizers, comma separated")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=30, help="blocks of steps per version")
+    ap.add_argument("--block-steps", type=int, default=50)
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds allowed per configuration")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--base-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dist", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    for name in ("blocks", "block_steps", "world", "timeout", "rows", "dim", "batch"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    return a
+
+
+def _sizes(a) -> tuple[int, int, int]:
+    """(rows, dim, ids per rank) of the run: the workload's unless given."""
+    sizes = WORKLOADS[a.workload]
+    return a.rows or sizes["rows"], a.dim or sizes["dim"], a.batch or sizes["batch"]
+
+
+def prepare_base(base: str, into: str) -> str:
+    """The base version as package ``sharded_embedding_base`` under ``into`` (its C extension
+    built there); returns ``into``. ``base``: a checkout's directory or a git revision."""
+    src, parts = os.path.join(into, "src"), ["sharded_embedding", "setup.py", "pyproject.toml"]
+    if os.path.isdir(os.path.join(base, "sharded_embedding")):
+        shutil.copytree(os.path.join(base, "sharded_embedding"), os.path.join(src, "sharded_embedding"),
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        for name in parts[1:]:
+            shutil.copy(os.path.join(base, name), src)
+    else:
+        os.makedirs(src)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", base, *parts], capture_output=True)
+        if archive.returncode:
+            raise SystemExit(f"--base {base!r} is neither a checkout nor a revision: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, check=True,
+                   capture_output=True)
+    if not any(name.startswith("_scatter") and name.endswith(".so") for name in os.listdir(os.path.join(src, "sharded_embedding"))):
+        raise SystemExit("the base version's C extension did not build: its steps would run PyTorch's kernels")
+    shutil.move(os.path.join(src, "sharded_embedding"), os.path.join(into, BASE_NAME))
+    return into
+
+
+def _worker(a) -> None:
+    import importlib
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, a.base_dir)
+    import sharded_embedding as ours
+    from workload import make_ids, make_loss_weight
+
+    base = importlib.import_module(BASE_NAME)
+    if not ours.tune_malloc():
+        raise SystemExit("this C library has no mallopt")
+    ours.init_distributed("gloo", bind_cpus=True)
+    rank = dist.get_rank()
+    rows, dim, batch = _sizes(a)
+    batches = 200
+    ids = make_ids(rows, batch, batches, rank, a.dist)
+    w = make_loss_weight(batch, dim, rank)
+    fused = {"name": a.optimizer, "lr": 0.05}
+    tables = {name: pkg.ShardedEmbedding(rows, dim, page_size=512, fused_optimizer=fused, transport="shared_memory")
+              for name, pkg in (("base", base), ("ours", ours))}
+
+    def run(emb, start: int, steps: int) -> None:
+        for i in range(start, start + steps):
+            (emb(ids[i % batches]) * w).sum().backward()
+
+    for emb in tables.values():
+        run(emb, 0, 10)
+    times = {"base": [], "ours": []}
+    for block in range(a.blocks):
+        for name in ("base", "ours") if block % 2 == 0 else ("ours", "base"):  # ABBA
+            dist.barrier()
+            t = time.perf_counter()
+            run(tables[name], block * a.block_steps, a.block_steps)
+            dist.barrier()
+            times[name].append((time.perf_counter() - t) / a.block_steps * 1e3)
+    if rank == 0:
+        ratios = [o / b for o, b in zip(times["ours"], times["base"])]
+        print(f"RESULT {a.dist} {a.optimizer} {statistics.median(times['base']):.3f} "
+              f"{statistics.median(times['ours']):.3f} {statistics.median(ratios):.3f}", flush=True)
+    ours.finish()
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    if a.worker:
+        _worker(a)
+        return 0
+    dists, optimizers = a.dists.split(","), a.optimizers.split(",")
+    bad = [d for d in dists if d not in ("zipf", "uniform")] + \
+        [o for o in optimizers if o not in ("sgd", "adagrad", "rowwise_adagrad", "adam")]
+    if bad:
+        raise SystemExit(f"unknown --dists/--optimizers {bad}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ab_trees_") as tmp:
+        base_dir = prepare_base(a.base, tmp)
+        for dist_name in dists:
+            for opt in optimizers:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
+                       os.path.abspath(__file__), "--worker", "--base", a.base, "--base-dir", base_dir,
+                       "--workload", a.workload, "--dist", dist_name, "--optimizer", opt,
+                       "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
+                cmd += [f"--{name}={getattr(a, name)}" for name in ("rows", "dim", "batch") if getattr(a, name) is not None]
+                env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+                except subprocess.TimeoutExpired:
+                    raise SystemExit(f"{dist_name} {opt}: no result within --timeout {a.timeout} s") from None
+                found = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode or not found:
+                    raise SystemExit(f"{dist_name} {opt} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                results.append(found[0])
+                print(f"  {dist_name} {opt}: base {found[0][2]} ms, this checkout {found[0][3]} ms, "
+                      f"paired ratio {found[0][4]}", flush=True)
+    rows, dim, batch = _sizes(a)
+    print(f"\n{rows:,} x {dim}, {batch} ids per rank, {a.world} ranks, base {a.base}: median of {a.blocks} ABBA blocks "
+          f"of {a.block_steps} steps each\n")
+    print("| ids | optimizer | base ms | this checkout ms | this / base (paired median) |\n|---|---|---|---|---|")
+    for d, o, b, t, r in results:
+        print(f"| {d} | {o} | {b} | {t} | {r}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
