@@ -35,6 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]  # workload.py, and the package of this checkout
 
 from lookup import WORKLOADS  # noqa: E402
+from workload import add_paired_args, check_paired_args, paired_sizes, run_paired  # noqa: E402
 
 BASE_NAME = "sharded_embedding_base"
 
@@ -42,31 +43,11 @@ BASE_NAME = "sharded_embedding_base"
 def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="a git revision of this repository, or a checkout's directory")
-    ap.add_argument("--workload", default="S", choices=sorted(WORKLOADS))
-    ap.add_argument("--rows", type=int, default=None, help="table rows (default: the workload's)")
-    ap.add_argument("--dim", type=int, default=None, help="embedding dim (default: the workload's)")
-    ap.add_argument("--batch", type=int, default=None, help="ids per rank per step (default: the workload's)")
-    ap.add_argument("--dists", default="zipf,uniform")
-    ap.add_argument("--optimizers", default="sgd,rowwise_adagrad", help="fused optimizers, comma separated")
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--blocks", type=int, default=30, help="blocks of steps per version")
-    ap.add_argument("--block-steps", type=int, default=50)
-    ap.add_argument("--timeout", type=int, default=1200, help="seconds allowed per configuration")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base-dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--dist", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--optimizer", default=None, help=argparse.SUPPRESS)
+    add_paired_args(ap, WORKLOADS)
     a = ap.parse_args(argv)
-    for name in ("blocks", "block_steps", "world", "timeout", "rows", "dim", "batch"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_paired_args(ap, a)
     return a
-
-
-def _sizes(a) -> tuple[int, int, int]:
-    """(rows, dim, ids per rank) of the run: the workload's unless given."""
-    sizes = WORKLOADS[a.workload]
-    return a.rows or sizes["rows"], a.dim or sizes["dim"], a.batch or sizes["batch"]
 
 
 def prepare_base(base: str, into: str) -> str:
@@ -106,7 +87,7 @@ def _worker(a) -> None:
         raise SystemExit("this C library has no mallopt")
     ours.init_distributed("gloo", bind_cpus=True)
     rank = dist.get_rank()
-    rows, dim, batch = _sizes(a)
+    rows, dim, batch = paired_sizes(a, WORKLOADS)
     batches = 200
     ids = make_ids(rows, batch, batches, rank, a.dist)
     w = make_loss_weight(batch, dim, rank)
@@ -140,33 +121,9 @@ def main(argv=None) -> int:
     if a.worker:
         _worker(a)
         return 0
-    dists, optimizers = a.dists.split(","), a.optimizers.split(",")
-    bad = [d for d in dists if d not in ("zipf", "uniform")] + \
-        [o for o in optimizers if o not in ("sgd", "adagrad", "rowwise_adagrad", "adam")]
-    if bad:
-        raise SystemExit(f"unknown --dists/--optimizers {bad}")
-    results = []
     with tempfile.TemporaryDirectory(prefix="ab_trees_") as tmp:
-        base_dir = prepare_base(a.base, tmp)
-        for dist_name in dists:
-            for opt in optimizers:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
-                       os.path.abspath(__file__), "--worker", "--base", a.base, "--base-dir", base_dir,
-                       "--workload", a.workload, "--dist", dist_name, "--optimizer", opt,
-                       "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
-                cmd += [f"--{name}={getattr(a, name)}" for name in ("rows", "dim", "batch") if getattr(a, name) is not None]
-                env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-                try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
-                except subprocess.TimeoutExpired:
-                    raise SystemExit(f"{dist_name} {opt}: no result within --timeout {a.timeout} s") from None
-                found = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode or not found:
-                    raise SystemExit(f"{dist_name} {opt} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-                results.append(found[0])
-                print(f"  {dist_name} {opt}: base {found[0][2]} ms, this checkout {found[0][3]} ms, "
-                      f"paired ratio {found[0][4]}", flush=True)
-    rows, dim, batch = _sizes(a)
+        results = run_paired(a, __file__, ["--base", a.base, "--base-dir", prepare_base(a.base, tmp)])
+    rows, dim, batch = paired_sizes(a, WORKLOADS)
     print(f"\n{rows:,} x {dim}, {batch} ids per rank, {a.world} ranks, base {a.base}: median of {a.blocks} ABBA blocks "
           f"of {a.block_steps} steps each\n")
     print("| ids | optimizer | base ms | this checkout ms | this / base (paired median) |\n|---|---|---|---|---|")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import statistics
@@ -168,3 +169,68 @@ def gather_floats(value: float) -> list[float]:
     out = torch.zeros(dist.get_world_size(), dtype=torch.float64)
     all_gather_single(out, torch.tensor([value], dtype=torch.float64))
     return [round(float(v), 1) for v in out]
+
+
+# ------------------------------------------------------------------ paired jobs (ab_trees.py, limit_paired.py)
+def add_paired_args(ap, workloads: dict) -> None:
+    """The arguments of a driver that times several step kinds in one torchrun job, in blocks."""
+    import argparse
+
+    ap.add_argument("--workload", default="S", choices=sorted(workloads))
+    ap.add_argument("--rows", type=int, default=None, help="table rows (default: the workload's)")
+    ap.add_argument("--dim", type=int, default=None, help="embedding dim (default: the workload's)")
+    ap.add_argument("--batch", type=int, default=None, help="ids per rank per step (default: the workload's)")
+    ap.add_argument("--dists", default="zipf,uniform")
+    ap.add_argument("--optimizers", default="sgd,rowwise_adagrad", help="fused optimizers, comma separated")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=30, help="blocks of steps per kind")
+    ap.add_argument("--block-steps", type=int, default=50)
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds allowed per configuration")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dist", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default=None, help=argparse.SUPPRESS)
+
+
+def check_paired_args(ap, a) -> None:
+    """argparse errors for counts below 1 and unknown --dists/--optimizers, before any run."""
+    for name in ("blocks", "block_steps", "world", "timeout", "rows", "dim", "batch"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    bad = [d for d in a.dists.split(",") if d not in ("zipf", "uniform")] + \
+        [o for o in a.optimizers.split(",") if o not in ("sgd", "adagrad", "rowwise_adagrad", "adam")]
+    if bad:
+        ap.error(f"unknown --dists/--optimizers {bad}")
+
+
+def paired_sizes(a, workloads: dict) -> tuple[int, int, int]:
+    """(rows, dim, ids per rank) of a paired run: the workload's unless given."""
+    sizes = workloads[a.workload]
+    return a.rows or sizes["rows"], a.dim or sizes["dim"], a.batch or sizes["batch"]
+
+
+def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:
+    """Run ``script --worker`` under torchrun for every (dist, optimizer) of ``a``; returns the
+    fields of each job's ``RESULT`` line (printed by its rank 0), in order. SystemExit when a
+    job fails or outlasts ``a.timeout``."""
+    results = []
+    for dist_name in a.dists.split(","):
+        for opt in a.optimizers.split(","):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
+                   os.path.abspath(script), "--worker", *extra, "--workload", a.workload, "--dist", dist_name,
+                   "--optimizer", opt, "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
+            cmd += [f"--{name}={getattr(a, name)}" for name in ("rows", "dim", "batch") if getattr(a, name) is not None]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                   start_new_session=True)  # its own process group: a timeout ends the workers too
+            try:
+                out, err = job.communicate(timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.communicate()
+                raise SystemExit(f"{dist_name} {opt}: no result within --timeout {a.timeout} s") from None
+            found = [line.split()[1:] for line in out.splitlines() if line.startswith("RESULT ")]
+            if job.returncode or not found:
+                raise SystemExit(f"{dist_name} {opt} failed (exit {job.returncode}):\n{err[-3000:]}")
+            results.append(found[0])
+            print(f"  {dist_name} {opt}: {' '.join(found[0][2:])}", flush=True)
+    return results

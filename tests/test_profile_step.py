@@ -205,3 +205,30 @@ def test_two_versions_run_side_by_side_in_one_job():
     row = next(line for line in done.stdout.splitlines() if line.startswith("| zipf | sgd |"))
     base_ms, ours_ms, ratio = (c.strip() for c in row.strip("|").split("|")[2:])
     assert float(base_ms) > 0 and float(ours_ms) > 0 and float(ratio.rstrip("x")) > 0
+
+
+def test_ours_the_limit_and_the_bound_run_paired_in_one_job():
+    """benchmarks/limit_paired.py runs our table, the single process (rank 0 alone, every
+    rank's ids) and the no-exchange bound in one torchrun job and prints the paired ratios;
+    arguments no run could use stop it before any run."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    lp = _load("limit_paired")
+    for argv in (["--world", "0"], ["--rows", "1", "--world", "2"], ["--dists", "normal"], ["--limits", "gpu"],
+                 ["--limits", "sparse", "--optimizers", "adam"]):
+        with pytest.raises(SystemExit):
+            lp._args(argv)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "limit_paired.py"), "--rows=4096", "--dim=8", "--batch=64",
+           "--blocks=3", "--block-steps=2", "--dists=uniform", "--optimizers=rowwise_adagrad"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| uniform | rowwise_adagrad |"))
+    form, *ratios, every = [c.strip().rstrip("x") for c in row.strip("|").split("|")[2:]]
+    assert form in ("fused", "sparse") and len(ratios) == 5 and all(float(c) > 0 for c in ratios), (form, ratios)
+    assert every.startswith("fused=") and ",sparse=" in every  # both single-process forms ran
+    done = subprocess.run(cmd + ["--limits=sparse"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| uniform | rowwise_adagrad |"))
+    assert row.rstrip(" |").split("|")[-1].strip().startswith("sparse=") and "fused" not in row, row
