@@ -12,7 +12,10 @@ and imported as ``sharded_embedding_base`` beside this checkout's ``sharded_embe
 rank builds one table of each (same rows, same placement, its own shared-memory transport)
 and the job alternates blocks of steps between them (ABBA order), so drift hits both alike.
 Reported per configuration: the median block step time of each and the median of the paired
-per-block ratios (this checkout / base; below 1: this checkout is faster).
+per-block ratios (this checkout / base; below 1: this checkout is faster). The base must be
+recent enough to take the step as written here (`ShardedEmbedding`'s ``fused_optimizer=`` and
+``transport=``, `tune_malloc`, `init_distributed`): a revision without them fails in its worker,
+whose error is shown.
 
 The step is `lookup.py`'s ``ours_fused_*`` step: ``(emb(ids) * w).sum().backward()`` with the
 optimizer fused, ``tune_malloc()`` and one pinned thread per rank. Both tables live in one
@@ -61,9 +64,14 @@ def prepare_base(base: str, into: str) -> str:
             shutil.copy(os.path.join(base, name), src)
     else:
         os.makedirs(src)
+        known = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"],
+                               capture_output=True)
+        if known.returncode:
+            raise SystemExit(f"--base {base!r} is neither a checkout nor a revision of {ROOT}")
         archive = subprocess.run(["git", "-C", ROOT, "archive", base, *parts], capture_output=True)
         if archive.returncode:
-            raise SystemExit(f"--base {base!r} is neither a checkout nor a revision: {archive.stderr.decode().strip()}")
+            raise SystemExit(f"--base {base!r} does not hold {parts} (too old to compare): "
+                             f"{archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, check=True,
                    capture_output=True)

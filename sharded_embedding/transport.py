@@ -41,6 +41,7 @@ import ctypes
 import functools
 import math
 import mmap
+import operator
 import os
 import platform
 import socket
@@ -52,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import all_gather_strings
+from .native import holds_data
 
 __all__ = ["Transport", "ProcessGroupTransport", "SharedMemoryTransport", "TransportError", "make_transport",
            "same_host", "close_transports", "TRANSPORTS"]
@@ -59,6 +61,7 @@ __all__ = ["Transport", "ProcessGroupTransport", "SharedMemoryTransport", "Trans
 TRANSPORTS = ("auto", "process_group", "shared_memory")
 
 _SENT, _DONE, _CAPACITY, _PID, _FLAG, _TAG, _FIXED = 0, 1, 2, 3, 4, 5, 6  # header words; offsets[world], sizes[world]
+_REFUSED = -1  # the tag word of a rank that could not take part in an exchange (bad arguments): peers raise
 # What an exchange carries (`Transport.all_to_all`'s ``tag``): ranks in exchanges of different
 # kinds (one in a lookup's request exchange, another in a backward's gradient exchange) are not
 # making the same calls; the shared-memory transport tells them so on both sides.
@@ -292,20 +295,28 @@ class SharedMemoryTransport(Transport):
         return view
 
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):
-        row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
-        sizes = [n * row_bytes for n in in_splits]
-        if sum(sizes) > inp.numel() * inp.element_size():  # (the copies below read raw memory)
-            raise ValueError(f"SharedMemoryTransport.all_to_all: inp holds {inp.shape[0] if inp.dim() else 0} rows, "
-                             f"the splits {in_splits} send {sum(in_splits)}")
-        out_row = math.prod(out.shape[1:]) * out.element_size()
-        if sum(out_splits) * out_row > out.numel() * out.element_size():
-            raise ValueError(f"SharedMemoryTransport.all_to_all: out holds {out.shape[0] if out.dim() else 0} rows, "
-                             f"the splits {out_splits} ask for {sum(out_splits)}")
-        lent = self._in_outbox(inp, sum(sizes))  # (raises before anything changes)
+        problem = self._refusal(out, inp, out_splits, in_splits)
+        lent = None
+        if problem is None:
+            in_splits, out_splits = [int(n) for n in in_splits], [int(n) for n in out_splits]
+            row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
+            sizes = [n * row_bytes for n in in_splits]
+            try:
+                lent = self._in_outbox(inp, sum(sizes))
+            except ValueError as e:
+                problem = str(e)
         self._unmap_retiring()
         self._step += 1
         k, world, rank = self._step, self.world, self.rank
         self._wait_read(k - 1)  # 1. my outbox of exchange k - 1 has been read by everyone
+        if problem is not None:  # take part without rows: every peer raises too, no one waits for me
+            self._lent.clear()
+            self._retiring, self._retired = self._retired, []
+            words = self._mine.words
+            words[_TAG], words[_DONE] = _REFUSED, k
+            words[_SENT] = k
+            raise ValueError(f"SharedMemoryTransport.all_to_all (exchange {k}): {problem}; nothing was exchanged, "
+                             "and the other ranks raise too")
         own = (sum(sizes[:rank]), sizes[rank])
         # The input's bytes (as plain memory): copied into the outbox, and for the rows a rank sends itself.
         src = inp if inp.is_contiguous() and not inp.is_neg() else inp.resolve_neg().contiguous()
@@ -349,10 +360,7 @@ class SharedMemoryTransport(Transport):
         at, flagged = dest.data_ptr(), []
         for q in range(world):  # 3. what each peer left for me
             n = out_splits[q] * out_row
-            if q == rank:
-                if n != own[1]:
-                    self._mine.words[_DONE] = k  # abandoned: the next exchange must not wait for it
-                    raise TransportError(f"rank {rank} sends {own[1]} bytes to itself but expects {n}")
+            if q == rank:  # (n == own[1]: checked before sending, `_refusal`)
                 if n:
                     ctypes.memmove(at, src.data_ptr() + own[0], n)
                 if mine:
@@ -360,6 +368,10 @@ class SharedMemoryTransport(Transport):
             else:
                 peer = self._peer(q, k)
                 theirs = int(peer.words[_TAG])
+                if theirs == _REFUSED:
+                    self._mine.words[_DONE] = k  # abandoned, as below
+                    raise TransportError(f"exchange {k}: rank {q} could not take part with the arguments it was "
+                                         "given (it raised ValueError saying why); nothing was exchanged")
                 if my_tag and theirs and theirs != my_tag:
                     self._mine.words[_DONE] = k  # abandoned, as below
                     raise TransportError(_out_of_step(k, sorted([(rank, my_tag), (q, theirs)])))
@@ -386,6 +398,33 @@ class SharedMemoryTransport(Transport):
         return flagged
 
     # ------------------------------------------------------------------ helpers
+    def _refusal(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits) -> str | None:
+        """Why this rank cannot send ``inp`` and receive into ``out`` with these splits (None: it
+        can), checked before any byte moves: the copies read and write raw memory. The rules of
+        ``all_to_all_single``: one split per rank, ints >= 0, summing to the rows of each tensor;
+        and the same dtype and row shape on both sides (the transport moves bytes)."""
+        try:
+            splits = [[operator.index(n) for n in s] for s in (in_splits, out_splits)]
+        except TypeError:
+            return f"the splits must be sequences of ints, got {in_splits!r} and {out_splits!r}"
+        if any(len(s) != self.world for s in splits):
+            return f"the splits must hold one count per rank ({self.world}), got {in_splits!r} and {out_splits!r}"
+        if any(n < 0 for s in splits for n in s):
+            return f"the splits must be >= 0, got {in_splits!r} and {out_splits!r}"
+        if inp.dim() == 0 or out.dim() == 0:
+            return "inp and out must have rows (a dim 0)"
+        if inp.dtype != out.dtype or inp.shape[1:] != out.shape[1:]:
+            return (f"inp ({inp.dtype}, rows of shape {list(inp.shape[1:])}) and out ({out.dtype}, rows of shape "
+                    f"{list(out.shape[1:])}) must hold the same kind of rows")
+        for name, t, s in (("inp", inp, splits[0]), ("out", out, splits[1])):
+            if sum(s) != t.shape[0]:
+                return f"{name} holds {t.shape[0]} rows, its splits {s} count {sum(s)}"
+        if splits[0][self.rank] != splits[1][self.rank]:
+            return f"rank {self.rank} sends {splits[0][self.rank]} rows to itself but expects {splits[1][self.rank]}"
+        if not (holds_data(inp) and holds_data(out)):
+            return "a tensor's storage does not hold its elements (freed, or not allocated)"
+        return None
+
     def _unmap_retiring(self) -> None:
         for mapping in self._retiring:
             mapping.close(keep_fd=True)

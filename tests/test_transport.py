@@ -100,7 +100,7 @@ def _zero_copy_exchanges(trials):
     errors = []
     try:
         shm.all_to_all(torch.empty(world, 4), inp, [1] * world, [2] * world)()
-    except TransportError as e:
+    except (TransportError, ValueError) as e:
         errors.append(str(e))
     del inp
     retired = len(shm._retired) + len(shm._retiring)
@@ -280,24 +280,46 @@ def test_splits_that_do_not_match_raise_on_both_ranks_and_the_group_goes_on():
     assert run_ranks(2, _mismatch_then_recover) == [True, True]
 
 
-def _splits_past_the_tensors_then_recover():
-    """Splits that reach past ``inp`` or ``out`` (the shared-memory transport copies raw bytes):
-    ValueError on the rank that passed them, before anything changed, so the group's next
-    exchange works."""
+# (rank 0's arguments, the ValueError it raises): the shared-memory transport copies raw bytes,
+# so what all_to_all_single would refuse is refused before any byte moves.
+BAD_ARGUMENTS = [
+    ((torch.empty(4, 2), torch.ones(3, 2), [2, 2], [2, 2]), r"inp holds 3 rows, its splits \[2, 2\] count 4"),
+    ((torch.empty(3, 2), torch.ones(4, 2), [2, 2], [2, 2]), r"out holds 3 rows, its splits \[2, 2\] count 4"),
+    ((torch.empty(4, 2), torch.ones(4, 2), [2, 2], [1, 3]), "sends 1 rows to itself but expects 2"),
+    ((torch.empty(4, 2), torch.ones(4, 2), [-1, 5], [-1, 5]), "must be >= 0"),
+    ((torch.empty(4, 2), torch.ones(4, 2), [4], [4]), "one count per rank"),
+    ((torch.empty(4, 2), torch.ones(4, 2), [2.0, 2.0], [2, 2]), "sequences of ints"),
+    ((torch.empty(4, 2, dtype=torch.int32), torch.ones(4, 2), [2, 2], [2, 2]), "same kind of rows"),
+    ((torch.empty(2, 4), torch.ones(4, 2), [1, 1], [2, 2]), "same kind of rows"),
+]
+
+
+def _bad_arguments_on_one_rank_then_recover():
+    """Arguments no all-to-all can take (on rank 0 alone, then on both): ValueError on the rank
+    that passed them, TransportError on the other, no byte copied, and the group's next exchange
+    works."""
     rank = dist.get_rank()
     shm = make_transport("shared_memory", dist.group.WORLD, torch.device("cpu"))
-    with pytest.raises(ValueError, match="inp holds 3 rows, the splits \\[2, 2\\] send 4"):
-        shm.all_to_all(torch.empty(4, 2), torch.ones(3, 2), [2, 2], [2, 2])
-    with pytest.raises(ValueError, match="out holds 3 rows, the splits \\[2, 2\\] ask for 4"):
-        shm.all_to_all(torch.empty(3, 2), torch.ones(4, 2), [2, 2], [2, 2])
+    for args, message in BAD_ARGUMENTS:
+        if rank == 0:
+            with pytest.raises(ValueError, match=message):
+                shm.all_to_all(*args)
+        else:
+            with pytest.raises(TransportError, match="rank 0 could not take part"):
+                shm.all_to_all(torch.empty(4, 2), torch.ones(4, 2), [2, 2], [2, 2])()
+        inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
+        shm.all_to_all(out, inp, [2, 2], [2, 2])()
+        assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    with pytest.raises(ValueError, match="must be >= 0"):  # both ranks: both raise their own error
+        shm.all_to_all(torch.empty(4, 2), torch.ones(4, 2), [-1, 5], [-1, 5])
     inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
     shm.all_to_all(out, inp, [2, 2], [2, 2])()
     assert out[:2].eq(0).all() and out[2:].eq(1).all()
     return True
 
 
-def test_splits_past_the_tensors_raise_before_anything_changes():
-    assert run_ranks(2, _splits_past_the_tensors_then_recover) == [True, True]
+def test_bad_arguments_raise_on_every_rank_before_any_byte_moves():
+    assert run_ranks(2, _bad_arguments_on_one_rank_then_recover) == [True, True]
 
 
 def _kinds_differ_then_recover():
