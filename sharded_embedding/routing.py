@@ -377,7 +377,7 @@ class RequestExchange:
         """Body values every request row holds in the next call (the same on every rank)."""
         return max((c for c, _, _ in self._capacities.values()), default=0)
 
-    def exchange(self, columns: torch.Tensor, pieces: list[list[torch.Tensor]], *, check=None,
+    def exchange(self, columns: torch.Tensor | list[list[int]], pieces: list[list[torch.Tensor]], *, check=None,
                  caller: int = 0) -> Received:
         """Send ``columns[q]`` (int64 ``[world, k]`` on the host, or ``world`` lists of ``k``
         ints) and the payload ``pieces[q]``

@@ -23,6 +23,11 @@ thread hand-off per message; here each rank has an *outbox*, an anonymous shared
    it wrote for this rank against the split this rank expects (ranks that disagree raise
    instead of reading garbage), copy the rows out; then store ``k`` as *done*.
 
+Arguments that ``all_to_all_single`` would refuse (splits that are not one int >= 0 per rank
+summing to each tensor's rows, different dtypes or row shapes) are refused before step 2, since
+the copies are raw ``memmove``s: the rank still takes exchange ``k``'s number and publishes a
+header that says so, raises ValueError, and every peer raises TransportError in step 3.
+
 A caller can build its input in the outbox itself: `Transport.send_buffer` waits for step 1
 ahead of time and lends the outbox's bytes; an exchange whose input lies there publishes the
 offsets it lies at instead of copying it (step 2 without the copy).
