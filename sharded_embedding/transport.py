@@ -300,10 +300,9 @@ class SharedMemoryTransport(Transport):
         return view
 
     def all_to_all(self, out, inp, out_splits, in_splits, flag=None, tag=None, caller=0):
-        problem = self._refusal(out, inp, out_splits, in_splits)
+        problem, in_splits, out_splits = self._refusal(out, inp, out_splits, in_splits)  # (read once: any iterable)
         lent = None
         if problem is None:
-            in_splits, out_splits = [int(n) for n in in_splits], [int(n) for n in out_splits]
             row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
             sizes = [n * row_bytes for n in in_splits]
             try:
@@ -403,15 +402,21 @@ class SharedMemoryTransport(Transport):
         return flagged
 
     # ------------------------------------------------------------------ helpers
-    def _refusal(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits) -> str | None:
-        """Why this rank cannot send ``inp`` and receive into ``out`` with these splits (None: it
-        can), checked before any byte moves: the copies read and write raw memory. The rules of
-        ``all_to_all_single``: one split per rank, ints >= 0, summing to the rows of each tensor;
-        and the same dtype and row shape on both sides (the transport moves bytes)."""
+    def _refusal(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits):
+        """(why this rank cannot send ``inp`` and receive into ``out`` with these splits, or None;
+        the in and out splits as lists of ints), checked before any byte moves: the copies read
+        and write raw memory. The rules of ``all_to_all_single``: one split per rank, ints >= 0,
+        summing to the rows of each tensor; and the same dtype and row shape on both sides (the
+        transport moves bytes). The splits may be any iterables (read once)."""
         try:
             splits = [[operator.index(n) for n in s] for s in (in_splits, out_splits)]
         except TypeError:
-            return f"the splits must be sequences of ints, got {in_splits!r} and {out_splits!r}"
+            return f"the splits must be sequences of ints, got {in_splits!r} and {out_splits!r}", [], []
+        return self._why_refused(out, inp, *splits), splits[0], splits[1]
+
+    def _why_refused(self, out: torch.Tensor, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> str | None:
+        """`_refusal`'s checks of int splits (None: none failed)."""
+        splits = (in_splits, out_splits)
         if any(len(s) != self.world for s in splits):
             return f"the splits must hold one count per rank ({self.world}), got {in_splits!r} and {out_splits!r}"
         if any(n < 0 for s in splits for n in s):

@@ -310,6 +310,9 @@ def _bad_arguments_on_one_rank_then_recover():
         inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
         shm.all_to_all(out, inp, [2, 2], [2, 2])()
         assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    out = torch.empty(4, 2)  # splits as one-time iterables (as all_to_all_single takes them): read once
+    shm.all_to_all(out, torch.full((4, 2), float(rank)), iter([2, 2]), (n for n in (2, 2)))()
+    assert out[:2].eq(0).all() and out[2:].eq(1).all()
     with pytest.raises(ValueError, match="must be >= 0"):  # both ranks: both raise their own error
         shm.all_to_all(torch.empty(4, 2), torch.ones(4, 2), [-1, 5], [-1, 5])
     inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
