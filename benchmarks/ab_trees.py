@@ -31,14 +31,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]  # workload.py, and the package of this checkout
 
 from lookup import WORKLOADS  # noqa: E402
-from workload import add_paired_args, check_paired_args, paired_sizes, run_paired  # noqa: E402
+from workload import add_paired_args, check_paired_args, paired_sizes, run_paired, time_in_blocks  # noqa: E402
 
 BASE_NAME = "sharded_embedding_base"
 
@@ -103,20 +102,11 @@ def _worker(a) -> None:
     tables = {name: pkg.ShardedEmbedding(rows, dim, page_size=512, fused_optimizer=fused, transport="shared_memory")
               for name, pkg in (("base", base), ("ours", ours))}
 
-    def run(emb, start: int, steps: int) -> None:
+    def run(name: str, start: int, steps: int) -> None:
         for i in range(start, start + steps):
-            (emb(ids[i % batches]) * w).sum().backward()
+            (tables[name](ids[i % batches]) * w).sum().backward()
 
-    for emb in tables.values():
-        run(emb, 0, 10)
-    times = {"base": [], "ours": []}
-    for block in range(a.blocks):
-        for name in ("base", "ours") if block % 2 == 0 else ("ours", "base"):  # ABBA
-            dist.barrier()
-            t = time.perf_counter()
-            run(tables[name], block * a.block_steps, a.block_steps)
-            dist.barrier()
-            times[name].append((time.perf_counter() - t) / a.block_steps * 1e3)
+    times = time_in_blocks(run, ["base", "ours"], a.blocks, a.block_steps)  # ABBA
     if rank == 0:
         ratios = [o / b for o, b in zip(times["ours"], times["base"])]
         print(f"RESULT {a.dist} {a.optimizer} {statistics.median(times['base']):.3f} "

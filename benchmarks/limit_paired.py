@@ -30,14 +30,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]  # workload.py, and the package of this checkout
 
 from lookup import WORKLOADS  # noqa: E402
-from workload import add_paired_args, check_paired_args, paired_sizes, run_paired  # noqa: E402
+from workload import add_paired_args, check_paired_args, paired_sizes, run_paired, time_in_blocks  # noqa: E402
 
 LIMITS = ("fused", "sparse")
 
@@ -112,18 +111,7 @@ def _worker(a) -> None:
             if opt:  # (nn.Embedding: the optimizer steps after the backward)
                 opt[0].step()
 
-    for name in kinds:
-        dist.barrier()
-        run(name, 0, 10)
-    times = {name: [] for name in kinds}
-    for block in range(a.blocks):
-        for j in range(len(kinds)):
-            name = kinds[(block + j) % len(kinds)]  # a rotating order
-            dist.barrier()
-            t = time.perf_counter()
-            run(name, block * a.block_steps, a.block_steps)
-            dist.barrier()
-            times[name].append((time.perf_counter() - t) / a.block_steps * 1e3)
+    times = time_in_blocks(run, kinds, a.blocks, a.block_steps)
     if rank == 0:
         med = {name: statistics.median(times[name]) for name in kinds}
         best = min(limits, key=med.get)  # the limit at its best

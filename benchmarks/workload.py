@@ -208,6 +208,29 @@ def paired_sizes(a, workloads: dict) -> tuple[int, int, int]:
     return a.rows or sizes["rows"], a.dim or sizes["dim"], a.batch or sizes["batch"]
 
 
+def time_in_blocks(run, kinds: list[str], blocks: int, block_steps: int, warmup: int = 10) -> dict[str, list[float]]:
+    """In a paired job's worker: ``run(kind, first_step, steps)`` for every kind, ``warmup``
+    steps each, then ``blocks`` rounds of ``block_steps`` steps of each kind in a rotating order
+    (two kinds: ABBA), each block between two barriers. Returns each kind's ms per step, block by
+    block (the slowest rank's: the closing barrier waits for it). Collective: every rank calls
+    ``run`` for every kind (a kind may do nothing on some ranks)."""
+    import torch.distributed as dist
+
+    for kind in kinds:
+        dist.barrier()
+        run(kind, 0, warmup)
+    times = {kind: [] for kind in kinds}
+    for block in range(blocks):
+        for j in range(len(kinds)):
+            kind = kinds[(block + j) % len(kinds)]
+            dist.barrier()
+            t = time.perf_counter()
+            run(kind, block * block_steps, block_steps)
+            dist.barrier()
+            times[kind].append((time.perf_counter() - t) / block_steps * 1e3)
+    return times
+
+
 def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:
     """Run ``script --worker`` under torchrun for every (dist, optimizer) of ``a``; returns the
     fields of each job's ``RESULT`` line (printed by its rank 0), in order. SystemExit when a
