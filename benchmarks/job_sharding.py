@@ -1,16 +1,19 @@
-"""The training job's words/s under each `sharding` option, interleaved: does `sharding=auto` pay?
+"""The training job's words/s under each value of one option, interleaved: does `sharding=auto` pay?
 
     python benchmarks/job_sharding.py                                   # data=wiki_offline, 2 ranks, 3 reps
     python benchmarks/job_sharding.py --reps 5 --shardings auto,round_robin,hot_mirrored
+    python benchmarks/job_sharding.py --vary model.transport=shared_memory,process_group --reps 5
     python benchmarks/job_sharding.py --data data.path=/work/data/corpus_10m_40m.txt data.min_count=1 --reps 1
 
 Runs ``python -m sharded_embedding.train`` (torchrun, ``--nproc`` ranks, one epoch, no
-evaluation, text export off the clock) once per sharding option per repetition, the order
-rotating from one repetition to the next so that a drift in the machine's load does not favour
-one option. The corpus is encoded once (``data.cache_dir`` shared by every run), so the runs
-differ only in their placement. Reports the job's own training words/s (metrics.json: corpus
-words x epochs / training seconds) of every run, the median per option, and its ratio to the
-first option.
+evaluation, text export off the clock) once per value of the option varied (``--vary
+KEY=V1,V2,...``; by default ``sharding=auto,round_robin``, which ``--shardings`` sets) per
+repetition, the order rotating from one repetition to the next so that a drift in the
+machine's load does not favour one value. The corpus is encoded once (``data.cache_dir``
+shared by every run), so the runs differ only in that option. Reports the job's own training
+words/s (metrics.json: corpus words x epochs / training seconds) of every run, the median per
+value, and the median over repetitions of its ratio to the first value's run of the same
+repetition.
 """
 
 from __future__ import annotations
@@ -28,26 +31,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_job(sharding: str, work: Path, tag: str, a) -> dict:
+def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
     out = work / tag
-    overrides = [*a.data, f"sharding={sharding}", f"train.epochs={a.epochs}", "evaluate=false",
+    overrides = [*a.data, f"{key}={value}", f"train.epochs={a.epochs}", "evaluate=false",
                  f"data.cache_dir={work / 'corpus'}", f"out_dir={out}", f"hydra.run.dir={out / 'run'}", *a.override]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
            "-m", "sharded_embedding.train", *overrides]
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=a.timeout)
     if done.returncode != 0:
-        raise SystemExit(f"sharding={sharding} failed:\n{done.stderr[-5000:]}")
+        raise SystemExit(f"{key}={value} failed:\n{done.stderr[-5000:]}")
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "run" / "train.log").read_text() if (out / "run" / "train.log").exists() else ""
     pages = next((ln.split("; ")[-1] for ln in log.splitlines() if "pages of" in ln), "")
-    return {"sharding": sharding, "words_per_second": m["words_per_second"], "train_seconds": m["train_seconds"],
+    return {"option": f"{key}={value}", "value": value, "transport": m.get("transport"),
+            "words_per_second": m["words_per_second"], "train_seconds": m["train_seconds"],
             "words": m["corpus_words"], "vocabulary": m["vocabulary"], "pages": pages.strip()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shardings", default="auto,round_robin")
+    ap.add_argument("--vary", default=None, help="KEY=V1,V2,...: the option whose values are compared "
+                    "(default: sharding=<--shardings>)")
+    ap.add_argument("--shardings", default="auto,round_robin", help="shorthand for --vary sharding=...")
     ap.add_argument("--data", nargs="+", default=["data=wiki_offline"], help="the job's data overrides")
     ap.add_argument("--override", nargs="*", default=[], help="more job overrides")
     ap.add_argument("--nproc", type=int, default=2)
@@ -56,30 +62,35 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--json", default=None, help="append every run as a JSON line")
     a = ap.parse_args()
-    options = a.shardings.split(",")
+    key, _, values = (a.vary or f"sharding={a.shardings}").partition("=")
+    options = values.split(",")
+    if not key or len(options) < 2 or "" in options:
+        raise SystemExit(f"--vary {a.vary!r}: give KEY=V1,V2,... with two or more values")
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="job_sharding_") as tmp:
         work = Path(tmp)
         for rep in range(a.reps):
             shift = rep % len(options)
-            for sharding in options[shift:] + options[:shift]:
-                r = run_job(sharding, work, f"{sharding}-{rep}", a)
+            for value in options[shift:] + options[:shift]:
+                r = run_job(key, value, work, f"{key}-{value}-{rep}".replace("/", "_"), a)
                 r["rep"] = rep
                 runs.append(r)
                 print(json.dumps(r), flush=True)
                 if a.json:
                     with open(a.json, "a") as f:
                         f.write(json.dumps(r) + "\n")
-    first = statistics.median(r["words_per_second"] for r in runs if r["sharding"] == options[0])
-    print(f"\n### The job's training words/s by sharding: {' '.join(a.data)}, {a.nproc} ranks, {a.epochs} epoch(s), "
+    first = {r["rep"]: r["words_per_second"] for r in runs if r["value"] == options[0]}
+    print(f"\n### The job's training words/s by {key}: {' '.join(a.data)}, {a.nproc} ranks, {a.epochs} epoch(s), "
           f"{a.reps} interleaved reps; {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print(f"corpus {runs[0]['words']:,} words, vocabulary {runs[0]['vocabulary']:,}\n")
-    print(f"| sharding | pages | median words/s | each rep | vs {options[0]} |\n|---|---|---|---|---|")
-    for sharding in options:
-        mine = [r for r in runs if r["sharding"] == sharding]
+    print(f"| {key} | transport | pages | median words/s | each rep | vs {options[0]} (median of the reps' ratios) |\n"
+          "|---|---|---|---|---|---|")
+    for value in options:
+        mine = sorted((r for r in runs if r["value"] == value), key=lambda r: r["rep"])
         med = statistics.median(r["words_per_second"] for r in mine)
-        each = ", ".join(f"{r['words_per_second']:,.0f}" for r in sorted(mine, key=lambda r: r["rep"]))
-        print(f"| {sharding} | {mine[0]['pages']} | {med:,.0f} | {each} | {med / first:.3f} |")
+        each = ", ".join(f"{r['words_per_second']:,.0f}" for r in mine)
+        ratio = statistics.median(r["words_per_second"] / first[r["rep"]] for r in mine)
+        print(f"| {value} | {mine[0]['transport']} | {mine[0]['pages']} | {med:,.0f} | {each} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":

@@ -94,11 +94,13 @@ def run(cfg) -> int:
             vocab.size, cfg.model.dim, page_size=sharding.page_size, placement=sharding.placement,
             fused_optimizer=C.fused_optimizer(cfg), window=cfg.model.window, negatives=cfg.model.negatives,
             shared_negatives=cfg.model.shared_negatives, block=cfg.model.block, comm_dtype=comm_dtype,
-            seed=cfg.train.seed,
+            seed=cfg.train.seed, transport=cfg.model.transport,
         )
-    log.info("corpus %s: %s words; vocabulary %s words (min_count %s); %s ranks; %s pages of %s rows per table, %s",
-             path, f"{corpus.corpus_words:,}", f"{vocab.size:,}", cfg.data.min_count, world, model.inputs.num_pages,
-             sharding.page_size, cfg.sharding.kind)
+    log.info("corpus %s: %s words; vocabulary %s words (min_count %s); %s ranks; %s pages of %s rows per table, %s; "
+             "rows travel over the %s transport", path, f"{corpus.corpus_words:,}", f"{vocab.size:,}",
+             cfg.data.min_count, world, model.inputs.num_pages, sharding.page_size, cfg.sharding.kind,
+             model.inputs.transport.name)
+    transport = model.inputs.transport.name  # (the tables are freed before the metrics are written)
 
     progress = _Progress(rank, cfg.train.epochs)
     checkpoints = CheckpointManager(directory, keep=cfg.train.keep_checkpoints)
@@ -151,7 +153,7 @@ def run(cfg) -> int:
                 evaluation = _evaluate(written[0], formats[0], cfg.evaluate_vocab, vocab)
         stage = "metrics"
         _write_metrics(cfg, out, world, path, corpus, vocab, state, train_s, words_per_s, evaluation,
-                       phases.report(), formats)
+                       phases.report(), formats, transport)
     except Exception as e:  # noqa: BLE001 - reported with what is safe, on every rank
         if rank == 0:
             log.error("the %s failed after training: %s: %s\nThe trained tables are saved in %s. Rerun with "
@@ -214,7 +216,7 @@ def _evaluate(path: str, fmt: str, limit: int, vocab) -> dict | None:
 
 
 def _write_metrics(cfg, out: Path, world, path, corpus, vocab, state, train_s, words_per_s, evaluation, phases,
-                   formats) -> None:
+                   formats, transport: str) -> None:
     """Rank 0 writes metrics.json (always valid JSON: non-finite numbers become null) and
     loss.png; every rank learns if that failed."""
     from .word2vec import config as C
@@ -227,7 +229,8 @@ def _write_metrics(cfg, out: Path, world, path, corpus, vocab, state, train_s, w
                 "vocabulary": vocab.size, "epochs": cfg.train.epochs, "steps": state.step,
                 "train_seconds": round(train_s, 2), "words_per_second": round(words_per_s, 1),
                 "final_loss": state.losses[-1][1] if state.losses else None, "loss_curve": state.losses,
-                "sharding": cfg.sharding.kind, "optimizer": C.fused_optimizer(cfg), "exported": formats,
+                "sharding": cfg.sharding.kind, "transport": transport, "optimizer": C.fused_optimizer(cfg),
+                "exported": formats,
                 "corpus_reused": corpus.reused, "phases": phases, "evaluation": evaluation,
             }
             (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False))

@@ -82,6 +82,7 @@ def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, mes
         (["optimizer=adam", "optimizer.lr_decay=0.1"], "optimizer: optimizer='adam' does not take ['lr_decay']"),
         (["optimizer=sgd", "optimizer.eps=1e-8"], "optimizer: optimizer='sgd' does not take ['eps']"),  # was dropped
         (["model.block=100000"], "model.block=100000 is more than train.batch_centers=4096"),  # allocated 80 GB
+        (["model.transport=mpi"], "model.transport='mpi' is not one of ['auto', 'process_group', 'shared_memory']"),
         (["sharding=explicit", "sharding.pages=[true,1,0,1]"],  # was placed on rank 1
          "sharding.pages[0] holds True, which is not a rank: ranks are integers"),
         (["sharding=explicit", "sharding.pages=[1.0,1,0,1]"], "sharding.pages[0] holds 1.0, which is not a rank"),
@@ -132,6 +133,7 @@ def test_short_training_run_on_two_ranks(tmp_path):
     assert done.returncode == 0, out[-4000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["vocabulary"] == 7978 and metrics["words_per_second"] > 0
+    assert metrics["transport"] == "shared_memory"  # model.transport=auto, every rank on this machine
     curve = [loss for _, loss in metrics["loss_curve"]]
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.3  # the loss falls
     kv = KeyedVectors.load_word2vec_format(str(tmp_path / "out" / "vectors.txt"))
@@ -208,6 +210,7 @@ def test_hydra_multirun_runs_each_job_in_its_own_folder(tmp_path):
     """`-m` sweeps run one job after another on the same ranks, each in its own folder."""
     done = subprocess.run(
         ["bash", "launch/train.sh", "-m", "optimizer=sgd,adagrad", "train.epochs=1", "evaluate=false",
+         "model.transport=process_group",
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=ROOT, env=_env(NPROC=2), capture_output=True, text=True, timeout=300,
     )
@@ -216,6 +219,7 @@ def test_hydra_multirun_runs_each_job_in_its_own_folder(tmp_path):
     assert [p.name for p in jobs] == ["0", "1"]
     names = [json.loads((job / "metrics.json").read_text())["optimizer"]["name"] for job in jobs]
     assert names == ["sgd", "adagrad"]
+    assert {json.loads((job / "metrics.json").read_text())["transport"] for job in jobs} == {"process_group"}
     for job in jobs:
         assert (job / "vectors.txt").exists() and (job / "train.log").exists() and (job / ".hydra").is_dir()
     assert (done.stdout + done.stderr).count("outputs in") == 2  # rank 0 alone logs

@@ -80,6 +80,7 @@ class ModelConfig:
     shared_negatives: int = 64
     block: int = 32
     comm_dtype: Optional[str] = None
+    transport: str = "auto"  # how rows travel between ranks: auto | shared_memory | process_group
 
 
 @dataclass
@@ -186,6 +187,10 @@ def validate(cfg, world_size: int) -> list[str]:
                       "shares its negatives, and a batch has at most batch_centers centers")
     if m.comm_dtype is not None and m.comm_dtype not in COMM_DTYPES:
         errors.append(f"model.comm_dtype={m.comm_dtype!r} is not one of {list(COMM_DTYPES)} or null")
+    from ..transport import TRANSPORTS
+
+    if m.transport not in TRANSPORTS:
+        errors.append(f"model.transport={m.transport!r} is not one of {list(TRANSPORTS)}")
     if s.kind not in SHARDING_KINDS:
         errors.append(f"sharding.kind={s.kind!r} is not one of {list(SHARDING_KINDS)}")
     elif s.kind == "round_robin" and not (s.num_devices == -1 or 1 <= s.num_devices <= world_size):

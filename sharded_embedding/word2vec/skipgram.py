@@ -29,9 +29,10 @@ from ..embedding import ShardedEmbedding
 class SkipGram(nn.Module):
     def __init__(self, vocab_size: int, dim: int, *, page_size: int, placement, fused_optimizer: dict,
                  window: int, negatives: int, shared_negatives: int, block: int = 32, comm_dtype=None,
-                 seed: int = 0):
+                 seed: int = 0, transport: str = "auto"):
         super().__init__()
-        common = dict(page_size=page_size, placement=placement, fused_optimizer=fused_optimizer, comm_dtype=comm_dtype)
+        common = dict(page_size=page_size, placement=placement, fused_optimizer=fused_optimizer, comm_dtype=comm_dtype,
+                      transport=transport)
         self.inputs = ShardedEmbedding(vocab_size, dim, seed=seed, **common)
         self.outputs = ShardedEmbedding(vocab_size, dim, seed=seed + 1, init="zeros", **common)
         with torch.no_grad():  # word2vec's start: inputs uniform(+-0.5/dim) (here its std), outputs 0
