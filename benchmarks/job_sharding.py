@@ -3,11 +3,13 @@
     python benchmarks/job_sharding.py                                   # data=wiki_offline, 2 ranks, 3 reps
     python benchmarks/job_sharding.py --reps 5 --shardings auto,round_robin,hot_mirrored
     python benchmarks/job_sharding.py --vary model.transport=shared_memory,process_group --reps 5
+    python benchmarks/job_sharding.py --vary nproc=2,1 --reps 5          # two ranks against one process
     python benchmarks/job_sharding.py --data data.path=/work/data/corpus_10m_40m.txt data.min_count=1 --reps 1
 
 Runs ``python -m sharded_embedding.train`` (torchrun, ``--nproc`` ranks, one epoch, no
 evaluation, text export off the clock) once per value of the option varied (``--vary
-KEY=V1,V2,...``; by default ``sharding=auto,round_robin``, which ``--shardings`` sets) per
+KEY=V1,V2,...``, a job option, or ``nproc``: the number of ranks; by default
+``sharding=auto,round_robin``, which ``--shardings`` sets) per
 repetition, the order rotating from one repetition to the next so that a drift in the
 machine's load does not favour one value. The corpus is encoded once (``data.cache_dir``
 shared by every run), so the runs differ only in that option. Reports the job's own training
@@ -33,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
     out = work / tag
-    overrides = [*a.data, f"{key}={value}", f"train.epochs={a.epochs}", "evaluate=false",
+    nproc = int(value) if key == "nproc" else a.nproc
+    varied = [] if key == "nproc" else [f"{key}={value}"]
+    overrides = [*a.data, *varied, f"train.epochs={a.epochs}", "evaluate=false",
                  f"data.cache_dir={work / 'corpus'}", f"out_dir={out}", f"hydra.run.dir={out / 'run'}", *a.override]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "sharded_embedding.train", *overrides]
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=a.timeout)
@@ -43,7 +47,7 @@ def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
         raise SystemExit(f"{key}={value} failed:\n{done.stderr[-5000:]}")
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "run" / "train.log").read_text() if (out / "run" / "train.log").exists() else ""
-    pages = next((ln.split("; ")[-1] for ln in log.splitlines() if "pages of" in ln), "")
+    pages = next((part for ln in log.splitlines() for part in ln.split("; ") if "pages of" in part), "")
     return {"option": f"{key}={value}", "value": value, "transport": m.get("transport"),
             "words_per_second": m["words_per_second"], "train_seconds": m["train_seconds"],
             "words": m["corpus_words"], "vocabulary": m["vocabulary"], "pages": pages.strip()}
@@ -80,7 +84,8 @@ def main() -> None:
                     with open(a.json, "a") as f:
                         f.write(json.dumps(r) + "\n")
     first = {r["rep"]: r["words_per_second"] for r in runs if r["value"] == options[0]}
-    print(f"\n### The job's training words/s by {key}: {' '.join(a.data)}, {a.nproc} ranks, {a.epochs} epoch(s), "
+    ranks = "ranks as varied" if key == "nproc" else f"{a.nproc} ranks"
+    print(f"\n### The job's training words/s by {key}: {' '.join(a.data)}, {ranks}, {a.epochs} epoch(s), "
           f"{a.reps} interleaved reps; {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print(f"corpus {runs[0]['words']:,} words, vocabulary {runs[0]['vocabulary']:,}\n")
     print(f"| {key} | transport | pages | median words/s | each rep | vs {options[0]} (median of the reps' ratios) |\n"

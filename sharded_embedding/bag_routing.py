@@ -106,6 +106,7 @@ class BagRouting:
     grad_tables: list[bool]
     ints_sent: int
     ints_received: int
+    request_exchanges: int = 0  # all-to-alls the routing took: 1, 2 when a request outgrew the capacity (0 alone)
     call: int = 0  # the collection's lookup number (alike on every rank): tags its exchanges
     hyperparameters: dict | None = None  # table -> its fused step's, as every rank agreed at the lookup
 
@@ -203,7 +204,7 @@ class BagRouter:
         got = self.requests.exchange(columns, pieces, caller=self.table_id,
                                      check=lambda h: check([c[0] for c in h], [c[1] for c in h]))
         serves = self._serves(requests, got.header, got.payload)
-        return BagRouting(requests, serves, grad_tables, got.ints_sent, got.ints_received)
+        return BagRouting(requests, serves, grad_tables, got.ints_sent, got.ints_received, got.exchanges)
 
     def _serves(self, requests: list[TableRequest], cols: list[list[int]],
                 received: list[torch.Tensor]) -> list[TableServe]:

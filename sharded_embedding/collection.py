@@ -98,7 +98,8 @@ class BagStats:
     wire_bytes: int  # bytes of one vector element on the wire (the pooling choice weighs by it)
     calls: int = 0
     backward_calls: int = 0
-    exchanges: int = 0
+    exchanges: int = 0  # all-to-alls: requests (2 when they outgrew the capacity), vectors, gradients
+    request_overflows: int = 0  # calls whose requests outgrew the capacity
     bytes_sent: int = 0
     bytes_received: int = 0
     ids: dict = field(default_factory=dict)
@@ -107,6 +108,8 @@ class BagStats:
 
     def record_requests(self, routing: BagRouting) -> None:
         self.calls += 1
+        self.exchanges += routing.request_exchanges
+        self.request_overflows += routing.request_exchanges > 1
         self.bytes_sent += routing.ints_sent * 8
         self.bytes_received += routing.ints_received * 8
         for serve, name in zip(routing.serves, self.ids):
@@ -119,6 +122,7 @@ class BagStats:
 
     def record_vectors(self, routing: BagRouting, sent: int, received: int) -> None:
         """``sent`` / ``received``: bytes of the vector all-to-all."""
+        self.exchanges += self.world > 1
         self.bytes_sent += sent
         self.bytes_received += received
         for req, name in zip(routing.requests, self.ids):
@@ -127,6 +131,7 @@ class BagStats:
     def record_gradients(self, sent: int, received: int) -> None:
         """``sent`` / ``received``: bytes of the gradient all-to-all."""
         self.backward_calls += 1
+        self.exchanges += self.world > 1
         self.bytes_sent += sent
         self.bytes_received += received
 
@@ -368,8 +373,10 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """What this rank's calls moved since construction (or the last reset), and where each
         table's bags were pooled. No communication.
 
-        ``calls``, ``bytes_sent`` / ``bytes_received`` (requests, vectors and gradients of all
-        tables), per call; ``tables[name]``: ``ids`` looked up, ``served_per_rank`` (what each
+        ``calls``, ``backward_calls``, ``exchanges`` (the all-to-alls the calls took: the
+        requests, the vectors, the gradients) and ``request_overflows`` (calls whose requests
+        outgrew the group's request capacity and took a second exchange), ``bytes_sent`` /
+        ``bytes_received`` (requests, vectors and gradients of all tables), per call; ``tables[name]``: ``ids`` looked up, ``served_per_rank`` (what each
         requester rank, this one included, asked this rank for: ids pooled here, or unique rows
         sent; comparing ranks shows load imbalance), ``calls_pooled_on_requester`` /
         ``calls_pooled_on_owner``, and ``last``: the last call's choice (``pooled_on``) with the
@@ -392,7 +399,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
                               "calls_pooled_on_requester": choice.on_requester,
                               "calls_pooled_on_owner": choice.on_owner, "last": last,
                               "ids_stepped_pooled": s.stepped_pooled.get(c.name, 0)}
-        out = {"calls": s.calls, "backward_calls": s.backward_calls, "bytes_sent": s.bytes_sent,
+        out = {"calls": s.calls, "backward_calls": s.backward_calls, "exchanges": s.exchanges,
+               "request_overflows": s.request_overflows, "bytes_sent": s.bytes_sent,
                "bytes_received": s.bytes_received, "bytes_sent_per_call": s.bytes_sent / calls,
                "bytes_received_per_call": s.bytes_received / calls, "tables": tables}
         if reset:

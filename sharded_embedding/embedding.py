@@ -362,7 +362,10 @@ class ShardedEmbedding(nn.Module):
     def stats(self, reset: bool = False) -> dict:
         """What this rank's lookups moved since construction (or the last reset): calls, ids,
         unique ids, unique ids sent to each rank, rows served to each rank, bytes sent and
-        received (all-to-alls; mirror all-reduces are counted in rows). No communication."""
+        received (all-to-alls; mirror all-reduces are counted in rows), ``exchanges`` (the
+        all-to-alls: a call's requests and vectors, a backward's gradients) and
+        ``request_overflows`` (calls whose requests outgrew the group's request capacity, which
+        follows the longest recent requests, and took a second exchange). No communication."""
         out = self._exchange.stats.as_dict()
         if reset:
             self._exchange.stats = ExchangeStats(self.world_size)

@@ -130,6 +130,7 @@ class Routing:
     owner_rows: torch.Tensor
     ints_sent: int  # int64 values this rank sent / received while routing (headers, rows)
     ints_received: int
+    request_exchanges: int = 0  # all-to-alls the routing took: 1, 2 when a request outgrew the capacity (0 alone)
     call: int = 0  # the table's lookup number (alike on every rank): tags its exchanges
     hyperparameters: dict | None = None  # the fused step's, as every rank agreed at the lookup
 
@@ -312,20 +313,22 @@ class Router:
                                      caller=self.table_id)
         owner_rows = torch.cat([rows[num_asked:], *got.payload])
         return Routing(shape, gather_index, bags, counts[:world], got.served, owner_rows, got.ints_sent,
-                       got.ints_received)
+                       got.ints_received, got.exchanges)
 
 
 @dataclass
 class Received:
     """What `RequestExchange.exchange` brought: each peer's header columns (``header[r]``: rank
     ``r``'s columns, a list of ints), its payload (device, one int64 tensor per peer, ``served[q]`` values from
-    peer ``q``; views of the receive buffer), and the int64 values this rank sent and received."""
+    peer ``q``; views of the receive buffer), the int64 values this rank sent and received, and
+    the all-to-alls it took (2 when some body outgrew the capacity)."""
 
     header: list[list[int]]
     payload: list[torch.Tensor]
     served: list[int]
     ints_sent: int
     ints_received: int
+    exchanges: int = 1
 
 
 class RequestExchange:
@@ -437,7 +440,7 @@ class RequestExchange:
         if max(largests) <= cap:
             payload = [torch.from_numpy(arrived[r, _FIXED + k : _FIXED + sizes[r]]) if host is not None
                        else received[r, _FIXED + k : _FIXED + sizes[r]] for r in range(world)]
-            sent, got = wire, wire
+            sent, got, exchanges = wire, wire, 1
         else:  # some body outgrew the capacity: the rest follows (splits known to all from the headers)
             extra_in = [max(c - cap, 0) for c in sizes]
             extra_out = [max(c - cap, 0) for c in counts]
@@ -454,10 +457,11 @@ class RequestExchange:
             payload = [b[k:] for b in bodies]
             sent = wire + sum(n for q, n in enumerate(extra_out) if q != self.rank)  # what left this rank
             got = wire + sum(n for q, n in enumerate(extra_in) if q != self.rank)
+            exchanges = 2
         header = [h[_FIXED:] for h in head]
         if check is not None:
             check(header)
-        return Received(header, payload, [n - k for n in sizes], sent, got)
+        return Received(header, payload, [n - k for n in sizes], sent, got, exchanges)
 
     def _remember(self, callers: list[int], largest: list[int]) -> None:
         """Each caller's capacity after a call (from every rank's header: the same everywhere)."""

@@ -22,6 +22,8 @@ class ExchangeStats:
     served_per_rank: list[int] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    exchanges: int = 0  # all-to-alls: requests (2 when one outgrew the capacity), vectors, gradients
+    request_overflows: int = 0  # calls whose requests outgrew the capacity (a second request exchange)
     mirror_rows_reduced: int = 0
 
     def __post_init__(self):
@@ -39,9 +41,12 @@ class ExchangeStats:
             self.served_per_rank[r] += b
         self.bytes_sent += routing.ints_sent * 8 + routing.num_served * row_bytes
         self.bytes_received += routing.ints_received * 8 + routing.num_remote * row_bytes
+        self.exchanges += routing.request_exchanges + (self.world > 1)  # (+ the vectors)
+        self.request_overflows += routing.request_exchanges > 1
 
     def record_backward(self, routing, row_bytes: int) -> None:
         self.backward_calls += 1
+        self.exchanges += self.world > 1
         self.bytes_sent += routing.num_remote * row_bytes
         self.bytes_received += routing.num_served * row_bytes
 
@@ -49,6 +54,7 @@ class ExchangeStats:
         calls = max(self.calls, 1)
         return {
             "calls": self.calls,
+            "backward_calls": self.backward_calls,
             "ids": self.ids,
             "unique_ids": self.unique_ids,
             "local_unique_ids": self.local_ids,
@@ -58,5 +64,7 @@ class ExchangeStats:
             "bytes_received": self.bytes_received,
             "bytes_sent_per_call": self.bytes_sent / calls,
             "bytes_received_per_call": self.bytes_received / calls,
+            "exchanges": self.exchanges,
+            "request_overflows": self.request_overflows,
             "mirror_rows_reduced": self.mirror_rows_reduced,
         }

@@ -184,6 +184,9 @@ def _stats():
     # gradients.
     for s, cap in zip(calls, capacities):
         assert s["bytes_sent"] == (4 + max(cap, 3 + sent)) * 8 + served * 12 + sent * 12, (s, cap)
+        # requests, vectors, gradients; a second request exchange when the longest body (rank
+        # 0's: 3 columns and 3 ids) outgrew the capacity
+        assert s["request_overflows"] == int(cap < 6) and s["exchanges"] == 3 + s["request_overflows"], (s, cap)
         assert s["bytes_received"] == (4 + max(cap, 3 + served)) * 8 + sent * 12 + served * 12
     # After the first call the ids ride in the header exchange: capacity >= ceil(1.25 * 6)
     assert capacities[1] >= 8
@@ -202,6 +205,8 @@ def _one_rank_world_has_no_traffic():
     assert torch.equal(out, initial_rows(0, 3, 0, 20)[[1, 19]])  # nothing rounded: all local
     s = emb.stats()
     assert s["bytes_sent"] == 0 and s["bytes_received"] == 0
+    emb(torch.tensor([3])).sum().backward()
+    assert emb.stats()["exchanges"] == 0  # no all-to-all in a group of one
 
 
 def test_single_rank_moves_nothing():
@@ -228,6 +233,9 @@ def _varying_batches():
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.testing.assert_close(emb.full_table(), oracle.table, rtol=1e-5, atol=1e-5)
+    s = emb.stats()
+    assert s["calls"] == s["backward_calls"] == 10
+    assert 0 < s["request_overflows"] < 10 and s["exchanges"] == 3 * 10 + s["request_overflows"], s
     return emb._router.requests.capacity
 
 
