@@ -1,10 +1,10 @@
-"""The training job's words/s under each value of one option, interleaved: does `sharding=auto` pay?
+"""The training job's words/s under each value of one option (sharding, transport, ranks, ...), interleaved.
 
-    python benchmarks/job_sharding.py                                   # data=wiki_offline, 2 ranks, 3 reps
-    python benchmarks/job_sharding.py --reps 5 --shardings auto,round_robin,hot_mirrored
-    python benchmarks/job_sharding.py --vary model.transport=shared_memory,process_group --reps 5
-    python benchmarks/job_sharding.py --vary nproc=2,1 --reps 5          # two ranks against one process
-    python benchmarks/job_sharding.py --data data.path=/work/data/corpus_10m_40m.txt data.min_count=1 --reps 1
+    python benchmarks/job_compare.py                                    # data=wiki_offline, 2 ranks, 3 reps
+    python benchmarks/job_compare.py --reps 5 --shardings auto,round_robin,hot_mirrored
+    python benchmarks/job_compare.py --vary model.transport=shared_memory,process_group --reps 5
+    python benchmarks/job_compare.py --vary nproc=2,1 --reps 5          # two ranks against one process
+    python benchmarks/job_compare.py --data data.path=/work/data/corpus_10m_40m.txt data.min_count=1 --reps 1
 
 Runs ``python -m sharded_embedding.train`` (torchrun, ``--nproc`` ranks, one epoch, no
 evaluation, text export off the clock) once per value of the option varied (``--vary
@@ -71,7 +71,7 @@ def main() -> None:
     if not key or len(options) < 2 or "" in options:
         raise SystemExit(f"--vary {a.vary!r}: give KEY=V1,V2,... with two or more values")
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="job_sharding_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="job_compare_") as tmp:
         work = Path(tmp)
         for rep in range(a.reps):
             shift = rep % len(options)
