@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import run_in_session  # noqa: E402
 
 
 def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
@@ -39,18 +40,47 @@ def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
     varied = [] if key == "nproc" else [f"{key}={value}"]
     overrides = [*a.data, *varied, f"train.epochs={a.epochs}", "evaluate=false",
                  f"data.cache_dir={work / 'corpus'}", f"out_dir={out}", f"hydra.run.dir={out / 'run'}", *a.override]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # (sharded_embedding.launch: torchrun, with the job's own message instead of torchrun's traceback)
+    cmd = [sys.executable, "-m", "sharded_embedding.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "sharded_embedding.train", *overrides]
-    done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=a.timeout)
+    done, _, err = run_in_session(cmd, dict(os.environ, OMP_NUM_THREADS="1"), a.timeout, f"{key}={value}", cwd=ROOT)
     if done.returncode != 0:
-        raise SystemExit(f"{key}={value} failed:\n{done.stderr[-5000:]}")
+        raise SystemExit(f"{key}={value} failed (exit {done.returncode}):\n{err[-5000:]}")
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "run" / "train.log").read_text() if (out / "run" / "train.log").exists() else ""
     pages = next((part for ln in log.splitlines() for part in ln.split("; ") if "pages of" in part), "")
     return {"option": f"{key}={value}", "value": value, "transport": m.get("transport"),
             "words_per_second": m["words_per_second"], "train_seconds": m["train_seconds"],
             "words": m["corpus_words"], "vocabulary": m["vocabulary"], "pages": pages.strip()}
+
+
+def check_args(a) -> tuple[str, list[str]]:
+    """(the key varied, its values), or SystemExit saying what is wrong -- before any job runs:
+    each value's configuration is composed and validated here as the job would (a bad value
+    would otherwise fail only after the runs before it)."""
+    key, _, values = (a.vary or f"sharding={a.shardings}").partition("=")
+    options = values.split(",")
+    if not key or len(options) < 2 or "" in options:
+        raise SystemExit(f"--vary {a.vary!r}: give KEY=V1,V2,... with two or more values")
+    if len(set(options)) < len(options):
+        raise SystemExit(f"--vary {key}={values}: a value is given twice")
+    if a.reps < 1 or a.epochs < 1 or a.nproc < 1:
+        raise SystemExit(f"--reps, --epochs and --nproc must be >= 1, got {a.reps}, {a.epochs}, {a.nproc}")
+    if key == "nproc" and not all(v.isdigit() and int(v) >= 1 for v in options):
+        raise SystemExit(f"--vary nproc={values}: the numbers of ranks must be integers >= 1")
+    from sharded_embedding.hydra_app import compose
+    from sharded_embedding.word2vec.config import register, validate
+
+    for value in options:
+        world = int(value) if key == "nproc" else a.nproc
+        varied = [] if key == "nproc" else [f"{key}={value}"]
+        try:
+            problems = validate(compose("train", register, [*a.data, *varied, *a.override]), world)
+        except Exception as e:  # noqa: BLE001 - Hydra's own errors (an unknown key, a value of the wrong type)
+            problems = [str(e).splitlines()[0]]
+        if problems:
+            raise SystemExit(f"{key}={value}: the job would refuse it: " + "; ".join(problems))
+    return key, options
 
 
 def main() -> None:
@@ -66,10 +96,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--json", default=None, help="append every run as a JSON line")
     a = ap.parse_args()
-    key, _, values = (a.vary or f"sharding={a.shardings}").partition("=")
-    options = values.split(",")
-    if not key or len(options) < 2 or "" in options:
-        raise SystemExit(f"--vary {a.vary!r}: give KEY=V1,V2,... with two or more values")
+    key, options = check_args(a)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="job_compare_") as tmp:
         work = Path(tmp)

@@ -231,6 +231,23 @@ def time_in_blocks(run, kinds: list[str], blocks: int, block_steps: int, warmup:
     return times
 
 
+def run_in_session(cmd: list[str], env: dict, timeout: float, what: str, cwd=None):
+    """Run ``cmd`` (a torchrun job) in its own session and process group; returns (the finished
+    Popen, stdout, stderr). On ``timeout`` the whole group is killed -- torchrun and the workers
+    it started, which a plain ``subprocess.run(timeout=)`` would leave running -- and SystemExit
+    says so."""
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                           start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise SystemExit(f"{what}: no result within --timeout {timeout} s (the job and its workers were stopped)") \
+            from None
+    return job, out, err
+
+
 def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:
     """Run ``script --worker`` under torchrun for every (dist, optimizer) of ``a``; returns the
     fields of each job's ``RESULT`` line (printed by its rank 0), in order. SystemExit when a
@@ -243,14 +260,7 @@ def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:
                    "--optimizer", opt, "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
             cmd += [f"--{name}={getattr(a, name)}" for name in ("rows", "dim", "batch") if getattr(a, name) is not None]
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-            job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                   start_new_session=True)  # its own process group: a timeout ends the workers too
-            try:
-                out, err = job.communicate(timeout=a.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.communicate()
-                raise SystemExit(f"{dist_name} {opt}: no result within --timeout {a.timeout} s") from None
+            job, out, err = run_in_session(cmd, env, a.timeout, f"{dist_name} {opt}")
             found = [line.split()[1:] for line in out.splitlines() if line.startswith("RESULT ")]
             if job.returncode or not found:
                 raise SystemExit(f"{dist_name} {opt} failed (exit {job.returncode}):\n{err[-3000:]}")

@@ -388,7 +388,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         (the compiled `native.bag_scatter_add`; 0 where it is not built or does not apply).
         A sequence table's ids are always gathered on the requester.
         The collection's lookups are counted here, not in its tables' own ``stats()`` (which
-        count lookups of a table called on its own)."""
+        count lookups of a table called on its own); calls and backward passes that raised are
+        not counted."""
         s = self._stats
         calls = max(s.calls, 1)
         tables = {}

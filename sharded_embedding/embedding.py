@@ -73,6 +73,8 @@ class ShardedEmbedding(nn.Module):
             group's backend: gloo, nccl), ``"shared_memory"`` (a CPU group on one x86-64 Linux
             machine: copies through shared memory instead of loopback sockets; ValueError
             elsewhere), or ``"auto"``: shared memory where it can work, else the process group.
+            A group of one rank exchanges nothing: its transport is ``"process_group"``
+            whatever is asked (``emb.transport.name`` says which one a table got).
         init: the initial table: ``"normal"`` (N(0, 1), see ``seed``) or ``"zeros"``.
 
     nn.Embedding's ``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq``,
@@ -365,7 +367,8 @@ class ShardedEmbedding(nn.Module):
         received (all-to-alls; mirror all-reduces are counted in rows), ``exchanges`` (the
         all-to-alls: a call's requests and vectors, a backward's gradients) and
         ``request_overflows`` (calls whose requests outgrew the group's request capacity, which
-        follows the longest recent requests, and took a second exchange). No communication."""
+        follows the longest recent requests, and took a second exchange). Calls and backward
+        passes that raised are not counted. No communication."""
         out = self._exchange.stats.as_dict()
         if reset:
             self._exchange.stats = ExchangeStats(self.world_size)

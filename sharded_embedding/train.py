@@ -112,6 +112,7 @@ def run(cfg) -> int:
             log.info("no checkpoint in %s yet: starting from scratch", checkpoints.directory)
     except CheckpointError as e:
         return _stop(f"cannot resume: {e}")
+    resumed_at = training.state.step  # 0 unless this run continues an earlier one's training
     if not training.finished:
         with phases.phase("training", f"training {cfg.train.epochs} epochs"):
             try:
@@ -153,7 +154,7 @@ def run(cfg) -> int:
                 evaluation = _evaluate(written[0], formats[0], cfg.evaluate_vocab, vocab)
         stage = "metrics"
         _write_metrics(cfg, out, world, path, corpus, vocab, state, train_s, words_per_s, evaluation,
-                       phases.report(), formats, transport)
+                       phases.report(), formats, transport, resumed_at)
     except Exception as e:  # noqa: BLE001 - reported with what is safe, on every rank
         if rank == 0:
             log.error("the %s failed after training: %s: %s\nThe trained tables are saved in %s. Rerun with "
@@ -216,7 +217,7 @@ def _evaluate(path: str, fmt: str, limit: int, vocab) -> dict | None:
 
 
 def _write_metrics(cfg, out: Path, world, path, corpus, vocab, state, train_s, words_per_s, evaluation, phases,
-                   formats, transport: str) -> None:
+                   formats, transport: str, resumed_at: int) -> None:
     """Rank 0 writes metrics.json (always valid JSON: non-finite numbers become null) and
     loss.png; every rank learns if that failed."""
     from .word2vec import config as C
@@ -229,6 +230,7 @@ def _write_metrics(cfg, out: Path, world, path, corpus, vocab, state, train_s, w
                 "vocabulary": vocab.size, "epochs": cfg.train.epochs, "steps": state.step,
                 "train_seconds": round(train_s, 2), "words_per_second": round(words_per_s, 1),
                 "final_loss": state.losses[-1][1] if state.losses else None, "loss_curve": state.losses,
+                "resumed_at_step": resumed_at,  # > 0: train_seconds includes earlier runs' training
                 "sharding": cfg.sharding.kind, "transport": transport, "optimizer": C.fused_optimizer(cfg),
                 "exported": formats,
                 "corpus_reused": corpus.reused, "phases": phases, "evaluation": evaluation,

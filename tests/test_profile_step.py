@@ -233,3 +233,29 @@ def test_ours_the_limit_and_the_bound_run_paired_in_one_job():
     lp.run_paired = lambda a, script, extra: jobs.append(extra) or []
     lp.main(["--limits", "sparse", "--rows", "4096"])
     assert jobs == [["--limits", "sparse"]], jobs
+
+
+def test_job_comparison_refuses_what_no_run_could_use_before_any_job_starts():
+    """`job_compare.py` checks its arguments and composes and validates every value's job
+    configuration before the first run (a bad last value used to fail only after the runs
+    before it, a repeated value on its second run's output folder)."""
+    import argparse
+
+    import pytest
+
+    jc = _load("job_compare")
+    good = dict(vary=None, shardings="auto,round_robin", data=["data=gensim_sample"], override=[], nproc=2, epochs=1,
+                reps=1)
+    assert jc.check_args(argparse.Namespace(**good)) == ("sharding", ["auto", "round_robin"])
+    assert jc.check_args(argparse.Namespace(**{**good, "vary": "nproc=2,1"})) == ("nproc", ["2", "1"])
+    for change, message in [
+        (dict(vary="model.transport"), "two or more values"), (dict(vary="=a,b"), "two or more values"),
+        (dict(vary="model.transport=auto,"), "two or more values"),
+        (dict(vary="model.transport=auto,auto"), "a value is given twice"),
+        (dict(vary="nproc=abc,1"), "integers >= 1"), (dict(vary="nproc=0,1"), "integers >= 1"),
+        (dict(reps=0), "--reps"),
+        (dict(vary="model.transport=auto,mpi"), "model.transport=mpi: the job would refuse it: model.transport='mpi'"),
+        (dict(vary="model.bogus=1,2"), "model.bogus=1: the job would refuse it"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            jc.check_args(argparse.Namespace(**{**good, **change}))

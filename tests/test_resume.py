@@ -3,6 +3,7 @@ with exactly the tables of a run that was never interrupted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,6 +84,8 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tmp_path, uninterrupted):
     assert "resumed from" in done
     name, tables = _final_tables(out)
     assert name == uninterrupted[0]
+    # metrics.json says the run continued an earlier one (its words/s counts both runs' training)
+    assert json.loads((out / "metrics.json").read_text())["resumed_at_step"] >= 20
     for key, table in tables.items():
         assert torch.equal(table, uninterrupted[1][key]), key
 

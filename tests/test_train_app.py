@@ -134,6 +134,7 @@ def test_short_training_run_on_two_ranks(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["vocabulary"] == 7978 and metrics["words_per_second"] > 0
     assert metrics["transport"] == "shared_memory"  # model.transport=auto, every rank on this machine
+    assert metrics["resumed_at_step"] == 0  # a fresh run
     curve = [loss for _, loss in metrics["loss_curve"]]
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.3  # the loss falls
     kv = KeyedVectors.load_word2vec_format(str(tmp_path / "out" / "vectors.txt"))
