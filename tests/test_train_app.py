@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import run_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -226,6 +228,21 @@ def test_hydra_multirun_runs_each_job_in_its_own_folder(tmp_path):
     assert (done.stdout + done.stderr).count("outputs in") == 2  # rank 0 alone logs
 
 
+def _resume_refusals(out: str) -> list[list[str]]:
+    """`train._resume_refusal` of the checkpoints in ``out`` (from a 2-rank run with
+    train.batch_centers=500): resumed as it was, on 1 rank, with another optimizer."""
+    from sharded_embedding.hydra_app import compose
+    from sharded_embedding.train import _resume_refusal
+    from sharded_embedding.word2vec.config import register
+
+    def refusal(*overrides, world=2):
+        cfg = compose("train", register, ["train.epochs=1", "train.batch_centers=500", "train.resume=true",
+                                          f"out_dir={out}", *overrides])
+        return _resume_refusal(cfg, Path(out) / "checkpoints", world)
+
+    return [refusal(), refusal(world=1), refusal("optimizer=sgd")]
+
+
 def test_a_resume_that_changes_the_data_order_is_refused_naming_the_key(tmp_path):
     first = _train(tmp_path, "train.epochs=1", "train.batch_centers=500", "train.checkpoint_every=2",
                    "evaluate=false")
@@ -242,11 +259,13 @@ def test_a_resume_that_changes_the_data_order_is_refused_naming_the_key(tmp_path
     assert out.count("settings that decide the data order: train.batch_centers=500 (now 200)") == 1, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before  # nothing changed
     assert corpus_cache() == cache
-    done = _train(tmp_path, "train.epochs=1", "train.batch_centers=500", "train.resume=true", "evaluate=false",
-                  nproc=1)
-    out = done.stdout + done.stderr
-    assert done.returncode == 2, out[-3000:]
-    assert out.count("world_size=2 (now 1)") == 1, out[-3000:]
+    # Another world size, another optimizer (its state does not fit: sgd resumed silently,
+    # dropping it): refused by the same check, before anything is written (in-process: a launch
+    # takes the path to exit code 2 shown above)
+    as_it_was, other_world, other_optimizer = run_ranks(1, _resume_refusals, str(tmp_path / "out"))[0]
+    assert as_it_was == []  # the run as it was resumes
+    assert ["world_size=2 (now 1)" in e for e in other_world] == [True], other_world
+    assert ["was trained with optimizer=rowwise_adagrad (now optimizer=sgd)" in e for e in other_optimizer] == [True]
     assert corpus_cache() == cache
     # A fresh run (no resume) into that out_dir would prune its own checkpoints (the earlier
     # run's steps are higher) and a later resume would export the earlier run: refused.
@@ -254,13 +273,6 @@ def test_a_resume_that_changes_the_data_order_is_refused_naming_the_key(tmp_path
     out = done.stdout + done.stderr
     assert done.returncode == 2, out[-3000:]
     assert out.count("holds checkpoints of an earlier run (newest: step_") == 1 and "train.resume=true" in out, out[-3000:]
-    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before
-    # Another optimizer: its state does not fit (sgd resumed silently, dropping it).
-    done = _train(tmp_path, "train.epochs=1", "train.batch_centers=500", "train.resume=true", "evaluate=false",
-                  "optimizer=sgd")
-    out = done.stdout + done.stderr
-    assert done.returncode == 2, out[-3000:]
-    assert out.count("was trained with optimizer=rowwise_adagrad (now optimizer=sgd)") == 1, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before
 
 
