@@ -376,7 +376,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         ``calls``, ``backward_calls``, ``exchanges`` (the all-to-alls the calls took: the
         requests, the vectors, the gradients) and ``request_overflows`` (calls whose requests
         outgrew the group's request capacity and took a second exchange), ``bytes_sent`` /
-        ``bytes_received`` (requests, vectors and gradients of all tables), per call; ``tables[name]``: ``ids`` looked up, ``served_per_rank`` (what each
+        ``bytes_received`` (requests, vectors and gradients of all tables), per call;
+        ``tables[name]``: ``ids`` looked up, ``served_per_rank`` (what each
         requester rank, this one included, asked this rank for: ids pooled here, or unique rows
         sent; comparing ranks shows load imbalance), ``calls_pooled_on_requester`` /
         ``calls_pooled_on_owner``, and ``last``: the last call's choice (``pooled_on``) with the
