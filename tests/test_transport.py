@@ -260,6 +260,13 @@ def test_a_peer_that_sent_and_then_exited_is_not_called_dead(monkeypatch):
         SharedMemoryTransport._wait(_Waiter(_Flips(7, reads=10**9)), 1, 0, 7)  # never sent: dead
 
 
+def _next_exchange_works(shm, rank: int, width: int = 2, tag: str | None = None) -> None:
+    """A well-formed 2-rank exchange after a failed one: each rank's rows arrive where they belong."""
+    inp, out = torch.full((4, width), float(rank)), torch.empty(4, width)
+    shm.all_to_all(out, inp, [2, 2], [2, 2], tag=tag)()
+    assert out[:2].eq(0).all() and out[2:].eq(1).all()
+
+
 def _mismatch_then_recover():
     """Ranks disagree on the splits of one exchange (rank 0 expects more than rank 1 sends, and
     the other way round): both raise, and the next, agreeing exchange works (no rank waits
@@ -270,9 +277,7 @@ def _mismatch_then_recover():
     inp, out = torch.ones(2 * width, dtype=torch.int64), torch.empty(2 * width, dtype=torch.int64)
     with pytest.raises(TransportError, match="splits that do not match"):
         shm.all_to_all(out, inp, [width, width], [width, width])()
-    inp, out = torch.full((4, 3), float(rank)), torch.empty(4, 3)
-    shm.all_to_all(out, inp, [2, 2], [2, 2])()
-    assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    _next_exchange_works(shm, rank, width=3)
     return True
 
 
@@ -307,17 +312,13 @@ def _bad_arguments_on_one_rank_then_recover():
         else:
             with pytest.raises(TransportError, match="rank 0 could not take part"):
                 shm.all_to_all(torch.empty(4, 2), torch.ones(4, 2), [2, 2], [2, 2])()
-        inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
-        shm.all_to_all(out, inp, [2, 2], [2, 2])()
-        assert out[:2].eq(0).all() and out[2:].eq(1).all()
+        _next_exchange_works(shm, rank)
     out = torch.empty(4, 2)  # splits as one-time iterables (as all_to_all_single takes them): read once
     shm.all_to_all(out, torch.full((4, 2), float(rank)), iter([2, 2]), (n for n in (2, 2)))()
     assert out[:2].eq(0).all() and out[2:].eq(1).all()
     with pytest.raises(ValueError, match="must be >= 0"):  # both ranks: both raise their own error
         shm.all_to_all(torch.empty(4, 2), torch.ones(4, 2), [-1, 5], [-1, 5])
-    inp, out = torch.full((4, 2), float(rank)), torch.empty(4, 2)
-    shm.all_to_all(out, inp, [2, 2], [2, 2])()
-    assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    _next_exchange_works(shm, rank)
     return True
 
 
@@ -334,9 +335,7 @@ def _kinds_differ_then_recover():
     inp, out = torch.ones(4, 2), torch.empty(4, 2)
     with pytest.raises(TransportError) as err:
         shm.all_to_all(out, inp, [2, 2], [2, 2], tag="gradients" if rank == 0 else "requests")()
-    inp, out = torch.full((4, 3), float(rank)), torch.empty(4, 3)
-    shm.all_to_all(out, inp, [2, 2], [2, 2], tag="vectors")()
-    assert out[:2].eq(0).all() and out[2:].eq(1).all()
+    _next_exchange_works(shm, rank, width=3, tag="vectors")
     return str(err.value)
 
 
