@@ -13,13 +13,16 @@ machine, runs of one system differ by up to 40% from one to the next) hits all t
   forms: ``fused``, our table in a group of one with the fused optimizer (``single_fused_*``),
   and ``sparse``, ``nn.Embedding(sparse=True)`` on huge pages with ``torch.optim.SGD`` or
   `lookup.RowwiseAdagrad` on the coalesced gradient (``single_sparse*``; SGD and row-wise
-  Adagrad only); the limit is the faster of the two (``--limits`` picks them);
+  Adagrad only); the limit is the fastest of them (``--limits`` picks them). ``--limit-threads
+  1,2`` runs each form also with 2 intra-op threads on all the ranks' cores (the others idle at
+  the barrier then): PyTorch's parallel kernels instead of the compiled one-thread loops, the
+  single process's best use of the machine; kinds ``fused_2threads``, ``sparse_2threads``;
 - **bound**: every rank a group of one holding 1/world of the rows, looking up its own ids
   (modulo its row count) while the others do the same: no routing, no exchange.
 
 Blocks of steps of each alternate in a rotating order; reported per configuration: each one's
 median block step time, and the medians of the per-block ratios limit / ours and limit / bound
-(above 1: faster than one process), the limit being the faster single process. The fused optimizer, ``tune_malloc()`` and
+(above 1: faster than one process), the limit being the fastest single process. The fused optimizer, ``tune_malloc()`` and
 one pinned thread per rank are `lookup.py`'s. All tables live in the same processes, so caches
 hold the others' rows too: absolute times are not `lookup.py`'s; the ratios are the point.
 """
@@ -45,8 +48,17 @@ def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_paired_args(ap, WORKLOADS)
     ap.add_argument("--limits", default="fused,sparse", help="single-process forms, comma separated: fused, sparse")
+    ap.add_argument("--limit-threads", default="1",
+                    help="intra-op threads of the single process, comma separated (e.g. 1,2): each form runs with each")
     a = ap.parse_args(argv)
     check_paired_args(ap, a)
+    try:
+        threads = [int(t) for t in a.limit_threads.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or any(not 1 <= t <= len(os.sched_getaffinity(0)) for t in threads) or len(set(threads)) < len(threads):
+        ap.error(f"--limit-threads must be distinct counts from 1 to this process's {len(os.sched_getaffinity(0))} "
+                 f"CPUs, got {a.limit_threads!r}")
     limits = a.limits.split(",")
     if not limits or any(x not in LIMITS for x in limits) or len(set(limits)) < len(limits):
         ap.error(f"--limits must name some of {list(LIMITS)}, each once")
@@ -67,6 +79,7 @@ def _worker(a) -> None:
 
     if not sharded_embedding.tune_malloc():
         raise SystemExit("this C library has no mallopt")
+    every_cpu = os.sched_getaffinity(0)  # before each rank is pinned to its share: the threaded limit's
     sharded_embedding.init_distributed("gloo", bind_cpus=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     rows, dim, batch = paired_sizes(a, WORKLOADS)
@@ -79,15 +92,18 @@ def _worker(a) -> None:
     part = rows // world
     steps["bound"] = (ShardedEmbedding(part, dim, page_size=512, fused_optimizer=fused, process_group=alone[rank]),
                       [x % part for x in ids], w)
-    limits = [f"limit_{x}" for x in a.limits.split(",")]
+    # every single-process kind: (the step it runs: a threaded form steps its one-thread form's table, threads)
+    limit_kinds = {f"limit_{x}" + (f"_{t}threads" if t > 1 else ""): (f"limit_{x}", t)
+                   for x in a.limits.split(",") for t in map(int, a.limit_threads.split(","))}
+    limits = list(limit_kinds)
     if rank == 0:  # the limit: every rank's ids and loss weights, the whole table, one process
         everyone = [make_ids(rows, batch, batches, r, a.dist) for r in range(world)]
         all_ids = [torch.cat([everyone[r][i] for r in range(world)]) for i in range(batches)]
         all_w = torch.cat([make_loss_weight(batch, dim, r) for r in range(world)])
-        if "limit_fused" in limits:
+        if "fused" in a.limits.split(","):
             steps["limit_fused"] = (ShardedEmbedding(rows, dim, page_size=512, fused_optimizer=fused,
                                                      process_group=alone[0]), all_ids, all_w)
-        if "limit_sparse" in limits:
+        if "sparse" in a.limits.split(","):
             from lookup import RowwiseAdagrad, _huge_page_weight
 
             table = torch.nn.Embedding(rows, dim, sparse=True, _weight=_huge_page_weight(rows, dim))
@@ -103,13 +119,21 @@ def _worker(a) -> None:
     kinds = ["ours", *limits, "bound"]
 
     def run(name: str, start: int, count: int) -> None:
-        if name not in steps:  # (the limit, on the other ranks: wait at the barrier)
+        step, threads = limit_kinds.get(name, (name, 1))
+        if step not in steps:  # (the limit, on the other ranks: wait at the barrier)
             return
-        emb, batch_ids, weight, *opt = steps[name]
+        emb, batch_ids, weight, *opt = steps[step]
+        if threads > 1:  # the single process on every rank's cores (rank 0 alone works in its blocks)
+            mine = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, every_cpu)
+            torch.set_num_threads(threads)
         for i in range(start, start + count):
             (emb(batch_ids[i % batches]) * weight).sum().backward()
             if opt:  # (nn.Embedding: the optimizer steps after the backward)
                 opt[0].step()
+        if threads > 1:
+            torch.set_num_threads(1)
+            os.sched_setaffinity(0, mine)
 
     times = time_in_blocks(run, kinds, a.blocks, a.block_steps)
     if rank == 0:
@@ -128,11 +152,11 @@ def main(argv=None) -> int:
     if a.worker:
         _worker(a)
         return 0
-    results = run_paired(a, __file__, ["--limits", a.limits])
+    results = run_paired(a, __file__, ["--limits", a.limits, "--limit-threads", a.limit_threads])
     rows, dim, batch = paired_sizes(a, WORKLOADS)
     print(f"\n{rows:,} x {dim}, {batch} ids per rank, {a.world} ranks: median of {a.blocks} rotating blocks of "
           f"{a.block_steps} steps each\n")
-    print("| ids | optimizer | limit (the faster single process) | limit ms | ours ms | limit / ours (paired median) "
+    print("| ids | optimizer | limit (the fastest single process) | limit ms | ours ms | limit / ours (paired median) "
           "| bound ms | limit / bound (paired median) | every single process, ms |\n|---|---|---|---|---|---|---|---|---|")
     for d, o, form, lim, ours, vs_ours, bound, vs_bound, every in results:
         print(f"| {d} | {o} | {form} | {lim} | {ours} | {vs_ours}x | {bound} | {vs_bound}x | {every} |")
