@@ -218,21 +218,48 @@ def test_ours_the_limit_and_the_bound_run_paired_in_one_job():
 
     lp = _load("limit_paired")
     for argv in (["--world", "0"], ["--rows", "1", "--world", "2"], ["--dists", "normal"], ["--limits", "gpu"],
-                 ["--limits", "sparse", "--optimizers", "adam"]):
+                 ["--limits", "sparse", "--optimizers", "adam"], ["--limit-threads", "0"], ["--limit-threads", "1,1"],
+                 ["--limit-threads", "two"], ["--limit-threads", "4096"]):
         with pytest.raises(SystemExit):
             lp._args(argv)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "limit_paired.py"), "--rows=4096", "--dim=8", "--batch=64",
-           "--blocks=3", "--block-steps=2", "--dists=uniform", "--optimizers=rowwise_adagrad"]
+           "--blocks=3", "--block-steps=2", "--dists=uniform", "--optimizers=rowwise_adagrad", "--limit-threads=1,2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| uniform | rowwise_adagrad |"))
     form, *ratios, every = [c.strip().rstrip("x") for c in row.strip("|").split("|")[2:]]
-    assert form in ("fused", "sparse") and len(ratios) == 5 and all(float(c) > 0 for c in ratios), (form, ratios)
-    assert every.startswith("fused=") and ",sparse=" in every  # both single-process forms ran
+    assert form in ("fused", "sparse", "fused_2threads", "sparse_2threads") and len(ratios) == 5 \
+        and all(float(c) > 0 for c in ratios), (form, ratios)
+    # both single-process forms ran, each with one thread and with two
+    assert [x.split("=")[0] for x in every.split(",")] == ["fused", "fused_2threads", "sparse", "sparse_2threads"]
     jobs = []  # the workers get the driver's --limits (without a second job: each costs a torchrun start)
     lp.run_paired = lambda a, script, extra: jobs.append(extra) or []
     lp.main(["--limits", "sparse", "--rows", "4096"])
-    assert jobs == [["--limits", "sparse"]], jobs
+    assert jobs == [["--limits", "sparse", "--limit-threads", "1"]], jobs
+
+
+def test_the_exchange_alone_runs_on_both_transports_in_one_job():
+    """benchmarks/transport.py times one all-to-all on shared memory and on gloo in one torchrun
+    job (every peer's rows checked on arrival) and prints one row per size; sizes no exchange
+    could use, and a group of one, stop it before the job starts."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    tp = _load("transport")
+    for argv in (["--sizes", "100"], ["--sizes", "0"], ["--sizes", "1k"], ["--world", "1"], ["--blocks", "0"]):
+        with pytest.raises(SystemExit):
+            tp._args(argv)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "transport.py"), "--sizes=256,4096", "--blocks=2",
+           "--block-steps=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 256 |") or line.startswith("| 4,096 |")]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        shm, gloo, ratio = (float(c.strip().rstrip("x")) for c in row.strip("|").split("|")[1:])
+        assert shm > 0 and gloo > 0 and ratio > 0, row
 
 
 def test_job_comparison_refuses_what_no_run_could_use_before_any_job_starts():
