@@ -122,8 +122,10 @@ def _args(argv=None):
                          "per transport")
     ap.add_argument("--transport", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--allocators", default="default",
-                    help="comma separated, among default (glibc malloc as it comes) and tuned "
-                         "(sharded_embedding.tune_malloc() first): every system runs under each")
+                    help="comma separated, among default (glibc malloc as it comes), tuned "
+                         "(sharded_embedding.tune_malloc() first), huge (glibc.malloc.hugetlb=1: what "
+                         "malloc maps on transparent huge pages) and tuned_huge (both): every system runs "
+                         "under each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="append every result as a JSON line to this file")
     ap.add_argument("--markdown", default=None, help="also write the result table to this file")

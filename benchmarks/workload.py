@@ -27,8 +27,13 @@ import torch
 # glibc malloc as it comes, or kept from handing big blocks back to the OS between steps by
 # `sharded_embedding.tune_malloc()`, called first in each worker (otherwise every step takes
 # fresh pages, page faults, for its multi-MiB temporaries, torch's and ours). A driver passes
-# the environment of the allocator it wants to the workers it starts.
-ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}}
+# the environment of the allocator it wants to the workers it starts. "huge": glibc's own tunable
+# (glibc >= 2.35) asking for transparent huge pages (madvise) on all it maps, so that a system that
+# allocates its tables itself (TorchRec's FBGEMM) gets them on huge pages as our shards and the
+# single process's table are.
+_HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}, "huge": _HUGE,
+              "tuned_huge": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1", **_HUGE}}
 
 
 def parse_allocators(text: str) -> list[str]:
