@@ -106,7 +106,7 @@ def tune_malloc() -> bool:
     autograd's gradients, the exchanges' rows). Under glibc's default, adaptive thresholds such
     blocks keep going back to the OS and coming back as fresh pages, each page a fault: at
     10M x 128 and 16,384 ids per rank a rank of ours took 450-3,500 page faults and 1-5 ms of
-    system time per 12-14 ms step, and its steps were 6-26% faster with this
+    system time per 12-14 ms step, and its steps took 6-26% less time with this
     (docs/benchmarks.md, "The allocator").
 
     It calls glibc's ``mallopt``: blocks below 32 MiB come from the heap (``M_MMAP_THRESHOLD``),
