@@ -92,11 +92,9 @@ REFUSALS = {
         "other optimizers with, or sharded_embedding.use_grad_scaler(model, None) if the loss is not scaled"
     ),
 }
-# Non-integer dtypes by code, so that every rank can name the dtype a peer passed.
-_BAD_DTYPES = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool,
-    torch.complex64, torch.complex128, torch.int8, torch.int16, torch.uint8,
-)
+# Every dtype torch names, by code (in one order on every rank running this torch), so that
+# every rank can name the dtype a peer passed.
+_INDEX_DTYPES = tuple(sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str))
 
 
 @dataclass
@@ -497,7 +495,7 @@ def validate_ids(indices, num_embeddings: int, device: torch.device):
     if kind:
         return None, None, _NOT_TENSOR, kind
     if indices.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
-        code = _BAD_DTYPES.index(indices.dtype) if indices.dtype in _BAD_DTYPES else -1
+        code = _INDEX_DTYPES.index(indices.dtype) if indices.dtype in _INDEX_DTYPES else -1
         return None, None, _NOT_INTEGER, code
     if not native.holds_data(indices):  # PyTorch's kernels would read it raw; or a vmap wrapper (no storage)
         return None, None, _NOT_TENSOR, _UNREADABLE
@@ -609,7 +607,7 @@ def _raise_input_errors(codes: list[int], values: list[int], num_embeddings: int
             if codes[r] == _NOT_TENSOR:
                 parts.append(f"rank {r} passed {_NOT_DENSE.get(v, 'something that is not a tensor of indices')}")
             else:
-                name = str(_BAD_DTYPES[v]) if 0 <= v < len(_BAD_DTYPES) else "another dtype"
+                name = str(_INDEX_DTYPES[v]) if 0 <= v < len(_INDEX_DTYPES) else "one this rank's torch does not name"
                 parts.append(f"rank {r} passed indices of dtype {name}")
         raise TypeError(
             "ShardedEmbedding indices must be a dense tensor of torch.int64 or torch.int32 (what nn.Embedding "

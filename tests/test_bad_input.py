@@ -346,7 +346,7 @@ def _narrow_integer_ids(dtype):
     return str(err.value)
 
 
-@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.uint64])  # (uint64: numpy's, named too)
 def test_ids_of_other_integer_dtypes_are_refused_like_nn_embedding(dtype):
     for message in run_ranks(2, _narrow_integer_ids, dtype):
         assert ("must be a dense tensor of torch.int64 or torch.int32 (what nn.Embedding takes): rank 0 passed "
