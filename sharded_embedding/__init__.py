@@ -5,7 +5,7 @@ from .clipping import clip_grad_norm_
 from .collection import ShardedEmbeddingBagCollection, TableConfig
 from .ddp import exclude_from_ddp, split_parameters, table_parameters
 from .distributed import finish, init_distributed, tune_malloc
-from .embedding import ShardedEmbedding
+from .embedding import ShardedEmbedding, TableAllocationError
 from .fused_schedule import FusedOptimizers, fused_optimizer
 from .initializers import initial_rows
 from .legacy import LargeEmbedding
@@ -27,6 +27,7 @@ __all__ = [
     "table_parameters",
     "use_grad_scaler",
     "NonFiniteGradientError",
+    "TableAllocationError",
     "clip_grad_norm_",
     "fused_optimizer",
     "FusedOptimizers",

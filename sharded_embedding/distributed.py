@@ -263,23 +263,24 @@ def check_agreement(group, fingerprint: str, error: str | None,
 
 
 def agree_or_raise(group, what: str, fingerprint: str | dict, error: str | None,
-                   device: torch.device | None = None) -> None:
+                   device: torch.device | None = None, exception: type[ValueError] = ValueError) -> None:
     """Check that every rank of ``group`` reached the same ``fingerprint`` with no error
-    (`check_agreement`); otherwise every rank raises the same ValueError. A dict fingerprint
-    (argument name -> text) lets the error name the arguments that differ and each rank's
-    value. ``device``: where the check's tensors go (default: `collective_device`)."""
+    (`check_agreement`); otherwise every rank raises the same ValueError (``exception``, a
+    subclass, where some rank had an ``error``). A dict fingerprint (argument name -> text) lets
+    the error name the arguments that differ and each rank's value. ``device``: where the
+    check's tensors go (default: `collective_device`)."""
     device = device if device is not None and device.type in ("cpu", "cuda") else collective_device(group)
     named = fingerprint if isinstance(fingerprint, dict) else None
     text = json.dumps(named, sort_keys=True) if named is not None else fingerprint
     errors, fingerprints = check_agreement(group, text, error, device)
     if errors:
         if dist.get_world_size(group) == 1:
-            raise ValueError(errors[0][1])
+            raise exception(errors[0][1])
         texts = {e for _, e in errors}
         if len(errors) == dist.get_world_size(group) and len(texts) == 1:
-            raise ValueError(f"{what}: {texts.pop()}")  # every rank found the same
+            raise exception(f"{what}: {texts.pop()}")  # every rank found the same
         detail = "; ".join(f"rank {r}: {e}" for r, e in errors)
-        raise ValueError(f"{what}: {detail}")
+        raise exception(f"{what}: {detail}")
     if fingerprints is not None:
         if named is not None:
             every = [json.loads(f) for f in fingerprints]

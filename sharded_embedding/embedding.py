@@ -37,7 +37,13 @@ from .storage import allocate
 from .transport import TRANSPORTS, make_transport
 from .wire import FLOAT_DTYPES
 
-__all__ = ["ShardedEmbedding"]
+__all__ = ["ShardedEmbedding", "TableAllocationError"]
+
+
+class TableAllocationError(ValueError, MemoryError):
+    """A rank could not allocate its shard (or its fused optimizer's state): raised on every
+    rank of the group together, naming each rank that failed and how many rows it needed. A
+    ValueError, as every construction error is, and a MemoryError."""
 
 
 class ShardedEmbedding(nn.Module):
@@ -85,7 +91,7 @@ class ShardedEmbedding(nn.Module):
 
     Construction is collective over the group: ranks check that they were given the same
     arguments and raise the same ValueError together otherwise. Each rank allocates only
-    its own pages.
+    its own pages; a rank that cannot makes every rank raise `TableAllocationError`.
 
     Every rank must call ``forward`` the same number of times, in the same order, and
     backpropagate through every output (an empty batch is fine): each call and its
@@ -197,7 +203,7 @@ class ShardedEmbedding(nn.Module):
             self.reset_parameters()
         except (RuntimeError, MemoryError) as e:
             error = f"could not allocate its {plan.local_rows(rank):,} rows on {device}: {type(e).__name__}: {e}"
-        agree_or_raise(group, "ShardedEmbedding construction", "allocated", error)
+        agree_or_raise(group, "ShardedEmbedding construction", "allocated", error, exception=TableAllocationError)
         # DDP reads this on the model it wraps; `ddp` copies it up to every module holding us.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self._table_id = number

@@ -42,6 +42,7 @@ def run(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from .checkpoint import CheckpointError, CheckpointManager
+    from .embedding import TableAllocationError
     from .word2vec import config as C
     from .word2vec.corpus import keep_probability, unigram_cdf
     from .word2vec.loop import SkipGramTraining, TrainingDiverged
@@ -90,12 +91,16 @@ def run(cfg) -> int:
 
     with phases.phase("tables", "allocating the tables"):
         comm_dtype = getattr(torch, cfg.model.comm_dtype) if cfg.model.comm_dtype else None
-        model = SkipGram(
-            vocab.size, cfg.model.dim, page_size=sharding.page_size, placement=sharding.placement,
-            fused_optimizer=C.fused_optimizer(cfg), window=cfg.model.window, negatives=cfg.model.negatives,
-            shared_negatives=cfg.model.shared_negatives, block=cfg.model.block, comm_dtype=comm_dtype,
-            seed=cfg.train.seed, transport=cfg.model.transport,
-        )
+        try:
+            model = SkipGram(
+                vocab.size, cfg.model.dim, page_size=sharding.page_size, placement=sharding.placement,
+                fused_optimizer=C.fused_optimizer(cfg), window=cfg.model.window, negatives=cfg.model.negatives,
+                shared_negatives=cfg.model.shared_negatives, block=cfg.model.block, comm_dtype=comm_dtype,
+                seed=cfg.train.seed, transport=cfg.model.transport,
+            )
+        except TableAllocationError as e:  # (raised on every rank together, before any training)
+            return _stop(f"configuration error: the tables do not fit in this machine's memory (model.dim, the "
+                         f"vocabulary and the number of ranks set their size: see the placement report above):\n  {e}")
     log.info("corpus %s: %s words; vocabulary %s words (min_count %s); %s ranks; %s pages of %s rows per table, %s; "
              "rows travel over the %s transport", path, f"{corpus.corpus_words:,}", f"{vocab.size:,}",
              cfg.data.min_count, world, model.inputs.num_pages, sharding.page_size, cfg.sharding.kind,

@@ -353,6 +353,25 @@ def test_ids_of_other_integer_dtypes_are_refused_like_nn_embedding(dtype):
                 f"indices of dtype {dtype}") in message, message
 
 
+def _table_too_big_for_memory():
+    from sharded_embedding import TableAllocationError
+
+    # 4,096 rows on rank 0, 2,048 on rank 1, x 10^8 float32 columns: terabytes, more than any machine here holds
+    with pytest.raises(TableAllocationError) as err:
+        ShardedEmbedding(4096 + 2048, 100_000_000, page_size=4096)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, MemoryError)
+    emb = ShardedEmbedding(20, 3, page_size=5)  # the group still works: the next table is built
+    assert emb(torch.tensor([0, 19])).shape == (2, 3)
+    return str(err.value)
+
+
+def test_a_table_no_memory_holds_raises_on_every_rank_naming_each_ranks_rows():
+    for message in run_ranks(2, _table_too_big_for_memory):
+        assert message.startswith("ShardedEmbedding construction: rank 0: could not allocate its 4,096 rows on cpu"), \
+            message
+        assert "; rank 1: could not allocate its 2,048 rows on cpu" in message, message
+
+
 def _different_full_tables():
     rank, _ = rank_world()
     emb = ShardedEmbedding(20, 3, page_size=5)
