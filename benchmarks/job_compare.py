@@ -4,11 +4,13 @@
     python benchmarks/job_compare.py --reps 5 --shardings auto,round_robin,hot_mirrored
     python benchmarks/job_compare.py --vary model.transport=shared_memory,process_group --reps 5
     python benchmarks/job_compare.py --vary nproc=2,1 --reps 5          # two ranks against one process
+    python benchmarks/job_compare.py --vary nproc=2,1x2 --reps 5        # ... against one process on 2 threads
     python benchmarks/job_compare.py --data data.path=/work/data/corpus_10m_40m.txt data.min_count=1 --reps 1
 
 Runs ``python -m sharded_embedding.train`` (torchrun, ``--nproc`` ranks, one epoch, no
 evaluation, text export off the clock) once per value of the option varied (``--vary
-KEY=V1,V2,...``, a job option, or ``nproc``: the number of ranks; by default
+KEY=V1,V2,...``, a job option, or ``nproc``: the number of ranks, ``RxT`` for R ranks of T
+intra-op threads each, one thread otherwise; by default
 ``sharding=auto,round_robin``, which ``--shardings`` sets) per
 repetition, the order rotating from one repetition to the next so that a drift in the
 machine's load does not favour one value. The corpus is encoded once (``data.cache_dir``
@@ -34,16 +36,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import run_in_session  # noqa: E402
 
 
+def ranks_and_threads(value: str) -> tuple[int, int] | None:
+    """``--vary nproc``'s ``R`` or ``RxT`` as (ranks, threads per rank); None if it is neither."""
+    parts = value.split("x")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 1
+
+
 def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
     out = work / tag
-    nproc = int(value) if key == "nproc" else a.nproc
+    nproc, threads = ranks_and_threads(value) if key == "nproc" else (a.nproc, 1)
     varied = [] if key == "nproc" else [f"{key}={value}"]
     overrides = [*a.data, *varied, f"train.epochs={a.epochs}", "evaluate=false",
                  f"data.cache_dir={work / 'corpus'}", f"out_dir={out}", f"hydra.run.dir={out / 'run'}", *a.override]
     # (sharded_embedding.launch: torchrun, with the job's own message instead of torchrun's traceback)
     cmd = [sys.executable, "-m", "sharded_embedding.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "sharded_embedding.train", *overrides]
-    done, _, err = run_in_session(cmd, dict(os.environ, OMP_NUM_THREADS="1"), a.timeout, f"{key}={value}", cwd=ROOT)
+    done, _, err = run_in_session(cmd, dict(os.environ, OMP_NUM_THREADS=str(threads)), a.timeout, f"{key}={value}",
+                                  cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{key}={value} failed (exit {done.returncode}):\n{err[-5000:]}")
     m = json.loads((out / "metrics.json").read_text())
@@ -66,13 +77,14 @@ def check_args(a) -> tuple[str, list[str]]:
         raise SystemExit(f"--vary {key}={values}: a value is given twice")
     if a.reps < 1 or a.epochs < 1 or a.nproc < 1:
         raise SystemExit(f"--reps, --epochs and --nproc must be >= 1, got {a.reps}, {a.epochs}, {a.nproc}")
-    if key == "nproc" and not all(v.isdigit() and int(v) >= 1 for v in options):
-        raise SystemExit(f"--vary nproc={values}: the numbers of ranks must be integers >= 1")
+    if key == "nproc" and not all(ranks_and_threads(v) for v in options):
+        raise SystemExit(f"--vary nproc={values}: each value is a number of ranks >= 1, or RxT: R ranks of T "
+                         "threads each (T >= 1)")
     from sharded_embedding.hydra_app import compose
     from sharded_embedding.word2vec.config import register, validate
 
     for value in options:
-        world = int(value) if key == "nproc" else a.nproc
+        world = ranks_and_threads(value)[0] if key == "nproc" else a.nproc
         varied = [] if key == "nproc" else [f"{key}={value}"]
         try:
             problems = validate(compose("train", register, [*a.data, *varied, *a.override]), world)

@@ -275,11 +275,14 @@ def test_job_comparison_refuses_what_no_run_could_use_before_any_job_starts():
                 reps=1)
     assert jc.check_args(argparse.Namespace(**good)) == ("sharding", ["auto", "round_robin"])
     assert jc.check_args(argparse.Namespace(**{**good, "vary": "nproc=2,1"})) == ("nproc", ["2", "1"])
+    assert jc.check_args(argparse.Namespace(**{**good, "vary": "nproc=2,1x2"})) == ("nproc", ["2", "1x2"])
+    assert [jc.ranks_and_threads(v) for v in ("2", "1x2", "3x1")] == [(2, 1), (1, 2), (3, 1)]
     for change, message in [
         (dict(vary="model.transport"), "two or more values"), (dict(vary="=a,b"), "two or more values"),
         (dict(vary="model.transport=auto,"), "two or more values"),
         (dict(vary="model.transport=auto,auto"), "a value is given twice"),
-        (dict(vary="nproc=abc,1"), "integers >= 1"), (dict(vary="nproc=0,1"), "integers >= 1"),
+        (dict(vary="nproc=abc,1"), "a number of ranks >= 1"), (dict(vary="nproc=0,1"), "a number of ranks >= 1"),
+        (dict(vary="nproc=1x0,1"), "RxT"), (dict(vary="nproc=1x2x2,1"), "RxT"), (dict(vary="nproc=x2,1"), "RxT"),
         (dict(reps=0), "--reps"),
         (dict(vary="model.transport=auto,mpi"), "model.transport=mpi: the job would refuse it: model.transport='mpi'"),
         (dict(vary="model.bogus=1,2"), "model.bogus=1: the job would refuse it"),
