@@ -356,9 +356,10 @@ def test_ids_of_other_integer_dtypes_are_refused_like_nn_embedding(dtype):
 def _table_too_big_for_memory():
     from sharded_embedding import TableAllocationError
 
-    # 4,096 rows on rank 0, 2,048 on rank 1, x 10^8 float32 columns: terabytes, more than any machine here holds
+    # 4,096 rows on rank 0, 2,048 on rank 1, x 10^14 float32 columns: exabytes, more than any address space
+    # holds (so the allocation fails at once, whatever the machine's overcommit setting)
     with pytest.raises(TableAllocationError) as err:
-        ShardedEmbedding(4096 + 2048, 100_000_000, page_size=4096)
+        ShardedEmbedding(4096 + 2048, 10**14, page_size=4096)
     assert isinstance(err.value, ValueError) and isinstance(err.value, MemoryError)
     emb = ShardedEmbedding(20, 3, page_size=5)  # the group still works: the next table is built
     assert emb(torch.tensor([0, 19])).shape == (2, 3)

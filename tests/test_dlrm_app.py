@@ -227,10 +227,11 @@ def test_a_scheduled_run_resumes_its_schedule_on_another_world_size(tmp_path):
     (["optim.sparse=lion"], "optim.sparse='lion' is not one of"),
     (["model.dimm=4"], "Key 'dimm' not in 'ModelCfg'"),
     (["+train.stepz=5"], "+train.stepz=5: not a key of this app's configuration"),
+    (["model.dim=100000000000000"], "configuration error: the tables do not fit in this machine's memory"),
 ])
 def test_configuration_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):
-    """Through the launch line: a schema error (Hydra's) and a `validate` error (the others are
-    checked in-process above)."""
+    """Through the launch line: a schema error (Hydra's), a `validate` error (the others are
+    checked in-process above), and tables no rank's memory holds."""
     done = _launch(tmp_path, *overrides)
     out = done.stdout + done.stderr
     assert out.count(message) == 1, out[-3000:]

@@ -33,7 +33,7 @@ def _train(tmp_path, *overrides, nproc=2, timeout=300):
 
 # One launch per place a configuration error is found (each ends every rank with one message,
 # exit code 2): Hydra's composition, a '+key' the app lacks, `validate`, the corpus's path, the
-# placement (needs the vocabulary), the planner, the tables' allocation (a model.dim no memory holds). The other messages of those places are checked
+# placement (needs the vocabulary), the planner, the tables' allocation (a model.dim no address space holds). The other messages of those places are checked
 # in-process below (a launch costs ~7 s; the path to the exit code is the same).
 @pytest.mark.parametrize(
     "overrides, message",
@@ -46,7 +46,7 @@ def _train(tmp_path, *overrides, nproc=2, timeout=300):
          "sharding.pages has 2 entries but the tables have 4 pages (7978 words in the vocabulary / page_size 2048"),
         (["sharding=auto", "sharding.memory_per_rank=1MB"],
          "sharding=auto: no placement fits: 2 tables of 7,978 x 100 float32 with rowwise_adagrad state needs"),
-        (["model.dim=100000000"], "configuration error: the tables do not fit in this machine's memory"),
+        (["model.dim=100000000000000"], "configuration error: the tables do not fit in this machine's memory"),
     ],
 )
 def test_config_errors_stop_every_rank_with_one_message(tmp_path, overrides, message):

@@ -30,6 +30,7 @@ from ..collection import TableConfig
 from ..ddp import split_parameters
 from ..fused_schedule import fused_optimizer
 from ..distributed import agree_or_raise, all_gather_ragged, all_gather_strings, all_reduce_host, collective_device
+from ..embedding import TableAllocationError
 from ..hydra_app import lock_folder, stop
 from .config import validate
 from .data import NUM_DENSE, ClickBatch, ClickData, DataSpec
@@ -89,7 +90,11 @@ def run(cfg) -> int:
         return stop("configuration error:\n  " + "\n  ".join(problems))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    data, model, dense_opt = build(cfg, world)
+    try:
+        data, model, dense_opt = build(cfg, world)
+    except TableAllocationError as e:  # (raised on every rank together, before any training)
+        return stop(f"configuration error: the tables do not fit in this machine's memory (model.dim and the "
+                    f"tables' rows set their size):\n  {e}")
     training = ClickTraining(cfg, data, model, dense_opt, out)
     if cfg.train.resume:
         try:
