@@ -238,19 +238,62 @@ def time_in_blocks(run, kinds: list[str], blocks: int, block_steps: int, warmup:
 
 def run_in_session(cmd: list[str], env: dict, timeout: float, what: str, cwd=None):
     """Run ``cmd`` (a torchrun job) in its own session and process group; returns (the finished
-    Popen, stdout, stderr). On ``timeout`` the whole group is killed -- torchrun and the workers
-    it started, which a plain ``subprocess.run(timeout=)`` would leave running -- and SystemExit
-    says so."""
+    Popen, stdout, stderr). On ``timeout`` every process the job started is killed -- torchrun,
+    and its workers, which torchrun starts in sessions of their own (so a kill of torchrun's
+    group misses them, and they would keep the output pipes open) -- and SystemExit says so."""
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                            start_new_session=True)
     try:
         out, err = job.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_tree(job.pid)
         job.communicate()
         raise SystemExit(f"{what}: no result within --timeout {timeout} s (the job and its workers were stopped)") \
             from None
     return job, out, err
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and every descendant, wherever their sessions are
+    (Linux: parents read from /proc). ``pid`` is stopped first, so that it starts no new child
+    and its children are not handed to init before they are found."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    for _ in range(3):  # (a child may have been starting while the tree was read)
+        for child in descendants(pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (read from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 from tests.harness import run_ranks
@@ -260,6 +261,48 @@ def test_the_exchange_alone_runs_on_both_transports_in_one_job():
     for row in rows:
         shm, gloo, ratio = (float(c.strip().rstrip("x")) for c in row.strip("|").split("|")[1:])
         assert shm > 0 and gloo > 0 and ratio > 0, row
+
+
+def test_a_timed_out_job_is_stopped_with_the_workers_it_started_in_their_own_sessions(tmp_path):
+    """`workload.run_in_session` on timeout: torchrun starts its workers in sessions of their own,
+    which a kill of torchrun's process group missed; they kept the output pipes open and the
+    driver waited forever. A stand-in job starts such a worker; the driver stops both, at once."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    wl = _load("workload")
+    pid_file = tmp_path / "worker.pid"
+    worker = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    job = ("import subprocess, sys, time; "
+           f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); time.sleep(120)")
+    raised = []
+
+    def drive():
+        try:
+            wl.run_in_session([sys.executable, "-c", job], dict(os.environ), 3, "the stand-in job")
+        except SystemExit as e:
+            raised.append(str(e))
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    driver.join(60)
+    worker_pid = int(pid_file.read_text())
+    try:
+        assert not driver.is_alive(), "the driver still waits on the job's output a minute after its timeout"
+        assert raised and "no result within --timeout 3 s" in raised[0], raised
+        for _ in range(50):  # (SIGKILL is delivered at once; its exit may take a moment to be seen)
+            if not os.path.exists(f"/proc/{worker_pid}") or open(f"/proc/{worker_pid}/stat").read().split()[2] == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the worker {worker_pid} outlived the timeout")
+    finally:
+        try:
+            os.kill(worker_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_job_comparison_refuses_what_no_run_could_use_before_any_job_starts():
