@@ -50,7 +50,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workload.py, and the package of this checkout
 
-from workload import ALLOCATORS, apply_allocator, parse_allocators  # noqa: E402
+from workload import allocator_env, apply_allocator, parse_allocators  # noqa: E402
 
 # (name, rows, dim, features reading it)
 TABLES = [
@@ -375,7 +375,7 @@ def _run_one(a, system: str, allocator: str = "default") -> dict:
         argv.append("--spread-ids")
     if not a.bind_cpus:
         argv.append("--no-bind-cpus")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **ALLOCATORS[allocator])
+    env = allocator_env(allocator, dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     if system in WITHOUT_NATIVE:
         env["SHARDED_EMBEDDING_NATIVE"] = "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",

@@ -10,7 +10,7 @@
 Runs ``python -m sharded_embedding.train`` (torchrun, ``--nproc`` ranks, one epoch, no
 evaluation, text export off the clock) once per value of the option varied (``--vary
 KEY=V1,V2,...``, a job option, or ``nproc``: the number of ranks, ``RxT`` for R ranks of T
-intra-op threads each, one thread otherwise; by default
+intra-op threads each, one thread otherwise, R x T at most the CPUs when T > 1; by default
 ``sharding=auto,round_robin``, which ``--shardings`` sets) per
 repetition, the order rotating from one repetition to the next so that a drift in the
 machine's load does not favour one value. The corpus is encoded once (``data.cache_dir``
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -38,10 +39,10 @@ from workload import run_in_session  # noqa: E402
 
 def ranks_and_threads(value: str) -> tuple[int, int] | None:
     """``--vary nproc``'s ``R`` or ``RxT`` as (ranks, threads per rank); None if it is neither."""
-    parts = value.split("x")
-    if len(parts) > 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+    found = re.fullmatch(r"([0-9]+)(?:x([0-9]+))?", value)
+    if not found or int(found[1]) < 1 or (found[2] is not None and int(found[2]) < 1):
         return None
-    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 1
+    return int(found[1]), int(found[2] or 1)
 
 
 def run_job(key: str, value: str, work: Path, tag: str, a) -> dict:
@@ -77,9 +78,18 @@ def check_args(a) -> tuple[str, list[str]]:
         raise SystemExit(f"--vary {key}={values}: a value is given twice")
     if a.reps < 1 or a.epochs < 1 or a.nproc < 1:
         raise SystemExit(f"--reps, --epochs and --nproc must be >= 1, got {a.reps}, {a.epochs}, {a.nproc}")
-    if key == "nproc" and not all(ranks_and_threads(v) for v in options):
-        raise SystemExit(f"--vary nproc={values}: each value is a number of ranks >= 1, or RxT: R ranks of T "
-                         "threads each (T >= 1)")
+    if key == "nproc":
+        if not all(ranks_and_threads(v) for v in options):
+            raise SystemExit(f"--vary nproc={values}: each value is a number of ranks >= 1, or RxT: R ranks of T "
+                             "threads each (T >= 1)")
+        layouts = [ranks_and_threads(v) for v in options]
+        if len(set(layouts)) < len(layouts):
+            raise SystemExit(f"--vary nproc={values}: two values mean the same ranks and threads")
+        cpus = len(os.sched_getaffinity(0))
+        crowded = [v for v, (r, t) in zip(options, layouts) if t > 1 and r * t > cpus]
+        if crowded:  # the job pins each rank to its share of the CPUs, and a rank's threads to that share
+            raise SystemExit(f"--vary nproc={values}: {', '.join(crowded)} asks for more threads than this "
+                             f"machine's {cpus} CPUs give the ranks (each rank gets {cpus} / R of them)")
     from sharded_embedding.hydra_app import compose
     from sharded_embedding.word2vec.config import register, validate
 

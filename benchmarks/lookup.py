@@ -68,7 +68,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # workload.py, and the package of this checkout
 
-from workload import ALLOCATORS, apply_allocator, parse_allocators  # noqa: E402
+from workload import allocator_env, apply_allocator, parse_allocators  # noqa: E402
 
 WORKLOADS = {
     "S": dict(rows=1_000_000, dim=64, batch=8192),
@@ -379,7 +379,7 @@ def _run_one(a, system: str, dist: str, transport: str | None = None, allocator:
     if not a.bind_cpus:
         common.append("--no-bind-cpus")
     script = os.path.abspath(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **ALLOCATORS[allocator])
+    env = allocator_env(allocator, dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     if system in SINGLE:
         cmd = [sys.executable, script, *common]
     else:

@@ -46,11 +46,11 @@ def _args(argv=None):
         sizes = []
     if not sizes or any(n < ROW or n % ROW for n in sizes):
         ap.error(f"--sizes must be byte counts, each a positive multiple of {ROW}, got {a.sizes!r}")
-    for name in ("world", "blocks", "block_steps", "timeout"):
-        if getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.world < 2:
         ap.error("--world must be at least 2: a group of one exchanges nothing")
+    for name in ("blocks", "block_steps", "timeout"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return a
 
 

@@ -31,9 +31,23 @@ import torch
 # (glibc >= 2.35) asking for transparent huge pages (madvise) on all it maps, so that a system that
 # allocates its tables itself (TorchRec's FBGEMM) gets them on huge pages as our shards and the
 # single process's table are.
-_HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-ALLOCATORS = {"default": {}, "tuned": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}, "huge": _HUGE,
-              "tuned_huge": {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1", **_HUGE}}
+_TUNE, _HUGE = "SHARDED_EMBEDDING_BENCH_TUNE_MALLOC", "glibc.malloc.hugetlb"
+ALLOCATORS = {"default": (False, False), "tuned": (True, False), "huge": (False, True), "tuned_huge": (True, True)}
+
+
+def allocator_env(name: str, base: dict) -> dict:
+    """``base`` (a driver's environment) set for allocator ``name`` of `ALLOCATORS`: tune_malloc
+    asked for or not, glibc's huge-page tunable added to or removed from ``GLIBC_TUNABLES`` (the
+    caller's other tunables kept), whatever ``base`` held before."""
+    tune, huge = ALLOCATORS[name]
+    env = {k: v for k, v in base.items() if k != _TUNE}
+    if tune:
+        env[_TUNE] = "1"
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(_HUGE + "=")]
+    tunables += [f"{_HUGE}=1"] if huge else []
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    return env
 
 
 def parse_allocators(text: str) -> list[str]:
@@ -47,7 +61,7 @@ def parse_allocators(text: str) -> list[str]:
 
 def apply_allocator() -> None:
     """In a worker, before anything else: `tune_malloc()` if its driver asked for "tuned"."""
-    if os.environ.get("SHARDED_EMBEDDING_BENCH_TUNE_MALLOC"):
+    if os.environ.get(_TUNE):
         from sharded_embedding import tune_malloc
 
         if not tune_malloc():

@@ -305,6 +305,22 @@ def test_a_timed_out_job_is_stopped_with_the_workers_it_started_in_their_own_ses
             pass
 
 
+def test_each_allocator_setting_gives_the_workers_its_environment_whatever_the_driver_inherited():
+    """`workload.allocator_env`: 'default' clears an inherited tune_malloc request and huge-page
+    tunable, 'huge' adds the tunable beside the caller's other glibc tunables instead of
+    replacing them."""
+    wl = _load("workload")
+    inherited = {"PATH": "/bin", "SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1",
+                 "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2"}
+    assert wl.allocator_env("default", inherited) == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert wl.allocator_env("tuned", {"PATH": "/bin"}) == {"PATH": "/bin", "SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1"}
+    assert wl.allocator_env("huge", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == \
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert wl.allocator_env("tuned_huge", {}) == {"SHARDED_EMBEDDING_BENCH_TUNE_MALLOC": "1",
+                                                  "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert inherited["SHARDED_EMBEDDING_BENCH_TUNE_MALLOC"] == "1"  # the caller's dict is left as it was
+
+
 def test_job_comparison_refuses_what_no_run_could_use_before_any_job_starts():
     """`job_compare.py` checks its arguments and composes and validates every value's job
     configuration before the first run (a bad last value used to fail only after the runs
@@ -326,6 +342,9 @@ def test_job_comparison_refuses_what_no_run_could_use_before_any_job_starts():
         (dict(vary="model.transport=auto,auto"), "a value is given twice"),
         (dict(vary="nproc=abc,1"), "a number of ranks >= 1"), (dict(vary="nproc=0,1"), "a number of ranks >= 1"),
         (dict(vary="nproc=1x0,1"), "RxT"), (dict(vary="nproc=1x2x2,1"), "RxT"), (dict(vary="nproc=x2,1"), "RxT"),
+        (dict(vary="nproc=2,\u00b2"), "RxT"), (dict(vary="nproc=2,1x\u00b2"), "RxT"),  # (isdigit, but not int())
+        (dict(vary="nproc=2,2x1"), "mean the same"), (dict(vary="nproc=1,01"), "mean the same"),
+        (dict(vary=f"nproc=2,1x{len(os.sched_getaffinity(0)) + 1}"), "more threads than"),
         (dict(reps=0), "--reps"),
         (dict(vary="model.transport=auto,mpi"), "model.transport=mpi: the job would refuse it: model.transport='mpi'"),
         (dict(vary="model.bogus=1,2"), "model.bogus=1: the job would refuse it"),
