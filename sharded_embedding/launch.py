@@ -11,10 +11,13 @@ training diverged, 1: anything else). This prints one line instead of the traceb
 with the largest code a worker exited with (or 128 + the signal that killed one; not the
 SIGTERM with which torchrun stops the other workers once one has failed); a launcher
 stopped by a signal (Ctrl-C, SIGTERM) says so in one line and exits 128 + the signal.
+torchrun's own log line of the first failure ("failed (exitcode: ...) local_rank: ...") is
+left out: that one line says it, for every rank.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_FirstFailureLine())
     try:
         run(args)
     except SignalException as e:  # torchrun stops the workers, then raises this with a traceback
@@ -49,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e.name}: stopped ({detail}); {why}", file=sys.stderr, flush=True)
         return worst
     return 0
+
+
+class _FirstFailureLine(logging.Filter):
+    """Drops torchrun's "failed (exitcode: ...)" record: the launcher's line reports every rank's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode:")
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ def test_configuration_errors_stop_every_rank_with_one_message(tmp_path, overrid
     assert message in done.stderr  # errors on stderr, whatever Hydra's console logging does with stdout
     assert done.returncode == 2  # the configuration-error code, through the launcher
     assert "Traceback" not in out and "ChildFailedError" not in out  # no launcher noise after the message
+    assert "failed (exitcode" not in out  # (torchrun's log line: the launcher's own line says it)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
