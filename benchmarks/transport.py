@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]  # workload.py, and the package of this checkout
 
-from workload import run_in_session, time_in_blocks  # noqa: E402
+from workload import run_worker_job, time_in_blocks  # noqa: E402
 
 ROW = 64 * 4  # bytes per row: 64 float32
 KINDS = ("shared_memory", "process_group")
@@ -89,14 +89,10 @@ def main(argv=None) -> int:
     if a.worker:
         _worker(a)
         return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
-           os.path.abspath(__file__), "--worker", "--sizes", a.sizes, "--world", str(a.world),
-           "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    job, out, err = run_in_session(cmd, env, a.timeout, "the exchange job")
-    found = [line.split()[1:] for line in out.splitlines() if line.startswith("RESULT ")]
-    if job.returncode or len(found) != len(a.sizes.split(",")):
-        raise SystemExit(f"the exchange job failed (exit {job.returncode}):\n{err[-3000:]}")
+    found = run_worker_job(__file__, a.world, ["--sizes", a.sizes, "--world", str(a.world), "--blocks", str(a.blocks),
+                                               "--block-steps", str(a.block_steps)], a.timeout, "the exchange job")
+    if len(found) != len(a.sizes.split(",")):
+        raise SystemExit(f"the exchange job printed {len(found)} results for {len(a.sizes.split(','))} sizes")
     print(f"\n{a.world} ranks, one all-to-all (every rank sends each peer and itself the size below), median of "
           f"{a.blocks} ABBA blocks of {a.block_steps} exchanges\n")
     print("| bytes per peer | shared memory us | gloo us | gloo / shared memory (paired median) |\n|---|---|---|---|")

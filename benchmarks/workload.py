@@ -310,6 +310,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def run_worker_job(script: str, world: int, args: list[str], timeout: float, what: str) -> list[list[str]]:
+    """Run ``script --worker *args`` under torchrun on ``world`` ranks (one thread each); returns
+    the fields of every ``RESULT`` line it printed (its rank 0), in order. SystemExit when the
+    job fails, prints none, or outlasts ``timeout``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           os.path.abspath(script), "--worker", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    job, out, err = run_in_session(cmd, env, timeout, what)
+    found = [line.split()[1:] for line in out.splitlines() if line.startswith("RESULT ")]
+    if job.returncode or not found:
+        raise SystemExit(f"{what} failed (exit {job.returncode}):\n{err[-3000:]}")
+    return found
+
+
 def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:
     """Run ``script --worker`` under torchrun for every (dist, optimizer) of ``a``; returns the
     fields of each job's ``RESULT`` line (printed by its rank 0), in order. SystemExit when a
@@ -317,15 +331,10 @@ def run_paired(a, script: str, extra: list[str]) -> list[list[str]]:
     results = []
     for dist_name in a.dists.split(","):
         for opt in a.optimizers.split(","):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
-                   os.path.abspath(script), "--worker", *extra, "--workload", a.workload, "--dist", dist_name,
-                   "--optimizer", opt, "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
-            cmd += [f"--{name}={getattr(a, name)}" for name in ("rows", "dim", "batch") if getattr(a, name) is not None]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-            job, out, err = run_in_session(cmd, env, a.timeout, f"{dist_name} {opt}")
-            found = [line.split()[1:] for line in out.splitlines() if line.startswith("RESULT ")]
-            if job.returncode or not found:
-                raise SystemExit(f"{dist_name} {opt} failed (exit {job.returncode}):\n{err[-3000:]}")
+            args = [*extra, "--workload", a.workload, "--dist", dist_name, "--optimizer", opt,
+                    "--blocks", str(a.blocks), "--block-steps", str(a.block_steps)]
+            args += [f"--{name}={getattr(a, name)}" for name in ("rows", "dim", "batch") if getattr(a, name) is not None]
+            found = run_worker_job(script, a.world, args, a.timeout, f"{dist_name} {opt}")
             results.append(found[0])
             print(f"  {dist_name} {opt}: {' '.join(found[0][2:])}", flush=True)
     return results
