@@ -194,7 +194,7 @@ def _answer(storage: torch.Tensor, serve: TableServe, r: int, out: torch.Tensor 
     (returned), or, pooled here and without ``out``, as a new tensor."""
     if serve.modes[r] == ON_REQUESTER:
         if out.dtype == storage.dtype:
-            torch.index_select(storage, 0, serve.blocks[r], out=out)
+            native.index_select(storage, serve.blocks[r], out=out)
         else:
             out.copy_(storage.index_select(0, serve.blocks[r]))
         return out
@@ -228,7 +228,7 @@ def _pool(req: TableRequest, from_peers: list, own: torch.Tensor, rank: int, ws,
         answers[at : at + block.shape[0]] = block
         at += block.shape[0]
     if not bags.pooled:
-        return answers.index_select(0, req.gather_index)
+        return native.index_select(answers, req.gather_index)
     weights = bags.weights.to(answers.dtype) if bags.weights is not None else None
     return F.embedding_bag(req.gather_index, answers, bags.offsets[:-1], mode="sum", per_sample_weights=weights)
 

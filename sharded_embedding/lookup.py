@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import pending, wire
+from . import native, pending, wire
 from .amp import NonFiniteGradientError, ScalerLink, nonfinite_flag, nonfinite_message
 from .mirrors import MirrorSync
 from .optimizers import FusedOptimizer
@@ -209,17 +209,17 @@ class ShardedLookup(torch.autograd.Function):
         num_remote, num_self = routing.num_remote, routing.num_self
         dim, ws = weight.shape[1], exchange.workspace
         served = exchange.send_rows("served", routing.num_served, dim, weight.dtype, weight.device)
-        torch.index_select(weight, 0, routing.owner_rows[num_self:], out=served)
+        native.index_select(weight, routing.owner_rows[num_self:], out=served)  # (torch.index_select, compiled)
         gathered = ws.get("gathered", routing.num_unique, dim, weight.dtype, weight.device)  # [remote | own]
         wait = exchange.all_to_all(gathered[:num_remote], served, routing.requested_counts, routing.served_counts,
                                    tag="vectors", call=routing.call)  # vectors
-        torch.index_select(weight, 0, routing.owner_rows[:num_self], out=gathered[num_remote:])  # while they travel
+        native.index_select(weight, routing.owner_rows[:num_self], out=gathered[num_remote:])  # while they travel
         wait()
         ctx.routing, ctx.exchange = routing, exchange
         ctx.weight = weight if exchange.optimizer is not None else None
         ctx.storage_shape = weight.shape
         exchange.stats.record_forward(routing.gather_index.numel(), routing, exchange.row_bytes(dim, weight.dtype))
-        return gathered.index_select(0, routing.gather_index)
+        return native.index_select(gathered, routing.gather_index)
 
     @staticmethod
     @once_differentiable("ShardedEmbedding")

@@ -22,7 +22,7 @@ try:
 except ImportError:  # no C compiler at install: PyTorch's kernels do the same work
     _scatter = None
 
-__all__ = ["built", "available", "supports", "index_add_", "bag_scatter_add", "PooledGradient", "destinations",
+__all__ = ["built", "available", "supports", "index_add_", "index_select", "bag_scatter_add", "PooledGradient", "destinations",
            "partition_bags", "dedup", "holds_data"]
 
 
@@ -227,6 +227,50 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     increment_version(weight)
     return weight
 
+
+_GATHERED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Whether the C loops may read ``t`` as raw memory: a CPU, strided, contiguous tensor
+    whose storage holds its elements (a few attribute reads: `index_select` runs per lookup)."""
+    return (t.is_cpu and t.layout == torch.strided and t.is_contiguous() and not t.is_neg()
+            and not t._is_zerotensor()
+            and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size())
+
+
+def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.index_select(table, 0, rows, out=out)``: compiled where `available` and the
+    tensors are plain CPU memory (``table``: 2-D contiguous float32/float16/bfloat16/float64,
+    ``rows``: 1-D int64 or int32, ``out``: None or contiguous ``[n, dim]`` of ``table``'s
+    dtype, apart from both), else PyTorch's. The same rows, bit for bit (a copy); the compiled
+    loop asks for each row 16 rows ahead, so that rows at random places of a table far larger
+    than the caches arrive together (`benchmarks/gather.py`). Returns ``out`` (a new tensor
+    when None). Anything else (rows outside the table, a table autograd records with grad mode
+    on, other dtypes or layouts, storage that does not hold a tensor's elements) goes to
+    PyTorch's kernel, which takes, refuses or raises as it does."""
+    try:
+        compiled = (rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64) and table.dim() == 2
+                    and table.dtype in _GATHERED and table.shape[1] > 0 and _plain(table) and _plain(rows)
+                    and not (table.requires_grad and torch.is_grad_enabled()) and available()
+                    and (out is None or (out.dtype == table.dtype and out.shape == (rows.shape[0], table.shape[1])
+                                         and not out.requires_grad and _plain(out)
+                                         and out.untyped_storage().data_ptr() not in (
+                                             table.untyped_storage().data_ptr(), rows.untyped_storage().data_ptr()))))
+    except RuntimeError:  # a tensor without storage (a torch.func wrapper's, a fake one)
+        compiled = False
+    if compiled:
+        result = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype) if out is None else out
+        try:
+            _scatter.gather(result.data_ptr(), table.data_ptr(), table.shape[0], table.shape[1] * table.element_size(),
+                            rows.data_ptr(), rows.element_size(), rows.shape[0])
+        except IndexError:  # nothing written: PyTorch raises its own error for it below
+            compiled = False
+    if not compiled:
+        return torch.index_select(table, 0, rows) if out is None else torch.index_select(table, 0, rows, out=out)
+    if out is not None:
+        increment_version(out)
+    return result
 
 def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Tensor, page_size: int,
                  buckets: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

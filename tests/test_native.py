@@ -591,3 +591,120 @@ def test_index_add_refuses_freed_storage_whatever_runs(setting, freed, monkeypat
     (values if freed == "values" else weight).untyped_storage().resize_(0)
     with pytest.raises(RuntimeError, match="storage does not hold"):
         native.index_add_(weight, torch.tensor([0, 1]), values)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dim", [1, 3, 32, 64, 128, 130])
+def test_index_select_is_torchs_bit_for_bit(dtype, index_dtype, dim):
+    """Whole rows copied: the same bits as torch.index_select, into a new tensor or ``out``,
+    rows repeated and in any order, for every row width (the 128/256/512-byte loops and the
+    general one)."""
+    g = torch.Generator().manual_seed(dim)
+    table = torch.randn(300, dim, generator=g).to(dtype)
+    rows = torch.randint(0, 300, (517,), generator=g).to(index_dtype)
+    want = torch.index_select(table, 0, rows)
+    assert torch.equal(native.index_select(table, rows), want)
+    out = torch.full((517, dim), float("nan"), dtype=dtype)
+    assert native.index_select(table, rows, out=out) is out
+    assert torch.equal(out, want)
+    assert native.index_select(table, rows[:0]).shape == (0, dim)
+
+
+@needs_extension
+def test_index_select_runs_the_compiled_loop_only_where_it_applies(monkeypatch):
+    """The gather is the compiled one with one thread (the tensors plain memory), PyTorch's
+    with more threads, with the extension turned off, for a table autograd records, and for
+    layouts it does not take."""
+    calls, real = [], native._scatter
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def gather(self, *args):
+            calls.append(args)
+            return real.gather(*args)
+
+    monkeypatch.setattr(native, "_scatter", Spy())
+    table, rows = torch.randn(10, 4), torch.tensor([3, 1, 3])
+    want = table[rows]
+    assert torch.equal(native.index_select(table, rows), want) and len(calls) == 1
+    leaf = table.clone().requires_grad_()
+    with torch.no_grad():
+        assert torch.equal(native.index_select(leaf, rows), want) and len(calls) == 2
+    others = [
+        lambda: native.index_select(leaf, rows),  # autograd records it
+        lambda: native.index_select(table.t().contiguous().t(), rows),  # not contiguous
+        lambda: native.index_select(table.to(torch.int64), rows),  # a dtype it does not copy
+        lambda: native.index_select(table, rows, out=torch.empty(4, 3).t()),  # out not contiguous
+    ]
+    for call in others:
+        call()
+    monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
+    native.index_select(table, rows)
+    monkeypatch.delenv("SHARDED_EMBEDDING_NATIVE")
+    torch.set_num_threads(2)
+    native.index_select(table, rows)
+    assert len(calls) == 2
+    assert native.index_select(leaf, rows).grad_fn is not None
+
+
+@needs_extension
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")  # torch's, for out_wrong_shape
+@pytest.mark.parametrize("case", ["row_outside", "negative_row", "float_rows", "rows_2d", "out_aliases_the_table",
+                                  "out_wrong_shape", "out_wrong_dtype", "zero_width"])
+def test_index_select_takes_refuses_and_raises_as_torch_does(case):
+    table, rows, out = torch.arange(12.0).view(4, 3), torch.tensor([0, 2]), torch.zeros(2, 3)
+    if case == "row_outside":
+        rows = torch.tensor([0, 4])
+    elif case == "negative_row":
+        rows = torch.tensor([-9, 1])
+    elif case == "float_rows":
+        rows = torch.tensor([0.0, 2.0])
+    elif case == "rows_2d":
+        rows = torch.tensor([[0, 2]])
+    elif case == "out_aliases_the_table":
+        out = table[1:3]
+    elif case == "out_wrong_shape":
+        out = torch.zeros(3, 3)
+    elif case == "out_wrong_dtype":
+        out = torch.zeros(2, 3, dtype=torch.float64)
+    else:
+        table, out = torch.zeros(4, 0), torch.zeros(2, 0)
+    results = []
+    for select in (lambda t, o: torch.index_select(t, 0, rows, out=o), lambda t, o: native.index_select(t, rows, o)):
+        t = table.clone()
+        o = t[1:3] if case == "out_aliases_the_table" else out.clone()
+        try:
+            select(t, o)
+            results.append((None, t, o))
+        except Exception as e:  # noqa: BLE001 - whatever torch raises, the same must come out
+            results.append((type(e), t, o))
+    (want_error, want_t, want_o), (got_error, got_t, got_o) = results
+    assert got_error == want_error
+    assert torch.equal(got_t, want_t) and got_o.shape == want_o.shape and torch.equal(got_o, want_o)
+
+
+@needs_extension
+def test_index_select_bumps_out_s_version():
+    """Writing ``out`` counts as an in-place op for autograd (a saved ``out`` then raises in a
+    backward, as after torch.index_select(out=))."""
+    out = torch.zeros(2, 3)
+    before = out._version
+    native.index_select(torch.ones(4, 3), torch.tensor([0, 1]), out=out)
+    assert out._version > before and out.sum() == 6
+
+
+@pytest.mark.parametrize("setting", ["compiled", "off"])
+@pytest.mark.parametrize("freed", ["table", "rows", "out"])
+def test_index_select_never_reads_freed_storage(setting, freed, monkeypatch):
+    """A tensor whose storage does not hold its elements is never read raw: PyTorch's kernel
+    raises its RuntimeError for it, with the compiled loop available or not."""
+    if setting == "off":
+        monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
+    tensors = {"table": torch.ones(4, 3), "rows": torch.tensor([0, 3]), "out": torch.zeros(2, 3)}
+    tensors[freed].untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError):
+        native.index_select(tensors["table"], tensors["rows"], out=tensors["out"])
