@@ -22,9 +22,10 @@ without the phases it calls:
     gather for peers      ShardedLookup.forward: index_select of the rows peers asked for
     vector exchange       the transport's all-to-all of the vectors
     gather own rows       ShardedLookup.forward: index_select of own rows (while the vectors travel)
-    expand to ids         ShardedLookup.forward's own work: gathered[gather_index] (one row per id)
-    gradient sum          the backward's embedding_bag: sum each unique id's duplicate gradients
-    non-finite check      amp.nonfinite_flag over the summed gradient rows
+    expand to ids         ShardedLookup.forward's own work and gathered[gather_index] (one row per id)
+    gradient sum          the backward's sum of each unique id's duplicate gradients: native.bag_sum
+                          with the compiled loops (the non-finite test included), else embedding_bag
+    non-finite check      amp.nonfinite_flag over the summed gradient rows (not with native.bag_sum)
     gradient exchange     the transport's all-to-all of the gradient rows (+ the flags)
     wait for peer         (shared memory only) of the three exchanges, the time spent waiting for a
                           peer to publish its rows or to finish reading ours; the rest is copying
@@ -162,9 +163,13 @@ class PhaseTimer:
 
         def gather_name(_):
             self._gathers += 1
-            return "gather for peers" if self._gathers == 1 else "gather own rows"
+            return ("gather for peers", "gather own rows", "expand to ids")[min(self._gathers, 3) - 1]
 
-        self._patch(L, "torch", _Proxy(torch, index_select=self.wrap(gather_name, torch.index_select)))
+        if hasattr(getattr(L, "native", None), "index_select"):  # the gathers and the sum, compiled where they can be
+            self._patch(L, "native", _Proxy(L.native, index_select=self.wrap(gather_name, L.native.index_select),
+                                            bag_sum=self.wrap("gradient sum", L.native.bag_sum)))
+        else:  # (a tree before them: to profile older trees)
+            self._patch(L, "torch", _Proxy(torch, index_select=self.wrap(gather_name, torch.index_select)))
         self._patch(L, "F", _Proxy(F, embedding_bag=self.wrap("gradient sum", F.embedding_bag)))
         self._patch(L, "nonfinite_flag", self.wrap("non-finite check", L.nonfinite_flag))
         self._patch(O.FusedOptimizer, "apply", self.wrap("optimizer update", O.FusedOptimizer.apply))

@@ -6,7 +6,9 @@ Forward (after `routing.route` has told every rank what to serve):
     requesters:  out = [answers from peers ; own rows][gather_index]
 
 Backward (the adjoint of the forward, so the gradient is that of the SUM of all ranks' losses):
-    requesters:  per-unique-id gradient = embedding_bag sum of grad_out over duplicate ids
+    requesters:  per-unique-id gradient = sum of grad_out over duplicate ids (`native.bag_sum`:
+                 one compiled pass, peers' rows written straight into the outbox; else
+                 embedding_bag)
     all ranks:   all-to-all(gradients + one flag per rank)  back to the ranks that served each
                  row, with whether the sender's rows hold inf/NaN (`amp`): if any rank's do,
                  no rank changes any row (an error, or a skipped step under a GradScaler)
@@ -15,8 +17,8 @@ Backward (the adjoint of the forward, so the gradient is that of the SUM of all 
                  when autograd completes the backward pass (`pending`; no gradient is kept),
                  or they become a sparse COO (``sparse=True``) or dense gradient.
 
-Both directions follow one row layout so nothing is concatenated: the embedding_bag sum is
-``[grads of rows asked of peers | grads of own rows]`` and its first part is sent as it is;
+Both directions follow one row layout so nothing is concatenated: the sums are
+``[grads of rows asked of peers | grads of own rows]`` and the first part is sent as it is;
 the owner's rows ``[own | from peers]`` line up with ``owner_rows`` (see `routing.Routing`).
 A linear fused optimizer (SGD) takes the own part and the peers' part as they lie; otherwise
 the own part is copied beside the received rows while they travel.
@@ -229,29 +231,31 @@ class ShardedLookup(torch.autograd.Function):
         dim = grad_out.shape[-1]
         num_remote, num_self, num_served = routing.num_remote, routing.num_self, routing.num_served
         scale, inv_scale = gradient_scales(exchange)
-        # One row per unique id, [rows asked of peers | own rows]: one bag per unique id sums
-        # the gradients of its duplicates. The peers' part is sent as it is.
-        if routing.num_unique:
-            bags = routing.bags
-            weights = None if scale is None else exchange.workspace.filled("scale", bags.indices.numel(), scale,
-                                                                           grad_out.dtype, grad_out.device)
-            summed = F.embedding_bag(bags.indices, grad_out.reshape(-1, dim), bags.offsets, mode="sum",
-                                     per_sample_weights=weights)
-        else:
-            summed = grad_out.new_zeros(0, dim)
         # [grads of own rows | grads received from peers], lined up with owner_rows
         owner = exchange.workspace.get("work", num_self + num_served, dim, grad_out.dtype, grad_out.device)
-        # Every rank learns, with the gradients, whether any rank computed an inf/NaN row: no
-        # row changes anywhere before that is known.
-        flag = nonfinite_flag(summed, num_remote, wire.finite_limit(summed.dtype, exchange.comm_dtype))
-        receive = exchange.all_to_all(owner[num_self:], summed[:num_remote], routing.served_counts,
-                                      routing.requested_counts, flag, tag="gradients",
-                                      call=routing.call)  # gradients (+ flags)
+        # One row per unique id, [rows asked of peers | own rows]: one bag per unique id sums
+        # the gradients of its duplicates. Every rank learns, with the gradients, whether any
+        # rank computed an inf/NaN row: no row changes anywhere before that is known.
+        grad_rows = grad_out.reshape(-1, dim)
+        if _sums_in_one_pass(exchange, grad_rows, routing):  # peers' rows straight into the outbox
+            send = exchange.send_rows("grad_send", num_remote, dim, grad_rows.dtype, grad_rows.device)
+            bags = routing.bags
+            finite = native.bag_sum(grad_rows, bags.indices, bags.offsets, 1.0 if scale is None else scale, send,
+                                    owner[:num_self])
+            flag, own = torch.tensor(not finite), None  # (own rows in place: owner[:num_self])
+        else:
+            summed = _sum_duplicates(routing, grad_rows, scale, exchange.workspace)
+            flag = nonfinite_flag(summed, num_remote, wire.finite_limit(summed.dtype, exchange.comm_dtype))
+            send, own = summed[:num_remote], summed[num_remote:]  # the peers' part is sent as it is
+        receive = exchange.all_to_all(owner[num_self:], send, routing.served_counts, routing.requested_counts,
+                                      flag, tag="gradients", call=routing.call)  # gradients (+ flags)
         exchange.stats.record_backward(routing, exchange.row_bytes(dim, grad_out.dtype))
         optimizer = exchange.optimizer
         in_parts = optimizer is not None and optimizer.linear_scale is not None and not exchange.mirrors.active
-        if not in_parts:
-            owner[:num_self] = summed[num_remote:]  # while the gradients travel
+        if own is None:
+            own = owner[:num_self]
+        elif not in_parts:
+            owner[:num_self] = own  # while the gradients travel
         bad = receive()
         if bad and skip_nonfinite_step([exchange], bad):
             return None, None, None  # the step is skipped everywhere, like scaler.step skips it
@@ -259,13 +263,33 @@ class ShardedLookup(torch.autograd.Function):
         lend = (exchange.workspace, "work")  # a pending step keeps views of `owner`
         if in_parts:  # a linear update takes own rows and peers' rows one after the other
             rows = routing.owner_rows
-            pending.defer(optimizer, ctx.weight, [(rows[:num_self], summed[num_remote:]),
-                                                  (rows[num_self:], owner[num_self:])], lend, routing.hyperparameters)
+            pending.defer(optimizer, ctx.weight, [(rows[:num_self], own), (rows[num_self:], owner[num_self:])], lend,
+                          routing.hyperparameters)
             return None, None, None
         grad = update_rows(exchange, ctx.weight, routing.owner_rows, owner, inv_scale=inv_scale,
                            storage_shape=ctx.storage_shape, poisoned=bool(bad), lend=lend,
                            hyperparameters=routing.hyperparameters)
         return grad, None, None
+
+
+def _sums_in_one_pass(exchange: Exchange, grad_rows: torch.Tensor, routing: Routing) -> bool:
+    """Whether the backward's gradient sum runs as `native.bag_sum` (the compiled loops
+    `available`, float32 rows that travel as they are, CPU memory it can read)."""
+    bags = routing.bags
+    return (routing.num_unique > 0 and grad_rows.dtype == torch.float32 and exchange.comm_dtype in (None, torch.float32)
+            and bags.indices.dtype == bags.offsets.dtype == torch.int64 and native.available()
+            and native._plain(grad_rows))
+
+
+def _sum_duplicates(routing: Routing, grad_rows: torch.Tensor, scale: float | None, ws: Workspace) -> torch.Tensor:
+    """``[num_unique, dim]``: each unique id's gradient (times ``scale``), in PyTorch: one bag
+    per unique id, an embedding_bag over the output gradient rows."""
+    if not routing.num_unique:
+        return grad_rows.new_zeros(0, grad_rows.shape[1])
+    bags = routing.bags
+    weights = None if scale is None else ws.filled("scale", bags.indices.numel(), scale, grad_rows.dtype,
+                                                   grad_rows.device)
+    return F.embedding_bag(bags.indices, grad_rows, bags.offsets, mode="sum", per_sample_weights=weights)
 
 
 def gradient_scales(exchange: Exchange) -> tuple[float | None, float]:

@@ -22,7 +22,7 @@ try:
 except ImportError:  # no C compiler at install: PyTorch's kernels do the same work
     _scatter = None
 
-__all__ = ["built", "available", "supports", "index_add_", "index_select", "bag_scatter_add", "PooledGradient", "destinations",
+__all__ = ["built", "available", "supports", "index_add_", "index_select", "bag_sum", "bag_scatter_add", "PooledGradient", "destinations",
            "partition_bags", "dedup", "holds_data"]
 
 
@@ -245,7 +245,7 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
     ``rows``: 1-D int64 or int32, ``out``: None or contiguous ``[n, dim]`` of ``table``'s
     dtype, apart from both), else PyTorch's. The same rows, bit for bit (a copy); the compiled
     loop asks for each row 16 rows ahead, so that rows at random places of a table far larger
-    than the caches arrive together (`benchmarks/gather.py`). Returns ``out`` (a new tensor
+    than the caches arrive together (`benchmarks/row_kernels.py`). Returns ``out`` (a new tensor
     when None). Anything else (rows outside the table, a table autograd records with grad mode
     on, other dtypes or layouts, storage that does not hold a tensor's elements) goes to
     PyTorch's kernel, which takes, refuses or raises as it does."""
@@ -271,6 +271,46 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
     if out is not None:
         increment_version(out)
     return result
+
+def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale: float, first: torch.Tensor,
+            rest: torch.Tensor) -> bool:
+    """Each unique id's gradient, written where it goes next, in one pass: ``row u = scale *
+    sum(grad[perm[offsets[u] : offsets[u + 1]]])`` (the last bag runs to the end of ``perm``)
+    into ``first[u]`` for ``u < len(first)``, else into ``rest[u - len(first)]``. What
+    ``F.embedding_bag(perm, grad, offsets, mode="sum")``, a copy of its first rows into the
+    exchange's outbox and a sum for the non-finite flag take three passes for (the backward's
+    gradient sum, `lookup.ShardedLookup.backward`). Returns whether every value written is
+    finite (no inf, no NaN).
+
+    ``grad``: float32 [n, dim]; ``perm``: int64 [n], each position once per bag;
+    ``offsets``: int64 [bags], the bag starts, strictly increasing from 0 (bags >= 1 when
+    n >= 1); ``first``: float32 [split, dim], ``rest``: float32 [bags - split, dim]; all CPU
+    and contiguous, ``first`` and ``rest`` apart from ``grad``. A bag's terms are added in
+    ``perm``'s order, then multiplied by ``scale`` (embedding_bag with per-sample weights
+    multiplies each term first: the last bits can differ). Raises ValueError (nothing
+    written) for a position or a bag start out of range, TypeError for dtypes, devices,
+    layouts or shapes it does not take, RuntimeError when the extension is not `built`."""
+    _require_built("bag_sum")
+    n = perm.shape[0] if perm.dim() == 1 else -1
+    dim = grad.shape[1] if grad.dim() == 2 else -1
+    bags = offsets.shape[0] if offsets.dim() == 1 else -1
+    if not (grad.dtype == first.dtype == rest.dtype == torch.float32 and perm.dtype == offsets.dtype == torch.int64
+            and grad.shape == (n, dim) and dim > 0 and bags >= 0 and first.dim() == 2 and rest.dim() == 2
+            and first.shape[1] == rest.shape[1] == dim and first.shape[0] + rest.shape[0] == bags
+            and all(map(_plain, (grad, perm, offsets, first, rest)))
+            and grad.untyped_storage().data_ptr() not in (first.untyped_storage().data_ptr(),
+                                                          rest.untyped_storage().data_ptr())):
+        raise TypeError("bag_sum: expected contiguous CPU tensors holding their elements: float32 grad [n, dim], int64 "
+                        "perm [n] and offsets [bags], float32 first [split, dim] and rest [bags - split, dim] apart "
+                        f"from grad; got grad {grad.dtype} {tuple(grad.shape)}, perm {perm.dtype} {tuple(perm.shape)}, "
+                        f"offsets {offsets.dtype} {tuple(offsets.shape)}, first {first.dtype} {tuple(first.shape)}, "
+                        f"rest {rest.dtype} {tuple(rest.shape)}")
+    finite = _scatter.bag_sum(first.data_ptr(), rest.data_ptr(), first.shape[0], grad.data_ptr(), dim,
+                              perm.data_ptr(), n, offsets.data_ptr(), bags, float(scale))
+    increment_version(first)
+    increment_version(rest)
+    return finite
+
 
 def destinations(ids: torch.Tensor, dest_of_page: torch.Tensor, shift: torch.Tensor, page_size: int,
                  buckets: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

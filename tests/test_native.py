@@ -708,3 +708,146 @@ def test_index_select_never_reads_freed_storage(setting, freed, monkeypatch):
     tensors[freed].untyped_storage().resize_(0)
     with pytest.raises(RuntimeError):
         native.index_select(tensors["table"], tensors["rows"], out=tensors["out"])
+
+
+# ----------------------------------------------------------------------------- the lookup's sums
+def _lookup_with(setting: str, **kwargs) -> int:
+    """`test_lookup.train_against_oracle` with the extension on ("1") or off ("0"); returns how
+    many backward passes summed their gradients with `native.bag_sum`."""
+    from tests.test_lookup import train_against_oracle
+
+    saved, real, calls = os.environ.get("SHARDED_EMBEDDING_NATIVE"), native.bag_sum, []
+    os.environ["SHARDED_EMBEDDING_NATIVE"] = setting
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    native.bag_sum = counted
+    try:
+        train_against_oracle(**kwargs)
+    finally:
+        native.bag_sum = real
+        if saved is None:
+            del os.environ["SHARDED_EMBEDDING_NATIVE"]
+        else:
+            os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
+    return len(calls)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("setting", [pytest.param("1", marks=needs_extension), "0"])
+@pytest.mark.parametrize("training", ["fused_sgd", "fused_rowwise_adagrad", "sparse_sgd", "mirrored_adagrad"])
+def test_lookup_with_and_without_the_extension_matches_the_oracle(world, setting, training):
+    """The backward's gradient sum in one compiled pass (straight into the outbox) and in
+    PyTorch's passes: both match nn.Embedding's training, whatever the optimizer, with
+    duplicate ids (Zipf) and mirrored pages; the compiled pass runs exactly when it is on."""
+    kwargs = dict(num_embeddings=45, dim=6, page_size=4, steps=3, skew="zipf", batch=(30, 17, 0))
+    if training.startswith("fused"):
+        kwargs["fused"] = {"name": training[len("fused_"):], "lr": 0.2}
+        kwargs["optimizer"] = "rowwise_adagrad" if "rowwise" in training else "sgd"
+    elif training == "mirrored_adagrad":
+        kwargs["optimizer"] = "adagrad"
+        if world > 1:
+            kwargs["placement"] = [(p % world, (p + 1) % world) for p in range(12)]
+    calls = run_ranks(world, _lookup_with, setting, **kwargs)
+    if setting == "0":
+        assert calls == [0] * world
+    else:  # every backward on every rank (a rank without ids has no sums to make)
+        assert calls == [3 if world == 1 or r < 2 else 0 for r in range(world)]
+
+
+def _bags(n, unique, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, unique, (n,), generator=g)
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    perm = torch.argsort(inverse, stable=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)[:-1]])
+    return torch.randn(n, dim, generator=g), perm, offsets
+
+
+@needs_extension
+@pytest.mark.parametrize("dim", [1, 5, 16, 32, 64, 100, 128])
+@pytest.mark.parametrize("split", ["none", "half", "all"])
+def test_bag_sum_matches_embedding_bag(dim, split):
+    grad, perm, offsets = _bags(300, 40, dim, dim)
+    bags = offsets.numel()
+    k = {"none": 0, "half": bags // 2, "all": bags}[split]
+    first, rest = torch.full((k, dim), float("nan")), torch.full((bags - k, dim), float("nan"))
+    for scale in (1.0, -0.25):
+        assert native.bag_sum(grad, perm, offsets, scale, first, rest) is True
+        want = torch.nn.functional.embedding_bag(perm, grad, offsets, mode="sum") * scale
+        torch.testing.assert_close(torch.cat([first, rest]), want, rtol=1e-6, atol=1e-6)
+    assert native.bag_sum(grad[:0], perm[:0], offsets[:0], 1.0, first[:0], rest[:0]) is True
+
+
+@needs_extension
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dim", [5, 16, 37])
+def test_bag_sum_says_whether_every_value_is_finite(value, dim):
+    """One inf or NaN anywhere (any column, the tail past a multiple of 16 included, a row of
+    the first or of the rest part) is seen; so is a sum that overflows."""
+    grad, perm, offsets = _bags(120, 30, dim, 1)
+    first, rest = torch.empty(10, dim), torch.empty(offsets.numel() - 10, dim)
+    for row, col in [(0, 0), (perm[-1], dim - 1), (perm[offsets[12]], dim // 2)]:
+        bad = grad.clone()
+        bad[row, col] = value
+        assert native.bag_sum(bad, perm, offsets, 1.0, first, rest) is False
+    huge = torch.full_like(grad, 3e38)
+    assert native.bag_sum(huge, perm, offsets, 1.0, first, rest) is False  # bags of 2+ overflow
+    assert native.bag_sum(huge, perm, offsets, 1e-30, first, rest) is False  # the sum is inf before scaling
+    assert native.bag_sum(grad, perm, offsets, 1.0, first, rest) is True
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["perm_outside", "perm_negative", "offsets_not_increasing", "offsets_not_from_0",
+                                  "offset_past_the_end", "no_bags_for_positions"])
+def test_bag_sum_refuses_out_of_range_positions_writing_nothing(case):
+    grad, perm, offsets = _bags(50, 10, 4, 2)
+    if case == "perm_outside":
+        perm = perm.clone()
+        perm[7] = 50
+    elif case == "perm_negative":
+        perm = perm.clone()
+        perm[0] = -1
+    elif case == "offsets_not_increasing":
+        offsets = offsets.clone()
+        offsets[3] = offsets[2]
+    elif case == "offsets_not_from_0":
+        offsets = offsets.clone()
+        offsets[0] = 1
+    elif case == "offset_past_the_end":
+        offsets = offsets.clone()
+        offsets[-1] = 50
+    else:
+        offsets = offsets[:0]
+    bags = offsets.numel()
+    first, rest = torch.zeros(bags // 2, 4), torch.zeros(bags - bags // 2, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        native.bag_sum(grad, perm, offsets, 1.0, first, rest)
+    assert first.abs().sum() == 0 and rest.abs().sum() == 0
+
+
+@needs_extension
+@pytest.mark.parametrize("case", ["grad_float64", "perm_int32", "rest_wrong_width", "parts_too_few_rows",
+                                  "first_aliases_grad", "grad_not_contiguous", "freed_grad"])
+def test_bag_sum_refuses_layouts_it_does_not_take(case):
+    grad, perm, offsets = _bags(50, 10, 4, 3)
+    bags = offsets.numel()
+    first, rest = torch.zeros(2, 4), torch.zeros(bags - 2, 4)
+    if case == "grad_float64":
+        grad = grad.double()
+    elif case == "perm_int32":
+        perm = perm.int()
+    elif case == "rest_wrong_width":
+        rest = torch.zeros(bags - 2, 5)
+    elif case == "parts_too_few_rows":
+        rest = rest[1:]
+    elif case == "first_aliases_grad":
+        first = grad[:2]
+    elif case == "grad_not_contiguous":
+        grad = torch.randn(4, 50).t()
+    else:
+        grad.untyped_storage().resize_(0)
+    with pytest.raises(TypeError, match="bag_sum: expected"):
+        native.bag_sum(grad, perm, offsets, 1.0, first, rest)

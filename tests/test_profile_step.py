@@ -30,7 +30,7 @@ def _load(name: str):
 # row-wise Adagrad only, as SGD without mirrored pages updates in parts).
 EXPECTED_CALLS = {"validate ids": 1, "route": 1, "sort / dedup": 1, "request build/parse": 2,
                   "request exchange": 2, "forward": 1, "gather for peers": 1, "vector exchange": 2,
-                  "gather own rows": 1, "backward": 1, "gradient sum": 1, "non-finite check": 1,
+                  "gather own rows": 1, "expand to ids": 1, "backward": 1, "gradient sum": 1, "non-finite check": 1,
                   "gradient exchange": 2, "optimizer update": 1, "mirror all-reduce": 1}
 
 
@@ -39,13 +39,13 @@ def _profile_both_transports():
     import sharded_embedding.routing as R
 
     before = (R.Router.route, R.Router.dedup, R.Router._route_compiled, R.RequestExchange.exchange, R.validate_ids,
-              L.torch, L.F, L.ShardedLookup.__dict__["forward"])
+              L.torch, L.F, L.native, L.ShardedLookup.__dict__["forward"])
     ps = _load("profile_step")
     results = ps.profile_ours(rows=3000, dim=8, batch=96, page_size=16, dists=["zipf", "uniform"],
                               optimizers=["sgd", "rowwise_adagrad"], transports=["shared_memory", "process_group"],
                               steps=4, warmup=1, repeat=1)
     after = (R.Router.route, R.Router.dedup, R.Router._route_compiled, R.RequestExchange.exchange, R.validate_ids,
-             L.torch, L.F, L.ShardedLookup.__dict__["forward"])
+             L.torch, L.F, L.native, L.ShardedLookup.__dict__["forward"])
     assert all(x is y for x, y in zip(before, after)), "the profiler left a wrapper installed"
     return results
 
@@ -61,6 +61,7 @@ def test_profiler_times_every_phase_on_both_transports():
             expected = dict(EXPECTED_CALLS)
             if r["compiled_routing"]:  # one compiled call checks, keys and sorts (timed as "sort / dedup")
                 del expected["validate ids"]
+                del expected["non-finite check"]  # and the gradient sum tests its rows as it writes them
             if r["optimizer"] == "rowwise_adagrad":
                 expected["owner duplicate sum"] = 1
             else:  # SGD applies own and peers' rows as they lie (no mirrored pages: no all-reduce)
@@ -261,6 +262,31 @@ def test_the_exchange_alone_runs_on_both_transports_in_one_job():
     for row in rows:
         shm, gloo, ratio = (float(c.strip().rstrip("x")) for c in row.strip("|").split("|")[1:])
         assert shm > 0 and gloo > 0 and ratio > 0, row
+
+
+def test_row_kernels_benchmark_runs_and_refuses_bad_cases():
+    """benchmarks/row_kernels.py: a tiny run of every kernel prints a row each with both
+    times and the ratio; malformed cases are refused before anything runs."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    rk = _load("row_kernels")
+    for argv in (["--cases", "1x2"], ["--cases", "0x4x4"], ["--expand", "ax4x4"], ["--sums", "poissonx4x8"],
+                 ["--sums", "zipfx4"], ["--reps", "0"]):
+        with pytest.raises(SystemExit):
+            rk._args(argv)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "row_kernels.py"), "--cases=1000x8x50", "--expand=50x8x60",
+           "--sums=uniformx8x64,zipfx16x64", "--reps=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "µs" not in line and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["gather from a shard", "expand to ids (hot buffer)",
+                                                       "gradient sum", "gradient sum"], done.stdout
+    for row in rows:
+        torch_us, compiled_us, ratio = (float(c.strip().rstrip("x")) for c in row.strip("|").split("|")[2:])
+        assert torch_us > 0 and compiled_us > 0 and ratio > 0, row
 
 
 def test_a_timed_out_job_is_stopped_with_the_workers_it_started_in_their_own_sessions(tmp_path):

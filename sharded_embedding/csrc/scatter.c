@@ -1,6 +1,7 @@
 /* sharded_embedding._scatter: the per-id loops that PyTorch needs several passes for, in C:
- * the owner's fused SGD step of bags pooled on it (bag_scatter_add), index_add, gather, a collection's
- * packing of bags (partition_bags, destinations) and a lookup's routing (dedup).
+ * the owner's fused SGD step of bags pooled on it (bag_scatter_add), index_add, a lookup's
+ * gathers (gather) and gradient sums (bag_sum), a collection's packing of bags
+ * (partition_bags, destinations) and a lookup's routing (dedup).
  *
  * bag_scatter_add: the owner's fused SGD update of bags pooled on the owner.
  * A bag pooled on its owner comes back as one gradient row per (bag, owner) pair; the
@@ -147,8 +148,8 @@ static PyObject *index_add(PyObject *self, PyObject *args) {
  * torch.index_select(table, 0, rows) does, with the row PREFETCH ids ahead asked for (its
  * first four cache lines): the rows lie at random places of a table far larger than the
  * caches, and PyTorch's kernel waits for each in turn. Measured on a one-thread rank, fresh
- * rows each call (benchmarks/gather.py): 4000 rows of 64 float32 from 500k, and 8000 of
- * 128 from 5M, in 0.80x and 0.61-0.65x index_select's time. Rows of 128, 256 and 512
+ * rows each call (benchmarks/row_kernels.py): 4000 rows of 64 float32 from 500k, and 8000 of
+ * 128 from 5M, in about 0.9x and 0.7x index_select's time. Rows of 128, 256 and 512
  * bytes get a loop of their own (a fixed-size copy the compiler inlines). Returns -1, nothing
  * written, when a row is outside the table. */
 static inline ALWAYS_INLINE void gather_rows(char *restrict out, const char *restrict table, int64_t row_bytes,
@@ -210,6 +211,102 @@ static PyObject *gather(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* bag_sum: the requester's sum of each unique id's duplicate gradients, written where each
+ * row goes next, and whether every value is finite, in one pass:
+ *
+ *     row u = scale * sum over k in bag u of grad[perm[k]]     (bag u: perm[offsets[u]..offsets[u+1]))
+ *     rows 0..split-1 -> first (the peers' rows: the exchange's outbox), the rest -> rest
+ *
+ * PyTorch takes an embedding_bag (its own new tensor), a copy of the peers' part into the
+ * outbox and a sum for the non-finite flag (`amp.nonfinite_flag`): three passes, two over
+ * every unique row. The grad rows are asked for PREFETCH positions ahead. Finiteness: the sum
+ * over every written value of (v - v) is 0 exactly when all are finite (inf - inf and NaN give
+ * NaN), kept in 16 lanes so that the loop vectorises. Returns 1: all finite, 0: not; -1,
+ * nothing written, when perm or offsets are out of range. */
+static int64_t check_bags(const int64_t *perm, int64_t n, const int64_t *offsets, int64_t num_bags) {
+    if ((num_bags == 0) != (n == 0) || (num_bags > 0 && offsets[0] != 0)) return -1;
+    for (int64_t u = 1; u < num_bags; u++)
+        if (offsets[u] <= offsets[u - 1] || offsets[u] >= n) return -1;
+    for (int64_t k = 0; k < n; k++)
+        if (perm[k] < 0 || perm[k] >= n) return -1;
+    return 0;
+}
+
+static inline ALWAYS_INLINE int sum_bags(float *restrict first, float *restrict rest, int64_t split,
+                                         const float *restrict grad, int64_t dim, const int64_t *restrict perm,
+                                         int64_t n, const int64_t *restrict offsets, int64_t num_bags, float scale) {
+    float acc[16] = {0};
+    for (int64_t u = 0; u < num_bags; u++) {
+        float *restrict row = u < split ? first + u * dim : rest + (u - split) * dim;
+        int64_t start = offsets[u], end = u + 1 < num_bags ? offsets[u + 1] : n;
+        for (int64_t k = start; k < end; k++) {
+            if (k + PREFETCH < n) {
+                const float *p = grad + perm[k + PREFETCH] * dim;
+                for (int64_t l = 0; l < dim; l += 16) PREFETCH_LINE(p + l);
+            }
+            const float *restrict g = grad + perm[k] * dim;
+            if (k == start) for (int64_t j = 0; j < dim; j++) row[j] = g[j];
+            else for (int64_t j = 0; j < dim; j++) row[j] += g[j];
+        }
+        if (scale != 1.0f) for (int64_t j = 0; j < dim; j++) row[j] *= scale;
+        int64_t j = 0;
+        for (; j + 16 <= dim; j += 16)
+            for (int l = 0; l < 16; l++) acc[l] += row[j + l] - row[j + l];
+        for (; j < dim; j++) acc[0] += row[j] - row[j];
+    }
+    float total = 0.0f;
+    for (int l = 0; l < 16; l++) total += acc[l];
+    return total == total;
+}
+
+#define SUM_WIDTH(D)                                                                                           \
+    CLONES static int sum_bags_##D(float *first, float *rest, int64_t split, const float *grad,                 \
+                                   const int64_t *perm, int64_t n, const int64_t *offsets, int64_t num_bags,    \
+                                   float scale) {                                                              \
+        return sum_bags(first, rest, split, grad, D, perm, n, offsets, num_bags, scale);                        \
+    }
+SUM_WIDTH(32)
+SUM_WIDTH(64)
+SUM_WIDTH(128)
+
+CLONES static int sum_bags_any(float *first, float *rest, int64_t split, const float *grad, int64_t dim,
+                               const int64_t *perm, int64_t n, const int64_t *offsets, int64_t num_bags, float scale) {
+    return sum_bags(first, rest, split, grad, dim, perm, n, offsets, num_bags, scale);
+}
+
+static PyObject *bag_sum(PyObject *self, PyObject *args) {
+    unsigned long long first, rest, grad, perm, offsets;
+    long long split, dim, n, num_bags;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKLKLKLKLf", &first, &rest, &split, &grad, &dim, &perm, &n, &offsets, &num_bags,
+                          &scale))
+        return NULL;
+    if (dim <= 0 || n < 0 || num_bags < 0 || split < 0 || split > num_bags) {
+        PyErr_SetString(PyExc_ValueError, "bag_sum: bad sizes");
+        return NULL;
+    }
+    const int64_t *p = (const int64_t *)(uintptr_t)perm, *o = (const int64_t *)(uintptr_t)offsets;
+    float *f = (float *)(uintptr_t)first, *r = (float *)(uintptr_t)rest;
+    const float *g = (const float *)(uintptr_t)grad;
+    int64_t result;
+    Py_BEGIN_ALLOW_THREADS
+    result = check_bags(p, n, o, num_bags);
+    if (!result) {
+        switch (dim) {
+        case 32: result = sum_bags_32(f, r, split, g, p, n, o, num_bags, scale); break;
+        case 64: result = sum_bags_64(f, r, split, g, p, n, o, num_bags, scale); break;
+        case 128: result = sum_bags_128(f, r, split, g, p, n, o, num_bags, scale); break;
+        default: result = sum_bags_any(f, r, split, g, dim, p, n, o, num_bags, scale);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (result < 0) {
+        PyErr_SetString(PyExc_ValueError, "bag_sum: a position or a bag start is out of range");
+        return NULL;
+    }
+    return PyBool_FromLong((long)result);
 }
 
 static PyObject *bag_scatter_add(PyObject *self, PyObject *args) {
@@ -483,6 +580,8 @@ static PyMethodDef methods[] = {
      "dedup(n, ids, id_bytes, limit, page_offset_or_0, page_bits, page_size, bound, stride, buckets, perm, "
      "gather_index, unique, offsets, counts_or_0) -> number of unique keys"},
     {"index_add", index_add, METH_VARARGS, "index_add(weight_ptr, rows, dim, rows_ptr, values_ptr, n)"},
+    {"bag_sum", bag_sum, METH_VARARGS,
+     "bag_sum(first_ptr, rest_ptr, split, grad_ptr, dim, perm_ptr, n, offsets_ptr, num_bags, scale) -> all finite"},
     {"gather", gather, METH_VARARGS, "gather(out_ptr, table_ptr, num_rows, row_bytes, rows_ptr, index_bytes, n)"},
     {"partition_bags", partition_bags, METH_VARARGS,
      "partition_bags(n, num_bags, offsets, dest, dest_bytes, rows, weights_or_0, world, counts, payload, own_rows, "
