@@ -3,6 +3,7 @@ inputs, and the collection trained with it and without it against nn.EmbeddingBa
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -157,21 +158,31 @@ SGD_TABLES = [
 ]
 
 
-def _train_with(setting: str, **kwargs):
-    """``setting``: "1" (the extension), "0" (turned off by the environment) or "missing" (as
-    where it did not build: the module is None)."""
-    saved, module = os.environ.get("SHARDED_EMBEDDING_NATIVE"), native._scatter
-    os.environ["SHARDED_EMBEDDING_NATIVE"] = "1" if setting == "missing" else setting
-    if setting == "missing":
-        native._scatter = None
+@contextlib.contextmanager
+def native_setting(value: str):
+    """``SHARDED_EMBEDDING_NATIVE=value`` inside the block, the environment as it was after."""
+    saved = os.environ.get("SHARDED_EMBEDDING_NATIVE")
+    os.environ["SHARDED_EMBEDDING_NATIVE"] = value
     try:
-        return train_collection_against_oracle(SGD_TABLES, **kwargs)
+        yield
     finally:
-        native._scatter = module
         if saved is None:
             del os.environ["SHARDED_EMBEDDING_NATIVE"]
         else:
             os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
+
+
+def _train_with(setting: str, **kwargs):
+    """``setting``: "1" (the extension), "0" (turned off by the environment) or "missing" (as
+    where it did not build: the module is None)."""
+    module = native._scatter
+    if setting == "missing":
+        native._scatter = None
+    try:
+        with native_setting("1" if setting == "missing" else setting):
+            return train_collection_against_oracle(SGD_TABLES, **kwargs)
+    finally:
+        native._scatter = module
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -288,16 +299,16 @@ def test_index_add_is_torchs_bit_for_bit(dim):
     assert torch.equal(weight, want)
 
 
+# Rows of a 4-row table that torch's row kernels refuse, each its own way.
+BAD_ROWS = {"row_outside": [0, 4], "negative_row": [-9, 1], "float_rows": [0.0, 2.0]}
+
+
 @needs_extension
 @pytest.mark.parametrize("case", ["row_outside", "negative_row", "float_rows", "values_alias_the_table", "zero_width"])
 def test_index_add_takes_refuses_and_raises_as_torch_does(case):
     weight, rows, values = torch.arange(12.0).view(4, 3), torch.tensor([0, 2]), torch.ones(2, 3)
-    if case == "row_outside":
-        rows = torch.tensor([0, 4])
-    elif case == "negative_row":
-        rows = torch.tensor([-9, 1])
-    elif case == "float_rows":
-        rows = torch.tensor([0.0, 2.0])
+    if case in BAD_ROWS:
+        rows = torch.tensor(BAD_ROWS[case])
     elif case == "values_alias_the_table":
         values = weight[1:3]
     else:
@@ -423,15 +434,8 @@ def test_index_add_leaves_what_autograd_records_to_torch():
 def _torch_route(router, ids):
     """`Router.route`'s PyTorch passes (the compiled loops off): gather_index, bag indices and
     offsets, rows (local rows with one rank) and the count per peer."""
-    saved = os.environ.get("SHARDED_EMBEDDING_NATIVE")
-    os.environ["SHARDED_EMBEDDING_NATIVE"] = "0"
-    try:
+    with native_setting("0"):
         gather_index, bags, keys = router.dedup(ids.reshape(-1).long())
-    finally:
-        if saved is None:
-            del os.environ["SHARDED_EMBEDDING_NATIVE"]
-        else:
-            os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
     if router.world == 1:
         return gather_index, bags.indices, bags.offsets, keys, None
     peer, rows = router.split(keys)
@@ -657,12 +661,8 @@ def test_index_select_runs_the_compiled_loop_only_where_it_applies(monkeypatch):
                                   "out_wrong_shape", "out_wrong_dtype", "zero_width"])
 def test_index_select_takes_refuses_and_raises_as_torch_does(case):
     table, rows, out = torch.arange(12.0).view(4, 3), torch.tensor([0, 2]), torch.zeros(2, 3)
-    if case == "row_outside":
-        rows = torch.tensor([0, 4])
-    elif case == "negative_row":
-        rows = torch.tensor([-9, 1])
-    elif case == "float_rows":
-        rows = torch.tensor([0.0, 2.0])
+    if case in BAD_ROWS:
+        rows = torch.tensor(BAD_ROWS[case])
     elif case == "rows_2d":
         rows = torch.tensor([[0, 2]])
     elif case == "out_aliases_the_table":
@@ -716,8 +716,7 @@ def _lookup_with(setting: str, **kwargs) -> int:
     many backward passes summed their gradients with `native.bag_sum`."""
     from tests.test_lookup import train_against_oracle
 
-    saved, real, calls = os.environ.get("SHARDED_EMBEDDING_NATIVE"), native.bag_sum, []
-    os.environ["SHARDED_EMBEDDING_NATIVE"] = setting
+    real, calls = native.bag_sum, []
 
     def counted(*args):
         calls.append(1)
@@ -725,13 +724,10 @@ def _lookup_with(setting: str, **kwargs) -> int:
 
     native.bag_sum = counted
     try:
-        train_against_oracle(**kwargs)
+        with native_setting(setting):
+            train_against_oracle(**kwargs)
     finally:
         native.bag_sum = real
-        if saved is None:
-            del os.environ["SHARDED_EMBEDDING_NATIVE"]
-        else:
-            os.environ["SHARDED_EMBEDDING_NATIVE"] = saved
     return len(calls)
 
 
