@@ -278,7 +278,7 @@ def _sums_in_one_pass(exchange: Exchange, grad_rows: torch.Tensor, routing: Rout
     bags = routing.bags
     return (routing.num_unique > 0 and grad_rows.dtype == torch.float32 and exchange.comm_dtype in (None, torch.float32)
             and bags.indices.dtype == bags.offsets.dtype == torch.int64 and native.available()
-            and native._plain(grad_rows))
+            and native.plain_memory(grad_rows))
 
 
 def _sum_duplicates(routing: Routing, grad_rows: torch.Tensor, scale: float | None, ws: Workspace) -> torch.Tensor:

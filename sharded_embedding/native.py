@@ -22,8 +22,8 @@ try:
 except ImportError:  # no C compiler at install: PyTorch's kernels do the same work
     _scatter = None
 
-__all__ = ["built", "available", "supports", "index_add_", "index_select", "bag_sum", "bag_scatter_add", "PooledGradient", "destinations",
-           "partition_bags", "dedup", "holds_data"]
+__all__ = ["built", "available", "supports", "plain_memory", "index_add_", "index_select", "bag_sum", "bag_scatter_add",
+           "PooledGradient", "destinations", "partition_bags", "dedup", "holds_data"]
 
 
 def built() -> bool:
@@ -231,12 +231,16 @@ def index_add_(weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
 _GATHERED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _plain(t: torch.Tensor) -> bool:
+def plain_memory(t: torch.Tensor) -> bool:
     """Whether the C loops may read ``t`` as raw memory: a CPU, strided, contiguous tensor
-    whose storage holds its elements (a few attribute reads: `index_select` runs per lookup)."""
-    return (t.is_cpu and t.layout == torch.strided and t.is_contiguous() and not t.is_neg()
-            and not t._is_zerotensor()
-            and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size())
+    whose storage holds its elements (a few attribute reads: `index_select` runs per lookup;
+    False for a tensor without storage, a torch.func wrapper's or a fake one)."""
+    try:
+        return (t.is_cpu and t.layout == torch.strided and t.is_contiguous() and not t.is_neg()
+                and not t._is_zerotensor()
+                and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size())
+    except RuntimeError:
+        return False
 
 
 def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,10 +255,10 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
     PyTorch's kernel, which takes, refuses or raises as it does."""
     try:
         compiled = (rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64) and table.dim() == 2
-                    and table.dtype in _GATHERED and table.shape[1] > 0 and _plain(table) and _plain(rows)
+                    and table.dtype in _GATHERED and table.shape[1] > 0 and plain_memory(table) and plain_memory(rows)
                     and not (table.requires_grad and torch.is_grad_enabled()) and available()
                     and (out is None or (out.dtype == table.dtype and out.shape == (rows.shape[0], table.shape[1])
-                                         and not out.requires_grad and _plain(out)
+                                         and not out.requires_grad and plain_memory(out)
                                          and out.untyped_storage().data_ptr() not in (
                                              table.untyped_storage().data_ptr(), rows.untyped_storage().data_ptr()))))
     except RuntimeError:  # a tensor without storage (a torch.func wrapper's, a fake one)
@@ -297,7 +301,7 @@ def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale
     if not (grad.dtype == first.dtype == rest.dtype == torch.float32 and perm.dtype == offsets.dtype == torch.int64
             and grad.shape == (n, dim) and dim > 0 and bags >= 0 and first.dim() == 2 and rest.dim() == 2
             and first.shape[1] == rest.shape[1] == dim and first.shape[0] + rest.shape[0] == bags
-            and all(map(_plain, (grad, perm, offsets, first, rest)))
+            and all(map(plain_memory, (grad, perm, offsets, first, rest)))
             and grad.untyped_storage().data_ptr() not in (first.untyped_storage().data_ptr(),
                                                           rest.untyped_storage().data_ptr())):
         raise TypeError("bag_sum: expected contiguous CPU tensors holding their elements: float32 grad [n, dim], int64 "
