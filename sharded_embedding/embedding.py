@@ -25,13 +25,14 @@ from .checkpoint import loaded_rows_copier, sharded_rows, sync_mirrors
 from .distributed import agree_or_raise, check_agreement, collective_device, default_device, resolve_group
 from .export import export_table, import_table, tensor_bytes
 from .initializers import fill_initial_rows
-from . import pending
+from . import native, pending
 from .lookup import Exchange, ShardedLookup
 from .mirrors import MirrorSync
 from .optim_state import register_table
 from .optimizers import build_fused_optimizer
 from .placement import PagePlan, plain_int
-from .routing import AUTOCAST_WITHOUT_SCALER_POLICY, HOOK_ON_FUSED, REFUSALS, STORAGE_REPLACED, STORAGE_RESHAPED, Router
+from .routing import (AUTOCAST_WITHOUT_SCALER_POLICY, HOOK_ON_FUSED, REFUSALS, STORAGE_FREED, STORAGE_REPLACED,
+                      STORAGE_RESHAPED, Router)
 from .stats import ExchangeStats
 from .storage import allocate
 from .transport import TRANSPORTS, make_transport
@@ -261,10 +262,13 @@ class ShardedEmbedding(nn.Module):
 
     def _storage_refusal(self) -> int:
         """A `routing.REFUSALS` code if something took the storage over (0: it is the table's):
-        its rows reshaped away (FSDP1's flat parameter), or ``weight`` replaced (FSDP2)."""
+        its rows reshaped away (FSDP1's flat parameter), ``weight`` replaced (FSDP2), or its
+        memory freed (the gathers would read it raw)."""
         if self._storage.shape != (self.plan.local_rows(self.rank), self.embedding_dim):
             return STORAGE_RESHAPED
-        return STORAGE_REPLACED if self._parameters.get("weight") is not self._storage else 0
+        if self._parameters.get("weight") is not self._storage:
+            return STORAGE_REPLACED
+        return 0 if native.holds_data(self._storage) else STORAGE_FREED
 
     def _fused_refusal(self, needs_grad: bool) -> int:
         """A `routing.REFUSALS` code if this lookup's fused update could not be right (0: fine):

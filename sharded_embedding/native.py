@@ -7,7 +7,8 @@ not turned off (``SHARDED_EMBEDDING_NATIVE=0``) and the process runs one intra-o
 loops are single-threaded, and with more threads PyTorch's parallel kernels are the faster
 choice. Otherwise PyTorch's and numpy's kernels do the same work: the same values, except
 that the owner's SGD step of bags pooled there adds a row's gradients in another order, and
-with fused multiply-adds where the CPU has them (AVX2, AVX-512): its last bits can differ.
+with fused multiply-adds where the CPU has them (AVX2, AVX-512), and the lookup's gradient
+sums (`bag_sum`) add their scaled terms with them too: the last bits of either can differ.
 """
 
 from __future__ import annotations
@@ -243,6 +244,14 @@ def plain_memory(t: torch.Tensor) -> bool:
         return False
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous CPU tensors share a byte (empty ones share none)."""
+    if not a.numel() or not b.numel():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.index_select(table, 0, rows, out=out)``: compiled where `available` and the
     tensors are plain CPU memory (``table``: 2-D contiguous float32/float16/bfloat16/float64,
@@ -251,8 +260,9 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
     loop asks for each row 16 rows ahead, so that rows at random places of a table far larger
     than the caches arrive together (`benchmarks/row_kernels.py`). Returns ``out`` (a new tensor
     when None). Anything else (rows outside the table, a table autograd records with grad mode
-    on, other dtypes or layouts, storage that does not hold a tensor's elements) goes to
-    PyTorch's kernel, which takes, refuses or raises as it does."""
+    on, other dtypes or layouts) goes to PyTorch's kernel, which takes, refuses or raises as
+    it does; CPU tensors whose storage does not hold their elements raise RuntimeError
+    whatever runs (PyTorch's kernel reads a partly freed storage raw, and crashes)."""
     try:
         compiled = (rows.dim() == 1 and rows.dtype in (torch.int32, torch.int64) and table.dim() == 2
                     and table.dtype in _GATHERED and table.shape[1] > 0 and plain_memory(table) and plain_memory(rows)
@@ -271,6 +281,8 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
         except IndexError:  # nothing written: PyTorch raises its own error for it below
             compiled = False
     if not compiled:
+        if not (holds_data(table) and holds_data(rows) and (out is None or holds_data(out))):
+            raise RuntimeError("index_select: a tensor's storage does not hold its elements (freed, or not allocated)")
         return torch.index_select(table, 0, rows) if out is None else torch.index_select(table, 0, rows, out=out)
     if out is not None:
         increment_version(out)
@@ -278,8 +290,8 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
 
 def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale: float, first: torch.Tensor,
             rest: torch.Tensor) -> bool:
-    """Each unique id's gradient, written where it goes next, in one pass: ``row u = scale *
-    sum(grad[perm[offsets[u] : offsets[u + 1]]])`` (the last bag runs to the end of ``perm``)
+    """Each unique id's gradient, written where it goes next, in one pass: ``row u = sum(scale
+    * grad[perm[offsets[u] : offsets[u + 1]]])`` (the last bag runs to the end of ``perm``)
     into ``first[u]`` for ``u < len(first)``, else into ``rest[u - len(first)]``. What
     ``F.embedding_bag(perm, grad, offsets, mode="sum")``, a copy of its first rows into the
     exchange's outbox and a sum for the non-finite flag take three passes for (the backward's
@@ -289,11 +301,12 @@ def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale
     ``grad``: float32 [n, dim]; ``perm``: int64 [n], each position once per bag;
     ``offsets``: int64 [bags], the bag starts, strictly increasing from 0 (bags >= 1 when
     n >= 1); ``first``: float32 [split, dim], ``rest``: float32 [bags - split, dim]; all CPU
-    and contiguous, ``first`` and ``rest`` apart from ``grad``. A bag's terms are added in
-    ``perm``'s order, then multiplied by ``scale`` (embedding_bag with per-sample weights
-    multiplies each term first: the last bits can differ). Raises ValueError (nothing
+    and contiguous, ``first`` and ``rest`` overlapping no other argument. A bag's terms are
+    scaled, then added in ``perm``'s order, as embedding_bag's per-sample weights do (the last
+    bits can differ: fused multiply-adds where the CPU has them). Raises ValueError (nothing
     written) for a position or a bag start out of range, TypeError for dtypes, devices,
-    layouts or shapes it does not take, RuntimeError when the extension is not `built`."""
+    layouts, shapes or overlaps it does not take, RuntimeError when the extension is not
+    `built`."""
     _require_built("bag_sum")
     n = perm.shape[0] if perm.dim() == 1 else -1
     dim = grad.shape[1] if grad.dim() == 2 else -1
@@ -302,11 +315,12 @@ def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale
             and grad.shape == (n, dim) and dim > 0 and bags >= 0 and first.dim() == 2 and rest.dim() == 2
             and first.shape[1] == rest.shape[1] == dim and first.shape[0] + rest.shape[0] == bags
             and all(map(plain_memory, (grad, perm, offsets, first, rest)))
-            and grad.untyped_storage().data_ptr() not in (first.untyped_storage().data_ptr(),
-                                                          rest.untyped_storage().data_ptr())):
+            and not any(_overlap(out, t) for out in (first, rest) for t in (grad, perm, offsets, first, rest)
+                        if t is not out)):
         raise TypeError("bag_sum: expected contiguous CPU tensors holding their elements: float32 grad [n, dim], int64 "
-                        "perm [n] and offsets [bags], float32 first [split, dim] and rest [bags - split, dim] apart "
-                        f"from grad; got grad {grad.dtype} {tuple(grad.shape)}, perm {perm.dtype} {tuple(perm.shape)}, "
+                        "perm [n] and offsets [bags], float32 first [split, dim] and rest [bags - split, dim] "
+                        "overlapping no other argument (nor each other); got grad "
+                        f"{grad.dtype} {tuple(grad.shape)}, perm {perm.dtype} {tuple(perm.shape)}, "
                         f"offsets {offsets.dtype} {tuple(offsets.shape)}, first {first.dtype} {tuple(first.shape)}, "
                         f"rest {rest.dtype} {tuple(rest.shape)}")
     finite = _scatter.bag_sum(first.data_ptr(), rest.data_ptr(), first.shape[0], grad.data_ptr(), dim,

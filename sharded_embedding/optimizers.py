@@ -221,7 +221,9 @@ class FusedRowwiseAdagrad(FusedOptimizer):
 
     def update(self, weight, rows, grad):
         rows, grad = sum_duplicate_rows(rows, grad, sort=False)
-        acc = self.sum.index_select(0, rows).add_(torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32).square_().div_(grad.shape[1]))
+        # (the mean square in float32 at least: half-precision rows accumulate in float32, float64 rows stay)
+        norm = torch.linalg.vector_norm(grad, dim=1, dtype=torch.promote_types(grad.dtype, torch.float32))
+        acc = self.sum.index_select(0, rows).add_(norm.square_().div_(grad.shape[1]))
         self.sum.index_copy_(0, rows, acc)
         scale = acc.sqrt_().add_(self.eps).reciprocal_().mul_(-self.lr)
         native.index_add_(weight, rows, grad.mul_(scale.unsqueeze(1).to(grad.dtype)).to(weight.dtype))

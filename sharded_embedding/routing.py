@@ -61,7 +61,7 @@ TABLE_HEADER = _FIXED + _TABLE_COLUMNS
 
 # Lookups a table refuses on a rank (`Router.route(refusal=...)`), by code; every rank raises
 # RuntimeError with the text. Codes are the error value carried in the header.
-STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_RESHAPED, HOOK_ON_FUSED = 1, 2, 3, 4
+STORAGE_REPLACED, AUTOCAST_WITHOUT_SCALER_POLICY, STORAGE_RESHAPED, HOOK_ON_FUSED, STORAGE_FREED = 1, 2, 3, 4, 5
 REFUSALS = {
     STORAGE_REPLACED: (
         "the table's storage parameter `weight` was replaced by another tensor (torch.distributed.fsdp's "
@@ -77,6 +77,12 @@ REFUSALS = {
         "FullyShardedDataParallel(model, ignored_states=sharded_embedding.table_parameters(model)), "
         "fully_shard(model, ignored_params=set(sharded_embedding.table_parameters(model))), or shard only "
         "the dense sub-modules"
+    ),
+    STORAGE_FREED: (
+        "the table's storage does not hold its rows any more (its memory was freed or shrunk: "
+        "weight.untyped_storage().resize_(...), or a wrapper that frees parameters between uses): this rank's "
+        "rows are gone. Rebuild the table (or load a checkpoint), and leave it out of wrappers that free "
+        "parameters"
     ),
     HOOK_ON_FUSED: (
         "a table with a fused optimizer has a gradient hook on its weight (register_hook or "

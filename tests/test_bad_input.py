@@ -483,6 +483,24 @@ def test_a_table_converted_on_one_rank_only_is_refused_on_every_rank(transport):
     assert run_ranks(2, _converted_on_one_rank, transport) == [True, True]
 
 
+def _storage_freed_on_one_rank(shrink):
+    """A table whose memory was freed or shrunk on one rank: that rank raised PyTorch's own
+    error (a partly shrunk storage crashed the process) while its peer waited in the exchange
+    until the transport saw it die. Now every rank refuses the lookup together, nothing read."""
+    rank, _ = rank_world()
+    emb = ShardedEmbedding(4000, 8, page_size=100)
+    if rank == 0:
+        emb.weight.untyped_storage().resize_(shrink)
+    with pytest.raises(RuntimeError, match=r"refuses this lookup \(on ranks \[0\]\).*does not hold its rows"):
+        emb(torch.tensor([1, 3999, 150]))
+    return True
+
+
+@pytest.mark.parametrize("shrink", [0, 64])
+def test_a_table_whose_memory_was_freed_on_one_rank_is_refused_on_every_rank(shrink):
+    assert run_ranks(2, _storage_freed_on_one_rank, shrink) == [True, True]
+
+
 def _hyperparameters_after_construction():
     """emb.optimizer.lr = x (a schedule) was not checked: -1 was taken, NaN raised a misleading
     NonFiniteGradientError, and an lr set on one rank only made mirrored replicas diverge in

@@ -211,3 +211,25 @@ def test_fused_optimizers_match_torch_optim_with_mirrors(fused):
 def test_fused_optimizers_round_robin_one_and_two_ranks(fused):
     run_ranks(1, train_against_oracle, 30, 4, 8, steps=3, fused=fused, skew="hot", batch=(20,))
     run_ranks(2, train_against_oracle, 30, 4, 8, steps=3, fused=fused, batch=(20,))
+
+
+def _fused_in_float64(name):
+    """Every fused optimizer trains a float64 table as it trains a float32 one (row-wise Adagrad
+    raised in every float64 backward: its norm was asked for in float32)."""
+    rank, world = rank_world()
+    tables = {dtype: ShardedEmbedding(45, 6, page_size=4, dtype=dtype, fused_optimizer={"name": name, "lr": 0.2})
+              for dtype in (torch.float64, torch.float32)}
+    for step in range(3):
+        ids = make_ids(45, rank, step, 20, skew="zipf")
+        w = make_loss_weight(ids, 6, rank, step, 0)
+        for emb in tables.values():
+            out = emb(ids)
+            (out * w.to(out.dtype)).sum().backward()
+    torch.testing.assert_close(tables[torch.float64].full_table().float(), tables[torch.float32].full_table(),
+                               rtol=1e-5, atol=1e-5)
+    return tables[torch.float64].weight.dtype
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_fused_optimizers_train_float64_tables(name):
+    assert run_ranks(2, _fused_in_float64, name) == [torch.float64] * 2

@@ -699,13 +699,15 @@ def test_index_select_bumps_out_s_version():
 
 @pytest.mark.parametrize("setting", ["compiled", "off"])
 @pytest.mark.parametrize("freed", ["table", "rows", "out"])
-def test_index_select_never_reads_freed_storage(setting, freed, monkeypatch):
-    """A tensor whose storage does not hold its elements is never read raw: PyTorch's kernel
-    raises its RuntimeError for it, with the compiled loop available or not."""
+@pytest.mark.parametrize("shrink", [0, 8])
+def test_index_select_never_reads_freed_storage(setting, freed, shrink, monkeypatch):
+    """A tensor whose storage does not hold its elements (freed, or shrunk: PyTorch's own
+    kernel read a shrunk table raw and crashed) is refused with RuntimeError, with the
+    compiled loop available or not; nothing is read."""
     if setting == "off":
         monkeypatch.setenv("SHARDED_EMBEDDING_NATIVE", "0")
-    tensors = {"table": torch.ones(4, 3), "rows": torch.tensor([0, 3]), "out": torch.zeros(2, 3)}
-    tensors[freed].untyped_storage().resize_(0)
+    tensors = {"table": torch.ones(400_000, 3), "rows": torch.tensor([0, 399_999]), "out": torch.zeros(2, 3)}
+    tensors[freed].untyped_storage().resize_(shrink)
     with pytest.raises(RuntimeError):
         native.index_select(tensors["table"], tensors["rows"], out=tensors["out"])
 
@@ -774,7 +776,7 @@ def test_bag_sum_matches_embedding_bag(dim, split):
         assert native.bag_sum(grad, perm, offsets, scale, first, rest) is True
         want = torch.nn.functional.embedding_bag(perm, grad, offsets, mode="sum") * scale
         torch.testing.assert_close(torch.cat([first, rest]), want, rtol=1e-6, atol=1e-6)
-    assert native.bag_sum(grad[:0], perm[:0], offsets[:0], 1.0, first[:0], rest[:0]) is True
+    assert native.bag_sum(grad[:0], perm[:0], offsets[:0], 1.0, torch.zeros(0, dim), torch.zeros(0, dim)) is True
 
 
 @needs_extension
@@ -791,8 +793,21 @@ def test_bag_sum_says_whether_every_value_is_finite(value, dim):
         assert native.bag_sum(bad, perm, offsets, 1.0, first, rest) is False
     huge = torch.full_like(grad, 3e38)
     assert native.bag_sum(huge, perm, offsets, 1.0, first, rest) is False  # bags of 2+ overflow
-    assert native.bag_sum(huge, perm, offsets, 1e-30, first, rest) is False  # the sum is inf before scaling
     assert native.bag_sum(grad, perm, offsets, 1.0, first, rest) is True
+
+
+@needs_extension
+def test_bag_sum_scales_each_term_as_embedding_bag_s_weights_do():
+    """The terms are scaled before they are added, as the PyTorch path's per-sample weights
+    scale them: sums that overflow only unscaled train alike with the compiled loops and
+    without them (with more threads the lookup takes the PyTorch path)."""
+    grad, perm, offsets = _bags(120, 30, 8, 4)
+    grad = grad.abs() + 3e38  # finite, every sum of two or more overflows unscaled
+    first, rest = torch.empty(10, 8), torch.empty(offsets.numel() - 10, 8)
+    assert native.bag_sum(grad, perm, offsets, 1e-3, first, rest) is True
+    want = torch.nn.functional.embedding_bag(perm, grad, offsets, mode="sum",
+                                             per_sample_weights=torch.full((120,), 1e-3))
+    torch.testing.assert_close(torch.cat([first, rest]), want, rtol=1e-6, atol=0)
 
 
 @needs_extension
@@ -826,7 +841,8 @@ def test_bag_sum_refuses_out_of_range_positions_writing_nothing(case):
 
 @needs_extension
 @pytest.mark.parametrize("case", ["grad_float64", "perm_int32", "rest_wrong_width", "parts_too_few_rows",
-                                  "first_aliases_grad", "grad_not_contiguous", "freed_grad"])
+                                  "first_aliases_grad", "rest_aliases_perm", "first_aliases_offsets",
+                                  "first_overlaps_rest", "grad_not_contiguous", "freed_grad"])
 def test_bag_sum_refuses_layouts_it_does_not_take(case):
     grad, perm, offsets = _bags(50, 10, 4, 3)
     bags = offsets.numel()
@@ -841,6 +857,15 @@ def test_bag_sum_refuses_layouts_it_does_not_take(case):
         rest = rest[1:]
     elif case == "first_aliases_grad":
         first = grad[:2]
+    elif case == "rest_aliases_perm":  # (the loop would overwrite positions it still reads, then crash)
+        rest = torch.zeros(64 * bags, dtype=torch.int64)
+        perm = rest[:50]
+        rest = rest.view(torch.float32)[: (bags - 2) * 4].view(bags - 2, 4)
+    elif case == "first_aliases_offsets":
+        first = offsets.view(torch.float32)[:8].view(2, 4)
+    elif case == "first_overlaps_rest":
+        both = torch.zeros(bags + 1, 4)
+        first, rest = both[:2], both[1 : bags - 1]
     elif case == "grad_not_contiguous":
         grad = torch.randn(4, 50).t()
     else:

@@ -216,12 +216,14 @@ static PyObject *gather(PyObject *self, PyObject *args) {
 /* bag_sum: the requester's sum of each unique id's duplicate gradients, written where each
  * row goes next, and whether every value is finite, in one pass:
  *
- *     row u = scale * sum over k in bag u of grad[perm[k]]     (bag u: perm[offsets[u]..offsets[u+1]))
+ *     row u = sum over k in bag u of scale * grad[perm[k]]     (bag u: perm[offsets[u]..offsets[u+1]))
  *     rows 0..split-1 -> first (the peers' rows: the exchange's outbox), the rest -> rest
  *
  * PyTorch takes an embedding_bag (its own new tensor), a copy of the peers' part into the
  * outbox and a sum for the non-finite flag (`amp.nonfinite_flag`): three passes, two over
- * every unique row. The grad rows are asked for PREFETCH positions ahead. Finiteness: the sum
+ * every unique row. Each term is scaled before it is added, as embedding_bag's per-sample
+ * weights scale it: a sum overflows where PyTorch's would. The grad rows are asked for PREFETCH
+ * positions ahead. Finiteness: the sum
  * over every written value of (v - v) is 0 exactly when all are finite (inf - inf and NaN give
  * NaN), kept in 16 lanes so that the loop vectorises. Returns 1: all finite, 0: not; -1,
  * nothing written, when perm or offsets are out of range. */
@@ -247,10 +249,9 @@ static inline ALWAYS_INLINE int sum_bags(float *restrict first, float *restrict 
                 for (int64_t l = 0; l < dim; l += 16) PREFETCH_LINE(p + l);
             }
             const float *restrict g = grad + perm[k] * dim;
-            if (k == start) for (int64_t j = 0; j < dim; j++) row[j] = g[j];
-            else for (int64_t j = 0; j < dim; j++) row[j] += g[j];
+            if (k == start) for (int64_t j = 0; j < dim; j++) row[j] = scale * g[j];
+            else for (int64_t j = 0; j < dim; j++) row[j] += scale * g[j];
         }
-        if (scale != 1.0f) for (int64_t j = 0; j < dim; j++) row[j] *= scale;
         int64_t j = 0;
         for (; j + 16 <= dim; j += 16)
             for (int l = 0; l < 16; l++) acc[l] += row[j + l] - row[j + l];
