@@ -11,8 +11,9 @@ training diverged, 1: anything else). This prints one line instead of the traceb
 with the largest code a worker exited with (or 128 + the signal that killed one; not the
 SIGTERM with which torchrun stops the other workers once one has failed); a launcher
 stopped by a signal (Ctrl-C, SIGTERM) says so in one line and exits 128 + the signal.
-torchrun's own log line of the first failure ("failed (exitcode: ...) local_rank: ...") is
-left out: that one line says it, for every rank.
+torchrun's own log lines of the first failure ("failed (exitcode: ...) local_rank: ...") and
+of its stopping the other workers ("Sending process ... closing signal SIGTERM") are left out:
+that one line says it, for every rank (a code, or the signal that ended it).
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _FirstFailureLine(logging.Filter):
-    """Drops torchrun's "failed (exitcode: ...)" record: the launcher's line reports every rank's."""
+    """Drops torchrun's "failed (exitcode: ...)" and "Sending process ... closing signal ..."
+    records: the launcher's line reports every rank's code or signal. (Whether the second
+    appears is a race: whether the other workers had exited by the time torchrun looked.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("failed (exitcode:")
+        msg = str(record.msg)
+        return not (msg.startswith("failed (exitcode:") or msg.startswith("Sending process %s closing signal"))
 
 
 if __name__ == "__main__":

@@ -56,3 +56,20 @@ def test_the_launcher_exits_with_the_workers_code_not_torchruns_sigterm(monkeypa
     monkeypatch.setattr(torchrun, "run", failing)
     assert launch.main(["--nproc_per_node=2", "-m", "x"]) == want
     assert "stopped (rank 0:" in capsys.readouterr().err
+
+
+def test_torchruns_own_failure_and_stopping_lines_are_left_out():
+    """The launcher's one line gives every rank's code or signal; torchrun's record of the first
+    failure and its "Sending process ... closing signal SIGTERM" records (there or not, by a
+    race: whether the other workers had exited when torchrun looked) are dropped; others pass."""
+    import logging
+
+    from sharded_embedding.launch import _FirstFailureLine
+
+    def record(msg, *args):
+        return logging.makeLogRecord({"msg": msg, "args": args, "levelno": logging.WARNING})
+
+    keep = _FirstFailureLine().filter
+    assert not keep(record("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", 1, 0, 7, "python"))
+    assert not keep(record("Sending process %s closing signal %s", 2005, "SIGTERM"))
+    assert keep(record("Starting elastic_operator with launch configs:"))
