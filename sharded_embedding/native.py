@@ -315,8 +315,8 @@ def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale
             and grad.shape == (n, dim) and dim > 0 and bags >= 0 and first.dim() == 2 and rest.dim() == 2
             and first.shape[1] == rest.shape[1] == dim and first.shape[0] + rest.shape[0] == bags
             and all(map(plain_memory, (grad, perm, offsets, first, rest)))
-            and not any(_overlap(out, t) for out in (first, rest) for t in (grad, perm, offsets, first, rest)
-                        if t is not out)):
+            and not any(_overlap(args[i], args[j]) for args in [(first, rest, grad, perm, offsets)]
+                        for i in (0, 1) for j in range(5) if j != i)):  # (by position: a tensor passed twice too)
         raise TypeError("bag_sum: expected contiguous CPU tensors holding their elements: float32 grad [n, dim], int64 "
                         "perm [n] and offsets [bags], float32 first [split, dim] and rest [bags - split, dim] "
                         "overlapping no other argument (nor each other); got grad "

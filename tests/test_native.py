@@ -842,7 +842,8 @@ def test_bag_sum_refuses_out_of_range_positions_writing_nothing(case):
 @needs_extension
 @pytest.mark.parametrize("case", ["grad_float64", "perm_int32", "rest_wrong_width", "parts_too_few_rows",
                                   "first_aliases_grad", "rest_aliases_perm", "first_aliases_offsets",
-                                  "first_overlaps_rest", "grad_not_contiguous", "freed_grad"])
+                                  "first_overlaps_rest", "first_is_rest", "rest_is_grad", "grad_not_contiguous",
+                                  "freed_grad"])
 def test_bag_sum_refuses_layouts_it_does_not_take(case):
     grad, perm, offsets = _bags(50, 10, 4, 3)
     bags = offsets.numel()
@@ -866,6 +867,13 @@ def test_bag_sum_refuses_layouts_it_does_not_take(case):
     elif case == "first_overlaps_rest":
         both = torch.zeros(bags + 1, 4)
         first, rest = both[:2], both[1 : bags - 1]
+    elif case == "first_is_rest":  # (one tensor passed twice: every bag would land in it)
+        grad, perm, offsets = _bags(50, 50, 4, 3)
+        first = rest = torch.zeros(offsets.numel() // 2, 4)
+        offsets = offsets[: 2 * first.shape[0]]
+    elif case == "rest_is_grad":  # (the sums would read rows they overwrote)
+        grad, perm, offsets = torch.randn(6, 4), torch.arange(6), torch.arange(6)
+        first, rest = torch.zeros(0, 4), grad
     elif case == "grad_not_contiguous":
         grad = torch.randn(4, 50).t()
     else:
