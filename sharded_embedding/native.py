@@ -269,8 +269,7 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
                     and not (table.requires_grad and torch.is_grad_enabled()) and available()
                     and (out is None or (out.dtype == table.dtype and out.shape == (rows.shape[0], table.shape[1])
                                          and not out.requires_grad and plain_memory(out)
-                                         and out.untyped_storage().data_ptr() not in (
-                                             table.untyped_storage().data_ptr(), rows.untyped_storage().data_ptr()))))
+                                         and not _overlap(out, table) and not _overlap(out, rows))))
     except RuntimeError:  # a tensor without storage (a torch.func wrapper's, a fake one)
         compiled = False
     if compiled:
@@ -287,6 +286,7 @@ def index_select(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | No
     if out is not None:
         increment_version(out)
     return result
+
 
 def bag_sum(grad: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, scale: float, first: torch.Tensor,
             rest: torch.Tensor) -> bool:
